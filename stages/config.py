@@ -1,0 +1,264 @@
+"""Configuration: structured schemas for `conf/`, loading, validation and path resolution.
+
+`conf/` (Hydra) is the one source of truth and `params.yaml` is it composed. DVC composes `conf/`
+in its own process without importing this package, so the schemas are not named in any defaults
+list: `validate()` merges a loaded config into them instead, which works the same for
+`params.yaml` and for in-process `hydra.compose` (tests, sweeps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+
+log = logging.getLogger("stages")
+
+
+class ConfigError(ValueError):
+    """A config that does not fit the schema; the message names the key."""
+
+
+# --- schemas -----------------------------------------------------------------------------------
+
+
+@dataclass
+class PathsConf:
+    root: str = "."
+    cache: str = "data/cache"
+    raw: str = "data/raw"
+    prepared: str = "data/prepared"
+    models: str = "models"
+    artifacts: str = "artifacts"
+    metrics: str = "metrics"
+    reports: str = "reports"
+
+
+@dataclass
+class SplitConf:
+    mode: str = "resplit"
+    ratios: dict[str, float] = field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
+    )
+
+
+@dataclass
+class FetchConf:
+    workers: int = 16
+    retries: int = 5
+    backoff: float = 0.5
+    timeout: float = 30.0
+
+
+@dataclass
+class DataConf:
+    classes: list[str] = MISSING
+    max_images_per_class: int = 150
+    seed: int = 0
+    metadata_url: str = "https://storage.googleapis.com/openimages/"
+    images_url: str = "https://open-images-dataset.s3.amazonaws.com/"
+    splits: list[str] = field(default_factory=lambda: ["train", "validation", "test"])
+    multiclass_policy: str = "drop"
+    on_empty_class: str = "error"
+    image_size: int = 256
+    split: SplitConf = field(default_factory=SplitConf)
+    fetch: FetchConf = field(default_factory=FetchConf)
+    prepare_workers: int = 2
+
+
+@dataclass
+class ModelConf:
+    name: str = MISSING
+    weights: str = "DEFAULT"
+    input_size: int = 224
+
+
+@dataclass
+class TrainConf:
+    epochs: int = 10
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class ExportConf:
+    formats: list[str] = field(default_factory=lambda: ["torchscript", "exported_program", "onnx"])
+    onnx_opset: int = 17
+
+
+@dataclass
+class OptimizeConf:
+    variants: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BenchmarkConf:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+
+
+@dataclass
+class TrackingConf:
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "oi-pipeline"
+    run_name: str | None = None
+
+
+@dataclass
+class PipelineConf:
+    paths: PathsConf = field(default_factory=PathsConf)
+    data: DataConf = field(default_factory=DataConf)
+    model: ModelConf = field(default_factory=ModelConf)
+    train: TrainConf = field(default_factory=TrainConf)
+    export: ExportConf = field(default_factory=ExportConf)
+    optimize: OptimizeConf = field(default_factory=OptimizeConf)
+    benchmark: BenchmarkConf = field(default_factory=BenchmarkConf)
+    tracking: TrackingConf = field(default_factory=TrackingConf)
+
+
+# Choices checked after the type check: one registry each, so the error can list them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.multiclass_policy": ("drop", "first"),
+    "data.on_empty_class": ("error", "skip"),
+    "data.split.mode": ("resplit", "official"),
+}
+OFFICIAL_SPLITS = ("train", "validation", "test")
+
+
+# --- loading and validation --------------------------------------------------------------------
+
+
+def validate(cfg: DictConfig | dict) -> DictConfig:
+    """Merge `cfg` into the schema: unknown keys, wrong types and missing values fail here.
+
+    Returns a new, resolved, read-only config; the input is not modified.
+    """
+    schema = OmegaConf.structured(PipelineConf)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = (getattr(e, "msg", None) or str(e)).splitlines()[0]
+        raise ConfigError(f"invalid config at key {key!r}: {msg}") from e
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"config is missing required value(s): {', '.join(missing)}")
+    for key, valid in CHOICES.items():
+        value = OmegaConf.select(merged, key)
+        if value not in valid:
+            raise ConfigError(
+                f"invalid value {value!r} for {key!r}; expected one of {sorted(valid)}")
+    _check_data(merged.data)
+    OmegaConf.set_readonly(merged, True)
+    return merged
+
+
+def _check_data(data: DictConfig) -> None:
+    if not data.classes:
+        raise ConfigError("data.classes is empty: name at least one Open Images class")
+    if data.max_images_per_class < 1:
+        raise ConfigError("data.max_images_per_class must be >= 1")
+    if data.image_size < 8:
+        raise ConfigError("data.image_size must be >= 8 pixels")
+    unknown = sorted(set(data.splits) - set(OFFICIAL_SPLITS))
+    if unknown or not data.splits:
+        raise ConfigError(f"data.splits {list(data.splits)}: expected a non-empty subset of "
+                          f"{list(OFFICIAL_SPLITS)}")
+    ratios = dict(data.split.ratios)
+    if set(ratios) != {"train", "val", "test"} or any(r < 0 for r in ratios.values()):
+        raise ConfigError(f"data.split.ratios {ratios}: expected non-negative train, val and test")
+    if abs(sum(ratios.values()) - 1.0) > 1e-6 or ratios["train"] <= 0:
+        raise ConfigError(f"data.split.ratios {ratios} must sum to 1 with train > 0")
+    if data.fetch.workers < 1 or data.fetch.retries < 0 or data.fetch.timeout <= 0:
+        raise ConfigError("data.fetch: workers >= 1, retries >= 0 and timeout > 0 are required")
+
+
+def compose(overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> DictConfig:
+    """Compose `conf/` in-process (tests, sweeps) and validate it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    return validate(cfg)
+
+
+def load_params(path: Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load a composed `params.yaml` (what DVC runs with) plus dotlist overrides, validated."""
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: no such params file; run from the project root or pass --params")
+    try:
+        cfg = OmegaConf.load(path)
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {e}") from e
+    return validate(cfg)
+
+
+def path(cfg: DictConfig, key: str) -> Path:
+    """The absolute-or-root-relative location of `paths.<key>` (conf/paths is the only source)."""
+    root = Path(cfg.paths.root)
+    return root / cfg.paths[key] if key != "root" else root
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+
+def stage_main(name: str, run: Callable[[DictConfig], Any],
+               argv: Sequence[str] | None = None) -> int:
+    """The thin entry point every stage shares: parse, load `params.yaml`, run, map errors to exits.
+
+    Exit codes: 0 ok, 2 bad config or input (the message says which and how to fix it), 1 other
+    failures, 130 interrupted.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=run.__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="composed config (default: ./params.yaml, what DVC runs with)")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. data.seed=1")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_params(args.params, args.overrides)
+        run(cfg)
+    except (ConfigError, InputError) as e:
+        log.error("%s: %s", name, e)
+        return 2
+    except KeyboardInterrupt:
+        log.error("%s: interrupted; completed work is kept, rerun to resume", name)
+        return 130
+    return 0
+
+
+class InputError(ValueError):
+    """Bad input data or request (unknown class, empty result): a clear message, exit code 2."""
+
+
+def main_for(name: str, run: Callable[[DictConfig], Any]) -> None:
+    sys.exit(stage_main(name, run))
+
+
+def write_params(output: Path = PROJECT_ROOT / "params.yaml", overrides: Sequence[str] = (),
+                 config_dir: Path = CONF_DIR) -> None:
+    """Compose `conf/` into `output` exactly as `dvc exp run` does (DVC's own function)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    compose_and_dump(output, str(config_dir), None, "config", str(PROJECT_ROOT), list(overrides))
+    validate(OmegaConf.load(output))
+
+
+if __name__ == "__main__":
+    # `python -m stages.config [overrides...]`: regenerate params.yaml after editing conf/.
+    write_params(overrides=sys.argv[1:])

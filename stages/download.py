@@ -1,0 +1,257 @@
+"""Stage `download`: an Open Images subset by class name.
+
+Reads the human-verified image labels of the official splits, picks up to
+`data.max_images_per_class` images per requested class (deterministic for `data.seed`), fetches
+them concurrently and writes, under `paths.raw`:
+
+    images/<split>/<ImageID>.jpg   every image that arrived whole and decodes
+    labels.csv                     ImageID, split (official), class, label_name
+    attribution.csv                ImageID, class + license, author and URLs per image
+    missing.csv                    ImageID, split, class, reason: what could not be fetched
+    stats.csv                      split, class, count, share
+
+and the flat metrics file `paths.metrics/download.json`. Metadata CSVs and fetched images are
+cached under `paths.cache` (per base URL), so a rerun, or a run with other classes, fetches
+only what it does not have yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from stages import imaging, openimages
+from stages.config import InputError, main_for, path
+from stages.http import Fetcher, FetchError, NotFound
+from stages.io import atomic_dir, remove_stale_temps, write_bytes, write_csv, write_json
+from stages.stats import format_table, split_stats, stats_rows
+from stages.tracking import stage_run
+
+log = logging.getLogger("stages.download")
+
+
+@dataclass
+class Selection:
+    """The sampled images: ImageID -> (official split, display name)."""
+
+    images: dict[str, tuple[str, str]] = field(default_factory=dict)
+    candidates: Counter = field(default_factory=Counter)  # per class, before the cap
+    multiclass: int = 0
+    multiclass_assigned: int = 0
+    empty_classes: list[str] = field(default_factory=list)
+    duplicate_ids: int = 0
+
+
+def url_join(base: str, rel: str) -> str:
+    return base.rstrip("/") + "/" + rel
+
+
+def cache_dir(cfg: DictConfig, kind: str, base_url: str) -> Path:
+    """Per-base-URL cache, so a mirror's files are never mistaken for the real ones."""
+    tag = hashlib.sha256(base_url.rstrip("/").encode()).hexdigest()[:12]
+    return path(cfg, "cache") / kind / tag
+
+
+def rank(seed: int, image_id: str) -> str:
+    """A seeded, order-independent sampling key: adding a class never reshuffles another."""
+    return hashlib.sha256(f"{seed}:{image_id}".encode()).hexdigest()
+
+
+def select(scans: dict[str, openimages.LabelScan], classes: dict[str, str], cap: int, seed: int,
+           policy: str) -> Selection:
+    """Apply the multi-class policy and the per-class cap to the positives of every split."""
+    label_to_name = {label: name for name, label in classes.items()}
+    order = {name: i for i, name in enumerate(classes)}
+    sel = Selection()
+    per_class: dict[str, list[tuple[str, str]]] = {name: [] for name in classes}
+    seen: set[str] = set()
+    for split, scan in scans.items():
+        for iid, labels in scan.positives.items():
+            if iid in seen:  # an ImageID belongs to one split; keep its first
+                sel.duplicate_ids += 1
+                continue
+            seen.add(iid)
+            names = sorted((label_to_name[lab] for lab in labels), key=order.__getitem__)
+            if len(names) > 1:
+                sel.multiclass += 1
+                if policy == "drop":
+                    continue
+                sel.multiclass_assigned += 1
+            per_class[names[0]].append((iid, split))
+    for name, items in per_class.items():
+        sel.candidates[name] = len(items)
+        if not items:
+            sel.empty_classes.append(name)
+        for iid, split in sorted(items, key=lambda it: rank(seed, it[0]))[:cap]:
+            sel.images[iid] = (split, name)
+    return sel
+
+
+def fetch_images(sel: Selection, fetcher: Fetcher, images_url: str, cache: Path,
+                 workers: int) -> dict[str, str]:
+    """Fetch every selected image not in the cache; returns ImageID -> failure reason."""
+    todo = [(iid, split) for iid, (split, _) in sel.images.items()
+            if not (cache / split / f"{iid}.jpg").exists()]
+    failures: dict[str, str] = {}
+    if not todo:
+        return failures
+    log.info("fetching %d images (%d already cached) with %d workers", len(todo),
+             len(sel.images) - len(todo), workers)
+
+    def one(iid: str, split: str) -> None:
+        data = fetcher.get_bytes(url_join(images_url, f"{split}/{iid}.jpg"))
+        imaging.check_jpeg(data)  # raises ImageError on a non-JPEG or truncated body
+        write_bytes(cache / split / f"{iid}.jpg", data)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(todo), unit="img", desc="images", smoothing=0.1) as bar:
+        pending = {pool.submit(one, iid, split): iid for iid, split in todo}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    iid = pending.pop(fut)
+                    try:
+                        fut.result()
+                    except NotFound as e:
+                        failures[iid] = f"missing: {e}"
+                    except imaging.ImageError as e:
+                        failures[iid] = f"invalid: {e}"
+                    except FetchError as e:
+                        failures[iid] = f"failed: {e}"
+                    bar.update(1)
+                    bar.set_postfix(failed=len(failures), refresh=False)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return failures
+
+
+def run(cfg: DictConfig) -> dict:
+    """Download the configured Open Images subset; returns the metrics it wrote."""
+    data = cfg.data
+    classes = openimages.resolve_classes(list(data.classes))  # fails before any fetch
+    fetcher = Fetcher(data.fetch.retries, data.fetch.backoff, data.fetch.timeout,
+                      pool=data.fetch.workers)
+    meta_cache = cache_dir(cfg, "metadata", data.metadata_url)
+    img_cache = cache_dir(cfg, "images", data.images_url)
+    stale = remove_stale_temps(img_cache)
+    if stale:
+        log.info("removed %d partial files left by an interrupted run", stale)
+
+    with stage_run(cfg, "download") as tracker:
+        tracker.log_params({"data": OmegaConf.to_container(data, resolve=True)})
+
+        scans: dict[str, openimages.LabelScan] = {}
+        for split in data.splits:
+            rel = openimages.LABEL_FILES[split]
+            f = fetcher.download_file(url_join(data.metadata_url, rel), meta_cache / rel)
+            scans[split] = openimages.scan_labels(f, classes.values())
+            log.info("%s: %d label rows, %d images with a requested class, %d malformed rows",
+                     rel, scans[split].rows, len(scans[split].positives), scans[split].malformed)
+
+        sel = select(scans, classes, data.max_images_per_class, data.seed, data.multiclass_policy)
+        if sel.empty_classes and data.on_empty_class == "error":
+            raise InputError(
+                f"no verified image of class(es) {sel.empty_classes} in splits "
+                f"{list(data.splits)}; remove them from data.classes or set "
+                f"data.on_empty_class=skip")
+        if len(sel.empty_classes) == len(classes):
+            raise InputError(f"none of the classes {list(classes)} has any verified image")
+
+        attribution: dict[str, dict[str, str]] = {}
+        for split in sorted({s for s, _ in sel.images.values()}):
+            rel = openimages.IMAGE_ID_FILES[split]
+            f = fetcher.download_file(url_join(data.metadata_url, rel), meta_cache / rel)
+            wanted = {iid for iid, (s, _) in sel.images.items() if s == split}
+            attribution.update(openimages.scan_image_ids(f, wanted))
+
+        failures = fetch_images(sel, fetcher, data.images_url, img_cache, data.fetch.workers)
+        metrics = write_outputs(cfg, sel, failures, attribution, classes, img_cache)
+        metrics.update({
+            "label_rows": sum(s.rows for s in scans.values()),
+            "malformed_rows": sum(s.malformed for s in scans.values()),
+            "bad_image_ids": sum(s.bad_ids for s in scans.values()),
+            "http_retries": fetcher.retried,
+        })
+        write_json(path(cfg, "metrics") / "download.json", metrics)
+        tracker.log_metrics(metrics)
+        for name in ("labels.csv", "stats.csv", "missing.csv", "attribution.csv"):
+            tracker.log_artifact(path(cfg, "raw") / name)
+    return metrics
+
+
+def write_outputs(cfg: DictConfig, sel: Selection, failures: dict[str, str],
+                  attribution: dict[str, dict[str, str]], classes: dict[str, str],
+                  img_cache: Path) -> dict:
+    """Rebuild `paths.raw` whole (temp folder, then swap) from the cache and the selection."""
+    ok = {iid: v for iid, v in sel.images.items() if iid not in failures}
+    with atomic_dir(path(cfg, "raw")) as out:
+        for iid, (split, _) in sorted(ok.items()):
+            dst = out / "images" / split / f"{iid}.jpg"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(img_cache / split / f"{iid}.jpg", dst)
+        write_csv(out / "labels.csv", ["ImageID", "split", "class", "label_name"],
+                  [(iid, s, n, classes[n]) for iid, (s, n) in sorted(ok.items())])
+        fields = openimages.ATTRIBUTION_FIELDS
+        write_csv(out / "attribution.csv", ["ImageID", "split", "class", *fields],
+                  [(iid, s, n, *(attribution.get(iid, {}).get(k, "") for k in fields))
+                   for iid, (s, n) in sorted(ok.items())])
+        write_csv(out / "missing.csv", ["ImageID", "split", "class", "reason"],
+                  [(iid, *sel.images[iid], why) for iid, why in sorted(failures.items())])
+        table = split_stats([(s, n) for s, n in ok.values()], list(classes))
+        write_csv(out / "stats.csv", ["split", "class", "count", "share"], stats_rows(table))
+    print(format_table(table, title="download: images per official split"))
+    reasons = Counter(why.split(":", 1)[0] for why in failures.values())
+    metrics = {f"{split}.{k}": v for split, row in table.items() for k, v in _flat(row).items()}
+    metrics.update({
+        "selected": len(sel.images),
+        "downloaded": len(ok),
+        "missing": reasons.get("missing", 0),
+        "invalid": reasons.get("invalid", 0),
+        "failed": reasons.get("failed", 0),
+        "multiclass_images": sel.multiclass,
+        "multiclass_dropped": sel.multiclass - sel.multiclass_assigned,
+        "empty_classes": len(sel.empty_classes),
+        "no_attribution": sum(1 for iid in ok if iid not in attribution),
+    })
+    if failures:
+        log.warning("%d of %d images could not be fetched (%s); see missing.csv. A rerun retries "
+                    "them (`dvc repro -f download`)", len(failures), len(sel.images),
+                    dict(reasons))
+    if sel.empty_classes:
+        log.warning("skipped classes with no verified image: %s", sel.empty_classes)
+    return metrics
+
+
+def _flat(row: dict) -> dict:
+    out = {"images": row["images"]}
+    for name, (count, share) in row["classes"].items():
+        out[f"{name}.count"] = count
+        out[f"{name}.share"] = share
+    return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # A hard link costs no space; fall back to a copy across file systems.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def main() -> None:
+    main_for("download", run)
+
+
+if __name__ == "__main__":
+    main()

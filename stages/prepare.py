@@ -1,0 +1,183 @@
+"""Stage `prepare`: the dataset the trainer reads.
+
+Decodes every downloaded image once (EXIF orientation applied), resizes its short side to
+`data.image_size`, and writes, under `paths.prepared`:
+
+    images/<ImageID>.jpg           resized JPEGs (quality 90): a few KB each, fast to decode
+    train.csv, val.csv, test.csv   file, label, class, image_id, official_split
+    labels.txt                     the class index: line i is class i
+    stats.csv, skipped.csv         per-split counts and shares; undecodable images and why
+
+and `paths.metrics/prepare.json`. The split is stratified by class and seeded; by default the
+union of the official splits is re-split (`data.split.mode=resplit`) because the official
+validation and test sets are tiny, or empty, for rare classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from stages import imaging
+from stages.config import InputError, main_for, path
+from stages.io import atomic_dir, read_csv, write_csv, write_json, write_text
+from stages.stats import format_table, split_stats, stats_rows
+from stages.tracking import stage_run
+
+log = logging.getLogger("stages.prepare")
+
+SPLITS = ("train", "val", "test")
+OFFICIAL_TO_SPLIT = {"train": "train", "validation": "val", "test": "test"}
+JPEG_QUALITY = 90
+
+
+def rank(seed: int, image_id: str) -> str:
+    return hashlib.sha256(f"split:{seed}:{image_id}".encode()).hexdigest()
+
+
+def allocate(n: int, ratios: dict[str, float]) -> dict[str, int]:
+    """Split n items by ratios (largest remainder), giving every split with a positive ratio at
+    least one item when n allows, so no class is absent from val or test by rounding alone."""
+    exact = {s: n * ratios[s] for s in SPLITS}
+    counts = {s: int(exact[s]) for s in SPLITS}
+    by_remainder = sorted(SPLITS, key=lambda s: exact[s] - counts[s], reverse=True)
+    for s in by_remainder[: n - sum(counts.values())]:
+        counts[s] += 1
+    wanted = [s for s in SPLITS if ratios[s] > 0]
+    if n >= len(wanted):
+        for s in wanted:
+            if counts[s] == 0:
+                donor = max(SPLITS, key=counts.__getitem__)
+                counts[donor] -= 1
+                counts[s] += 1
+    return counts
+
+
+def assign_splits(rows: Sequence[dict], classes: Sequence[str], mode: str,
+                  ratios: dict[str, float], seed: int) -> dict[str, str]:
+    """ImageID -> train/val/test."""
+    if mode == "official":
+        return {r["ImageID"]: OFFICIAL_TO_SPLIT[r["split"]] for r in rows}
+    out: dict[str, str] = {}
+    for name in classes:
+        ids = sorted((r["ImageID"] for r in rows if r["class"] == name),
+                     key=lambda i: rank(seed, i))
+        start = 0
+        for split, k in allocate(len(ids), ratios).items():
+            out.update({i: split for i in ids[start:start + k]})
+            start += k
+    return out
+
+
+def _process(args: tuple[str, str, int]) -> str | None:
+    """Decode, orient, resize and store one image; returns an error message or None."""
+    src, dst, short = args
+    try:
+        im = imaging.resize_short_side(imaging.decode(src), short)
+    except imaging.ImageError as e:
+        return str(e)
+    except FileNotFoundError:
+        return "file missing from the download output"
+    im.save(dst, "JPEG", quality=JPEG_QUALITY)
+    return None
+
+
+def run(cfg: DictConfig) -> dict:
+    """Split, decode and resize the downloaded subset; returns the metrics it wrote."""
+    data = cfg.data
+    raw = path(cfg, "raw")
+    labels_csv = raw / "labels.csv"
+    if not labels_csv.is_file():
+        raise InputError(f"{labels_csv} not found: run the download stage first "
+                         "(`dvc repro download` or `python -m stages.download`)")
+    rows = read_csv(labels_csv)
+    bad = [r for r in rows if r.get("split") not in OFFICIAL_TO_SPLIT or not r.get("class")]
+    if bad:
+        raise InputError(f"{labels_csv}: {len(bad)} row(s) without a valid split/class, "
+                         f"first: {bad[0]}")
+    present = {r["class"] for r in rows}
+    classes = [c for c in _requested_order(cfg) if c in present]
+    if not classes:
+        raise InputError(f"{labels_csv} has no image of any class in data.classes")
+
+    with stage_run(cfg, "prepare") as tracker:
+        tracker.log_params({"data.image_size": data.image_size, "data.seed": data.seed,
+                            "data.split": OmegaConf.to_container(data.split)})
+        with atomic_dir(path(cfg, "prepared")) as out:
+            (out / "images").mkdir()
+            jobs = [(str(raw / "images" / r["split"] / f"{r['ImageID']}.jpg"),
+                     str(out / "images" / f"{r['ImageID']}.jpg"), data.image_size) for r in rows]
+            errors = _run_jobs(jobs, data.prepare_workers)
+            skipped = {r["ImageID"]: e for r, e in zip(rows, errors, strict=True) if e}
+            good = [r for r in rows if r["ImageID"] not in skipped]
+            split_of = assign_splits(good, classes, data.split.mode,
+                                     dict(data.split.ratios), data.seed)
+            index = {name: i for i, name in enumerate(classes)}
+            for split in SPLITS:
+                write_csv(out / f"{split}.csv",
+                          ["file", "label", "class", "image_id", "official_split"],
+                          [(f"images/{r['ImageID']}.jpg", index[r["class"]], r["class"],
+                            r["ImageID"], r["split"])
+                           for r in good if split_of[r["ImageID"]] == split])
+            write_text(out / "labels.txt", "".join(f"{c}\n" for c in classes))
+            write_csv(out / "skipped.csv", ["ImageID", "reason"], sorted(skipped.items()))
+            table = split_stats([(split_of[r["ImageID"]], r["class"]) for r in good], classes)
+            table = {s: table[s] for s in (*SPLITS, "all") if s in table}
+            write_csv(out / "stats.csv", ["split", "class", "count", "share"], stats_rows(table))
+        print(format_table(table, title=f"prepare: images per split ({data.split.mode})"))
+        if skipped:
+            log.warning("skipped %d undecodable image(s); see skipped.csv", len(skipped))
+        metrics = {f"{s}.images": row["images"] for s, row in table.items()}
+        metrics.update({f"{s}.{name}.{k}": v
+                        for s, row in table.items()
+                        for name, (count, share) in row["classes"].items()
+                        for k, v in (("count", count), ("share", share))})
+        metrics.update({"classes": len(classes), "skipped_undecodable": len(skipped)})
+        write_json(path(cfg, "metrics") / "prepare.json", metrics)
+        tracker.log_metrics(metrics)
+        for name in ("stats.csv", "labels.txt", "skipped.csv"):
+            tracker.log_artifact(path(cfg, "prepared") / name)
+    return metrics
+
+
+def _requested_order(cfg: DictConfig) -> list[str]:
+    # Canonical display names in the order the user listed them: that order is the label index.
+    from stages.openimages import resolve_classes
+
+    return list(resolve_classes(list(cfg.data.classes)))
+
+
+def _run_jobs(jobs: list[tuple[str, str, int]], workers: int) -> list[str | None]:
+    bar = tqdm(total=len(jobs), unit="img", desc="prepare")
+    try:
+        if workers <= 1 or len(jobs) < 64:
+            results = []
+            for job in jobs:
+                results.append(_process(job))
+                bar.update(1)
+            return results
+        # spawn, not fork: the parent may hold MLflow/HTTP threads that fork would copy mid-lock.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            results = []
+            for res in pool.map(_process, jobs, chunksize=16):
+                results.append(res)
+                bar.update(1)
+            return results
+    finally:
+        bar.close()
+
+
+def main() -> None:
+    main_for("prepare", run)
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,76 @@
+"""Configuration: params.yaml drift, schema validation, every config group composes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from stages.config import (
+    CONF_DIR,
+    PROJECT_ROOT,
+    ConfigError,
+    compose,
+    load_params,
+    validate,
+    write_params,
+)
+
+
+def test_params_yaml_matches_a_fresh_composition_of_conf(tmp_path: Path) -> None:
+    fresh = tmp_path / "params.yaml"
+    write_params(fresh)
+    committed = (PROJECT_ROOT / "params.yaml").read_text()
+    assert fresh.read_text() == committed, (
+        "params.yaml differs from conf/ composed: run `make params` and commit the result")
+
+
+@pytest.mark.parametrize("group", sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()))
+def test_every_option_of_every_group_composes_and_validates(group: str) -> None:
+    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    assert options, f"conf/{group} has no option"
+    for option in options:
+        cfg = compose([f"{group}={option}"])
+        assert cfg[group] is not None
+
+
+def test_animals7_holds_the_seven_homework_classes() -> None:
+    cfg = compose(["data=animals7"])
+    assert list(cfg.data.classes) == ["Rhinoceros", "Sea turtle", "Sparrow", "Whale", "Zebra",
+                                      "Blue jay", "Armadillo"]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("+data.colour=red", "colour"),                   # unknown key
+    ("data.max_images_per_class=lots", "max_images_per_class"),   # wrong type
+    ("data.multiclass_policy=keep", "data.multiclass_policy"),    # not a valid choice
+    ("data.classes=[]", "data.classes is empty"),
+    ("data.split.ratios.train=0.5", "must sum to 1"),
+    ("data.splits=[train,dev]", "data.splits"),
+])
+def test_bad_config_fails_before_any_work_naming_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        compose([override])
+
+
+def test_missing_value_is_named() -> None:
+    cfg = OmegaConf.to_container(compose([]))
+    del cfg["data"]["classes"]
+    with pytest.raises(ConfigError, match="data.classes"):
+        validate(cfg)
+
+
+def test_params_file_is_validated_like_a_composition(tmp_path: Path) -> None:
+    p = tmp_path / "params.yaml"
+    p.write_text((PROJECT_ROOT / "params.yaml").read_text().replace("seed: 0", "seed: zero", 1))
+    with pytest.raises(ConfigError, match="seed"):
+        load_params(p)
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_validated_config_is_read_only() -> None:
+    cfg = compose([])
+    with pytest.raises(Exception, match="read-only"):
+        cfg.data.seed = 3

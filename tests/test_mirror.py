@@ -1,0 +1,413 @@
+"""Tests for the synthetic Open Images mirror: generated layout and the fault-injecting server."""
+
+from __future__ import annotations
+
+import csv
+import http.client
+import importlib.resources
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from stages import mirror
+from stages.mirror import (
+    EXIF_ORIENTATION_TAG,
+    IMAGE_ID_FILES,
+    IMAGE_ID_HEADER,
+    LABEL_FILES,
+    LABEL_HEADER,
+    SPLITS,
+    MirrorServer,
+    generate,
+)
+
+HEX16 = re.compile(r"^[0-9a-f]{16}$")
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("mirror")
+    return out, generate(out, images_per_class=7, seed=3)
+
+
+@pytest.fixture(scope="module")
+def server(generated: tuple[Path, dict[str, Any]]) -> Iterator[MirrorServer]:
+    with MirrorServer(generated[0]) as srv:
+        yield srv
+
+
+@pytest.fixture(autouse=True)
+def _clean_server(request: pytest.FixtureRequest) -> None:
+    if "server" in request.fixturenames:
+        srv = request.getfixturevalue("server")
+        srv.clear_faults()
+        srv.reset_counts()
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.reader(fh))
+
+
+def positives(meta: Path) -> dict[str, set[tuple[str, str]]]:
+    """LabelName -> {(ImageID, split)} of human-verified positives, skipping malformed rows."""
+    out: dict[str, set[tuple[str, str]]] = {}
+    for split in SPLITS:
+        for row in read_csv(meta / LABEL_FILES[split])[1:]:
+            if len(row) == 4 and row[1] != "machine" and row[3] == "1":
+                out.setdefault(row[2], set()).add((row[0], split))
+    return out
+
+
+def image_path(root: Path, entry: dict[str, Any]) -> Path:
+    return root / "open-images-dataset" / entry["split"] / f"{entry['id']}.jpg"
+
+
+# ---------------------------------------------------------------- generator
+
+
+def test_layout_and_headers(generated: tuple[Path, dict[str, Any]]) -> None:
+    root, _ = generated
+    meta = root / "openimages"
+    bundled = (
+        importlib.resources.files("stages") / "resources" / "class-descriptions-boxable.csv"
+    ).read_bytes()
+    assert (meta / "v5/class-descriptions-boxable.csv").read_bytes() == bundled
+    v7 = (meta / "v7/oidv7-class-descriptions-boxable.csv").read_bytes()
+    assert v7 == b"LabelName,DisplayName\n" + bundled
+    assert len(read_csv(meta / "v5/class-descriptions-boxable.csv")) == 601
+    for split in SPLITS:
+        assert tuple(read_csv(meta / LABEL_FILES[split])[0]) == LABEL_HEADER
+        assert tuple(read_csv(meta / IMAGE_ID_FILES[split])[0]) == IMAGE_ID_HEADER
+        assert (root / "open-images-dataset" / split).is_dir()
+    assert IMAGE_ID_FILES["train"] == "2018_04/train/train-images-boxable-with-rotation.csv"
+    assert LABEL_FILES["test"] == "v5/test-annotations-human-imagelabels-boxable.csv"
+
+
+def test_label_rows(generated: tuple[Path, dict[str, Any]]) -> None:
+    root, manifest = generated
+    meta = root / "openimages"
+    bad = manifest["malformed_row"]
+    lines = (meta / bad["file"]).read_text().splitlines()
+    assert lines[bad["line"] - 1] == bad["text"]
+    malformed = 0
+    sources: set[str] = set()
+    for split in SPLITS:
+        for row in read_csv(meta / LABEL_FILES[split])[1:]:
+            if len(row) != 4:
+                malformed += 1
+                assert split == "train" and ",".join(row) == bad["text"]
+                continue
+            assert HEX16.match(row[0]) and row[2].startswith("/m/")
+            sources.add(row[1])
+            if row[1] == "machine":
+                assert 0 < float(row[3]) < 1
+            else:
+                assert row[3] in ("0", "1")
+    assert malformed == 1
+    assert {"verification", "machine"} <= sources
+    # Rows are shuffled, not grouped by class.
+    labels = [r[2] for r in read_csv(meta / LABEL_FILES["train"])[1:] if len(r) == 4]
+    assert labels != sorted(labels)
+    kinds = {(d["source"], d["confidence"] == "0") for d in manifest["decoy_rows"]}
+    assert ("verification", True) in kinds and any(s == "machine" for s, _ in kinds)
+
+
+def test_image_id_rows(generated: tuple[Path, dict[str, Any]]) -> None:
+    root, manifest = generated
+    meta = root / "openimages"
+    seen: set[str] = set()
+    raw = "".join((meta / IMAGE_ID_FILES[s]).read_text() for s in SPLITS)
+    assert re.search(r',"[^"\n]*,[^"\n]*"', raw), "some quoted field must contain a comma"
+    assert '""' in raw, "some field must contain an escaped quote"
+    for split in SPLITS:
+        for row in read_csv(meta / IMAGE_ID_FILES[split])[1:]:
+            assert len(row) == len(IMAGE_ID_HEADER)
+            assert HEX16.match(row[0]) and row[0] not in seen
+            seen.add(row[0])
+            assert row[1] == split
+            assert row[4] == "https://creativecommons.org/licenses/by/2.0/"
+            assert row[11] in ("0.0", "")
+    expected = {e["id"] for lst in manifest["downloadable"].values() for e in lst}
+    for key in ("missing", "not_jpeg", "multi_class", "distractors"):
+        expected |= {e["id"] for e in manifest[key]}
+    assert seen == expected
+
+
+def test_manifest_matches_labels_and_bucket(generated: tuple[Path, dict[str, Any]]) -> None:
+    root, manifest = generated
+    assert json.loads((root / "manifest.json").read_text()) == manifest
+    assert manifest["classes"] == {
+        "Zebra": "/m/0898b",
+        "Sea turtle": "/m/0120dh",
+        "Blue jay": "/m/01f8m5",
+    }
+    pos = positives(root / "openimages")
+    for name, label in manifest["classes"].items():
+        entries = manifest["downloadable"][name]
+        assert len(entries) == 7
+        assert {e["split"] for e in entries} == set(SPLITS)
+        expected = {(e["id"], e["split"]) for e in entries}
+        for key in ("missing", "not_jpeg"):
+            expected |= {(e["id"], e["split"]) for e in manifest[key] if e["class"] == name}
+        expected |= {(e["id"], e["split"]) for e in manifest["multi_class"] if name in e["classes"]}
+        assert pos[label] == expected
+    for name, label in manifest["distractor_classes"].items():
+        assert pos[label] == {
+            (e["id"], e["split"]) for e in manifest["distractors"] if e["class"] == name
+        }
+    assert len(manifest["missing"]) == 3
+    for e in manifest["missing"]:
+        assert not image_path(root, e).exists()
+    for e in manifest["multi_class"] + manifest["distractors"]:
+        assert image_path(root, e).is_file()
+    assert len(manifest["multi_class"]) == 6
+    (bad,) = manifest["not_jpeg"]
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(image_path(root, bad))
+
+
+def test_images_decode_and_exif(generated: tuple[Path, dict[str, Any]]) -> None:
+    root, manifest = generated
+    rotated = 0
+    for entries in manifest["downloadable"].values():
+        for e in entries:
+            with Image.open(image_path(root, e)) as raw:
+                assert raw.format == "JPEG"
+                orientation = raw.getexif().get(EXIF_ORIENTATION_TAG)
+                assert orientation == e["exif_orientation"]
+                upright = ImageOps.exif_transpose(raw).convert("RGB")
+                w, h = e["size"]
+                assert upright.size == (w, h) and 96 <= w <= 200 and 96 <= h <= 200
+                if orientation is not None:
+                    rotated += 1
+                    assert raw.size == (h, w)
+                # The white marker sits in the top-left corner only when upright.
+                arr = np.asarray(upright, dtype=np.float32)
+                m = max(4, min(w, h) // 8) - 2
+                corners = [arr[:m, :m], arr[:m, -m:], arr[-m:, :m], arr[-m:, -m:]]
+                means = [c.mean() for c in corners]
+                assert means[0] > 225 and means[0] == max(means)
+    assert rotated >= 3
+
+
+def test_classes_are_separable_by_colour(generated: tuple[Path, dict[str, Any]]) -> None:
+    root, manifest = generated
+    feats, ys = [], []
+    for k, entries in enumerate(manifest["downloadable"].values()):
+        for e in entries:
+            with Image.open(image_path(root, e)) as im:
+                feats.append(np.asarray(im.convert("RGB"), dtype=np.float32).mean(axis=(0, 1)))
+                ys.append(k)
+    x, y = np.stack(feats), np.array(ys)
+    centroids = np.stack([x[y == k].mean(axis=0) for k in range(3)])
+    pred = np.argmin(((x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    assert (pred == y).mean() >= 0.9
+
+
+def test_deterministic_and_padded(tmp_path: Path) -> None:
+    a = generate(tmp_path / "a", classes=["Zebra", "Blue jay"], images_per_class=3, seed=1)
+    b = generate(
+        tmp_path / "b",
+        classes=["Zebra", "Blue jay"],
+        images_per_class=3,
+        seed=1,
+        label_pad_bytes=200_000,
+    )
+    c = generate(tmp_path / "c", classes=["Zebra", "Blue jay"], images_per_class=3, seed=2)
+    assert a["downloadable"] == b["downloadable"] and a["malformed_row"] == b["malformed_row"]
+    assert a["downloadable"] != c["downloadable"]
+    again = generate(tmp_path / "c", classes=["Zebra", "Blue jay"], images_per_class=3, seed=1)
+    assert again == a
+    jpgs = {p.stem for p in (tmp_path / "c/open-images-dataset").rglob("*.jpg")}
+    assert jpgs == {p.stem for p in (tmp_path / "a/open-images-dataset").rglob("*.jpg")}
+    e = a["downloadable"]["Zebra"][0]
+    assert image_path(tmp_path / "a", e).read_bytes() == image_path(tmp_path / "b", e).read_bytes()
+    val_a, val_b = (tmp_path / d / "openimages" / LABEL_FILES["validation"] for d in "ab")
+    assert val_a.read_bytes() == val_b.read_bytes()
+    train = tmp_path / "b/openimages" / LABEL_FILES["train"]
+    assert train.stat().st_size >= 200_000 and b["label_pad_rows"] > 1000
+    requested = set(b["classes"].values()) | set(b["distractor_classes"].values())
+    rows = read_csv(train)[1:]
+    assert sum(len(r) != 4 for r in rows) == 1
+    pad = rows[-b["label_pad_rows"] :]
+    assert all(HEX16.match(r[0]) and r[2] not in requested and r[3] == "1" for r in pad)
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="Sea turtle"):
+        generate(tmp_path, classes=["sea turtle"])
+    with pytest.raises(ValueError, match="unknown class"):
+        generate(tmp_path, classes=["Unicorn"])
+    with pytest.raises(ValueError, match="distractor"):
+        generate(tmp_path, classes=["Apple"])
+    (tmp_path / "openimages").mkdir()
+    with pytest.raises(FileExistsError):
+        generate(tmp_path, images_per_class=1)
+
+
+def test_cli_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    assert (
+        mirror.main(
+            [
+                "generate",
+                str(out),
+                "--classes",
+                "Zebra",
+                "Sea turtle",
+                "--images-per-class",
+                "3",
+                "--seed",
+                "5",
+            ]
+        )
+        == 0
+    )
+    assert "downloadable" in capsys.readouterr().out
+    assert set(json.loads((out / "manifest.json").read_text())["classes"]) == {
+        "Zebra",
+        "Sea turtle",
+    }
+    with pytest.raises(SystemExit):
+        mirror.main(["generate", str(out), "--classes", "Personal flotation device"])
+    with pytest.raises(SystemExit):
+        mirror.main(["serve", str(tmp_path / "nothing")])
+
+
+# ---------------------------------------------------------------- server
+
+
+def one_image(manifest: dict[str, Any]) -> tuple[str, str]:
+    e = manifest["downloadable"]["Zebra"][0]
+    return f"{e['split']}/{e['id']}.jpg", f"open-images-dataset/{e['split']}/{e['id']}.jpg"
+
+
+def test_urls_and_full_get(server: MirrorServer, generated: tuple[Path, dict[str, Any]]) -> None:
+    root, manifest = generated
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/openimages/", server.metadata_url)
+    assert server.images_url == server.metadata_url.replace("openimages/", "open-images-dataset/")
+    rel, key = one_image(manifest)
+    body = (root / key).read_bytes()
+    r = requests.get(server.images_url + rel, timeout=5)
+    assert r.status_code == 200 and r.content == body
+    assert r.headers["Content-Type"] == "image/jpeg"
+    assert r.headers["Content-Length"] == str(len(body))
+    assert r.headers["Accept-Ranges"] == "bytes" and r.headers["ETag"]
+    r = requests.get(server.metadata_url + LABEL_FILES["train"], timeout=5)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/csv")
+    assert r.content == (root / "openimages" / LABEL_FILES["train"]).read_bytes()
+    h = requests.head(server.images_url + rel, timeout=5)
+    assert h.status_code == 200 and h.headers["Content-Length"] == str(len(body))
+    assert server.requests[key] == 1 and server.head_requests[key] == 1
+
+
+def test_ranges(server: MirrorServer, generated: tuple[Path, dict[str, Any]]) -> None:
+    root, manifest = generated
+    rel, key = one_image(manifest)
+    body = (root / key).read_bytes()
+    size = len(body)
+    url = server.images_url + rel
+    r = requests.get(url, headers={"Range": "bytes=10-19"}, timeout=5)
+    assert r.status_code == 206 and r.content == body[10:20]
+    assert r.headers["Content-Range"] == f"bytes 10-19/{size}"
+    assert r.headers["Content-Length"] == "10"
+    r = requests.get(url, headers={"Range": "bytes=100-"}, timeout=5)
+    assert r.status_code == 206 and r.content == body[100:]
+    assert r.headers["Content-Range"] == f"bytes 100-{size - 1}/{size}"
+    r = requests.get(url, headers={"Range": f"bytes={size - 5}-{size + 100}"}, timeout=5)
+    assert r.status_code == 206 and r.content == body[-5:]
+    r = requests.get(url, headers={"Range": "bytes=-7"}, timeout=5)
+    assert r.status_code == 206 and r.content == body[-7:]
+    r = requests.get(url, headers={"Range": f"bytes={size}-"}, timeout=5)
+    assert r.status_code == 416 and r.headers["Content-Range"] == f"bytes */{size}"
+    etag = requests.head(url, timeout=5).headers["ETag"]
+    r = requests.get(url, headers={"Range": "bytes=5-", "If-Range": etag}, timeout=5)
+    assert r.status_code == 206 and r.content == body[5:]
+    r = requests.get(url, headers={"Range": "bytes=5-", "If-Range": '"stale"'}, timeout=5)
+    assert r.status_code == 200 and r.content == body
+    assert server.range_requests[0] == (key, "bytes=10-19")
+    assert len(server.range_requests) == 7
+
+
+def test_missing_and_traversal(
+    server: MirrorServer, generated: tuple[Path, dict[str, Any]]
+) -> None:
+    root, manifest = generated
+    (root.parent / "secret.txt").write_text("secret")
+    missing = manifest["missing"][0]
+    r = requests.get(f"{server.images_url}{missing['split']}/{missing['id']}.jpg", timeout=5)
+    assert r.status_code == 404
+    assert requests.get(server.images_url + "train/", timeout=5).status_code == 404
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=5)
+    for path in (
+        "/../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/openimages/../../secret.txt",
+        "//" + str(root.parent / "secret.txt"),
+    ):
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        assert resp.status == 404 and b"secret" not in resp.read(), path
+    conn.close()
+
+
+def test_fail_first_and_counting(
+    server: MirrorServer, generated: tuple[Path, dict[str, Any]]
+) -> None:
+    _, manifest = generated
+    rel, key = one_image(manifest)
+    url = server.images_url + rel
+    server.fail_first(key, times=2, status=503)
+    with requests.Session() as s:
+        assert [s.get(url, timeout=5).status_code for _ in range(3)] == [503, 503, 200]
+    assert server.requests[key] == 3
+    server.fail_first(lambda p: p.endswith(".csv"), status=429)
+    r = requests.get(server.metadata_url + LABEL_FILES["test"], timeout=5)
+    assert r.status_code == 429
+    assert requests.get(server.metadata_url + LABEL_FILES["test"], timeout=5).status_code == 200
+    server.reset_counts()
+    assert not server.requests and not server.range_requests
+
+
+def test_truncate(server: MirrorServer, generated: tuple[Path, dict[str, Any]]) -> None:
+    root, manifest = generated
+    rel, key = one_image(manifest)
+    body = (root / key).read_bytes()
+    server.truncate(key, times=2, keep=0.5)
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=5)
+    conn.request("GET", "/" + key)
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Length") == str(len(body))
+    with pytest.raises(http.client.IncompleteRead) as info:
+        resp.read()
+    assert info.value.partial == body[: len(body) // 2]
+    conn.close()
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        requests.get(server.images_url + rel, timeout=5)
+    r = requests.get(server.images_url + rel, timeout=5)
+    assert r.status_code == 200 and r.content == body
+    assert server.requests[key] == 3
+
+
+def test_delay_latency_and_close(generated: tuple[Path, dict[str, Any]]) -> None:
+    root, manifest = generated
+    rel, key = one_image(manifest)
+    with MirrorServer(root, latency=0.05) as srv:
+        start = time.perf_counter()
+        assert requests.get(srv.images_url + rel, timeout=5).status_code == 200
+        assert time.perf_counter() - start >= 0.05
+        srv.delay(key, 30)
+        with pytest.raises(requests.exceptions.Timeout):
+            requests.get(srv.images_url + rel, timeout=0.3)
+        assert srv.requests[key] == 2
+        start = time.perf_counter()
+    assert time.perf_counter() - start < 2, "close() must not wait for hung handlers"
