@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 
@@ -17,13 +18,13 @@ from stages.io import write_text
 
 log = logging.getLogger("stages.http")
 
-CHUNK = 1 << 20
+CHUNK = 1 << 16
 # Connection errors, timeouts and truncated bodies are worth retrying; so are these statuses.
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 # A public S3 bucket answers 403 (not 404) for a key that does not exist.
 MISSING_STATUS = {403, 404, 410}
 TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-             requests.exceptions.ContentDecodingError)
+             requests.exceptions.ContentDecodingError, urllib3.exceptions.HTTPError)
 
 
 class FetchError(RuntimeError):
@@ -154,7 +155,9 @@ class Fetcher:
                 raise FetchError(f"{url}: HTTP {r.status_code}")
             with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B",
                                              unit_scale=True, desc=desc, leave=False) as bar:
-                for chunk in r.iter_content(CHUNK):
+                # read1 hands over whatever arrived, so a dropped connection keeps every byte
+                # received before it (iter_content would discard its last, partial chunk).
+                while chunk := r.raw.read1(CHUNK, decode_content=True):
                     f.write(chunk)
                     bar.update(len(chunk))
         size = part.stat().st_size

@@ -1,0 +1,82 @@
+"""Shared fixtures: the real conf/ composed and shrunk, a real Open Images mirror on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig, OmegaConf
+
+from stages.config import PROJECT_ROOT, compose
+from stages.mirror import MirrorServer, generate
+
+# Small, fast settings: tiny images, quick retries (the backoff sleeps add up across faults).
+FAST = ["data.image_size=48", "data.fetch.backoff=0.01", "data.fetch.retries=3",
+        "data.fetch.timeout=5", "data.fetch.workers=4", "tracking.enabled=false"]
+
+
+@pytest.fixture(scope="session")
+def mirror_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated mirror (3 classes, 10 downloadable images each), shared read-only."""
+    out = tmp_path_factory.mktemp("mirror")
+    generate(out, images_per_class=10, seed=0)
+    return out
+
+
+@pytest.fixture
+def manifest(mirror_dir: Path) -> dict:
+    return json.loads((mirror_dir / "manifest.json").read_text())
+
+
+@pytest.fixture
+def mirror(mirror_dir: Path) -> Iterator[MirrorServer]:
+    with MirrorServer(mirror_dir) as srv:
+        yield srv
+
+
+@pytest.fixture
+def private_mirror(mirror_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the mirror that a test may edit."""
+    dst = tmp_path / "mirror-copy"
+    shutil.copytree(mirror_dir, dst)
+    return dst
+
+
+def mirror_overrides(srv: MirrorServer) -> list[str]:
+    return ["data=mirror", f"data.metadata_url={srv.metadata_url}",
+            f"data.images_url={srv.images_url}"]
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose the real conf/ with FAST settings and every output under tmp_path/out."""
+
+    def make(*overrides: str, srv: MirrorServer | None = None) -> DictConfig:
+        base = [f"paths.root={tmp_path / 'out'}", *FAST]
+        if srv is not None:
+            base += mirror_overrides(srv)
+        return compose([*base, *overrides])
+
+    return make
+
+
+def write_params(cfg: DictConfig, path: Path) -> Path:
+    path.write_text(OmegaConf.to_yaml(cfg))
+    return path
+
+
+def stage_cmd(stage: str, params: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", f"stages.{stage}", "--params", str(params), *overrides]
+
+
+def run_stage(stage: str, params: Path, *overrides: str, env: dict | None = None,
+              cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
+    """Run a stage's real entry point in a fresh process."""
+    return subprocess.run(stage_cmd(stage, params, *overrides), cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **(env or {})})
