@@ -1,0 +1,124 @@
+"""The real DVC pipeline and MLflow tracking, in a throwaway copy of the project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_stage, write_params
+from mlflow.tracking import MlflowClient
+
+from stages.config import PROJECT_ROOT, compose, path
+from stages.config import write_params as compose_params
+from stages.io import read_csv
+
+BIN = Path(sys.executable).parent
+
+
+def sh(*cmd: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})})
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+def only_run(db: Path):
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("oi-pipeline")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, f"expected one pipeline run, got {len(runs)}"
+    return client, runs[0]
+
+
+@pytest.fixture
+def project(tmp_path: Path, mirror) -> Path:
+    """A git+DVC copy of the project whose `data` default is the test mirror."""
+    dst = tmp_path / "project"
+    dst.mkdir()
+    for name in ("conf", "stages"):
+        shutil.copytree(PROJECT_ROOT / name, dst / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(PROJECT_ROOT / name, dst / name)
+    (dst / "conf" / "data" / "test.yaml").write_text(f"""
+defaults: [mirror, _self_]
+metadata_url: {mirror.metadata_url}
+images_url: {mirror.images_url}
+image_size: 48
+fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
+""")
+    config = dst / "conf" / "config.yaml"
+    config.write_text(config.read_text().replace("data: default", "data: test"))
+    compose_params(dst / "params.yaml", config_dir=dst / "conf")
+    sh("git", "init", "-q", cwd=dst)
+    sh("git", "config", "user.email", "test@localhost", cwd=dst)
+    sh("git", "config", "user.name", "test", cwd=dst)
+    sh("dvc", "init", "-q", cwd=dst)
+    sh("dvc", "config", "hydra.enabled", "true", cwd=dst)
+    sh("git", "add", "-A", cwd=dst)
+    sh("git", "commit", "-qm", "init", cwd=dst)
+    return dst
+
+
+def test_dvc_repro_then_noop_then_exp_run_reruns_only_prepare(project: Path, mirror) -> None:
+    first = sh("dvc", "repro", cwd=project)
+    assert "Running stage 'download'" in first.stdout and "Running stage 'prepare'" in first.stdout
+    labels = read_csv(project / "data" / "raw" / "labels.csv")
+    assert len(labels) == 30
+    assert len(read_csv(project / "data" / "prepared" / "train.csv")) == 24
+
+    # both stages, two processes, one MLflow run (SQLite file in the project root)
+    client, run = only_run(project / "mlflow.db")
+    assert run.data.metrics["download.downloaded"] == 30
+    assert run.data.metrics["prepare.train.images"] == 24
+    assert run.data.params["data.image_size"] == "48"
+    artifacts = {a.path for d in ("download", "prepare")
+                 for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"download/labels.csv", "download/stats.csv", "prepare/stats.csv"} <= artifacts
+
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-qm", "repro", cwd=project)
+    mirror.reset_counts()
+    second = sh("dvc", "repro", cwd=project)
+    assert "Running stage" not in second.stdout
+    assert not mirror.requests
+
+    # a Hydra override recomposes params.yaml; image_size reruns prepare, never download
+    exp = sh("dvc", "exp", "run", "-S", "data.image_size=40", cwd=project)
+    assert "Running stage 'prepare'" in exp.stdout
+    assert "Running stage 'download'" not in exp.stdout
+    assert not mirror.requests
+    assert "image_size: 40" in (project / "params.yaml").read_text()
+    shows = sh("dvc", "metrics", "show", "--json", cwd=project).stdout
+    assert "download.json" in shows and "prepare.json" in shows
+
+
+def test_mlflow_tracking_uri_env_wins_and_stages_share_the_run(make_cfg, mirror,
+                                                               tmp_path: Path) -> None:
+    cfg = make_cfg("tracking.enabled=true", srv=mirror)
+    params = write_params(cfg, tmp_path / "params.yaml")
+    db = tmp_path / "elsewhere.db"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    for stage in ("download", "prepare"):
+        out = run_stage(stage, params, env=env)
+        assert out.returncode == 0, out.stderr
+    assert not (path(cfg, "root") / "mlflow.db").exists()
+    _, run = only_run(db)
+    assert {"download.downloaded", "prepare.classes"} <= set(run.data.metrics)
+    assert run.data.tags["git_commit"]
+
+
+def test_entry_point_exit_codes(tmp_path: Path, mirror) -> None:
+    cfg = compose([f"paths.root={tmp_path}", "tracking.enabled=false", "data=mirror",
+                   f"data.metadata_url={mirror.metadata_url}",
+                   f"data.images_url={mirror.images_url}"])
+    params = write_params(cfg, tmp_path / "params.yaml")
+    bad = run_stage("download", params, "data.classes=[Sea turtel]")
+    assert bad.returncode == 2 and "did you mean 'Sea turtle'" in bad.stderr
+    wrong_type = run_stage("download", params, "data.seed=abc")
+    assert wrong_type.returncode == 2 and "data.seed" in wrong_type.stderr
+    assert not mirror.requests
