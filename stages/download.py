@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -97,13 +98,16 @@ def select(scans: dict[str, openimages.LabelScan], classes: dict[str, str], cap:
 
 
 def fetch_images(sel: Selection, fetcher: Fetcher, images_url: str, cache: Path,
-                 workers: int) -> dict[str, str]:
-    """Fetch every selected image not in the cache; returns ImageID -> failure reason."""
+                 workers: int) -> tuple[dict[str, str], int]:
+    """Fetch every selected image not in the cache.
+
+    Returns ImageID -> failure reason, and how many images were requested.
+    """
     todo = [(iid, split) for iid, (split, _) in sel.images.items()
             if not (cache / split / f"{iid}.jpg").exists()]
     failures: dict[str, str] = {}
     if not todo:
-        return failures
+        return failures, 0
     log.info("fetching %d images (%d already cached) with %d workers", len(todo),
              len(sel.images) - len(todo), workers)
 
@@ -133,7 +137,7 @@ def fetch_images(sel: Selection, fetcher: Fetcher, images_url: str, cache: Path,
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-    return failures
+    return failures, len(todo)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -175,9 +179,15 @@ def run(cfg: DictConfig) -> dict:
             wanted = {iid for iid, (s, _) in sel.images.items() if s == split}
             attribution.update(openimages.scan_image_ids(f, wanted))
 
-        failures = fetch_images(sel, fetcher, data.images_url, img_cache, data.fetch.workers)
+        t0 = time.perf_counter()
+        failures, requested = fetch_images(sel, fetcher, data.images_url, img_cache,
+                                           data.fetch.workers)
+        fetch_s = time.perf_counter() - t0
         metrics = write_outputs(cfg, sel, failures, attribution, classes, img_cache)
         metrics.update({
+            "images_requested": requested,
+            "fetch_seconds": round(fetch_s, 3),
+            "fetch_images_per_s": round(requested / fetch_s, 2) if requested else 0.0,
             "label_rows": sum(s.rows for s in scans.values()),
             "malformed_rows": sum(s.malformed for s in scans.values()),
             "bad_image_ids": sum(s.bad_ids for s in scans.values()),

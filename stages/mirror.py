@@ -536,6 +536,9 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "OpenImagesMirror/1.0"
     timeout = 60  # drop idle keep-alive connections eventually
+    # Headers and body go out in separate writes; with Nagle on, a keep-alive client's delayed
+    # ACK stalls every response by ~40 ms (measured: 44 ms per GET on loopback without this).
+    disable_nagle_algorithm = True
 
     server: _Server
 
