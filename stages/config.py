@@ -29,6 +29,10 @@ class ConfigError(ValueError):
     """A config that does not fit the schema; the message names the key."""
 
 
+class InputError(ValueError):
+    """Bad input data or request (unknown class, empty result): a clear message, exit code 2."""
+
+
 # --- schemas -----------------------------------------------------------------------------------
 
 
@@ -241,9 +245,6 @@ def stage_main(name: str, run: Callable[[DictConfig], Any],
         return 130
     return 0
 
-
-class InputError(ValueError):
-    """Bad input data or request (unknown class, empty result): a clear message, exit code 2."""
 
 
 def main_for(name: str, run: Callable[[DictConfig], Any]) -> None:

@@ -219,6 +219,7 @@ def write_outputs(cfg: DictConfig, sel: Selection, failures: dict[str, str],
         write_csv(out / "missing.csv", ["ImageID", "split", "class", "reason"],
                   [(iid, *sel.images[iid], why) for iid, why in sorted(failures.items())])
         table = split_stats([(s, n) for s, n in ok.values()], list(classes))
+        table = {s: table[s] for s in (*openimages.IMAGE_ID_FILES, "all") if s in table}
         write_csv(out / "stats.csv", ["split", "class", "count", "share"], stats_rows(table))
     print(format_table(table, title="download: images per official split"))
     reasons = Counter(why.split(":", 1)[0] for why in failures.values())
@@ -232,6 +233,7 @@ def write_outputs(cfg: DictConfig, sel: Selection, failures: dict[str, str],
         "multiclass_images": sel.multiclass,
         "multiclass_dropped": sel.multiclass - sel.multiclass_assigned,
         "empty_classes": len(sel.empty_classes),
+        "cross_split_duplicates": sel.duplicate_ids,
         "no_attribution": sum(1 for iid in ok if iid not in attribution),
     })
     if failures:
