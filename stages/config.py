@@ -43,6 +43,7 @@ class PathsConf:
     raw: str = "data/raw"
     prepared: str = "data/prepared"
     models: str = "models"
+    plots: str = "plots"
     artifacts: str = "artifacts"
     metrics: str = "metrics"
     reports: str = "reports"
@@ -85,13 +86,36 @@ class ModelConf:
     name: str = MISSING
     weights: str = "DEFAULT"
     input_size: int = 224
+    crop_pct: float = 0.875
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
 @dataclass
 class TrainConf:
+    mode: str = "full"
+    unfreeze_blocks: int = 2
     epochs: int = 10
     batch_size: int = 32
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    backbone_lr_scale: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+    min_lr_ratio: float = 0.01
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"
+    num_workers: int = 2
     seed: int = 0
+    deterministic: bool = False
+    patience: int = 5
+    system_metrics: bool = True
+    log_model: bool = True
 
 
 @dataclass
@@ -135,6 +159,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.multiclass_policy": ("drop", "first"),
     "data.on_empty_class": ("error", "skip"),
     "data.split.mode": ("resplit", "official"),
+    "train.mode": ("linear_probe", "full", "partial"),
+    "train.optimizer": ("adamw", "sgd"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
 }
 OFFICIAL_SPLITS = ("train", "validation", "test")
 
@@ -164,6 +192,7 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
             raise ConfigError(
                 f"invalid value {value!r} for {key!r}; expected one of {sorted(valid)}")
     _check_data(merged.data)
+    _check_train(merged.train, merged.model)
     OmegaConf.set_readonly(merged, True)
     return merged
 
@@ -186,6 +215,21 @@ def _check_data(data: DictConfig) -> None:
         raise ConfigError(f"data.split.ratios {ratios} must sum to 1 with train > 0")
     if data.fetch.workers < 1 or data.fetch.retries < 0 or data.fetch.timeout <= 0:
         raise ConfigError("data.fetch: workers >= 1, retries >= 0 and timeout > 0 are required")
+
+
+def _check_train(train: DictConfig, model: DictConfig) -> None:
+    if train.epochs < 1 or train.batch_size < 1:
+        raise ConfigError("train.epochs and train.batch_size must be >= 1")
+    if train.lr <= 0 or train.backbone_lr_scale < 0 or train.weight_decay < 0:
+        raise ConfigError("train.lr must be > 0; train.backbone_lr_scale, weight_decay >= 0")
+    if not 0 <= train.label_smoothing < 1 or not 0 <= train.min_lr_ratio <= 1:
+        raise ConfigError("train.label_smoothing must be in [0, 1), train.min_lr_ratio in [0, 1]")
+    if train.unfreeze_blocks < 1 or train.num_workers < 0 or train.patience < 0:
+        raise ConfigError("train.unfreeze_blocks >= 1, num_workers >= 0 and patience >= 0")
+    if len(model.mean) != 3 or len(model.std) != 3 or any(s <= 0 for s in model.std):
+        raise ConfigError("model.mean and model.std need 3 values each, std > 0")
+    if model.input_size < 16 or not 0 < model.crop_pct <= 1:
+        raise ConfigError("model.input_size must be >= 16 and model.crop_pct in (0, 1]")
 
 
 def compose(overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> DictConfig:

