@@ -3,14 +3,17 @@ augmentation in the stage's DataLoader) against batches already in memory, per w
 bf16 against fp32 autocast on this CPU.
 
     python benchmarks/train_bench.py [--images-per-class 100] [--workers 0 1 2] [--steps 15]
-        [--min-seconds 20] [--warmup 3] [--memory-batches 4] [--threads N]
-        [--persistent-workers] [--out FILE]
+        [--min-seconds 20] [--warmup 3] [--settle-steps 4] [--memory-batches 4] [--threads N]
+        [--no-bf16] [--out FILE]
 
 A mirror is generated and served on loopback, then the real `download` and `prepare` stages build
 the dataset the trainer reads (short side `data.image_size`, the default 256). Each measurement
 builds the model and optimiser afresh (`model=efficientnet_lite0`, bundled weights, the default
 `train` recipe), runs `--warmup` untimed steps, then times at least `--steps` steps and at least
 `--min-seconds` seconds of forward + backward + optimiser step; images/s = images / seconds.
+The in-memory reference is measured before and after the loaders; the ratios use their mean.
+Each measurement also splits its time into waiting for the next batch and the step itself: with
+workers, the cost of the loader shows up in the step (the workers share the two cores).
 
 Target (issue "The data path must not be the bottleneck"): real-loader images/s >= 0.85x the
 in-memory images/s at the best worker count. bf16 vs fp32 is reported as measured: without
@@ -34,10 +37,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader
 
-from stages import download, models, prepare
-from stages import train as T
+from stages import download, models, prepare, train
 from stages.config import compose, path
 from stages.datasets import PreparedImages, read_classes, train_transform
 from stages.mirror import MirrorServer, generate
@@ -109,29 +110,29 @@ def make_step(cfg: DictConfig, num_classes: int, device: torch.device, precision
     doing what `train.train_epoch` does per batch."""
     tcfg, mcfg = cfg.train, cfg.model
     model, _ = models.build(mcfg.name, num_classes, mcfg.weights)
-    T.apply_recipe(model, tcfg.mode, tcfg.unfreeze_blocks)
+    train.apply_recipe(model, tcfg.mode, tcfg.unfreeze_blocks)
     model.to(device)
     if tcfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = T.make_optimizer(T.param_groups(model, tcfg), tcfg)
-    sched = T.make_scheduler(opt, tcfg.warmup_epochs * steps_per_epoch,
+    opt = train.make_optimizer(train.param_groups(model, tcfg), tcfg)
+    sched = train.make_scheduler(opt, tcfg.warmup_epochs * steps_per_epoch,
                              tcfg.epochs * steps_per_epoch, tcfg.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing)
     params = [p for g in opt.param_groups for p in g["params"]]
     model.train()
-    T.freeze_frozen_norms(model)
+    train.freeze_frozen_norms(model)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         if tcfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with T.autocast(device, precision):
+        with train.autocast(device, precision):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
         if not torch.isfinite(loss):
-            raise T.TrainingDiverged(f"loss is {loss.item()}")
+            raise train.TrainingDiverged(f"loss is {loss.item()}")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if tcfg.grad_clip > 0:
@@ -153,43 +154,43 @@ def timed(batches: Iterator[Batch], step: Step, warmup: int, steps: int,
     for _ in range(warmup):
         step(*next(batches))
     n = images = 0
-    per_step = []
+    per_step, waits = [], []
     t0 = last = time.perf_counter()
     while n < steps or last - t0 < min_seconds:
         x, y = next(batches)
+        fetched = time.perf_counter()
         step(x, y)
         now = time.perf_counter()
         per_step.append(now - last)
+        waits.append(fetched - last)
         last = now
         n += 1
         images += len(y)
     seconds = last - t0
+    slowest = max(range(n), key=per_step.__getitem__)
     return {"steps": n, "images": images, "seconds": round(seconds, 2),
             "images_per_s": round(images / seconds, 3),
+            # time blocked on the next batch vs in the step itself (compute, and whatever the
+            # loader's processes take from it)
+            "data_wait_s": round(sum(waits), 2), "compute_s": round(seconds - sum(waits), 2),
             "step_s_median": round(statistics.median(per_step), 3),
-            "step_s_min": round(min(per_step), 3), "step_s_max": round(max(per_step), 3)}
+            "step_s_min": round(min(per_step), 3), "step_s_max": round(per_step[slowest], 3),
+            "slowest_step": slowest + 1}
 
 
 # --- the batch sources -------------------------------------------------------------------------
 
 
-def make_loader(ds: PreparedImages, cfg: DictConfig, workers: int, persistent: bool,
-                device: torch.device, gen: torch.Generator) -> DataLoader:
-    """The training DataLoader exactly as `train.run` builds it (but for num_workers)."""
-    bs = cfg.train.batch_size
-    return DataLoader(ds, batch_size=bs, shuffle=True, drop_last=len(ds) > bs, generator=gen,
-                      num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=persistent and workers > 0)
-
-
-def real_batches(loader: DataLoader, gen: torch.Generator, seed: int) -> Iterator[Batch]:
-    """Epoch after epoch, reseeded per epoch as the stage does; with persistent_workers=False
-    every epoch starts its workers again, and that cost is part of the measurement."""
+def real_batches(ds: PreparedImages, cfg: DictConfig, workers: int,
+                 device: torch.device) -> Iterator[Batch]:
+    """Epoch after epoch from the stage's own training loader (`train.make_train_loader`)."""
+    loader, sampler = train.make_train_loader(ds, cfg.train.batch_size, workers, cfg.train.seed,
+                                              device)
     epoch = 0
     while True:
         epoch += 1
-        gen.manual_seed(seed * 1_000_003 + epoch)
-        torch.manual_seed(seed * 1_000_003 + epoch)
+        sampler.set_epoch(epoch)
+        torch.manual_seed(cfg.train.seed * 1_000_003 + epoch)
         yield from loader
 
 
@@ -215,9 +216,7 @@ def cycle(batches: list[Batch]) -> Iterator[Batch]:
 def loader_only(ds: PreparedImages, cfg: DictConfig, workers: int, device: torch.device,
                 min_seconds: float) -> dict:
     """The data path alone (no training): how fast it can feed, worker start-up included."""
-    gen = torch.Generator()
-    loader = make_loader(ds, cfg, workers, False, device, gen)
-    batches = real_batches(loader, gen, cfg.train.seed)
+    batches = real_batches(ds, cfg, workers, device)
     images, t0 = 0, time.perf_counter()
     try:
         while images < len(ds) or time.perf_counter() - t0 < min_seconds:
@@ -261,9 +260,9 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=None,
                     help="data.image_size of the prepared images (default: the config's, 256)")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--persistent-workers", action="store_true",
-                    help="also measure every worker count > 0 with persistent_workers=True")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per measurement")
+    ap.add_argument("--settle-steps", type=int, default=4,
+                    help="untimed steps on a throwaway model before the first measurement")
     ap.add_argument("--steps", type=int, default=15, help="at least this many timed steps")
     ap.add_argument("--min-seconds", type=float, default=20.0, help="and at least this long")
     ap.add_argument("--memory-batches", type=int, default=4, help="in-memory batches cycled")
@@ -286,8 +285,8 @@ def main() -> None:
         prepared = path(cfg, "prepared")
         num_classes = len(read_classes(prepared))
         mcfg, tcfg = cfg.model, cfg.train
-        device = T.select_device(tcfg.device)
-        precision = T.select_precision(tcfg.precision, device)
+        device = train.select_device(tcfg.device)
+        precision = train.select_precision(tcfg.precision, device)
         ds = PreparedImages(prepared, "train", train_transform(mcfg.input_size, mcfg.mean,
                                                                mcfg.std))
         bs = tcfg.batch_size
@@ -302,38 +301,51 @@ def main() -> None:
                 "images/s")
 
         mem = memory_batches(ds, bs, args.memory_batches, tcfg.seed)
-        in_memory = measure("in-memory", cfg, num_classes, device, precision, steps_per_epoch,
-                            lambda: cycle(mem), args)
+        if args.settle_steps:
+            # A process's first training steps run slower (allocator, oneDNN primitive caches)
+            # whatever model they train: settle here so the first measurement is not penalised.
+            step, _ = make_step(cfg, num_classes, device, precision, steps_per_epoch)
+            batches = cycle(mem)
+            for _ in range(args.settle_steps):
+                step(*next(batches))
+            del step, _
+            log(f"settled ({args.settle_steps} untimed steps)")
 
-        def real(w: int, persistent: bool) -> Callable[[], Iterator[Batch]]:
-            def make() -> Iterator[Batch]:
-                gen = torch.Generator()
-                return real_batches(make_loader(ds, cfg, w, persistent, device, gen), gen,
-                                    tcfg.seed)
-            return make
+        def in_memory_run(label: str, prec: str = precision) -> dict:
+            return measure(label, cfg, num_classes, device, prec, steps_per_epoch,
+                           lambda: cycle(mem), args)
+
+        # The reference is measured before and after the loaders, their mean used: a drift of
+        # the machine's speed over the run then biases no ratio in one direction.
+        mem_before = in_memory_run("in-memory (before)")
+
+        def real(w: int) -> Callable[[], Iterator[Batch]]:
+            return lambda: real_batches(ds, cfg, w, device)
 
         loaders: dict[str, dict] = {}
-        configs = [(w, False) for w in args.workers]
-        if args.persistent_workers:
-            configs += [(w, True) for w in args.workers if w > 0]
-        for w, persistent in configs:
-            key = f"workers_{w}" + ("_persistent" if persistent else "")
+        for w in args.workers:
+            key = f"workers_{w}"
             r = measure(f"real loader, {key}", cfg, num_classes, device, precision,
-                        steps_per_epoch, real(w, persistent), args)
-            r["ratio_vs_in_memory"] = round(r["images_per_s"] / in_memory["images_per_s"], 3)
-            r.update(num_workers=w, persistent_workers=persistent)
+                        steps_per_epoch, real(w), args)
+            r.update(num_workers=w)
             loaders[key] = r
+        mem_after = in_memory_run("in-memory (after)")
+        reference = (mem_before["images_per_s"] + mem_after["images_per_s"]) / 2
+        in_memory = {"images_per_s": round(reference, 3),
+                     "after_vs_before": round(mem_after["images_per_s"]
+                                              / mem_before["images_per_s"], 3),
+                     "before": mem_before, "after": mem_after}
+        for r in loaders.values():
+            r["ratio_vs_in_memory"] = round(r["images_per_s"] / reference, 3)
         best_key = max(loaders, key=lambda k: loaders[k]["ratio_vs_in_memory"])
         stage_key = f"workers_{tcfg.num_workers}"
 
-        bf16: dict = {"cpu_has_fast_bf16": T.cpu_has_fast_bf16(),
-                      "auto_precision_on_cpu": T.select_precision("auto", torch.device("cpu"))}
+        bf16: dict = {"cpu_has_fast_bf16": train.cpu_has_fast_bf16(),
+                      "auto_precision_on_cpu": train.select_precision("auto", torch.device("cpu"))}
         if not args.no_bf16:
-            fp32 = in_memory if precision == "fp32" else measure(
-                "in-memory fp32", cfg, num_classes, device, "fp32", steps_per_epoch,
-                lambda: cycle(mem), args)
-            b = measure("in-memory bf16 autocast", cfg, num_classes, device, "bf16",
-                        steps_per_epoch, lambda: cycle(mem), args)
+            # fp32: the in-memory run just before (same loop, adjacent in time)
+            fp32 = mem_after if precision == "fp32" else in_memory_run("in-memory fp32", "fp32")
+            b = in_memory_run("in-memory bf16 autocast", "bf16")
             bf16.update(fp32=fp32, bf16=b,
                         bf16_vs_fp32=round(b["images_per_s"] / fp32["images_per_s"], 3))
 
@@ -344,14 +356,14 @@ def main() -> None:
                   "mode": tcfg.mode, "optimizer": tcfg.optimizer, "batch_size": bs,
                   "channels_last": tcfg.channels_last, "device": str(device),
                   "precision": precision, "torch_threads": torch.get_num_threads(),
-                  "warmup_steps": args.warmup, "min_steps": args.steps,
+                  "settle_steps": args.settle_steps, "warmup_steps": args.warmup,
+                  "min_steps": args.steps,
                   "min_seconds": args.min_seconds, "memory_batches": args.memory_batches,
                   "train_images": len(ds), "steps_per_epoch": steps_per_epoch},
         "data_path_only": data_only,
         "in_memory": in_memory,
         "real_loader": loaders,
         "best": {"config": best_key, "num_workers": loaders[best_key]["num_workers"],
-                 "persistent_workers": loaders[best_key]["persistent_workers"],
                  "ratio": loaders[best_key]["ratio_vs_in_memory"], "target": TARGET_RATIO,
                  "met": loaders[best_key]["ratio_vs_in_memory"] >= TARGET_RATIO},
         "stage_default_workers": {"num_workers": tcfg.num_workers,

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from stages.config import InputError
 from stages.io import read_csv
@@ -41,10 +41,44 @@ class PreparedImages(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """`key` is an index, or (index, seed) from `SeededSampler`: then the random
+        augmentation of this sample is a function of the seed alone, whichever worker (or the
+        main process) runs it."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
         with Image.open(self.files[i]) as im:
-            img = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
-        return (self.transform(img) if self.transform else img), self.labels[i]
+            img = pil_to_tensor(im.convert("RGB"))
+        if self.transform is not None:
+            if seed is None:
+                img = self.transform(img)
+            else:
+                with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
+                    torch.manual_seed(seed)
+                    img = self.transform(img)
+        return img, self.labels[i]
+
+
+class SeededSampler(Sampler):
+    """A shuffled epoch of (index, augmentation seed) pairs, both derived from (seed, epoch).
+
+    Order and augmentation depend on nothing else: not on the worker count, not on worker
+    processes living across epochs, not on a resume in a new process.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        seeds = torch.randint(2**62, (self.n,), generator=g).tolist()
+        return iter(zip(order, seeds, strict=True))
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Transform:

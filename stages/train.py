@@ -34,7 +34,13 @@ from tqdm import tqdm
 
 from stages import models
 from stages.config import InputError, main_for, path
-from stages.datasets import PreparedImages, eval_transform, read_classes, train_transform
+from stages.datasets import (
+    PreparedImages,
+    SeededSampler,
+    eval_transform,
+    read_classes,
+    train_transform,
+)
 from stages.io import atomic_open, write_csv, write_json
 from stages.tracking import stage_run
 
@@ -220,6 +226,22 @@ def classification_report(preds: np.ndarray, targets: np.ndarray,
     return report, cm
 
 
+def make_train_loader(ds: PreparedImages, batch_size: int, num_workers: int, seed: int,
+                      device: torch.device) -> tuple[DataLoader, SeededSampler]:
+    """The training loader; call `sampler.set_epoch(e)` before each epoch.
+
+    Each epoch's order and augmentation are a function of (seed, epoch) alone, so a resumed run
+    replays exactly what an uninterrupted one does, and the workers can live across epochs:
+    re-forking them every epoch from a multi-GB training process costs seconds of
+    copy-on-write faults on the next step (measured: ratio to in-memory 0.81 instead of 0.94).
+    """
+    sampler = SeededSampler(len(ds), seed)
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler,
+                        drop_last=len(ds) > batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+    return loader, sampler
+
+
 # --- checkpoints -------------------------------------------------------------------------------
 
 
@@ -232,10 +254,16 @@ def load_checkpoint(file: Path) -> dict:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
+# Knobs that change how a run goes or what MLflow receives, not its result.
+NOT_RESULT_KEYS = ("num_workers", "system_metrics", "log_model")
+
+
 def run_key(cfg: DictConfig, prepared: Path) -> str:
     """What defines a training run: model, recipe and the exact prepared data."""
-    blob = json.dumps({"model": OmegaConf.to_container(cfg.model),
-                       "train": OmegaConf.to_container(cfg.train)}, sort_keys=True).encode()
+    recipe = {k: v for k, v in OmegaConf.to_container(cfg.train).items()
+              if k not in NOT_RESULT_KEYS}
+    blob = json.dumps({"model": OmegaConf.to_container(cfg.model), "train": recipe},
+                      sort_keys=True).encode()
     h = hashlib.sha256(blob)
     for split in ("train", "val", "labels"):
         f = prepared / (f"{split}.csv" if split != "labels" else "labels.txt")
@@ -248,6 +276,14 @@ def run_key(cfg: DictConfig, prepared: Path) -> str:
 
 def run(cfg: DictConfig) -> dict:
     """Fine-tune `model.name` on the prepared data; returns the metrics it wrote."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _run(cfg)
+    finally:  # a process-wide switch: leave it as the caller had it (tests, sweeps in-process)
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _run(cfg: DictConfig) -> dict:
     train, mcfg = cfg.train, cfg.model
     prepared = path(cfg, "prepared")
     classes = read_classes(prepared)
@@ -277,16 +313,10 @@ def run(cfg: DictConfig) -> dict:
         model.to(memory_format=torch.channels_last)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    # A new generator seeded per epoch makes each epoch's order and augmentation a function of
-    # (seed, epoch) alone, so a resumed run replays exactly what an uninterrupted one does.
-    gen = torch.Generator()
-    loader_kw = {"num_workers": train.num_workers, "pin_memory": device.type == "cuda",
-                 "persistent_workers": False}
-    train_loader = DataLoader(train_ds, batch_size=train.batch_size, shuffle=True,
-                              drop_last=len(train_ds) > train.batch_size, generator=gen,
-                              **loader_kw)
-    val_loader = DataLoader(val_ds, batch_size=train.batch_size, **loader_kw)
-    test_loader = DataLoader(test_ds, batch_size=train.batch_size, **loader_kw)
+    train_loader, sampler = make_train_loader(train_ds, train.batch_size, train.num_workers,
+                                              train.seed, device)
+    val_loader = DataLoader(val_ds, batch_size=train.batch_size, num_workers=train.num_workers)
+    test_loader = DataLoader(test_ds, batch_size=train.batch_size, num_workers=train.num_workers)
 
     opt = make_optimizer(param_groups(model, train), train)
     steps = len(train_loader)
@@ -327,8 +357,8 @@ def run(cfg: DictConfig) -> dict:
         for epoch in range(start, train.epochs + 1):
             if train.patience and stale >= train.patience:
                 break
-            gen.manual_seed(train.seed * 1_000_003 + epoch)
-            torch.manual_seed(train.seed * 1_000_003 + epoch)
+            sampler.set_epoch(epoch)
+            torch.manual_seed(train.seed * 1_000_003 + epoch)  # dropout, stochastic depth
             stats = train_epoch(fwd, train_loader, opt, sched, scaler, loss_fn, device,
                                 precision, train, epoch, train.channels_last)
             vloss, vpred, vtrue = predict(fwd, val_loader, device, precision,
