@@ -277,3 +277,12 @@ def test_augmentation_depends_on_seed_and_epoch_not_on_workers(prepared) -> None
     c = epoch_batches(0, 2)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(train_cfg) -> None:
+    # a learning rate this small leaves val accuracy exactly where epoch 1 put it
+    cfg = train_cfg("train.epochs=6", "train.patience=2", "train.lr=1e-12",
+                    "train.mode=linear_probe")
+    metrics = train.run(cfg)
+    assert metrics["best_epoch"] == 1
+    assert metrics["epochs_run"] == 3 and metrics["epochs_configured"] == 6
