@@ -315,7 +315,9 @@ def _run(cfg: DictConfig) -> dict:
     total = sum(p.numel() for p in model.parameters())
     train_loader, sampler = make_train_loader(train_ds, train.batch_size, train.num_workers,
                                               train.seed, device)
-    val_loader = DataLoader(val_ds, batch_size=train.batch_size, num_workers=train.num_workers)
+    # persistent for the reason make_train_loader gives: validation runs every epoch
+    val_loader = DataLoader(val_ds, batch_size=train.batch_size, num_workers=train.num_workers,
+                            persistent_workers=train.num_workers > 0)
     test_loader = DataLoader(test_ds, batch_size=train.batch_size, num_workers=train.num_workers)
 
     opt = make_optimizer(param_groups(model, train), train)
