@@ -33,6 +33,11 @@ class InputError(ValueError):
     """Bad input data or request (unknown class, empty result): a clear message, exit code 2."""
 
 
+class StageError(RuntimeError):
+    """An expected failure with a message that says it all (the network gave up, training
+    diverged): exit code 1 without a traceback."""
+
+
 # --- schemas -----------------------------------------------------------------------------------
 
 
@@ -284,6 +289,9 @@ def stage_main(name: str, run: Callable[[DictConfig], Any],
     except (ConfigError, InputError) as e:
         log.error("%s: %s", name, e)
         return 2
+    except StageError as e:
+        log.error("%s failed: %s", name, e)
+        return 1
     except KeyboardInterrupt:
         log.error("%s: interrupted; completed work is kept, rerun to resume", name)
         return 130

@@ -14,6 +14,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 
+from stages.config import StageError
 from stages.io import write_text
 
 log = logging.getLogger("stages.http")
@@ -27,7 +28,7 @@ TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.Chu
              requests.exceptions.ContentDecodingError, urllib3.exceptions.HTTPError)
 
 
-class FetchError(RuntimeError):
+class FetchError(StageError):
     """Gave up on a URL after the configured retries (or on a non-retryable status)."""
 
 

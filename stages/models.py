@@ -16,13 +16,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stages.config import InputError
+
 log = logging.getLogger("stages.models")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """Weights that cannot be used: the message names the file (or name) and the fix."""
 
 

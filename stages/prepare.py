@@ -26,6 +26,7 @@ from tqdm import tqdm
 from stages import imaging
 from stages.config import InputError, main_for, path
 from stages.io import atomic_dir, read_csv, write_csv, write_json, write_text
+from stages.openimages import resolve_classes
 from stages.stats import format_table, split_stats, stats_rows
 from stages.tracking import stage_run
 
@@ -147,8 +148,6 @@ def run(cfg: DictConfig) -> dict:
 
 def _requested_order(cfg: DictConfig) -> list[str]:
     # Canonical display names in the order the user listed them: that order is the label index.
-    from stages.openimages import resolve_classes
-
     return list(resolve_classes(list(cfg.data.classes)))
 
 

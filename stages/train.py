@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from stages import models
-from stages.config import InputError, main_for, path
+from stages.config import InputError, StageError, main_for, path
 from stages.datasets import (
     PreparedImages,
     SeededSampler,
@@ -51,7 +51,7 @@ HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
                   "train_images", "train_images_per_s", "epoch_seconds"]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(StageError):
     """The loss became NaN or infinite."""
 
 

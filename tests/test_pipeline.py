@@ -138,3 +138,9 @@ def test_entry_point_exit_codes(tmp_path: Path, mirror) -> None:
     wrong_type = run_stage("download", params, "data.seed=abc")
     assert wrong_type.returncode == 2 and "data.seed" in wrong_type.stderr
     assert not mirror.requests
+    # nothing listens on port 1: the network gives up with one clear line, not a traceback
+    offline = run_stage("download", params, "data.metadata_url=http://127.0.0.1:1/",
+                        "data.fetch.retries=1", "data.fetch.backoff=0.01")
+    assert offline.returncode == 1
+    assert "download failed:" in offline.stderr and "gave up after 1 retries" in offline.stderr
+    assert "Traceback" not in offline.stderr
