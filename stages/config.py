@@ -50,6 +50,7 @@ class PathsConf:
     models: str = "models"
     plots: str = "plots"
     artifacts: str = "artifacts"
+    exported: str = "artifacts/exported"
     metrics: str = "metrics"
     reports: str = "reports"
 
@@ -126,7 +127,10 @@ class TrainConf:
 @dataclass
 class ExportConf:
     formats: list[str] = field(default_factory=lambda: ["torchscript", "exported_program", "onnx"])
-    onnx_opset: int = 17
+    onnx_opset: int = 18
+    verify_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    rtol: float = 1e-4
+    max_batch: int = 256
 
 
 @dataclass
@@ -198,6 +202,7 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
                 f"invalid value {value!r} for {key!r}; expected one of {sorted(valid)}")
     _check_data(merged.data)
     _check_train(merged.train, merged.model)
+    _check_export(merged.export)
     OmegaConf.set_readonly(merged, True)
     return merged
 
@@ -235,6 +240,22 @@ def _check_train(train: DictConfig, model: DictConfig) -> None:
         raise ConfigError("model.mean and model.std need 3 values each, std > 0")
     if model.input_size < 16 or not 0 < model.crop_pct <= 1:
         raise ConfigError("model.input_size must be >= 16 and model.crop_pct in (0, 1]")
+
+
+EXPORT_FORMATS = ("torchscript", "exported_program", "onnx")
+
+
+def _check_export(export: DictConfig) -> None:
+    unknown = sorted(set(export.formats) - set(EXPORT_FORMATS))
+    if unknown:
+        raise ConfigError(f"unknown export format(s) {unknown}; expected any of "
+                          f"{list(EXPORT_FORMATS)}")
+    if export.onnx_opset < 17:
+        raise ConfigError("export.onnx_opset must be >= 17")
+    if not export.verify_batch_sizes or min(export.verify_batch_sizes) < 1:
+        raise ConfigError("export.verify_batch_sizes needs batch sizes >= 1")
+    if max(export.verify_batch_sizes) > export.max_batch:
+        raise ConfigError("export.verify_batch_sizes must not exceed export.max_batch")
 
 
 def compose(overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> DictConfig:

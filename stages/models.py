@@ -97,7 +97,8 @@ def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
                            "file, a torchvision weights name (DEFAULT, IMAGENET1K_V1...) or none")
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+            ValueError) as e:
         raise WeightsError(f"weights file {file} cannot be read ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200]}); is it truncated or not a "
                            "PyTorch state dict?") from e
@@ -201,3 +202,26 @@ def build(name: str, num_classes: int, weights: str) -> tuple[nn.Module, str]:
     source = load_weights(model, name, weights)
     replace_head(model, num_classes)
     return model, source
+
+
+def load_trained(file: Path) -> tuple[nn.Module, dict]:
+    """A checkpoint written by the train stage: the eval-mode model and its metadata."""
+    if not file.is_file():
+        raise WeightsError(f"checkpoint {file} does not exist: run the train stage first "
+                           "(`dvc repro train`)")
+    try:
+        ck = torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+            ValueError) as e:
+        raise WeightsError(f"checkpoint {file} cannot be read ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]}); is it truncated?") from e
+    if not isinstance(ck, dict) or not {"model", "meta"} <= set(ck):
+        raise WeightsError(f"{file} is not a checkpoint of the train stage (no model/meta)")
+    meta = ck["meta"]
+    model = replace_head(create(meta["arch"]), len(meta["classes"]))
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise WeightsError(f"checkpoint {file} does not fit {meta['arch']} with "
+                           f"{len(meta['classes'])} classes: {str(e).splitlines()[0]}") from e
+    return model.eval(), meta

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from stages.config import PROJECT_ROOT, compose
+from stages import download, prepare
+from stages.config import PROJECT_ROOT, compose, path
 from stages.mirror import MirrorServer, generate
 
 # Small, fast settings: tiny images, quick retries (the backoff sleeps add up across faults).
@@ -80,3 +81,18 @@ def run_stage(stage: str, params: Path, *overrides: str, env: dict | None = None
     """Run a stage's real entry point in a fresh process."""
     return subprocess.run(stage_cmd(stage, params, *overrides), cwd=cwd, capture_output=True,
                           text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """30 downloadable images per class, split 50/25/25 so val and test have ~7 per class."""
+    tmp = tmp_path_factory.mktemp("train-data")
+    generate(tmp / "mirror", images_per_class=30, seed=1)
+    with MirrorServer(tmp / "mirror") as srv:
+        cfg = compose([f"paths.root={tmp}", "data=mirror", f"data.metadata_url={srv.metadata_url}",
+                       f"data.images_url={srv.images_url}", "data.image_size=72",
+                       "tracking.enabled=false", "data.fetch.backoff=0.01",
+                       "data.split.ratios={train: 0.5, val: 0.25, test: 0.25}"])
+        download.run(cfg)
+        prepare.run(cfg)
+    return path(cfg, "prepared")

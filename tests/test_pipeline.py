@@ -57,8 +57,12 @@ fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
     (dst / "conf" / "train" / "test.yaml").write_text(
         "defaults: [default, _self_]\nepochs: 1\nnum_workers: 0\nsystem_metrics: false\n"
         "log_model: false\n")
+    # every format is covered by test_export; one keeps this DVC run short
+    (dst / "conf" / "export" / "test.yaml").write_text(
+        "defaults: [default, _self_]\nformats: [torchscript]\nverify_batch_sizes: [1, 2]\n")
     config = dst / "conf" / "config.yaml"
     config.write_text(config.read_text().replace("data: default", "data: test")
+                      .replace("export: default", "export: test")
                       .replace("model: efficientnet_lite0", "model: test")
                       .replace("train: default", "train: test"))
     compose_params(dst / "params.yaml", config_dir=dst / "conf")
@@ -74,8 +78,9 @@ fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
 
 def test_dvc_repro_then_noop_then_exp_run_reruns_from_prepare(project: Path, mirror) -> None:
     first = sh("dvc", "repro", cwd=project)
-    for stage in ("download", "prepare", "train"):
+    for stage in ("download", "prepare", "train", "export"):
         assert f"Running stage '{stage}'" in first.stdout
+    assert (project / "artifacts" / "exported" / "model.ts").is_file()
     labels = read_csv(project / "data" / "raw" / "labels.csv")
     assert len(labels) == 30
     assert len(read_csv(project / "data" / "prepared" / "train.csv")) == 24
@@ -106,7 +111,8 @@ def test_dvc_repro_then_noop_then_exp_run_reruns_from_prepare(project: Path, mir
     assert "image_size: 40" in (project / "params.yaml").read_text()
     shows = json.loads(sh("dvc", "metrics", "show", "--json", cwd=project).stdout)
     files = next(iter(shows.values()))["data"]  # keyed by revision; "" is the workspace
-    assert {"metrics/download.json", "metrics/prepare.json", "metrics/train.json"} <= set(files)
+    assert {"metrics/download.json", "metrics/prepare.json", "metrics/train.json",
+            "metrics/export.json"} <= set(files)
     assert files["metrics/train.json"]["data"]["epochs_run"] == 1
     plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=project).stdout)
     assert not plots.get("errors"), plots.get("errors")

@@ -16,29 +16,13 @@ from conftest import stage_cmd, write_params
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from stages import download, models, prepare, train
+from stages import models, train
 from stages.config import PROJECT_ROOT, InputError, compose, path
-from stages.mirror import MirrorServer, generate
 
 # 64 px inputs and two epochs keep a run to seconds on 2 cores.
 TINY = ["data.image_size=72", "model.input_size=64", "train.epochs=2", "train.batch_size=16",
         "train.num_workers=0", "train.warmup_epochs=0", "train.log_model=false",
         "train.system_metrics=false", "tracking.enabled=false"]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """30 downloadable images per class, split 50/25/25 so val and test have ~7 per class."""
-    tmp = tmp_path_factory.mktemp("train-data")
-    generate(tmp / "mirror", images_per_class=30, seed=1)
-    with MirrorServer(tmp / "mirror") as srv:
-        cfg = compose([f"paths.root={tmp}", "data=mirror", f"data.metadata_url={srv.metadata_url}",
-                       f"data.images_url={srv.images_url}", "data.image_size=72",
-                       "tracking.enabled=false", "data.fetch.backoff=0.01",
-                       "data.split.ratios={train: 0.5, val: 0.25, test: 0.25}"])
-        download.run(cfg)
-        prepare.run(cfg)
-    return path(cfg, "prepared")
 
 
 @pytest.fixture

@@ -1,0 +1,194 @@
+"""Stage `export`: deployable artifacts of the trained model, each checked against it.
+
+Writes, under `paths.exported`:
+
+    model.ts      TorchScript (traced on the eval model, frozen), metadata in its extra files
+    model.pt2     ExportedProgram (torch.export, dynamic batch), metadata in its extra files
+    model.onnx    ONNX (dynamic batch), metadata in its metadata_props
+    meta.json     the same metadata as a sidecar: arch, classes, mean, std, input size, crop
+
+and `paths.metrics/export.json`: per artifact and verification batch size, the largest logit
+difference to the eager model (absolute and relative to the largest eager logit) and the top-1
+agreement on real test images. An artifact outside `export.rtol` or below 100% agreement fails
+the stage, after the report is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from stages import models
+from stages.config import InputError, StageError, main_for, path
+from stages.datasets import PreparedImages, eval_transform
+from stages.io import atomic_open, write_json
+from stages.tracking import stage_run
+
+log = logging.getLogger("stages.export")
+
+META_FILE = "meta.json"
+FILES = {"torchscript": "model.ts", "exported_program": "model.pt2", "onnx": "model.onnx"}
+
+Runner = Callable[[torch.Tensor], np.ndarray]
+
+
+class ExportCheckFailed(StageError):
+    """An artifact does not reproduce the eager model."""
+
+
+# --- writers: one per format, each into a temp file that is then moved into place --------------
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, dst: Path, meta: str) -> None:
+    # TorchScript is deprecated upstream but still what many deployment targets load; trace
+    # (not script) captures the eval-mode graph, freeze folds weights and batch norms in.
+    with torch.no_grad():
+        frozen = torch.jit.freeze(torch.jit.trace(model, example))
+    with atomic_open(dst, "wb") as f:
+        torch.jit.save(frozen, f, _extra_files={META_FILE: meta})
+
+
+def export_program(model: nn.Module, example: torch.Tensor, dst: Path, meta: str,
+                   max_batch: int) -> None:
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    with atomic_open(dst, "wb") as f:
+        torch.export.save(ep, f, extra_files={META_FILE: meta})
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, dst: Path, meta: str, opset: int,
+                max_batch: int) -> None:
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    program = torch.onnx.export(model, (example,), input_names=["images"],
+                                output_names=["logits"], dynamic_shapes=({0: batch},),
+                                opset_version=opset, dynamo=True)
+    proto = program.model_proto
+    got = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if got < opset:
+        raise StageError(f"ONNX export produced opset {got}, below export.onnx_opset={opset}")
+    onnx.helper.set_model_props(proto, {META_FILE: meta})
+    with atomic_open(dst, "wb") as f:
+        f.write(proto.SerializeToString())
+
+
+# --- loaders: how a deployment (the benchmark, the stream client) runs each artifact ------------
+
+
+def load_runner(fmt: str, file: Path) -> tuple[Runner, dict]:
+    """A callable from a batch of normalised images to logits, and the artifact's metadata."""
+    if fmt == "torchscript":
+        extra = {META_FILE: ""}
+        module = torch.jit.load(str(file), map_location="cpu", _extra_files=extra)
+        meta = json.loads(extra[META_FILE])
+        return lambda x: _no_grad(module, x), meta
+    if fmt == "exported_program":
+        extra = {META_FILE: ""}
+        ep = torch.export.load(str(file), extra_files=extra)
+        module = ep.module()
+        return lambda x: _no_grad(module, x), json.loads(extra[META_FILE])
+    if fmt == "onnx":
+        import onnx
+        import onnxruntime as ort
+
+        props = {p.key: p.value for p in onnx.load(str(file), load_external_data=False)
+                 .metadata_props}
+        session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x.numpy()})[0], json.loads(props[META_FILE])
+    raise ValueError(f"unknown export format {fmt!r}; expected one of {sorted(FILES)}")
+
+
+def _no_grad(module: Callable, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return module(x).numpy()
+
+
+def compare(eager: np.ndarray, got: np.ndarray) -> dict:
+    diff = float(np.abs(eager - got).max())
+    scale = float(np.abs(eager).max()) or 1.0
+    return {"max_abs_diff": diff, "max_rel_diff": diff / scale,
+            "top1_agreement": float((eager.argmax(1) == got.argmax(1)).mean())}
+
+
+def verification_batches(cfg: DictConfig, meta: dict, sizes: list[int]) -> dict[int, torch.Tensor]:
+    """Real, preprocessed test images (never zeros), one batch per verification size."""
+    ds = PreparedImages(path(cfg, "prepared"), "test",
+                        eval_transform(meta["input_size"], meta["mean"], meta["std"],
+                                       meta["crop_pct"]))
+    if len(ds) == 0:
+        raise InputError(f"{path(cfg, 'prepared')}/test.csv has no image to verify against")
+    out = {}
+    for b in sizes:  # wrap around a small test split rather than pad with anything synthetic
+        out[b] = torch.stack([ds[i % len(ds)][0] for i in range(b)])
+    return out
+
+
+def run(cfg: DictConfig) -> dict:
+    """Export the trained checkpoint to every configured format and verify each artifact."""
+    ex = cfg.export
+    model, meta = models.load_trained(path(cfg, "models") / "model.pt")
+    meta_json = json.dumps(meta, sort_keys=True)
+    batches = verification_batches(cfg, meta, list(ex.verify_batch_sizes))
+    with torch.no_grad():
+        eager = {b: model(x).numpy() for b, x in batches.items()}
+    example = batches[max(batches)][:2]  # batch 2: a batch of 1 would be specialised to 1
+    out_dir = path(cfg, "exported")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writers = {
+        "torchscript": lambda dst: export_torchscript(model, example, dst, meta_json),
+        "exported_program": lambda dst: export_program(model, example, dst, meta_json,
+                                                       ex.max_batch),
+        "onnx": lambda dst: export_onnx(model, example, dst, meta_json, ex.onnx_opset,
+                                        ex.max_batch),
+    }
+    report: dict[str, float | int | bool] = {}
+    failures = []
+    with stage_run(cfg, "export") as tracker:
+        tracker.log_params({"export.formats": list(ex.formats), "export.onnx_opset": ex.onnx_opset,
+                            "export.rtol": ex.rtol})
+        for fmt in ex.formats:
+            dst = out_dir / FILES[fmt]
+            t0 = time.perf_counter()
+            writers[fmt](dst)
+            report[f"{fmt}.export_seconds"] = round(time.perf_counter() - t0, 2)
+            report[f"{fmt}.size_mb"] = round(dst.stat().st_size / 2**20, 3)
+            runner, loaded_meta = load_runner(fmt, dst)
+            ok = loaded_meta == meta
+            if not ok:
+                failures.append(f"{fmt}: metadata did not survive the round trip")
+            for b, x in batches.items():
+                res = compare(eager[b], runner(x))
+                report.update({f"{fmt}.batch{b}.{k}": v for k, v in res.items()})
+                if res["max_rel_diff"] > ex.rtol or res["top1_agreement"] < 1.0:
+                    ok = False
+                    failures.append(f"{fmt} at batch {b}: relative logit difference "
+                                    f"{res['max_rel_diff']:.2e} (allowed {ex.rtol:.0e}), top-1 "
+                                    f"agreement {res['top1_agreement']:.1%}")
+            report[f"{fmt}.ok"] = ok
+            log.info("%s: %s, %.1f MB, %s", fmt, dst.name, report[f"{fmt}.size_mb"],
+                     "verified" if ok else "FAILED verification")
+        write_json(out_dir / META_FILE, meta)
+        write_json(path(cfg, "metrics") / "export.json", report)
+        tracker.log_metrics(report)
+        tracker.log_artifact(path(cfg, "metrics") / "export.json")
+    if failures:
+        raise ExportCheckFailed("; ".join(failures))
+    return report
+
+
+def main() -> None:
+    main_for("export", run)
+
+
+if __name__ == "__main__":
+    main()

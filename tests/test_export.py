@@ -1,0 +1,119 @@
+"""Stage `export`: TorchScript, ExportedProgram and ONNX, each verified against the eager model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stages import export, models, train
+from stages.config import ConfigError, compose, path
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory) -> Path:
+    """A quickly trained checkpoint (linear probe, one epoch, 64 px)."""
+    root = tmp_path_factory.mktemp("trained")
+    cfg = compose(["data=mirror", f"paths.root={root}", f"paths.prepared={prepared}",
+                   "model.input_size=64", "train.epochs=1", "train.mode=linear_probe",
+                   "train.lr=0.01", "train.num_workers=0", "train.log_model=false",
+                   "train.system_metrics=false", "tracking.enabled=false"])
+    train.run(cfg)
+    return path(cfg, "models") / "model.pt"
+
+
+@pytest.fixture
+def export_cfg(prepared, trained, tmp_path):
+    def make(*overrides: str):
+        return compose(["data=mirror", f"paths.root={tmp_path}", f"paths.prepared={prepared}",
+                        f"paths.models={trained.parent}", "tracking.enabled=false",
+                        "export.verify_batch_sizes=[1,8]", *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def exported(prepared, trained, tmp_path_factory):
+    """One export of every format, shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("exported")
+    cfg = compose(["data=mirror", f"paths.root={root}", f"paths.prepared={prepared}",
+                   f"paths.models={trained.parent}", "tracking.enabled=false",
+                   "export.verify_batch_sizes=[1,8]"])
+    return cfg, export.run(cfg)
+
+
+def test_every_format_is_exported_verified_and_carries_its_metadata(exported, trained) -> None:
+    cfg, report = exported
+    _, meta = models.load_trained(trained)
+    out = path(cfg, "exported")
+    assert json.loads((out / "meta.json").read_text()) == meta
+    assert meta["classes"] == ["Zebra", "Sea turtle", "Blue jay"] and meta["input_size"] == 64
+    for fmt, name in export.FILES.items():
+        assert (out / name).stat().st_size > 100_000
+        assert report[f"{fmt}.ok"] is True
+        for b in (1, 8):
+            assert report[f"{fmt}.batch{b}.top1_agreement"] == 1.0
+            assert report[f"{fmt}.batch{b}.max_rel_diff"] <= 1e-4
+        runner, loaded = export.load_runner(fmt, out / name)
+        assert loaded == meta
+    assert json.loads((path(cfg, "metrics") / "export.json").read_text()) == report
+
+
+def test_artifacts_round_trip_in_a_fresh_process(exported, trained, tmp_path) -> None:
+    cfg, _ = exported
+    model, meta = models.load_trained(trained)
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # batch 5: unseen
+    np.save(tmp_path / "x.npy", x.numpy())
+    with torch.no_grad():
+        want = model(x).numpy()
+    code = (
+        "import sys, json, numpy as np, torch\n"
+        "from pathlib import Path\n"
+        "from stages.export import FILES, load_runner\n"
+        "x = torch.from_numpy(np.load(sys.argv[1]))\n"
+        "d = Path(sys.argv[2])\n"
+        "out = {f: load_runner(f, d / n)[0](x).tolist() for f, n in FILES.items()}\n"
+        "print(json.dumps(out))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.npy"),
+                          str(path(cfg, "exported"))], capture_output=True, text=True,
+                         timeout=300, check=True)
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    for fmt in export.FILES:
+        np.testing.assert_allclose(np.array(got[fmt]), want, rtol=1e-4, atol=1e-4 * abs(want).max())
+
+
+def test_a_failed_check_fails_the_stage_after_writing_the_report(export_cfg) -> None:
+    # freezing folds batch norms into convolutions: float rounding differs by ~1e-6, which a
+    # tolerance of zero rejects
+    cfg = export_cfg("export.formats=[torchscript]", "export.rtol=0")
+    with pytest.raises(export.ExportCheckFailed, match="torchscript at batch 1"):
+        export.run(cfg)
+    report = json.loads((path(cfg, "metrics") / "export.json").read_text())
+    assert report["torchscript.ok"] is False
+
+
+def test_missing_corrupt_or_foreign_checkpoint_is_a_clear_error(export_cfg, trained,
+                                                                tmp_path) -> None:
+    with pytest.raises(models.WeightsError, match="does not exist: run the train stage first"):
+        export.run(export_cfg(f"paths.models={tmp_path / 'none'}"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.pt").write_bytes(trained.read_bytes()[:5000])
+    with pytest.raises(models.WeightsError, match="cannot be read"):
+        export.run(export_cfg(f"paths.models={bad}"))
+    torch.save(models.create("resnet18").state_dict(), bad / "model.pt")
+    with pytest.raises(models.WeightsError, match="not a checkpoint of the train stage"):
+        export.run(export_cfg(f"paths.models={bad}"))
+
+
+def test_unknown_format_and_low_opset_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown export format"):
+        compose(["export.formats=[tflite]"])
+    with pytest.raises(ConfigError, match="onnx_opset"):
+        compose(["export.onnx_opset=11"])
