@@ -97,14 +97,12 @@ def load_runner(fmt: str, file: Path) -> tuple[Runner, dict]:
         module = ep.module()
         return lambda x: _no_grad(module, x), json.loads(extra[META_FILE])
     if fmt == "onnx":
-        import onnx
         import onnxruntime as ort
 
-        props = {p.key: p.value for p in onnx.load(str(file), load_external_data=False)
-                 .metadata_props}
         session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x.numpy()})[0], json.loads(props[META_FILE])
+        meta = json.loads(session.get_modelmeta().custom_metadata_map[META_FILE])
+        return lambda x: session.run(None, {name: x.numpy()})[0], meta
     raise ValueError(f"unknown export format {fmt!r}; expected one of {sorted(FILES)}")
 
 

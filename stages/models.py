@@ -91,17 +91,22 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 # --- weights -----------------------------------------------------------------------------------
 
 
-def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
+def _load(file: Path, what: str, if_missing: str) -> object:
+    """`torch.load(weights_only=True)`, with a missing or unreadable file as a WeightsError."""
     if not file.is_file():
-        raise WeightsError(f"weights file {file} does not exist; set model.weights to an existing "
-                           "file, a torchvision weights name (DEFAULT, IMAGENET1K_V1...) or none")
+        raise WeightsError(f"{what} {file} does not exist{if_missing}")
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
             ValueError) as e:
-        raise WeightsError(f"weights file {file} cannot be read ({type(e).__name__}: "
+        raise WeightsError(f"{what} {file} cannot be read ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200]}); is it truncated or not a "
-                           "PyTorch state dict?") from e
+                           "PyTorch file?") from e
+
+
+def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    obj = _load(file, "weights file", "; set model.weights to an existing file, a torchvision "
+                "weights name (DEFAULT, IMAGENET1K_V1...) or none")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # one of our checkpoints
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -206,15 +211,7 @@ def build(name: str, num_classes: int, weights: str) -> tuple[nn.Module, str]:
 
 def load_trained(file: Path) -> tuple[nn.Module, dict]:
     """A checkpoint written by the train stage: the eval-mode model and its metadata."""
-    if not file.is_file():
-        raise WeightsError(f"checkpoint {file} does not exist: run the train stage first "
-                           "(`dvc repro train`)")
-    try:
-        ck = torch.load(file, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
-            ValueError) as e:
-        raise WeightsError(f"checkpoint {file} cannot be read ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]}); is it truncated?") from e
+    ck = _load(file, "checkpoint", ": run the train stage first (`dvc repro train`)")
     if not isinstance(ck, dict) or not {"model", "meta"} <= set(ck):
         raise WeightsError(f"{file} is not a checkpoint of the train stage (no model/meta)")
     meta = ck["meta"]

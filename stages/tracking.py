@@ -15,6 +15,7 @@ metric histories grow by one step, artifacts are replaced.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ def tracking_uri(cfg: DictConfig) -> str:
     return "sqlite:///" + str((path(cfg, "root") / "mlflow.db").resolve())
 
 
+@functools.cache  # one `git` subprocess per process, not one per call
 def git_commit(repo: Path = PROJECT_ROOT) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
