@@ -51,6 +51,7 @@ class PathsConf:
     plots: str = "plots"
     artifacts: str = "artifacts"
     exported: str = "artifacts/exported"
+    optimized: str = "artifacts/optimized"
     metrics: str = "metrics"
     reports: str = "reports"
 
@@ -134,8 +135,24 @@ class ExportConf:
 
 
 @dataclass
+class TrtConf:
+    min_batch: int = 1
+    opt_batch: int = 32
+    max_batch: int = 128
+    min_block_size: int = 1
+    fp32_accumulation: bool = False
+    output_format: str = "exported_program"
+
+
+@dataclass
 class OptimizeConf:
     variants: list[str] = field(default_factory=list)
+    calibration_images: int = 128
+    calibration_batch: int = 16
+    eval_batch: int = 32
+    accuracy_bars: dict[str, float] = field(
+        default_factory=lambda: {"fp32": 0.5, "fp16": 0.5, "bf16": 0.5, "int8": 1.5})
+    trt: TrtConf = field(default_factory=TrtConf)
 
 
 @dataclass
@@ -172,6 +189,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "sgd"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "optimize.trt.output_format": ("exported_program", "torchscript"),
 }
 OFFICIAL_SPLITS = ("train", "validation", "test")
 
@@ -203,6 +221,7 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
     _check_data(merged.data)
     _check_train(merged.train, merged.model)
     _check_export(merged.export)
+    _check_optimize(merged.optimize)
     OmegaConf.set_readonly(merged, True)
     return merged
 
@@ -256,6 +275,26 @@ def _check_export(export: DictConfig) -> None:
         raise ConfigError("export.verify_batch_sizes needs batch sizes >= 1")
     if max(export.verify_batch_sizes) > export.max_batch:
         raise ConfigError("export.verify_batch_sizes must not exceed export.max_batch")
+
+
+# The registry itself is stages.optimize.VARIANTS (tests keep the two equal); named here so that
+# validating a config does not import the compilers.
+OPTIMIZE_VARIANTS = ("cpu_bf16", "inductor_fp32", "inductor_bf16", "int8", "onnxruntime_fp32",
+                     "onnxruntime_int8", "cuda_fp16", "trt_fp32", "trt_fp16")
+
+
+def _check_optimize(opt: DictConfig) -> None:
+    unknown = [v for v in opt.variants if v not in OPTIMIZE_VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {unknown} in optimize.variants; expected any of "
+                          f"{sorted(OPTIMIZE_VARIANTS)}")
+    if opt.calibration_images < 1 or opt.calibration_batch < 1 or opt.eval_batch < 1:
+        raise ConfigError("optimize.calibration_images, calibration_batch and eval_batch "
+                          "must be >= 1")
+    bars = dict(opt.accuracy_bars)
+    if set(bars) != {"fp32", "fp16", "bf16", "int8"} or min(bars.values()) < 0:
+        raise ConfigError(f"optimize.accuracy_bars {bars}: expected fp32, fp16, bf16 and int8, "
+                          "each >= 0 (top-1 points)")
 
 
 def compose(overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> DictConfig:

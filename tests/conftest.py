@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from stages import download, prepare
+from stages import download, prepare, train
 from stages.config import PROJECT_ROOT, compose, path
 from stages.mirror import MirrorServer, generate
 
@@ -96,3 +96,15 @@ def prepared(tmp_path_factory) -> Path:
         download.run(cfg)
         prepare.run(cfg)
     return path(cfg, "prepared")
+
+
+@pytest.fixture(scope="session")
+def trained(prepared, tmp_path_factory) -> Path:
+    """A quickly trained checkpoint (linear probe, one epoch, 64 px) on `prepared`."""
+    root = tmp_path_factory.mktemp("trained")
+    cfg = compose(["data=mirror", f"paths.root={root}", f"paths.prepared={prepared}",
+                   "model.input_size=64", "train.epochs=1", "train.mode=linear_probe",
+                   "train.lr=0.01", "train.num_workers=0", "train.log_model=false",
+                   "train.system_metrics=false", "tracking.enabled=false"])
+    train.run(cfg)
+    return path(cfg, "models") / "model.pt"

@@ -5,26 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from stages import export, models, train
+from stages import export, models
 from stages.config import ConfigError, compose, path
-
-
-@pytest.fixture(scope="module")
-def trained(prepared, tmp_path_factory) -> Path:
-    """A quickly trained checkpoint (linear probe, one epoch, 64 px)."""
-    root = tmp_path_factory.mktemp("trained")
-    cfg = compose(["data=mirror", f"paths.root={root}", f"paths.prepared={prepared}",
-                   "model.input_size=64", "train.epochs=1", "train.mode=linear_probe",
-                   "train.lr=0.01", "train.num_workers=0", "train.log_model=false",
-                   "train.system_metrics=false", "tracking.enabled=false"])
-    train.run(cfg)
-    return path(cfg, "models") / "model.pt"
 
 
 @pytest.fixture

@@ -57,12 +57,17 @@ fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
     (dst / "conf" / "train" / "test.yaml").write_text(
         "defaults: [default, _self_]\nepochs: 1\nnum_workers: 0\nsystem_metrics: false\n"
         "log_model: false\n")
-    # every format is covered by test_export; one keeps this DVC run short
+    # every format and variant is covered by test_export and test_optimize; the cheapest ones
+    # (ONNX, which the ORT variants read) keep this DVC run short
     (dst / "conf" / "export" / "test.yaml").write_text(
-        "defaults: [default, _self_]\nformats: [torchscript]\nverify_batch_sizes: [1, 2]\n")
+        "defaults: [default, _self_]\nformats: [onnx]\nverify_batch_sizes: [1, 2]\n")
+    (dst / "conf" / "optimize" / "test.yaml").write_text(
+        "defaults: [default, _self_]\nvariants: [onnxruntime_fp32, trt_fp16]\n"
+        "calibration_images: 8\n")
     config = dst / "conf" / "config.yaml"
     config.write_text(config.read_text().replace("data: default", "data: test")
                       .replace("export: default", "export: test")
+                      .replace("optimize: default", "optimize: test")
                       .replace("model: efficientnet_lite0", "model: test")
                       .replace("train: default", "train: test"))
     compose_params(dst / "params.yaml", config_dir=dst / "conf")
@@ -78,9 +83,12 @@ fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
 
 def test_dvc_repro_then_noop_then_exp_run_reruns_from_prepare(project: Path, mirror) -> None:
     first = sh("dvc", "repro", cwd=project)
-    for stage in ("download", "prepare", "train", "export"):
+    for stage in ("download", "prepare", "train", "export", "optimize@onnxruntime_fp32",
+                  "optimize@trt_fp16"):
         assert f"Running stage '{stage}'" in first.stdout
-    assert (project / "artifacts" / "exported" / "model.ts").is_file()
+    assert (project / "artifacts" / "optimized" / "onnxruntime_fp32" / "model.onnx").is_file()
+    trt = json.loads((project / "metrics" / "optimize" / "trt_fp16.json").read_text())
+    assert trt["status"] in ("ok", "skipped")
     labels = read_csv(project / "data" / "raw" / "labels.csv")
     assert len(labels) == 30
     assert len(read_csv(project / "data" / "prepared" / "train.csv")) == 24
@@ -91,6 +99,9 @@ def test_dvc_repro_then_noop_then_exp_run_reruns_from_prepare(project: Path, mir
     assert run.data.metrics["prepare.train.images"] == 24
     assert run.data.metrics["train.epochs_run"] == 1
     assert run.data.params["data.image_size"] == "48"
+    assert run.data.params["optimize.onnxruntime_fp32.backend"] == "onnxruntime"
+    assert run.data.params["optimize.trt_fp16.precision"] == "fp16"
+    assert "optimize.onnxruntime_fp32.top1" in run.data.metrics
     artifacts = {a.path for d in ("download", "prepare")
                  for a in client.list_artifacts(run.info.run_id, d)}
     assert {"download/labels.csv", "download/stats.csv", "prepare/stats.csv"} <= artifacts
@@ -112,7 +123,7 @@ def test_dvc_repro_then_noop_then_exp_run_reruns_from_prepare(project: Path, mir
     shows = json.loads(sh("dvc", "metrics", "show", "--json", cwd=project).stdout)
     files = next(iter(shows.values()))["data"]  # keyed by revision; "" is the workspace
     assert {"metrics/download.json", "metrics/prepare.json", "metrics/train.json",
-            "metrics/export.json"} <= set(files)
+            "metrics/export.json", "metrics/optimize/onnxruntime_fp32.json"} <= set(files)
     assert files["metrics/train.json"]["data"]["epochs_run"] == 1
     plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=project).stdout)
     assert not plots.get("errors"), plots.get("errors")

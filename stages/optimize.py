@@ -1,0 +1,533 @@
+"""Stage `optimize`: one optimized variant of the trained model per entry of `optimize.variants`.
+
+DVC runs one instance per variant (`optimize@int8`, ...), so a failing variant never erases the
+others. Each instance writes, under `paths.optimized/<variant>/`:
+
+    <artifact>    the deployable file (AOTInductor package, ONNX, ExportedProgram, TRT program)
+    meta.json     classes, normalisation and input size, so the artifact can be loaded alone
+    record.json   status (ok | skipped | failed), reason or error, artifact path and size, build
+                  time, top-1 on the whole test split beside the fp32 model's, prediction
+                  agreement with fp32 and the accuracy bar verdict
+
+and the same record, flat, as `paths.metrics/optimize/<variant>.json` (DVC metrics). An expected
+failure (the compiler raised, TensorRT built FP32 when FP16 was asked for) is recorded as `failed`
+and the stage exits 0 so the benchmark can show the row; bad input (no checkpoint, unknown variant,
+a calibration set larger than the training split) is an error before any work.
+
+Every variant is loaded back from disk before it is evaluated, the way the benchmark and the stream
+client load it: `load_variant(folder)` gives a `Runtime` (prepare inputs, call, read logits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import logging
+import shutil
+import sys
+import time
+import traceback
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from stages import models
+from stages.config import OPTIMIZE_VARIANTS, ConfigError, InputError, path, stage_main
+from stages.datasets import PreparedImages, eval_transform
+from stages.export import FILES as EXPORT_FILES
+from stages.io import atomic_dir, write_json
+from stages.tracking import stage_run
+
+log = logging.getLogger("stages.optimize")
+
+RECORD, META = "record.json", "meta.json"
+
+
+class BuildFailed(RuntimeError):
+    """A variant built but is not what was asked for (e.g. FP16 requested, FP32 engine built)."""
+
+
+# --- runtime: how anyone (accuracy check, benchmark, stream client) runs a variant --------------
+
+
+@dataclass
+class Runtime:
+    """`call(prepare(x))` is the timed inference; `logits(...)` turns its output into fp32 numpy.
+
+    Kept apart so a benchmark times only `call` (inputs already on the device, in the variant's
+    dtype) and `sync` (CUDA work finished), never the host-side conversions.
+    """
+
+    call: Callable[[Any], Any]
+    prepare: Callable[[torch.Tensor], Any]
+    logits: Callable[[Any], np.ndarray]
+    device: str = "cpu"
+    sync: Callable[[], None] = lambda: None
+
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        return self.logits(self.call(self.prepare(x)))
+
+
+def _torch_runtime(module: Callable, device: str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> Runtime:
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return module(x)
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return Runtime(call=call, prepare=lambda x: x.to(device=device, dtype=dtype),
+                   logits=lambda y: y.float().cpu().numpy(), device=device, sync=sync)
+
+
+def _ort_runtime(file: Path, threads: int = 0) -> Runtime:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or torch.get_num_threads()
+    providers = ["CPUExecutionProvider"]
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+    if cuda:
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(file), so, providers=providers)
+    name = session.get_inputs()[0].name
+    return Runtime(call=lambda x: session.run(None, {name: x})[0],
+                   prepare=lambda x: np.ascontiguousarray(x.numpy(), dtype=np.float32),
+                   logits=lambda y: np.asarray(y, dtype=np.float32),
+                   device="cuda" if session.get_providers()[0].startswith("CUDA") else "cpu")
+
+
+class CastIO(nn.Module):
+    """Runs `model` in `dtype` behind fp32 inputs and outputs, so every variant is fed alike."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = copy.deepcopy(model).to(dtype), dtype  # never cast the original
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype)).float()
+
+
+# --- what each build gets --------------------------------------------------------------------
+
+
+@dataclass
+class BuildContext:
+    cfg: DictConfig
+    model: nn.Module            # fp32, eval mode, on CPU; never modified
+    meta: dict
+    example: torch.Tensor       # a real preprocessed batch (never zeros)
+    calibration: Callable[[], Iterator[torch.Tensor]]  # batches of training images
+    exported: Path              # the export stage's folder
+    notes: dict = field(default_factory=dict)  # facts a build wants in the record
+
+    def dynamic_batch(self) -> tuple[dict, ...]:
+        return ({0: torch.export.Dim("batch", min=1, max=self.cfg.export.max_batch)},)
+
+    def export(self, module: nn.Module, example: torch.Tensor | None = None):
+        x = self.example if example is None else example
+        return torch.export.export(module, (x,), dynamic_shapes=self.dynamic_batch())
+
+
+def _aoti_package(ep, dst: Path) -> None:
+    # freezing folds weights into constants (what makes int8 weight prepacking possible) and
+    # must run under no_grad; the configs dict is mutated by the call, hence a fresh one.
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(dst),
+                                                 inductor_configs={"freezing": True})
+
+
+def _load_aoti(file: Path, meta: dict, device: str = "cpu") -> Runtime:
+    return _torch_runtime(torch._inductor.aoti_load_package(str(file)), device)
+
+
+def _load_program(file: Path, meta: dict, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Runtime:
+    module = torch.export.load(str(file)).module()
+    return _torch_runtime(module.to(device) if device != "cpu" else module, device, dtype)
+
+
+# --- CPU variants --------------------------------------------------------------------------------
+
+
+def build_cpu_bf16(ctx: BuildContext, dst: Path) -> None:
+    ctx.notes["native_bf16"] = cpu_has_native_bf16()
+    ep = ctx.export(CastIO(ctx.model, torch.bfloat16))
+    torch.export.save(ep, str(dst))
+
+
+def build_inductor(dtype: torch.dtype) -> Callable[[BuildContext, Path], None]:
+    def build(ctx: BuildContext, dst: Path) -> None:
+        module = ctx.model if dtype == torch.float32 else CastIO(ctx.model, dtype)
+        if dtype == torch.bfloat16:
+            ctx.notes["native_bf16"] = cpu_has_native_bf16()
+        _aoti_package(ctx.export(module), dst)
+
+    return build
+
+
+def build_int8(ctx: BuildContext, dst: Path) -> None:
+    """torchao PT2E static quantization (X86InductorQuantizer), compiled by Inductor ahead of time.
+
+    The int8 graph goes through the same Inductor compiler as `torch.compile`, but as an
+    AOTInductor package: a `torch.compile`d module cannot be saved, a package reloads in a fresh
+    process without torchao. torchao's quantizer module must be imported in the compiling
+    process (it registers the int8 fusion passes); without it, or without no_grad + freezing,
+    the package silently runs fp32 convolutions (pytorch/ao#4566), hence the check below.
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(ctx.export(ctx.model).module(), quantizer)
+    seen = 0
+    with torch.no_grad():
+        for batch in ctx.calibration():
+            prepared(batch)
+            seen += len(batch)
+    ctx.notes["calibration_images"] = seen
+    converted = convert_pt2e(prepared)
+    _aoti_package(ctx.export(converted), dst)
+    kernels = count_int8_kernels(dst)
+    ctx.notes["int8_kernels"] = kernels
+    if kernels == 0:
+        raise BuildFailed("the AOTInductor package has no int8 (qconv/qlinear) kernel: Inductor "
+                          "fell back to fp32 (pytorch/ao#4566)")
+
+
+def count_int8_kernels(package: Path) -> int:
+    """How many oneDNN int8 convolution/linear calls the package's generated C++ makes."""
+    with zipfile.ZipFile(package) as z:
+        sources = [z.read(n).decode(errors="replace") for n in z.namelist()
+                   if n.endswith("wrapper.cpp")]
+    return sum(s.count("_qconv") + s.count("_qlinear") for s in sources)
+
+
+def build_ort_fp32(ctx: BuildContext, dst: Path) -> None:
+    # The export stage's ONNX file, verified there against eager; ORT optimises it at load.
+    shutil.copyfile(ctx.exported / EXPORT_FILES["onnx"], dst)
+
+
+def build_ort_int8(ctx: BuildContext, dst: Path) -> None:
+    """Static QDQ quantization: int8 weights per channel, uint8 activations (U8S8).
+
+    U8S8 is what ORT's x86 kernels are fastest at on VNNI CPUs (274 vs 138 img/s for S8S8 on
+    this machine, docs/optimize-research.md); on x86 without VNNI it can saturate, hence the
+    note in the record.
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, batches: Iterator[torch.Tensor]):
+            self.batches, self.seen = batches, 0
+
+        def get_next(self) -> dict | None:
+            batch = next(self.batches, None)
+            if batch is None:
+                return None
+            self.seen += len(batch)
+            return {"images": batch.numpy()}
+
+    pre = dst.with_name("pre.onnx")
+    quant_pre_process(str(ctx.exported / EXPORT_FILES["onnx"]), str(pre))
+    reader = Reader(ctx.calibration())
+    quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    pre.unlink()
+    ctx.notes["calibration_images"] = reader.seen
+    ctx.notes["vnni"] = "avx512_vnni" in _cpu_flags() or "avx_vnni" in _cpu_flags()
+    proto = onnx.load(str(dst))
+    onnx.helper.set_model_props(proto, {META: json.dumps(ctx.meta, sort_keys=True)})
+    onnx.save(proto, str(dst))
+
+
+# --- CUDA variants ---------------------------------------------------------------------------
+
+
+def build_cuda_fp16(ctx: BuildContext, dst: Path) -> None:
+    half = copy.deepcopy(ctx.model).to("cuda", torch.float16)
+    ep = torch.export.export(half, (ctx.example.to("cuda", torch.float16),),
+                             dynamic_shapes=ctx.dynamic_batch())
+    torch.export.save(ep, str(dst))
+
+
+def trt_compile_settings(precision: str, input_size: int, trt: DictConfig | dict,
+                         max_export_batch: int) -> dict:
+    """Everything `torch_tensorrt.dynamo.compile` is called with, as plain data (testable here).
+
+    FP16 is built by casting the model and its inputs to half (explicit typing). Since
+    Torch-TensorRT 2.13 the dynamo path ignores `enabled_precisions={torch.half}` without a
+    word and builds FP32, so it is never passed; the build then checks the output dtype.
+    """
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"unknown TensorRT precision {precision!r}; expected 'fp32' or 'fp16'")
+    lo, opt, hi = int(trt["min_batch"]), int(trt["opt_batch"]), int(trt["max_batch"])
+    if not 1 <= lo <= opt <= hi <= max_export_batch:
+        raise ConfigError(f"optimize.trt batch range needs 1 <= min_batch ({lo}) <= opt_batch "
+                          f"({opt}) <= max_batch ({hi}) <= export.max_batch ({max_export_batch})")
+    shape = (3, input_size, input_size)
+    return {
+        "dtype": torch.float16 if precision == "fp16" else torch.float32,
+        "input": {"min_shape": (lo, *shape), "opt_shape": (opt, *shape), "max_shape": (hi, *shape)},
+        "kwargs": {"min_block_size": int(trt["min_block_size"]),
+                   "use_fp32_acc": precision == "fp16" and bool(trt["fp32_accumulation"])},
+        "output_format": str(trt["output_format"]),
+    }
+
+
+def build_trt(precision: str) -> Callable[[BuildContext, Path], None]:
+    def build(ctx: BuildContext, dst: Path) -> None:
+        import torch_tensorrt
+
+        s = trt_compile_settings(precision, ctx.meta["input_size"], ctx.cfg.optimize.trt,
+                                 ctx.cfg.export.max_batch)
+        dtype = s["dtype"]
+        model = copy.deepcopy(ctx.model).to("cuda", dtype)
+        example = ctx.example.to("cuda", dtype)
+        ep = torch.export.export(model, (example,), dynamic_shapes=ctx.dynamic_batch())
+        spec = [torch_tensorrt.Input(**s["input"], dtype=dtype)]
+        trt_gm = torch_tensorrt.dynamo.compile(ep, arg_inputs=spec, **s["kwargs"])
+        with torch.no_grad():
+            out = trt_gm(example)
+        ctx.notes["output_dtype"] = str(out.dtype)
+        if out.dtype != dtype:
+            raise BuildFailed(f"TensorRT was asked for {precision} and returned {out.dtype}")
+        torch_tensorrt.save(trt_gm, str(dst), output_format=s["output_format"], arg_inputs=spec)
+
+    return build
+
+
+def _load_trt(file: Path, meta: dict, dtype: torch.dtype) -> Runtime:
+    import torch_tensorrt  # noqa: F401  (registers the TensorRT engine op the program calls)
+
+    if file.suffix == ".ts":
+        return _torch_runtime(torch.jit.load(str(file)).cuda(), "cuda", dtype)
+    return _load_program(file, meta, "cuda", dtype)
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+
+def _needs_cuda() -> str | None:
+    return None if torch.cuda.is_available() else "no CUDA device"
+
+
+def _needs_trt() -> str | None:
+    if importlib.util.find_spec("torch_tensorrt") is None:
+        return "torch_tensorrt not installed (pip install '.[trt]' on a machine with CUDA)"
+    return _needs_cuda()
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    backend: str
+    precision: str
+    file: str
+    build: Callable[[BuildContext, Path], None]
+    load: Callable[[Path, dict], Runtime]
+    unavailable: Callable[[], str | None] = lambda: None  # why it cannot run here, or None
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in [
+    Variant("cpu_bf16", "torch_eager", "bf16", "model.pt2", build_cpu_bf16, _load_program),
+    Variant("inductor_fp32", "aot_inductor", "fp32", "model.pt2", build_inductor(torch.float32),
+            _load_aoti),
+    Variant("inductor_bf16", "aot_inductor", "bf16", "model.pt2", build_inductor(torch.bfloat16),
+            _load_aoti),
+    Variant("int8", "aot_inductor", "int8", "model.pt2", build_int8, _load_aoti),
+    Variant("onnxruntime_fp32", "onnxruntime", "fp32", "model.onnx", build_ort_fp32,
+            lambda f, m: _ort_runtime(f)),
+    Variant("onnxruntime_int8", "onnxruntime", "int8", "model.onnx", build_ort_int8,
+            lambda f, m: _ort_runtime(f)),
+    Variant("cuda_fp16", "torch_eager", "fp16", "model.pt2", build_cuda_fp16,
+            lambda f, m: _load_program(f, m, "cuda", torch.float16), _needs_cuda),
+    Variant("trt_fp32", "torch_tensorrt", "fp32", "model.ep", build_trt("fp32"),
+            lambda f, m: _load_trt(f, m, torch.float32), _needs_trt),
+    Variant("trt_fp16", "torch_tensorrt", "fp16", "model.ep", build_trt("fp16"),
+            lambda f, m: _load_trt(f, m, torch.float16), _needs_trt),
+]}
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown variant {name!r}; expected one of {sorted(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def load_variant(folder: Path) -> tuple[Runtime, dict, dict]:
+    """A built variant, loaded alone from its folder: (runtime, metadata, record)."""
+    record_file = folder / RECORD
+    if not record_file.is_file():
+        raise InputError(f"{record_file} not found: run `dvc repro optimize` first")
+    record = json.loads(record_file.read_text())
+    if record["status"] != "ok":
+        raise InputError(f"variant {record['variant']} is {record['status']}: "
+                         f"{record.get('reason') or record.get('error')}")
+    meta = json.loads((folder / META).read_text())
+    variant = get_variant(record["variant"])
+    return variant.load(folder / variant.file, meta), meta, record
+
+
+# --- accuracy -----------------------------------------------------------------------------------
+
+
+def test_batches(cfg: DictConfig, meta: dict) -> tuple[list[torch.Tensor], np.ndarray]:
+    """The whole test split, preprocessed, in batches of `optimize.eval_batch`; and its labels."""
+    ds = PreparedImages(path(cfg, "prepared"), "test",
+                        eval_transform(meta["input_size"], meta["mean"], meta["std"],
+                                       meta["crop_pct"]))
+    if len(ds) == 0:
+        raise InputError(f"{path(cfg, 'prepared')}/test.csv is empty: nothing to measure on")
+    images = [ds[i][0] for i in range(len(ds))]
+    b = cfg.optimize.eval_batch
+    return ([torch.stack(images[i:i + b]) for i in range(0, len(images), b)],
+            np.asarray(ds.labels))
+
+
+def calibration_batches(cfg: DictConfig, meta: dict) -> Callable[[], Iterator[torch.Tensor]]:
+    """`optimize.calibration_images` training images (a seeded sample), eval preprocessing."""
+    ds = PreparedImages(path(cfg, "prepared"), "train",
+                        eval_transform(meta["input_size"], meta["mean"], meta["std"],
+                                       meta["crop_pct"]))
+    n = cfg.optimize.calibration_images
+    if n > len(ds):
+        raise InputError(f"optimize.calibration_images={n} but the training split has only "
+                         f"{len(ds)} images; lower it to at most {len(ds)}")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    b = cfg.optimize.calibration_batch
+
+    def batches() -> Iterator[torch.Tensor]:
+        for i in range(0, n, b):
+            yield torch.stack([ds[j][0] for j in order[i:i + b]])
+
+    return batches
+
+
+def accuracy(cfg: DictConfig, precision: str, fp32: np.ndarray, got: np.ndarray,
+             labels: np.ndarray) -> dict:
+    ref_top1 = float((fp32.argmax(1) == labels).mean() * 100)
+    top1 = float((got.argmax(1) == labels).mean() * 100)
+    bar = float(cfg.optimize.accuracy_bars[precision])
+    delta = top1 - ref_top1
+    return {"top1": round(top1, 3), "fp32_top1": round(ref_top1, 3),
+            "top1_delta": round(delta, 3), "accuracy_bar": bar,
+            "accuracy_ok": abs(delta) <= bar,
+            "agreement": round(float((got.argmax(1) == fp32.argmax(1)).mean() * 100), 3),
+            "max_abs_logit_diff": float(np.abs(got - fp32).max()),
+            "test_images": int(len(labels))}
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX-BF16 or AVX512-BF16: without either, bf16 is emulated and slower than fp32."""
+    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+
+
+def run(cfg: DictConfig, variant_name: str) -> dict:
+    """Build one variant, load it back, measure its accuracy on the test split, record it."""
+    variant = get_variant(variant_name)
+    folder = path(cfg, "optimized") / variant.name
+    metrics_file = path(cfg, "metrics") / "optimize" / f"{variant.name}.json"
+    record: dict[str, Any] = {"variant": variant.name, "backend": variant.backend,
+                              "precision": variant.precision, "status": "skipped",
+                              "reason": None, "error": None, "artifact": None, "size_mb": None,
+                              "build_seconds": None}
+    # Inputs are checked before any work: these are the user's errors, not the variant's.
+    model, meta = models.load_trained(path(cfg, "models") / "model.pt")
+    exported = path(cfg, "exported")
+    if not (exported / EXPORT_FILES["onnx"]).is_file() and variant.backend == "onnxruntime":
+        raise InputError(f"{exported / EXPORT_FILES['onnx']} not found: run the export stage "
+                         "with 'onnx' in export.formats")
+    batches, labels = test_batches(cfg, meta)
+    needs_calibration = variant.precision == "int8"
+    calibration = calibration_batches(cfg, meta) if needs_calibration else (lambda: iter(()))
+
+    with stage_run(cfg, "optimize") as tracker, atomic_dir(folder) as tmp:
+        tracker.log_params({f"optimize.{variant.name}.backend": variant.backend,
+                            f"optimize.{variant.name}.precision": variant.precision})
+        reason = variant.unavailable()
+        if reason:
+            record["reason"] = reason
+            log.warning("%s skipped: %s", variant.name, reason)
+        else:
+            ctx = BuildContext(cfg, model, meta, batches[0][:2] if len(batches[0]) > 1
+                               else torch.cat([batches[0]] * 2), calibration, exported)
+            record.update(_build_and_check(cfg, variant, ctx, tmp, batches, labels))
+            record.update(ctx.notes)
+        write_json(tmp / META, meta)
+        write_json(tmp / RECORD, record)
+        write_json(metrics_file, record)
+        tracker.log_metrics({variant.name: {k: v for k, v in record.items()
+                                            if k not in ("error", "reason")}})
+        tracker.set_tags({f"optimize.{variant.name}.status": record["status"]})
+    return record
+
+
+def _build_and_check(cfg: DictConfig, variant: Variant, ctx: BuildContext, tmp: Path,
+                     batches: list[torch.Tensor], labels: np.ndarray) -> dict:
+    artifact = tmp / variant.file
+    final = path(cfg, "optimized") / variant.name / variant.file
+    out: dict[str, Any] = {}
+    try:
+        t0 = time.perf_counter()
+        variant.build(ctx, artifact)
+        out["build_seconds"] = round(time.perf_counter() - t0, 2)
+        out["artifact"] = str(final)
+        out["size_mb"] = round(artifact.stat().st_size / 2**20, 3)
+        runtime = variant.load(artifact, ctx.meta)  # from disk, as the benchmark will
+        got = np.concatenate([runtime(x) for x in batches])
+    except Exception as e:  # noqa: BLE001 - any build error is this variant's recorded result
+        log.error("%s failed:\n%s", variant.name, traceback.format_exc())
+        for leftover in tmp.iterdir():  # no half-built artifact beside a `failed` record
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        return {"status": "failed", "error": f"{type(e).__name__}: {str(e).strip()[:2000]}",
+                "artifact": None, "size_mb": None}
+    with torch.no_grad():
+        fp32 = np.concatenate([ctx.model(x).numpy() for x in batches])
+    acc = accuracy(cfg, variant.precision, fp32, got, labels)
+    log.info("%s: %.1f MB, built in %.1f s, top-1 %.1f%% (fp32 %.1f%%), agreement %.1f%%: %s",
+             variant.name, out["size_mb"], out["build_seconds"], acc["top1"], acc["fp32_top1"],
+             acc["agreement"], "within its bar" if acc["accuracy_ok"]
+             else f"OUTSIDE its {acc['accuracy_bar']}-point bar")
+    return {"status": "ok", **out, **acc}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--variant", required=True, help=f"one of {sorted(OPTIMIZE_VARIANTS)}")
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    sys.exit(stage_main("optimize", lambda cfg: run(cfg, args.variant), rest))
+
+
+if __name__ == "__main__":
+    main()

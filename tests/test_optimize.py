@@ -1,0 +1,218 @@
+"""Stage `optimize`: every CPU variant built, reloaded, and held to its accuracy bar."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_stage, write_params
+
+from stages import export, models, optimize
+from stages.config import OPTIMIZE_VARIANTS, ConfigError, InputError, compose, path
+
+CPU_VARIANTS = ["cpu_bf16", "inductor_fp32", "inductor_bf16", "int8", "onnxruntime_fp32",
+                "onnxruntime_int8"]
+HAS_TRT = optimize._needs_trt() is None
+
+
+def base(root: Path, prepared: Path, trained: Path, *overrides: str) -> list[str]:
+    return ["data=mirror", f"paths.root={root}", f"paths.prepared={prepared}",
+            f"paths.models={trained.parent}", "tracking.enabled=false",
+            "export.verify_batch_sizes=[1,2]", "optimize.calibration_images=32", *overrides]
+
+
+@pytest.fixture(scope="module")
+def exported_root(prepared, trained, tmp_path_factory) -> Path:
+    """The export stage's output (ONNX only: the only format a variant reads) for the module."""
+    root = tmp_path_factory.mktemp("optimize")
+    export.run(compose(base(root, prepared, trained, "export.formats=[onnx]")))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cfg(exported_root, prepared, trained):
+    return compose(base(exported_root, prepared, trained))
+
+
+@pytest.fixture(scope="module")
+def built(cfg) -> dict[str, dict]:
+    """Every CPU variant built once, in the module's output root."""
+    return {v: optimize.run(cfg, v) for v in CPU_VARIANTS}
+
+
+def test_registry_and_config_name_the_same_variants() -> None:
+    assert set(optimize.VARIANTS) == set(OPTIMIZE_VARIANTS)
+    assert set(compose().optimize.variants) <= set(OPTIMIZE_VARIANTS)
+
+
+@pytest.mark.parametrize("name", CPU_VARIANTS)
+def test_cpu_variant_builds_reloads_and_passes_its_accuracy_bar(built, cfg, name) -> None:
+    rec = built[name]
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["precision"] == optimize.VARIANTS[name].precision
+    assert rec["accuracy_ok"] is True, rec
+    assert abs(rec["top1"] - rec["fp32_top1"]) <= rec["accuracy_bar"]
+    assert rec["test_images"] == len(np.atleast_1d(optimize.test_batches(cfg, _meta(cfg))[1]))
+    folder = path(cfg, "optimized") / name
+    artifact = Path(rec["artifact"])
+    assert artifact.parent == folder and artifact.stat().st_size / 2**20 == pytest.approx(
+        rec["size_mb"], abs=1e-3)
+    assert rec["build_seconds"] > 0
+    assert json.loads((folder / "record.json").read_text()) == rec
+    assert json.loads((path(cfg, "metrics") / "optimize" / f"{name}.json").read_text()) == rec
+    if rec["precision"] == "int8":
+        assert rec["calibration_images"] == 32
+    if name == "int8":  # real oneDNN int8 kernels, not a silent fp32 fallback
+        assert rec["int8_kernels"] > 10
+
+
+def _meta(cfg) -> dict:
+    return json.loads((path(cfg, "exported") / "meta.json").read_text())
+
+
+def test_quantized_and_low_precision_artifacts_differ_from_fp32(built) -> None:
+    # a variant that silently returned the fp32 model would pass any accuracy bar
+    assert built["int8"]["max_abs_logit_diff"] > 1e-3
+    assert built["onnxruntime_int8"]["max_abs_logit_diff"] > 1e-3
+    assert built["cpu_bf16"]["max_abs_logit_diff"] > 1e-4
+    assert built["onnxruntime_fp32"]["max_abs_logit_diff"] < 1e-3
+    assert built["onnxruntime_int8"]["size_mb"] < 0.5 * built["onnxruntime_fp32"]["size_mb"]
+
+
+def test_variants_reload_alone_in_a_fresh_process(built, cfg, trained, tmp_path) -> None:
+    model, _ = models.load_trained(trained)
+    batches, _ = optimize.test_batches(cfg, _meta(cfg))
+    x = torch.cat(batches)[:5]  # real test images, batch 5: a size no build saw
+    np.save(tmp_path / "x.npy", x.numpy())
+    with torch.no_grad():
+        fp32 = model(x).numpy()
+    code = (
+        "import sys, json, numpy as np, torch\n"
+        "from pathlib import Path\n"
+        "from stages.optimize import load_variant\n"
+        "x = torch.from_numpy(np.load(sys.argv[1]))\n"
+        "out = {}\n"
+        "for d in sorted(Path(sys.argv[2]).iterdir()):\n"
+        "    if json.loads((d / 'record.json').read_text())['status'] == 'ok':\n"
+        "        out[d.name] = load_variant(d)[0](x).tolist()\n"
+        "print(json.dumps(out))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.npy"),
+                          str(path(cfg, "optimized"))], capture_output=True, text=True,
+                         timeout=300, check=True)
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(got) >= set(CPU_VARIANTS)
+    for name in CPU_VARIANTS:
+        fresh = np.array(got[name])
+        here = optimize.load_variant(path(cfg, "optimized") / name)[0](x)
+        np.testing.assert_allclose(fresh, here, rtol=1e-5, atol=1e-5, err_msg=name)
+        # and close to fp32 within what the record measured on the whole test split
+        bound = max(1e-4, 1.5 * built[name]["max_abs_logit_diff"])
+        assert np.abs(fresh - fp32).max() <= bound, name
+
+
+@pytest.mark.skipif(HAS_TRT, reason="CUDA and torch_tensorrt are present: the build runs instead")
+@pytest.mark.parametrize("name", ["trt_fp32", "trt_fp16"])
+def test_tensorrt_variants_record_an_honest_skip_without_cuda_or_tensorrt(cfg, name) -> None:
+    rec = optimize.run(cfg, name)
+    assert rec["status"] == "skipped"
+    assert rec["reason"] in ("no CUDA device", optimize._needs_trt())
+    assert rec["artifact"] is None and "top1" not in rec
+    folder = path(cfg, "optimized") / name
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "record.json"]
+    with pytest.raises(InputError, match="is skipped"):
+        optimize.load_variant(folder)
+
+
+@pytest.mark.skipif(not HAS_TRT, reason=f"TensorRT build needs CUDA and torch_tensorrt: "
+                                         f"{optimize._needs_trt()}")
+@pytest.mark.parametrize("name", ["trt_fp32", "trt_fp16"])
+def test_tensorrt_variants_build_on_a_gpu(cfg, name) -> None:
+    rec = optimize.run(cfg, name)
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["output_dtype"] == ("torch.float16" if name == "trt_fp16" else "torch.float32")
+    assert rec["accuracy_ok"] is True, rec
+
+
+def test_tensorrt_settings_are_built_without_a_gpu() -> None:
+    trt = compose().optimize.trt
+    fp16 = optimize.trt_compile_settings("fp16", 224, trt, 256)
+    fp32 = optimize.trt_compile_settings("fp32", 224, trt, 256)
+    assert fp16["dtype"] == torch.float16 and fp32["dtype"] == torch.float32
+    # enabled_precisions is silently ignored since Torch-TensorRT 2.13: never rely on it
+    assert "enabled_precisions" not in fp16["kwargs"]
+    assert fp16["input"] == {"min_shape": (1, 3, 224, 224), "opt_shape": (32, 3, 224, 224),
+                             "max_shape": (128, 3, 224, 224)}
+    assert fp16["output_format"] == "exported_program"
+    bad = {**trt, "opt_batch": 512, "max_batch": 512}
+    with pytest.raises(ConfigError, match="export.max_batch"):
+        optimize.trt_compile_settings("fp16", 224, bad, 256)
+    with pytest.raises(ValueError, match="unknown TensorRT precision"):
+        optimize.trt_compile_settings("int8", 224, trt, 256)
+
+
+def test_a_variant_that_fails_is_recorded_and_leaves_the_others(built, cfg, tmp_path) -> None:
+    # a real failure: ONNX Runtime cannot parse a truncated model
+    root = tmp_path / "root"
+    (root / "artifacts" / "exported").mkdir(parents=True)
+    good = path(cfg, "exported") / "model.onnx"
+    (root / "artifacts" / "exported" / "model.onnx").write_bytes(good.read_bytes()[:4096])
+    (root / "artifacts" / "optimized").symlink_to(path(cfg, "optimized"), target_is_directory=True)
+    before = (path(cfg, "optimized") / "int8" / "model.pt2").read_bytes()
+    broken = compose([*_overrides(cfg), f"paths.root={root}", "paths.metrics=metrics"])
+    rec = optimize.run(broken, "onnxruntime_fp32")
+    assert rec["status"] == "failed" and "onnx" in rec["error"].lower()
+    folder = path(cfg, "optimized") / "onnxruntime_fp32"
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "record.json"]
+    assert (path(cfg, "optimized") / "int8" / "model.pt2").read_bytes() == before
+    optimize.run(cfg, "onnxruntime_fp32")  # restore it for the other tests
+
+
+def _overrides(cfg) -> list[str]:
+    return [f"paths.prepared={cfg.paths.prepared}", f"paths.models={cfg.paths.models}",
+            "data=mirror", "tracking.enabled=false", "optimize.calibration_images=32"]
+
+
+def test_an_accuracy_drop_beyond_the_bar_is_marked_not_hidden(cfg) -> None:
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    fp32 = np.eye(3)[labels]
+    worse = fp32.copy()
+    worse[0] = [0, 1, 0]  # one of ten flipped: -10 points
+    acc = optimize.accuracy(cfg, "int8", fp32, worse, labels)
+    assert acc["top1"] == 90 and acc["fp32_top1"] == 100 and acc["agreement"] == 90
+    assert acc["accuracy_ok"] is False and acc["accuracy_bar"] == 1.5
+    assert optimize.accuracy(cfg, "int8", fp32, fp32, labels)["accuracy_ok"] is True
+
+
+def test_bad_inputs_are_clear_errors(cfg, trained, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="unknown variant 'tflite'"):
+        optimize.run(cfg, "tflite")
+    with pytest.raises(ConfigError, match=r"unknown variant\(s\) \['tflite'\]"):
+        compose(["optimize.variants=[int8,tflite]"])
+    with pytest.raises(InputError, match="training split has only"):
+        optimize.run(compose([*_overrides(cfg), f"paths.root={cfg.paths.root}",
+                              "optimize.calibration_images=100000"]), "int8")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.pt").write_bytes(trained.read_bytes()[:5000])
+    with pytest.raises(models.WeightsError, match="cannot be read"):
+        optimize.run(compose([*_overrides(cfg), f"paths.root={tmp_path}",
+                              f"paths.models={bad}"]), "onnxruntime_fp32")
+    with pytest.raises(models.WeightsError, match="does not exist"):
+        optimize.run(compose([*_overrides(cfg), f"paths.root={tmp_path}",
+                              f"paths.models={tmp_path / 'none'}"]), "onnxruntime_fp32")
+
+
+def test_entry_point_exit_codes(cfg, tmp_path) -> None:
+    params = write_params(cfg, tmp_path / "params.yaml")
+    res = run_stage("optimize", params, "--variant", "tflite")
+    assert res.returncode == 2 and "unknown variant 'tflite'" in res.stderr
+    res = run_stage("optimize", params, "--variant", "trt_fp16")
+    assert res.returncode == 0, res.stderr
+    rec = json.loads((path(cfg, "optimized") / "trt_fp16" / "record.json").read_text())
+    assert rec["status"] == ("ok" if HAS_TRT else "skipped")
