@@ -156,8 +156,27 @@ class OptimizeConf:
 
 
 @dataclass
-class BenchmarkConf:
+class ProtocolConf:
+    """How one variant is timed at one batch size."""
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    warmup_iters: int = 3
+    warmup_seconds: float = 2.0
+    min_iters: int = 10
+    min_seconds: float = 3.0
+    trials: int = 3
+    variants: list[str] | None = None  # None: every variant of optimize.variants
+
+
+@dataclass
+class BenchmarkConf:
+    protocol: str = "default"
+    protocols: dict[str, ProtocolConf] = field(default_factory=lambda: {"default": ProtocolConf()})
+    threads: int = 0
+    device: str = "auto"
+    input_batches: int = 4
+    min_agreement: float = 0.9
+    reference_batch: int = 32
+    worker_timeout: float = 3600.0
 
 
 @dataclass
@@ -190,6 +209,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "optimize.trt.output_format": ("exported_program", "torchscript"),
+    "benchmark.device": ("auto", "cpu", "cuda"),
 }
 OFFICIAL_SPLITS = ("train", "validation", "test")
 
@@ -221,7 +241,8 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
     _check_data(merged.data)
     _check_train(merged.train, merged.model)
     _check_export(merged.export)
-    _check_optimize(merged.optimize)
+    _check_optimize(merged.optimize, merged.export)
+    _check_benchmark(merged.benchmark)
     OmegaConf.set_readonly(merged, True)
     return merged
 
@@ -283,7 +304,7 @@ OPTIMIZE_VARIANTS = ("cpu_bf16", "inductor_fp32", "inductor_bf16", "int8", "onnx
                      "onnxruntime_int8", "cuda_fp16", "trt_fp32", "trt_fp16")
 
 
-def _check_optimize(opt: DictConfig) -> None:
+def _check_optimize(opt: DictConfig, export: DictConfig) -> None:
     unknown = [v for v in opt.variants if v not in OPTIMIZE_VARIANTS]
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown} in optimize.variants; expected any of "
@@ -291,10 +312,33 @@ def _check_optimize(opt: DictConfig) -> None:
     if opt.calibration_images < 1 or opt.calibration_batch < 1 or opt.eval_batch < 1:
         raise ConfigError("optimize.calibration_images, calibration_batch and eval_batch "
                           "must be >= 1")
+    if max(opt.calibration_batch, opt.eval_batch) > export.max_batch:
+        raise ConfigError("optimize.calibration_batch and optimize.eval_batch must not exceed "
+                          f"export.max_batch ({export.max_batch}): the artifacts refuse larger "
+                          "batches")
     bars = dict(opt.accuracy_bars)
     if set(bars) != {"fp32", "fp16", "bf16", "int8"} or min(bars.values()) < 0:
         raise ConfigError(f"optimize.accuracy_bars {bars}: expected fp32, fp16, bf16 and int8, "
                           "each >= 0 (top-1 points)")
+
+
+def _check_benchmark(bench: DictConfig) -> None:
+    if bench.protocol not in bench.protocols:
+        raise ConfigError(f"unknown benchmark.protocol {bench.protocol!r}; expected one of "
+                          f"{sorted(bench.protocols)}")
+    p = bench.protocols[bench.protocol]
+    if not p.batch_sizes or min(p.batch_sizes) < 1:
+        raise ConfigError(f"benchmark.protocols.{bench.protocol}.batch_sizes needs sizes >= 1")
+    if p.min_iters < 1 or p.trials < 1 or p.warmup_iters < 0:
+        raise ConfigError(f"benchmark.protocols.{bench.protocol}: min_iters and trials >= 1, "
+                          "warmup_iters >= 0")
+    unknown = [v for v in (p.variants or []) if v not in OPTIMIZE_VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {unknown} in benchmark.protocols."
+                          f"{bench.protocol}.variants; expected any of {sorted(OPTIMIZE_VARIANTS)}")
+    if bench.threads < 0 or bench.input_batches < 2 or not 0 <= bench.min_agreement <= 1:
+        raise ConfigError("benchmark.threads >= 0, input_batches >= 2 (rotated, never one "
+                          "batch) and min_agreement in [0, 1] are required")
 
 
 def compose(overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> DictConfig:

@@ -5,7 +5,8 @@ others. Each instance writes, under `paths.optimized/<variant>/`:
 
     <artifact>    the deployable file (AOTInductor package, ONNX, ExportedProgram, TRT program)
     meta.json     classes, normalisation and input size, so the artifact can be loaded alone
-    record.json   status (ok | skipped | failed), reason or error, artifact path and size, build
+    record.json   status (ok | skipped | failed), reason or error, artifact path (relative to
+                  `paths.root`) and size, build
                   time, top-1 on the whole test split beside the fp32 model's, prediction
                   agreement with fp32 and the accuracy bar verdict
 
@@ -496,7 +497,8 @@ def run(cfg: DictConfig, variant_name: str) -> dict:
 def _build_and_check(cfg: DictConfig, variant: Variant, ctx: BuildContext, tmp: Path,
                      batches: list[torch.Tensor], labels: np.ndarray) -> dict:
     artifact = tmp / variant.file
-    final = path(cfg, "optimized") / variant.name / variant.file
+    # relative to paths.root: records are DVC metrics and must not depend on the checkout path
+    final = Path(cfg.paths.optimized) / variant.name / variant.file
     out: dict[str, Any] = {}
     try:
         t0 = time.perf_counter()

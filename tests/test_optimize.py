@@ -59,7 +59,7 @@ def test_cpu_variant_builds_reloads_and_passes_its_accuracy_bar(built, cfg, name
     assert abs(rec["top1"] - rec["fp32_top1"]) <= rec["accuracy_bar"]
     assert rec["test_images"] == len(np.atleast_1d(optimize.test_batches(cfg, _meta(cfg))[1]))
     folder = path(cfg, "optimized") / name
-    artifact = Path(rec["artifact"])
+    artifact = path(cfg, "root") / rec["artifact"]
     assert artifact.parent == folder and artifact.stat().st_size / 2**20 == pytest.approx(
         rec["size_mb"], abs=1e-3)
     assert rec["build_seconds"] > 0

@@ -30,7 +30,8 @@ def sh(*cmd: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedPro
 def only_run(db: Path):
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("oi-pipeline")
-    runs = client.search_runs([exp.experiment_id])
+    runs = [r for r in client.search_runs([exp.experiment_id])
+            if "mlflow.parentRunId" not in r.data.tags]  # benchmark rows are nested children
     assert len(runs) == 1, f"expected one pipeline run, got {len(runs)}"
     return client, runs[0]
 
@@ -64,10 +65,15 @@ fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
     (dst / "conf" / "optimize" / "test.yaml").write_text(
         "defaults: [default, _self_]\nvariants: [onnxruntime_fp32, trt_fp16]\n"
         "calibration_images: 8\n")
+    (dst / "conf" / "benchmark" / "test.yaml").write_text(
+        "defaults: [default, _self_]\nthreads: 1\nprotocols:\n  default:\n"
+        "    batch_sizes: [2]\n    warmup_iters: 1\n    warmup_seconds: 0\n"
+        "    min_iters: 2\n    min_seconds: 0\n    trials: 2\n")
     config = dst / "conf" / "config.yaml"
     config.write_text(config.read_text().replace("data: default", "data: test")
                       .replace("export: default", "export: test")
                       .replace("optimize: default", "optimize: test")
+                      .replace("benchmark: default", "benchmark: test")
                       .replace("model: efficientnet_lite0", "model: test")
                       .replace("train: default", "train: test"))
     compose_params(dst / "params.yaml", config_dir=dst / "conf")
@@ -84,11 +90,16 @@ fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
 def test_dvc_repro_then_noop_then_exp_run_reruns_from_prepare(project: Path, mirror) -> None:
     first = sh("dvc", "repro", cwd=project)
     for stage in ("download", "prepare", "train", "export", "optimize@onnxruntime_fp32",
-                  "optimize@trt_fp16"):
+                  "optimize@trt_fp16", "benchmark", "report"):
         assert f"Running stage '{stage}'" in first.stdout
     assert (project / "artifacts" / "optimized" / "onnxruntime_fp32" / "model.onnx").is_file()
     trt = json.loads((project / "metrics" / "optimize" / "trt_fp16.json").read_text())
     assert trt["status"] in ("ok", "skipped")
+    bench = json.loads((project / "metrics" / "benchmark.json").read_text())
+    assert bench["rows"]["onnxruntime_fp32.b2"]["status"] == "ok", bench["rows"]
+    assert bench["rows"]["eager_fp32.b2"]["speedup"] == 1.0
+    report = (project / "reports" / "REPORT.md").read_text()
+    assert "onnxruntime_fp32" in report and "trt_fp16" in report
     labels = read_csv(project / "data" / "raw" / "labels.csv")
     assert len(labels) == 30
     assert len(read_csv(project / "data" / "prepared" / "train.csv")) == 24
@@ -123,11 +134,14 @@ def test_dvc_repro_then_noop_then_exp_run_reruns_from_prepare(project: Path, mir
     shows = json.loads(sh("dvc", "metrics", "show", "--json", cwd=project).stdout)
     files = next(iter(shows.values()))["data"]  # keyed by revision; "" is the workspace
     assert {"metrics/download.json", "metrics/prepare.json", "metrics/train.json",
-            "metrics/export.json", "metrics/optimize/onnxruntime_fp32.json"} <= set(files)
+            "metrics/export.json", "metrics/optimize/onnxruntime_fp32.json",
+            "metrics/benchmark.json"} <= set(files)
+    assert files["metrics/benchmark.json"]["data"]["rows"]["eager_fp32.b2"]["status"] == "ok"
     assert files["metrics/train.json"]["data"]["epochs_run"] == 1
     plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=project).stdout)
     assert not plots.get("errors"), plots.get("errors")
-    assert {"loss", "accuracy", "plots/confusion.csv"} <= set(plots["data"])
+    assert {"loss", "accuracy", "throughput", "speedup", "latency",
+            "plots/confusion.csv"} <= set(plots["data"])
 
 
 def test_mlflow_tracking_uri_env_wins_and_stages_share_the_run(make_cfg, mirror,

@@ -1,0 +1,466 @@
+"""Stage `benchmark`: throughput, latency and accuracy of every variant, measured to be trusted.
+
+The native eager fp32 model is always the baseline. Every variant whose `optimize` record says
+`ok` is timed at each batch size of the protocol, each variant in its own fresh process (one
+crash loses nothing else, and no variant inherits another's warm caches or threads). Variants
+that were skipped or failed in `optimize`, and runs that fail here, stay in the table as rows with
+their reason: nothing is dropped.
+
+Timing discipline, per (variant, batch size):
+- inputs are real preprocessed test images, `benchmark.input_batches` different batches used in
+  rotation, checked to be non-constant and distinct;
+- before any timing the variant's outputs on those inputs are compared with the fp32 model's:
+  top-1 agreement below `benchmark.min_agreement` (or a non-finite logit) fails the row, since a
+  variant that returns garbage fast is not a win;
+- warm-up runs until both `warmup_iters` calls and `warmup_seconds` have passed (compilation,
+  autotuning and allocation stay out); each trial then times single calls with
+  `time.perf_counter` until both `min_iters` calls and `min_seconds` have passed; on CUDA each
+  timed call ends with a synchronisation, so the time is the device's, not the launch's;
+- inputs are already on the device and in the variant's dtype: host-side conversion is not timed.
+
+Outputs: `paths.metrics/benchmark.json` (DVC metrics: a row per variant x batch size, the
+machine, and the winner), `paths.plots/benchmark.csv` (the same rows, DVC plots) and PNG charts.
+MLflow: the pipeline run is the parent (tagged with the machine and library versions); each row
+is a nested child run with params backend, precision, batch size and the row's metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from stages import models, optimize
+from stages.config import InputError, load_params, main_for, path
+from stages.io import write_csv, write_json
+from stages.optimize import RECORD, Runtime
+from stages.tracking import stage_run
+
+log = logging.getLogger("stages.benchmark")
+
+BASELINE = "eager_fp32"
+COLUMNS = ["variant", "backend", "precision", "batch", "status", "error", "throughput",
+           "throughput_min", "throughput_max", "throughput_std", "latency_p50_ms",
+           "latency_mean_ms", "latency_p90_ms", "latency_p99_ms", "speedup", "top1", "agreement",
+           "accuracy_ok", "size_mb", "build_seconds", "peak_rss_mb", "cuda_max_allocated_mb",
+           "gflops_per_s", "iterations", "trials", "threads", "device", "check_agreement"]
+
+
+class CheckFailed(RuntimeError):
+    """The variant's inputs or outputs fail a sanity check: the row is not timed."""
+
+
+# --- the measurement itself (pure: any Runtime, any inputs) ---------------------------------------
+
+
+def check_inputs(batches: list[torch.Tensor]) -> None:
+    if len(batches) < 2:
+        raise CheckFailed("fewer than 2 distinct input batches: the test split is too small")
+    for i, b in enumerate(batches):
+        if not torch.isfinite(b).all() or float(b.float().std()) == 0.0:
+            raise CheckFailed(f"input batch {i} is constant or not finite")
+    for i in range(1, len(batches)):
+        if torch.equal(batches[i], batches[0]):
+            raise CheckFailed(f"input batches 0 and {i} are identical: nothing is rotated")
+
+
+def check_outputs(runtime: Runtime, batches: list[torch.Tensor], reference: list[np.ndarray],
+                  min_agreement: float) -> float:
+    """Top-1 agreement of the variant with fp32 on the benchmark inputs; raises below the bar."""
+    agree, total = 0, 0
+    for x, ref in zip(batches, reference, strict=True):
+        got = runtime(x)
+        if got.shape != ref.shape:
+            raise CheckFailed(f"output shape {got.shape}, fp32 gives {ref.shape}")
+        if not np.isfinite(got).all():
+            raise CheckFailed("non-finite logits")
+        agree += int((got.argmax(1) == ref.argmax(1)).sum())
+        total += len(ref)
+    rate = agree / total
+    if rate < min_agreement:
+        raise CheckFailed(f"top-1 agreement with fp32 on the benchmark inputs is {rate:.1%}, "
+                          f"below benchmark.min_agreement={min_agreement:.0%}")
+    return rate
+
+
+def time_runtime(runtime: Runtime, batches: list[torch.Tensor], protocol: DictConfig | dict
+                 ) -> dict[str, Any]:
+    """Warm up, then `trials` timed trials of single calls; latency in ms per batch."""
+    inputs = [runtime.prepare(x) for x in batches]
+    n = len(batches[0])
+    i, t0 = 0, time.perf_counter()
+    while i < protocol["warmup_iters"] or time.perf_counter() - t0 < protocol["warmup_seconds"]:
+        runtime.call(inputs[i % len(inputs)])
+        runtime.sync()
+        i += 1
+    latencies: list[float] = []
+    throughputs: list[float] = []
+    for _ in range(protocol["trials"]):
+        times: list[float] = []
+        start = time.perf_counter()
+        while (len(times) < protocol["min_iters"]
+               or time.perf_counter() - start < protocol["min_seconds"]):
+            x = inputs[(i := i + 1) % len(inputs)]
+            t = time.perf_counter()
+            runtime.call(x)
+            runtime.sync()
+            times.append(time.perf_counter() - t)
+        latencies += times
+        throughputs.append(n * len(times) / sum(times))
+    lat = np.array(latencies) * 1000
+    return {"throughput": float(np.median(throughputs)),
+            "throughput_min": float(min(throughputs)), "throughput_max": float(max(throughputs)),
+            "throughput_std": float(np.std(throughputs)),
+            "latency_p50_ms": float(np.percentile(lat, 50)), "latency_mean_ms": float(lat.mean()),
+            "latency_p90_ms": float(np.percentile(lat, 90)),
+            "latency_p99_ms": float(np.percentile(lat, 99)),
+            "iterations": len(latencies), "trials": len(throughputs)}
+
+
+def rotated_batches(images: torch.Tensor, batch: int, count: int) -> list[torch.Tensor]:
+    """`count` different batches of `batch` real images: evenly spaced start offsets, wrapping
+    around a test split smaller than the batch. A split of fewer than `count` images gives one
+    batch per image; a split of one image gives one batch, which `check_inputs` refuses."""
+    n = len(images)
+    offsets = sorted({k * n // count for k in range(count)})
+    return [images[[(o + j) % n for j in range(batch)]] for o in offsets]
+
+
+# --- one variant, in its own process ----------------------------------------------------------
+
+
+def load_runtime(cfg: DictConfig, variant: str) -> tuple[Runtime, dict]:
+    if variant == BASELINE:
+        model, meta = models.load_trained(path(cfg, "models") / "model.pt")
+        device = baseline_device(cfg)
+        return optimize._torch_runtime(model.to(device), device), meta
+    runtime, meta, _ = optimize.load_variant(path(cfg, "optimized") / variant)
+    return runtime, meta
+
+
+def baseline_device(cfg: DictConfig) -> str:
+    if cfg.benchmark.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.benchmark.device
+
+
+def measure_variant(cfg: DictConfig, variant: str, rows_file: Path) -> None:
+    """The worker: every batch size of the protocol for one variant, a JSON line per row."""
+    if cfg.benchmark.threads:
+        torch.set_num_threads(cfg.benchmark.threads)
+    protocol = protocol_settings(cfg)
+    runtime, meta = load_runtime(cfg, variant)
+    reference_model, _ = models.load_trained(path(cfg, "models") / "model.pt")
+    images = torch.cat(optimize.test_batches(cfg, meta)[0])
+    for batch in protocol["batch_sizes"]:
+        row: dict[str, Any] = {"variant": variant, "batch": batch, "device": runtime.device,
+                               "threads": torch.get_num_threads()}
+        try:
+            batches = rotated_batches(images, batch, cfg.benchmark.input_batches)
+            check_inputs(batches)
+            with torch.no_grad():
+                reference = [reference_model(x).numpy() for x in batches]
+            row["check_agreement"] = check_outputs(runtime, batches, reference,
+                                                   cfg.benchmark.min_agreement)
+            if runtime.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            row.update(time_runtime(runtime, batches, protocol))
+            row["status"] = "ok"
+            if runtime.device == "cuda":
+                row["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        except Exception as e:  # noqa: BLE001 - the row records it; the other sizes still run
+            log.exception("%s at batch %d failed", variant, batch)
+            row.update(status="failed", error=f"{type(e).__name__}: {str(e).strip()[:1000]}")
+        # ru_maxrss is KiB on Linux: the process's peak so far (load + every size up to here)
+        row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with open(rows_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        log.info("%s b%d: %s", variant, batch, _summary(row))
+
+
+def _summary(row: dict) -> str:
+    if row.get("status") != "ok":
+        return f"{row.get('status')}: {row.get('error')}"
+    return (f"{row['throughput']:.1f} img/s (trials {row['throughput_min']:.1f}-"
+            f"{row['throughput_max']:.1f}), p50 {row['latency_p50_ms']:.2f} ms, "
+            f"p99 {row['latency_p99_ms']:.2f} ms")
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def protocol_settings(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg.benchmark.protocols[cfg.benchmark.protocol])
+
+
+def flops_per_image(model: torch.nn.Module, input_size: int) -> float:
+    """Forward FLOPs of one image (a multiply-add counts 2), counted by PyTorch's FlopCounter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(1, 3, input_size, input_size))
+    return float(counter.get_total_flops())
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    driver = None
+    if gpu:
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                                     "--format=csv,noheader"], capture_output=True, text=True,
+                                    timeout=20).stdout.strip() or None
+        except (OSError, subprocess.TimeoutExpired):
+            driver = None
+
+    def version(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "native_bf16": optimize.cpu_has_native_bf16(),
+            "gpu": gpu, "gpu_driver": driver, "cuda": torch.version.cuda if gpu else None,
+            "python": platform.python_version(), "platform": platform.platform(),
+            **{pkg: version(pkg) for pkg in ("torch", "torchvision", "onnxruntime", "torchao",
+                                             "torch_tensorrt", "tensorrt")}}
+
+
+def variants_to_measure(cfg: DictConfig) -> tuple[list[str], dict[str, dict]]:
+    """(variants to time, records of every listed variant) in the configured order."""
+    wanted = protocol_settings(cfg)["variants"] or list(cfg.optimize.variants)
+    records = {}
+    for name in wanted:
+        f = path(cfg, "optimized") / name / RECORD
+        if not f.is_file():
+            raise InputError(f"{f} not found: run `dvc repro optimize@{name}` first (or drop "
+                             f"{name!r} from the benchmark's variants)")
+        records[name] = json.loads(f.read_text())
+    return [n for n in wanted if records[n]["status"] == "ok"], records
+
+
+def run_worker(cfg: DictConfig, variant: str, work: Path) -> list[dict]:
+    """One variant in a fresh process; rows it did not write (a crash) become failed rows."""
+    params = work / "params.yaml"
+    params.write_text(OmegaConf.to_yaml(cfg))
+    rows_file = work / f"{variant}.jsonl"
+    rows_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "stages.benchmark", "--worker", variant, "--rows", str(rows_file),
+           "--params", str(params)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              timeout=cfg.benchmark.worker_timeout)
+        why = f"worker exited with code {proc.returncode}: {_tail(proc.stderr)}"
+    except subprocess.TimeoutExpired:
+        why = f"worker timed out after {cfg.benchmark.worker_timeout:.0f} s"
+    rows = []
+    if rows_file.is_file():
+        rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+    done = {r["batch"] for r in rows}
+    for batch in protocol_settings(cfg)["batch_sizes"]:
+        if batch not in done:
+            rows.append({"variant": variant, "batch": batch, "status": "failed", "error": why})
+    return rows
+
+
+def _tail(text: str, lines: int = 3) -> str:
+    return " | ".join(text.strip().splitlines()[-lines:])[:1000]
+
+
+def run(cfg: DictConfig) -> dict:
+    """Time every ok variant and the eager baseline; write the table, plots and MLflow runs."""
+    protocol = protocol_settings(cfg)
+    to_time, records = variants_to_measure(cfg)
+    model, meta = models.load_trained(path(cfg, "models") / "model.pt")
+    batches, labels = optimize.test_batches(cfg, meta)
+    with torch.no_grad():
+        fp32 = np.concatenate([model(x).numpy() for x in batches])
+    baseline_acc = optimize.accuracy(cfg, "fp32", fp32, fp32, labels)
+    flops = flops_per_image(model, meta["input_size"])
+    baseline_size = sum(t.numel() * t.element_size()
+                        for t in [*model.parameters(), *model.buffers()]) / 2**20
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp:
+        for variant in [BASELINE, *to_time]:
+            log.info("timing %s at batch sizes %s in a fresh process", variant,
+                     protocol["batch_sizes"])
+            rows += run_worker(cfg, variant, Path(tmp))
+    for name, rec in records.items():
+        if rec["status"] != "ok":
+            rows += [{"variant": name, "batch": b, "status": rec["status"],
+                      "error": rec.get("reason") or rec.get("error")}
+                     for b in protocol["batch_sizes"]]
+    rows = [_complete(r, records, baseline_acc, baseline_size, flops, cfg) for r in rows]
+    base = {r["batch"]: r["throughput"] for r in rows
+            if r["variant"] == BASELINE and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] == "ok" and r["batch"] in base:
+            r["speedup"] = round(r["throughput"] / base[r["batch"]], 3)
+    best = _winner(rows, cfg.benchmark.reference_batch)
+    machine = machine_info()
+    table = {"protocol": cfg.benchmark.protocol, "device": baseline_device(cfg),
+             "threads": next((r["threads"] for r in rows if r.get("threads")), None),
+             "baseline": BASELINE, "reference_batch": best["batch"],
+             "best_variant": best["variant"], "best_speedup": best["speedup"],
+             "gflops_per_image": round(flops / 1e9, 4), "machine": machine,
+             "rows": {f"{r['variant']}.b{r['batch']}": r for r in rows}}
+    write_json(path(cfg, "metrics") / "benchmark.json", table)
+    write_csv(path(cfg, "plots") / "benchmark.csv", [*COLUMNS, "label"],
+              [[_csv(r.get(c)) for c in COLUMNS] + [f"{r['variant']}@b{r['batch']}"]
+               for r in rows])
+    charts(rows, path(cfg, "plots"))
+    with stage_run(cfg, "benchmark") as tracker:
+        tracker.set_tags({f"machine.{k}": str(v) for k, v in machine.items()})
+        tracker.log_params({"benchmark.protocol": cfg.benchmark.protocol,
+                            "benchmark.threads": table["threads"], **{
+                                f"benchmark.{k}": v for k, v in protocol.items()}})
+        tracker.log_metrics({"best_speedup": best["speedup"] or 0.0})
+        log_child_runs(tracker, rows)
+        tracker.log_artifact(path(cfg, "metrics") / "benchmark.json")
+    log.info("best at batch %s: %s, %.2fx the eager fp32 baseline", best["batch"],
+             best["variant"], best["speedup"] or float("nan"))
+    return table
+
+
+def _complete(row: dict, records: dict, baseline_acc: dict, baseline_size: float, flops: float,
+              cfg: DictConfig) -> dict:
+    out = {c: row.get(c) for c in COLUMNS}
+    if row["variant"] == BASELINE:
+        out.update(backend="torch_eager", precision="fp32", top1=baseline_acc["top1"],
+                   agreement=100.0, accuracy_ok=True, size_mb=round(baseline_size, 3),
+                   build_seconds=0.0)
+    else:
+        rec = records[row["variant"]]
+        out.update({k: rec.get(k) for k in ("backend", "precision", "top1", "agreement",
+                                            "accuracy_ok", "size_mb", "build_seconds")})
+    if out["status"] == "ok":
+        out["gflops_per_s"] = round(flops * out["throughput"] / 1e9, 3)
+    return out
+
+
+def _winner(rows: list[dict], reference: int) -> dict:
+    """Fastest ok variant that passed its accuracy bar, at the reference batch if measured."""
+    ok = [r for r in rows if r["status"] == "ok" and r["accuracy_ok"] and r.get("speedup")]
+    batches = sorted({r["batch"] for r in ok})
+    if not ok:
+        return {"variant": None, "speedup": None, "batch": reference}
+    batch = reference if reference in batches else max(batches)
+    best = max((r for r in ok if r["batch"] == batch), key=lambda r: r["throughput"])
+    return {"variant": best["variant"], "speedup": best["speedup"], "batch": batch}
+
+
+def _csv(v: Any) -> Any:
+    if v is None:
+        return ""
+    return round(v, 4) if isinstance(v, float) else v
+
+
+def log_child_runs(tracker, rows: list[dict]) -> None:
+    """A nested MLflow run per (variant, batch size) under the pipeline run; reruns reuse them."""
+    if not tracker.enabled:
+        return
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    parent = tracker.run_id
+    exp = client.get_run(parent).info.experiment_id
+    existing = {r.data.tags.get("benchmark.row"): r.info.run_id for r in client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)}
+    for r in rows:
+        key = f"{r['variant']}@b{r['batch']}"
+        with mlflow.start_run(run_id=existing.get(key), experiment_id=exp, nested=True,
+                              run_name=None if key in existing else key,
+                              tags={"benchmark.row": key, "status": r["status"]}):
+            mlflow.log_params({"variant": r["variant"], "backend": r["backend"],
+                               "precision": r["precision"], "batch_size": r["batch"]})
+            mlflow.log_metrics({k: float(r[k]) for k in (
+                "throughput", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "speedup",
+                "top1", "agreement", "size_mb", "build_seconds", "peak_rss_mb", "gflops_per_s")
+                if isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool)
+                and math.isfinite(r[k])})
+            if r.get("error"):
+                mlflow.set_tag("error", str(r["error"])[:5000])
+
+
+def charts(rows: list[dict], out: Path) -> None:
+    """Throughput, latency percentiles and speed-up per variant, one bar group per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    sizes = sorted({r["batch"] for r in rows})
+    specs = [("throughput", "images / s", "benchmark_throughput.png", ["throughput"]),
+             ("latency", "ms per batch", "benchmark_latency.png",
+              ["latency_p50_ms", "latency_p90_ms", "latency_p99_ms"]),
+             ("speed-up vs eager fp32", "x", "benchmark_speedup.png", ["speedup"])]
+    out.mkdir(parents=True, exist_ok=True)
+    for title, unit, name, keys in specs:
+        fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 0.5 + 0.4 * len(variants)),
+                                 dpi=110, squeeze=False)
+        for ax, b in zip(axes[0], sizes, strict=True):
+            ys = np.arange(len(variants))
+            h = 0.8 / len(keys)
+            for k, key in enumerate(keys):
+                vals = [next((r[key] for r in ok if r["variant"] == v and r["batch"] == b
+                              and r.get(key) is not None), 0.0) for v in variants]
+                ax.barh(ys + k * h, vals, height=h, label=key.replace("latency_", ""))
+            ax.set_yticks(ys + h * (len(keys) - 1) / 2, variants)
+            ax.invert_yaxis()
+            ax.set_title(f"{title}, batch {b}")
+            ax.set_xlabel(unit)
+            if len(keys) > 1:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        tmp = out / f".{name}.tmp.png"
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, out / name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--worker")
+    parser.add_argument("--rows", type=Path)
+    args, rest = parser.parse_known_args()
+    if args.worker:  # internal: one variant in this fresh process (see run_worker)
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        p = argparse.ArgumentParser()
+        p.add_argument("--params", type=Path, required=True)
+        cfg = load_params(p.parse_args(rest).params)
+        measure_variant(cfg, args.worker, args.rows)
+        return
+    sys.argv = [sys.argv[0], *rest]
+    main_for("benchmark", run)
+
+
+if __name__ == "__main__":
+    main()

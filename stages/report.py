@@ -1,0 +1,543 @@
+"""Stage `report`: one readable summary of a pipeline run, from the files the stages wrote.
+
+Reads (all optional except `paths.metrics/train.json`):
+
+    paths.prepared/labels.txt, {train,val,test}.csv     classes and images per split
+    paths.raw/attribution.csv                           per-image licences
+    paths.metrics/download.json, prepare.json, train.json
+    paths.metrics/optimize/<variant>.json               one record per optimized variant
+    paths.metrics/benchmark.json                        benchmark rows and the machine they ran on
+    paths.plots/train_history.csv, confusion.png, benchmark_{throughput,latency,speedup}.png
+
+Writes, under `paths.reports`:
+
+    REPORT.md            Markdown; charts are linked by relative path
+    REPORT.html          the same content, self-contained: charts inlined as base64 PNGs
+    training_curves.png  loss and accuracy per epoch, drawn from train_history.csv
+
+An input a later stage has not produced yet (no benchmark, no optimize record) gives a section that
+says "not run" and which stage to run; only a missing `train.json` is an error, since a report
+without a trained model has nothing to say.
+
+Both documents are built from one list of blocks (heading, paragraph, list, table, image), each of
+which renders itself to Markdown and to HTML, so the two never drift and no Markdown library is
+needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from stages.benchmark import machine_info
+from stages.config import InputError, main_for, path
+from stages.io import atomic_open, read_csv, write_text
+from stages.tracking import stage_run
+
+log = logging.getLogger("stages.report")
+
+SPLITS = ("train", "val", "test")
+BENCHMARK_CHARTS = ("benchmark_throughput.png", "benchmark_latency.png", "benchmark_speedup.png")
+DASH = "—"
+
+
+# --- document blocks: each renders to Markdown (relative to the report folder) and to HTML -------
+
+
+_INLINE = re.compile(r"`([^`]+)`|\*\*(.+?)\*\*|\[([^\]]+)\]\(([^)\s]+)\)")
+
+
+def inline_html(text: str) -> str:
+    """The inline Markdown this module emits (`code`, **bold**, [text](url)) as escaped HTML."""
+    out, pos = [], 0
+    for m in _INLINE.finditer(text):
+        out.append(html.escape(text[pos:m.start()]))
+        code, bold, label, url = m.groups()
+        if code is not None:
+            out.append(f"<code>{html.escape(code)}</code>")
+        elif bold is not None:
+            out.append(f"<strong>{html.escape(bold)}</strong>")
+        else:
+            out.append(f'<a href="{html.escape(url)}">{html.escape(label)}</a>')
+        pos = m.end()
+    out.append(html.escape(text[pos:]))
+    return "".join(out)
+
+
+def md_cell(text: str) -> str:
+    """Plain text made safe for one Markdown table cell.
+
+    GFM splits a row on every `|` not escaped by a backslash, and reads `\\\\` as one escaped
+    backslash, so backslashes are doubled first, then pipes escaped; a newline would end the row.
+    """
+    text = " ".join(str(text).split())
+    return text.replace("\\", "\\\\").replace("|", "\\|")
+
+
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+    def md(self, base: Path) -> str:
+        return f"{'#' * self.level} {self.text}"
+
+    def html(self) -> str:
+        return f"<h{self.level}>{inline_html(self.text)}</h{self.level}>"
+
+
+@dataclass
+class Para:
+    text: str  # inline Markdown
+
+    def md(self, base: Path) -> str:
+        return self.text
+
+    def html(self) -> str:
+        return f"<p>{inline_html(self.text)}</p>"
+
+
+@dataclass
+class Bullets:
+    items: list[str]  # inline Markdown
+
+    def md(self, base: Path) -> str:
+        return "\n".join(f"- {item}" for item in self.items)
+
+    def html(self) -> str:
+        return "<ul>" + "".join(f"<li>{inline_html(i)}</li>" for i in self.items) + "</ul>"
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]  # plain text cells, escaped by the renderer
+    numeric: set[int] = field(default_factory=set)  # right-aligned column indices
+    row_class: list[str] = field(default_factory=list)  # per row, e.g. the status (HTML only)
+
+    def md(self, base: Path) -> str:
+        def line(cells: list[str]) -> str:
+            return "| " + " | ".join(cells) + " |"
+
+        align = ["---:" if i in self.numeric else "---" for i in range(len(self.header))]
+        return "\n".join([line([md_cell(c) for c in self.header]), line(align),
+                          *(line([md_cell(c) for c in row]) for row in self.rows)])
+
+    def html(self) -> str:
+        def cells(row: list[str], tag: str) -> str:
+            return "".join(f'<{tag}{" class=num" if i in self.numeric else ""}>'
+                           f"{html.escape(str(c))}</{tag}>" for i, c in enumerate(row))
+
+        classes = self.row_class or [""] * len(self.rows)
+        body = "".join(f'<tr class="{html.escape(k)}">{cells(r, "td")}</tr>' if k
+                       else f"<tr>{cells(r, 'td')}</tr>" for r, k in zip(self.rows, classes,
+                                                                          strict=True))
+        return (f"<table><thead><tr>{cells(self.header, 'th')}</tr></thead>"
+                f"<tbody>{body}</tbody></table>")
+
+
+@dataclass
+class Image:
+    file: Path
+    alt: str
+
+    def md(self, base: Path) -> str:
+        return f"![{self.alt}]({Path(os.path.relpath(self.file, base)).as_posix()})"
+
+    def html(self) -> str:
+        data = base64.b64encode(self.file.read_bytes()).decode("ascii")
+        return (f'<figure><img alt="{html.escape(self.alt)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(self.alt)}</figcaption></figure>")
+
+
+Block = Heading | Para | Bullets | Table | Image
+
+CSS = """
+body { font: 15px/1.5 system-ui, sans-serif; color: #222; max-width: 72rem; margin: 2rem auto;
+       padding: 0 1rem; }
+h1, h2, h3 { line-height: 1.2; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; }
+table { border-collapse: collapse; margin: .8rem 0; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: .25rem .5rem; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.failed td { background: #fdecec; } tr.skipped td { background: #f6f6f6; color: #666; }
+code { background: #f3f3f3; padding: 0 .2rem; border-radius: 3px; }
+figure { margin: 1rem 0; } img { max-width: 100%; } figcaption { color: #666; font-size: 13px; }
+"""
+
+
+def render_markdown(blocks: list[Block], base: Path) -> str:
+    return "\n\n".join(b.md(base) for b in blocks) + "\n"
+
+
+def render_html(blocks: list[Block], title: str) -> str:
+    body = "\n".join(b.html() for b in blocks)
+    return (f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n"
+            f"<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n")
+
+
+# --- reading and formatting --------------------------------------------------------------------
+
+
+def read_json(file: Path, stage: str) -> dict | None:
+    """The JSON a stage wrote, or None when that stage has not run."""
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{file} is not valid JSON ({e}): rerun the {stage} stage "
+                         f"(`dvc repro -f {stage}`)") from e
+
+
+def rel(cfg: DictConfig, file: Path) -> str:
+    """`file` relative to `paths.root`: what a reader of the report can find in the checkout."""
+    try:
+        return file.relative_to(path(cfg, "root")).as_posix()
+    except ValueError:
+        return str(file)
+
+
+def num(v: Any, digits: int | None = None, suffix: str = "") -> str:
+    """A number for a table cell: fixed `digits` when given, else 4 significant digits."""
+    if v is None or v == "":
+        return DASH
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v}{suffix}"
+    if isinstance(v, float):
+        if digits is not None:
+            return f"{v:.{digits}f}{suffix}"
+        return f"{v:.0f}{suffix}" if abs(v) >= 1e4 else f"{v:.4g}{suffix}"
+    return str(v)
+
+
+def pct(fraction: Any, digits: int = 1) -> str:
+    return DASH if fraction is None else f"{float(fraction) * 100:.{digits}f}%"
+
+
+def first_line(text: Any, limit: int = 300) -> str:
+    """The first line of an error, shortened: records keep up to 2000 characters of it, which
+    would make a table unreadable; the full text stays in the record file."""
+    lines = str(text or "").strip().splitlines()
+    line = lines[0].strip() if lines else ""
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def not_run(what: str, stage: str) -> Para:
+    return Para(f"**Not run.** No {what}: run the {stage} stage (`dvc repro {stage}`).")
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+def dataset_section(cfg: DictConfig) -> tuple[list[Block], dict]:
+    prepared, metrics, raw = path(cfg, "prepared"), path(cfg, "metrics"), path(cfg, "raw")
+    blocks: list[Block] = [Heading(2, "Dataset")]
+    labels = prepared / "labels.txt"
+    classes = labels.read_text(encoding="utf-8").splitlines() if labels.is_file() else []
+    prep = read_json(metrics / "prepare.json", "prepare")
+    if classes:
+        blocks.append(Para(f"{len(classes)} classes, in label order: "
+                           + ", ".join(f"`{c}`" for c in classes) + "."))
+
+    # The CSVs are what training read; prepare.json is their summary and only the fallback.
+    csvs = {s: prepared / f"{s}.csv" for s in SPLITS}
+    counts: dict[str, Counter] = {}
+    source = ""
+    if all(f.is_file() for f in csvs.values()):
+        counts = {s: Counter(r["class"] for r in read_csv(f)) for s, f in csvs.items()}
+        source = f"rows of `{rel(cfg, prepared)}/{{train,val,test}}.csv`"
+    elif prep is not None:
+        counts = {s: Counter({c: prep.get(f"{s}.{c}.count", 0) for c in classes}) for s in SPLITS}
+        source = f"`{rel(cfg, metrics / 'prepare.json')}` (the split CSVs are missing)"
+    if counts:
+        names = classes or sorted(set().union(*counts.values()))
+        rows = [[c, *(str(counts[s][c]) for s in SPLITS), str(sum(counts[s][c] for s in SPLITS))]
+                for c in names]
+        totals = [sum(counts[s].values()) for s in SPLITS]
+        rows.append(["all classes", *map(str, totals), str(sum(totals))])
+        blocks += [Para(f"Images per split ({source}):"),
+                   Table(["class", *SPLITS, "total"], rows, numeric={1, 2, 3, 4})]
+        notes = []
+        for s, n in zip(SPLITS, totals, strict=True):
+            said = (prep or {}).get(f"{s}.images")
+            if said is not None and said != n:
+                notes.append(f"`prepare.json` says {said} {s} images, `{s}.csv` has {n} rows")
+        if prep is not None and prep.get("skipped_undecodable"):
+            notes.append(f"{prep['skipped_undecodable']} downloaded image(s) could not be decoded "
+                         f"and were left out (see `{rel(cfg, prepared)}/skipped.csv`)")
+        if notes:
+            blocks.append(Bullets(notes))
+    else:
+        blocks.append(not_run("prepared splits", "prepare"))
+
+    blocks += [Heading(3, "Source and licences"), Para(
+        "Images and labels come from [Open Images V7](https://storage.googleapis.com/openimages/"
+        "web/index.html) (Google LLC). The annotations and the class list are licensed under "
+        "[CC BY 4.0](https://creativecommons.org/licenses/by/4.0/); each image is licensed by its "
+        "author, as listed per image in the attribution manifest (Open Images images are "
+        "[CC BY 2.0](https://creativecommons.org/licenses/by/2.0/)).")]
+    attribution = raw / "attribution.csv"
+    n_attr = None
+    if attribution.is_file():
+        rows = read_csv(attribution)
+        n_attr = len(rows)
+        licences = Counter(r.get("License") or "(none recorded)" for r in rows)
+        blocks += [Para(f"`{rel(cfg, attribution)}` lists {n_attr} image(s), by licence:"),
+                   Table(["licence", "images"], [[k, str(v)] for k, v in licences.most_common()],
+                         numeric={1})]
+    else:
+        blocks.append(not_run("attribution manifest", "download"))
+
+    download = read_json(metrics / "download.json", "download")
+    if download is not None:
+        figures = [[k, num(v)] for k, v in download.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)]
+        blocks += [Heading(3, "Download"),
+                   Para(f"From `{rel(cfg, metrics / 'download.json')}` (per official split "
+                        "and overall):"),
+                   Table(["figure", "value"], figures, numeric={1})]
+    else:
+        blocks += [Heading(3, "Download"), not_run("download metrics", "download")]
+    return blocks, {"classes": len(classes), "images": {s: sum(c.values())
+                                                         for s, c in counts.items()},
+                    "attribution_rows": n_attr}
+
+
+def training_curves(history: list[dict[str, str]], best_epoch: int | None, file: Path) -> None:
+    """Loss and accuracy per epoch, train beside val, the best epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    def col(name: str) -> list[float]:
+        return [float(h[name]) if h.get(name) not in (None, "") else float("nan")
+                for h in history]
+
+    epochs = col("epoch")
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    for ax, what in ((loss_ax, "loss"), (acc_ax, "acc")):
+        ax.plot(epochs, col(f"train_{what}"), "o-", label="train")
+        ax.plot(epochs, col(f"val_{what}"), "o-", label="val")
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title("loss" if what == "loss" else "accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_open(file, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def training_section(cfg: DictConfig, train: dict) -> tuple[list[Block], dict]:
+    plots, reports = path(cfg, "plots"), path(cfg, "reports")
+    t = cfg.train
+    rows = [
+        ["model", str(cfg.model.name)],
+        ["recipe", f"{t.mode}, {t.optimizer}, lr {t.lr:g}, precision {t.precision}"],
+        ["epochs run / configured", f"{num(train.get('epochs_run'))} / "
+                                    f"{num(train.get('epochs_configured', t.epochs))}"],
+        ["batch size", num(train.get("batch_size", t.batch_size))],
+        ["best validation accuracy", f"{pct(train.get('best_val_acc'))} "
+                                     f"(epoch {num(train.get('best_epoch'))})"],
+        ["test accuracy", f"{pct(train.get('test_acc'))} on {num(train.get('test_images'))} "
+                          "images"],
+        ["wall time", num(train.get("wall_time_s"), 1, " s")],
+        ["training throughput", num(train.get("train_images_per_s"), 1, " images/s")],
+    ]
+    blocks: list[Block] = [Heading(2, "Training"), Table(["", "value"], rows)]
+    per_class = {}
+    for key, v in train.items():
+        for m in ("precision", "recall"):
+            if key.startswith("test.") and key.endswith(f".{m}"):
+                per_class.setdefault(key[len("test."):-len(m) - 1], {})[m] = v
+    if per_class:
+        blocks += [Para("Per class, on the test split:"),
+                   Table(["class", "precision", "recall"],
+                         [[c, pct(v.get("precision")), pct(v.get("recall"))]
+                          for c, v in per_class.items()], numeric={1, 2})]
+
+    history_file = plots / "train_history.csv"
+    history = read_csv(history_file) if history_file.is_file() else []
+    curves = None
+    if history:
+        curves = reports / "training_curves.png"
+        training_curves(history, train.get("best_epoch"), curves)
+        blocks.append(Image(curves, "training and validation loss and accuracy per epoch"))
+    else:
+        blocks.append(Para(f"No training history (`{rel(cfg, history_file)}` is missing or "
+                           "empty): rerun the train stage to draw the curves."))
+    confusion = plots / "confusion.png"
+    if confusion.is_file():
+        blocks.append(Image(confusion, "confusion matrix on the test split"))
+    return blocks, {"test_acc": train.get("test_acc"), "best_val_acc": train.get("best_val_acc"),
+                    "curves": str(curves) if curves else None}
+
+
+def optimize_section(cfg: DictConfig) -> tuple[list[Block], dict]:
+    folder = path(cfg, "metrics") / "optimize"
+    records = [read_json(f, "optimize") for f in sorted(folder.glob("*.json"))]
+    blocks: list[Block] = [Heading(2, "Optimization")]
+    if not records:
+        blocks.append(not_run(f"records in `{rel(cfg, folder)}`", "optimize"))
+        return blocks, {"variants": {}}
+    configured = list(cfg.optimize.variants)
+    # Configured order first (the order the user chose), then records of variants since dropped.
+    records.sort(key=lambda r: (configured.index(r["variant"]) if r.get("variant") in configured
+                                else len(configured), str(r.get("variant"))))
+    rows, kinds = [], []
+    for r in records:
+        status = r.get("status") or "unknown"
+        delta = r.get("top1_delta")
+        verdict = (f"{num(delta, 2)} (bar {num(r.get('accuracy_bar'))}, "
+                   f"{'ok' if r.get('accuracy_ok') else 'OUTSIDE'})" if delta is not None else DASH)
+        note = {"skipped": r.get("reason"), "failed": first_line(r.get("error"))}.get(status)
+        rows.append([str(r.get("variant")), str(r.get("backend", DASH)),
+                     str(r.get("precision", DASH)), status, num(r.get("size_mb"), 1),
+                     num(r.get("build_seconds"), 1), num(r.get("top1"), 2), verdict,
+                     num(r.get("agreement"), 2), note or ""])
+        kinds.append(status)
+    blocks += [Para("One row per variant record. Top-1 and agreement with the fp32 model are "
+                    "percentages on the whole test split; the delta is in points, held to the "
+                    "precision's accuracy bar."),
+               Table(["variant", "backend", "precision", "status", "size (MB)", "build (s)",
+                      "top-1 (%)", "Δ top-1 vs fp32", "agreement (%)", "reason / error"],
+                     rows, numeric={4, 5, 6, 8}, row_class=kinds)]
+    done = {r.get("variant") for r in records}
+    missing = [v for v in configured if v not in done]
+    if missing:
+        blocks.append(Para("Configured but not run: " + ", ".join(f"`{v}`" for v in missing)
+                           + " (`dvc repro optimize`)."))
+    return blocks, {"variants": {str(r.get("variant")): r.get("status") for r in records}}
+
+
+def benchmark_section(cfg: DictConfig, bench: dict | None) -> tuple[list[Block], dict]:
+    metrics, plots = path(cfg, "metrics"), path(cfg, "plots")
+    blocks: list[Block] = [Heading(2, "Benchmark")]
+    if bench is None:
+        blocks.append(not_run(f"`{rel(cfg, metrics / 'benchmark.json')}`", "benchmark"))
+        return blocks, {"best_variant": None, "best_speedup": None}
+    rows = bench.get("rows") or {}
+    rows = list(rows.values()) if isinstance(rows, dict) else list(rows)
+    ref, best, speedup = bench.get("reference_batch"), bench.get("best_variant"), \
+        bench.get("best_speedup")
+    baseline = bench.get("baseline", "the baseline")
+    blocks.append(Para(f"Protocol `{bench.get('protocol', DASH)}` on "
+                       f"{bench.get('device', DASH)} with {num(bench.get('threads'))} thread(s); "
+                       f"throughput is the median over trials, speed-up is against "
+                       f"`{baseline}` at the same batch size."))
+    if best:
+        won = next((r for r in rows if r.get("variant") == best and r.get("batch") == ref), {})
+        extra = (f" ({num(won.get('throughput'), 1)} images/s, top-1 {num(won.get('top1'), 2)}%)"
+                 if won else "")
+        blocks.append(Para(f"At batch {num(ref)}, **{best}** was fastest: "
+                           f"{num(speedup, 1)}× the throughput of `{baseline}`{extra}."))
+    else:
+        blocks.append(Para(f"No variant finished at the reference batch ({num(ref)})."))
+    # Grouped by batch size so rows that compare sit together; the file's order within a batch.
+    order = sorted(range(len(rows)), key=lambda i: (rows[i].get("batch") or 0, i))
+    table, kinds = [], []
+    for i in order:
+        r = rows[i]
+        status = r.get("status") or "unknown"
+        sp = r.get("speedup")
+        table.append([str(r.get("variant")), status, num(r.get("batch")),
+                      num(r.get("throughput"), 1), num(r.get("latency_p50_ms"), 2),
+                      num(r.get("latency_p99_ms"), 2), f"{sp:.2f}×" if sp is not None else DASH,
+                      num(r.get("top1"), 2), num(r.get("size_mb"), 1),
+                      num(r.get("build_seconds"), 1), first_line(r.get("error"))])
+        kinds.append(status)
+    blocks.append(Table(["variant", "status", "batch", "throughput (img/s)", "p50 (ms)",
+                         "p99 (ms)", "speed-up", "top-1 (%)", "size (MB)", "build (s)", "error"],
+                        table, numeric={2, 3, 4, 5, 6, 7, 8, 9}, row_class=kinds))
+    for name in BENCHMARK_CHARTS:
+        chart = plots / name
+        if chart.is_file():
+            blocks.append(Image(chart, name.removesuffix(".png").replace("_", " ")))
+    return blocks, {"best_variant": best, "best_speedup": speedup, "baseline": baseline,
+                    "reference_batch": ref, "rows": len(rows)}
+
+
+def machine_section(bench: dict | None) -> tuple[list[Block], dict]:
+    blocks: list[Block] = [Heading(2, "Machine")]
+    if bench is not None and bench.get("machine"):
+        facts = dict(bench["machine"])
+        blocks.append(Para("The machine the benchmark ran on, as it recorded it:"))
+    else:
+        facts = machine_info()
+        blocks.append(Para("The benchmark has not run, so these facts describe the machine that "
+                           "wrote this report:"))
+    blocks.append(Table(["", "value"], [[k, num(v) if v is None or isinstance(v, bool)
+                                         else str(v)] for k, v in facts.items()]))
+    return blocks, facts
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+
+def run(cfg: DictConfig) -> dict:
+    """Write REPORT.md and REPORT.html from the outputs of the stages that have run."""
+    metrics, reports = path(cfg, "metrics"), path(cfg, "reports")
+    train_file = metrics / "train.json"
+    train = read_json(train_file, "train")
+    if train is None:
+        raise InputError(f"{train_file} not found: run the train stage first (`dvc repro train`)")
+    bench = read_json(metrics / "benchmark.json", "benchmark")
+
+    data_blocks, data = dataset_section(cfg)
+    train_blocks, trained = training_section(cfg, train)
+    opt_blocks, optimized = optimize_section(cfg)
+    bench_blocks, benched = benchmark_section(cfg, bench)
+    machine_blocks, machine = machine_section(bench)
+
+    title = str(OmegaConf.select(cfg, "report.title", default=None)
+                or f"{cfg.model.name} on {data['classes'] or len(cfg.data.classes)} "
+                   "Open Images classes")
+    summary = [f"Test accuracy {pct(trained['test_acc'])} "
+               f"(best validation {pct(trained['best_val_acc'])})."]
+    if optimized["variants"]:
+        ok = sum(s == "ok" for s in optimized["variants"].values())
+        summary.append(f"{ok} of {len(optimized['variants'])} optimized variant(s) built.")
+    if benched["best_variant"]:
+        summary.append(f"Fastest: **{benched['best_variant']}**, "
+                       f"{num(benched['best_speedup'], 1)}× the throughput of "
+                       f"`{benched['baseline']}` at batch {num(benched['reference_batch'])}.")
+    blocks: list[Block] = [Heading(1, title), Bullets(summary), *data_blocks, *train_blocks,
+                           *opt_blocks, *bench_blocks, *machine_blocks]
+
+    md_file, html_file = reports / "REPORT.md", reports / "REPORT.html"
+    with stage_run(cfg, "report") as tracker:
+        write_text(md_file, render_markdown(blocks, reports))
+        write_text(html_file, render_html(blocks, title))
+        for f in (md_file, html_file):
+            tracker.log_artifact(f)
+    log.info("wrote %s and %s", md_file, html_file)
+    return {"report_md": str(md_file), "report_html": str(html_file), "title": title,
+            "dataset": data, "training": trained, "optimize": optimized,
+            "benchmark": benched if bench is not None else None, "machine": machine}
+
+
+def main() -> None:
+    main_for("report", run)
+
+
+if __name__ == "__main__":
+    main()
