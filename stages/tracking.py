@@ -153,7 +153,12 @@ def stage_run(cfg: DictConfig, stage: str, system_metrics: bool = False) -> Iter
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg)
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if exported is None:
+        # MLflow 3 also exports the URI to the environment; left there it would outrank the
+        # config of every later stage in this process (tests, sweeps) and leak into subprocesses
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:

@@ -62,7 +62,9 @@ def test_cpu_variant_builds_reloads_and_passes_its_accuracy_bar(built, cfg, name
     artifact = path(cfg, "root") / rec["artifact"]
     assert artifact.parent == folder and artifact.stat().st_size / 2**20 == pytest.approx(
         rec["size_mb"], abs=1e-3)
-    assert rec["build_seconds"] > 0
+    assert rec["build_seconds"] >= 0  # onnxruntime_fp32 copies the exported file: ~0 s
+    if rec["backend"] == "aot_inductor":
+        assert rec["build_seconds"] > 1  # generates and compiles C++
     assert json.loads((folder / "record.json").read_text()) == rec
     assert json.loads((path(cfg, "metrics") / "optimize" / f"{name}.json").read_text()) == rec
     if rec["precision"] == "int8":
