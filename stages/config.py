@@ -141,7 +141,7 @@ class TrtConf:
     max_batch: int = 128
     min_block_size: int = 1
     fp32_accumulation: bool = False
-    output_format: str = "exported_program"
+    also_torchscript: bool = False
 
 
 @dataclass
@@ -208,7 +208,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "sgd"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
-    "optimize.trt.output_format": ("exported_program", "torchscript"),
     "benchmark.device": ("auto", "cpu", "cuda"),
 }
 OFFICIAL_SPLITS = ("train", "validation", "test")

@@ -288,7 +288,7 @@ def trt_compile_settings(precision: str, input_size: int, trt: DictConfig | dict
         "input": {"min_shape": (lo, *shape), "opt_shape": (opt, *shape), "max_shape": (hi, *shape)},
         "kwargs": {"min_block_size": int(trt["min_block_size"]),
                    "use_fp32_acc": precision == "fp16" and bool(trt["fp32_accumulation"])},
-        "output_format": str(trt["output_format"]),
+        "also_torchscript": bool(trt["also_torchscript"]),
     }
 
 
@@ -309,7 +309,12 @@ def build_trt(precision: str) -> Callable[[BuildContext, Path], None]:
         ctx.notes["output_dtype"] = str(out.dtype)
         if out.dtype != dtype:
             raise BuildFailed(f"TensorRT was asked for {precision} and returned {out.dtype}")
-        torch_tensorrt.save(trt_gm, str(dst), output_format=s["output_format"], arg_inputs=spec)
+        # The ExportedProgram is what the pipeline loads (torch.export.load after importing
+        # torch_tensorrt); TorchScript, when asked for, is written beside it for deployments
+        torch_tensorrt.save(trt_gm, str(dst), output_format="exported_program", arg_inputs=spec)
+        if s["also_torchscript"]:
+            torch_tensorrt.save(trt_gm, str(dst.with_suffix(".ts")), output_format="torchscript",
+                                arg_inputs=spec)
 
     return build
 
@@ -317,8 +322,6 @@ def build_trt(precision: str) -> Callable[[BuildContext, Path], None]:
 def _load_trt(file: Path, meta: dict, dtype: torch.dtype) -> Runtime:
     import torch_tensorrt  # noqa: F401  (registers the TensorRT engine op the program calls)
 
-    if file.suffix == ".ts":
-        return _torch_runtime(torch.jit.load(str(file)).cuda(), "cuda", dtype)
     return _load_program(file, meta, "cuda", dtype)
 
 

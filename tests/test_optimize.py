@@ -150,7 +150,7 @@ def test_tensorrt_settings_are_built_without_a_gpu() -> None:
     assert "enabled_precisions" not in fp16["kwargs"]
     assert fp16["input"] == {"min_shape": (1, 3, 224, 224), "opt_shape": (32, 3, 224, 224),
                              "max_shape": (128, 3, 224, 224)}
-    assert fp16["output_format"] == "exported_program"
+    assert fp16["also_torchscript"] is False
     bad = {**trt, "opt_batch": 512, "max_batch": 512}
     with pytest.raises(ConfigError, match="export.max_batch"):
         optimize.trt_compile_settings("fp16", 224, bad, 256)
