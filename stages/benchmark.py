@@ -308,7 +308,10 @@ def run(cfg: DictConfig) -> dict:
         for variant in [BASELINE, *to_time]:
             log.info("timing %s at batch sizes %s in a fresh process", variant,
                      protocol["batch_sizes"])
-            rows += run_worker(cfg, variant, Path(tmp))
+            done = run_worker(cfg, variant, Path(tmp))
+            for r in done:
+                log.info("  %s b%d: %s", variant, r["batch"], _summary(r))
+            rows += done
     for name, rec in records.items():
         if rec["status"] != "ok":
             rows += [{"variant": name, "batch": b, "status": rec["status"],

@@ -139,7 +139,9 @@ def run(cfg: DictConfig) -> dict:
     batches = verification_batches(cfg, meta, list(ex.verify_batch_sizes))
     with torch.no_grad():
         eager = {b: model(x).numpy() for b, x in batches.items()}
-    example = batches[max(batches)][:2]  # batch 2: a batch of 1 would be specialised to 1
+    # batch 2: a batch of 1 would be specialised to 1. clone(): torch.export saves the example
+    # with the program, and a view would drag its whole batch's storage into the file
+    example = batches[max(batches)][:2].clone()
     out_dir = path(cfg, "exported")
     out_dir.mkdir(parents=True, exist_ok=True)
     writers = {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -49,6 +51,18 @@ def test_every_format_is_exported_verified_and_carries_its_metadata(exported, tr
         runner, loaded = export.load_runner(fmt, out / name)
         assert loaded == meta
     assert json.loads((path(cfg, "metrics") / "export.json").read_text()) == report
+
+
+def test_files_have_the_usual_mode_and_the_program_keeps_only_its_example(exported) -> None:
+    cfg, _ = exported
+    out = path(cfg, "exported")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((out / "model.onnx").stat().st_mode) == 0o666 & ~mask
+    ep = torch.export.load(str(out / "model.pt2"))
+    (example,), _ = ep.example_inputs
+    assert example.untyped_storage().nbytes() == 2 * 3 * 64 * 64 * 4  # not the whole batch
 
 
 def test_artifacts_round_trip_in_a_fresh_process(exported, trained, tmp_path) -> None:
