@@ -435,6 +435,12 @@ def charts(rows: list[dict], out: Path) -> None:
                 vals = [next((r[key] for r in ok if r["variant"] == v and r["batch"] == b
                               and r.get(key) is not None), 0.0) for v in variants]
                 ax.barh(ys + k * h, vals, height=h, label=key.replace("latency_", ""))
+            for y, v in zip(ys, variants, strict=True):  # say why a bar is missing
+                status = next((r["status"] for r in rows if r["variant"] == v and r["batch"] == b),
+                              "not run")
+                if status != "ok":
+                    ax.text(0, y + h * (len(keys) - 1) / 2, f" {status}", va="center",
+                            fontsize=8, color="gray")
             ax.set_yticks(ys + h * (len(keys) - 1) / 2, variants)
             ax.invert_yaxis()
             ax.set_title(f"{title}, batch {b}")
