@@ -63,6 +63,7 @@ def main() -> int:
     import torch
 
     from stages import optimize
+    from stages.benchmark import rotated_batches
     from stages.config import load_params
 
     cfg = load_params(args.params or args.root / "params.yaml", [f"paths.root={args.root}"])
@@ -97,10 +98,9 @@ def main() -> int:
     if ort_row and ort_row["status"] == "ok":
         meta = json.loads((args.root / cfg.paths.optimized / "onnxruntime_fp32" / "meta.json")
                           .read_text())
-        images = torch.cat(optimize.test_batches(cfg, meta)[0]).numpy()
-        n = len(images)
-        batches = [np.ascontiguousarray(images[[(o + j) % n for j in range(args.batch)]])
-                   for o in (0, n // 4, n // 2, 3 * n // 4)]
+        images = torch.cat(optimize.test_batches(cfg, meta)[0])
+        batches = [np.ascontiguousarray(b.numpy()) for b in rotated_batches(
+            images, args.batch, cfg.benchmark.input_batches)]
         plain = plain_ort_loop(args.root / cfg.paths.optimized / "onnxruntime_fp32" / "model.onnx",
                                batches, bench["threads"], args.seconds)
         ratio = ort_row["throughput"] / plain["throughput"]

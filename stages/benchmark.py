@@ -48,7 +48,8 @@ from omegaconf import DictConfig, OmegaConf
 from stages import models, optimize
 from stages.config import InputError, load_params, main_for, path
 from stages.io import write_csv, write_json
-from stages.optimize import RECORD, Runtime
+from stages.optimize import RECORD
+from stages.runtime import Runtime, cpu_has_native_bf16, cpuinfo, torch_runtime
 from stages.tracking import stage_run
 
 log = logging.getLogger("stages.benchmark")
@@ -148,7 +149,7 @@ def load_runtime(cfg: DictConfig, variant: str) -> tuple[Runtime, dict]:
     if variant == BASELINE:
         model, meta = models.load_trained(path(cfg, "models") / "model.pt")
         device = baseline_device(cfg)
-        return optimize._torch_runtime(model.to(device), device), meta
+        return torch_runtime(model.to(device), device), meta
     runtime, meta, _ = optimize.load_variant(path(cfg, "optimized") / variant)
     return runtime, meta
 
@@ -219,14 +220,7 @@ def flops_per_image(model: torch.nn.Module, input_size: int) -> float:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpuinfo().get("model name") or platform.processor() or "unknown"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     driver = None
     if gpu:
@@ -243,7 +237,7 @@ def machine_info() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return None
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "native_bf16": optimize.cpu_has_native_bf16(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "native_bf16": cpu_has_native_bf16(),
             "gpu": gpu, "gpu_driver": driver, "cuda": torch.version.cuda if gpu else None,
             "python": platform.python_version(), "platform": platform.platform(),
             **{pkg: version(pkg) for pkg in ("torch", "torchvision", "onnxruntime", "torchao",
@@ -266,7 +260,8 @@ def variants_to_measure(cfg: DictConfig) -> tuple[list[str], dict[str, dict]]:
 def run_worker(cfg: DictConfig, variant: str, work: Path) -> list[dict]:
     """One variant in a fresh process; rows it did not write (a crash) become failed rows."""
     params = work / "params.yaml"
-    params.write_text(OmegaConf.to_yaml(cfg))
+    if not params.is_file():  # one config for every worker of this benchmark
+        params.write_text(OmegaConf.to_yaml(cfg))
     rows_file = work / f"{variant}.jsonl"
     rows_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "stages.benchmark", "--worker", variant, "--rows", str(rows_file),
@@ -317,7 +312,7 @@ def run(cfg: DictConfig) -> dict:
             rows += [{"variant": name, "batch": b, "status": rec["status"],
                       "error": rec.get("reason") or rec.get("error")}
                      for b in protocol["batch_sizes"]]
-    rows = [_complete(r, records, baseline_acc, baseline_size, flops, cfg) for r in rows]
+    rows = [_complete(r, records, baseline_acc, baseline_size, flops) for r in rows]
     base = {r["batch"]: r["throughput"] for r in rows
             if r["variant"] == BASELINE and r["status"] == "ok"}
     for r in rows:
@@ -349,8 +344,8 @@ def run(cfg: DictConfig) -> dict:
     return table
 
 
-def _complete(row: dict, records: dict, baseline_acc: dict, baseline_size: float, flops: float,
-              cfg: DictConfig) -> dict:
+def _complete(row: dict, records: dict, baseline_acc: dict, baseline_size: float,
+               flops: float) -> dict:
     out = {c: row.get(c) for c in COLUMNS}
     if row["variant"] == BASELINE:
         out.update(backend="torch_eager", precision="fp32", top1=baseline_acc["top1"],

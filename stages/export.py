@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +29,13 @@ from stages import models
 from stages.config import InputError, StageError, main_for, path
 from stages.datasets import PreparedImages, eval_transform
 from stages.io import atomic_open, write_json
+from stages.runtime import Runtime, ort_runtime, program_runtime, torchscript_runtime
 from stages.tracking import stage_run
 
 log = logging.getLogger("stages.export")
 
 META_FILE = "meta.json"
 FILES = {"torchscript": "model.ts", "exported_program": "model.pt2", "onnx": "model.onnx"}
-
-Runner = Callable[[torch.Tensor], np.ndarray]
 
 
 class ExportCheckFailed(StageError):
@@ -84,31 +82,15 @@ def export_onnx(model: nn.Module, example: torch.Tensor, dst: Path, meta: str, o
 # --- loaders: how a deployment (the benchmark, the stream client) runs each artifact ------------
 
 
-def load_runner(fmt: str, file: Path) -> tuple[Runner, dict]:
+def load_runner(fmt: str, file: Path) -> tuple[Runtime, dict]:
     """A callable from a batch of normalised images to logits, and the artifact's metadata."""
-    if fmt == "torchscript":
-        extra = {META_FILE: ""}
-        module = torch.jit.load(str(file), map_location="cpu", _extra_files=extra)
-        meta = json.loads(extra[META_FILE])
-        return lambda x: _no_grad(module, x), meta
-    if fmt == "exported_program":
-        extra = {META_FILE: ""}
-        ep = torch.export.load(str(file), extra_files=extra)
-        module = ep.module()
-        return lambda x: _no_grad(module, x), json.loads(extra[META_FILE])
-    if fmt == "onnx":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        meta = json.loads(session.get_modelmeta().custom_metadata_map[META_FILE])
-        return lambda x: session.run(None, {name: x.numpy()})[0], meta
-    raise ValueError(f"unknown export format {fmt!r}; expected one of {sorted(FILES)}")
-
-
-def _no_grad(module: Callable, x: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
-        return module(x).numpy()
+    loaders = {"torchscript": lambda: torchscript_runtime(file, (META_FILE,)),
+               "exported_program": lambda: program_runtime(file, extra_files=(META_FILE,)),
+               "onnx": lambda: ort_runtime(file)}
+    if fmt not in loaders:
+        raise ValueError(f"unknown export format {fmt!r}; expected one of {sorted(FILES)}")
+    runtime = loaders[fmt]()
+    return runtime, json.loads(runtime.extra[META_FILE])
 
 
 def compare(eager: np.ndarray, got: np.ndarray) -> dict:

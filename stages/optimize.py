@@ -16,7 +16,8 @@ and the stage exits 0 so the benchmark can show the row; bad input (no checkpoin
 a calibration set larger than the training split) is an error before any work.
 
 Every variant is loaded back from disk before it is evaluated, the way the benchmark and the stream
-client load it: `load_variant(folder)` gives a `Runtime` (prepare inputs, call, read logits).
+client load it: `load_variant(folder)` gives a `stages.runtime.Runtime` (prepare inputs, call,
+read logits).
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ from stages.config import OPTIMIZE_VARIANTS, ConfigError, InputError, path, stag
 from stages.datasets import PreparedImages, eval_transform
 from stages.export import FILES as EXPORT_FILES
 from stages.io import atomic_dir, write_json
+from stages.runtime import (
+    Runtime,
+    aoti_runtime,
+    cpu_flags,
+    cpu_has_native_bf16,
+    ort_runtime,
+    program_runtime,
+)
 from stages.tracking import stage_run
 
 log = logging.getLogger("stages.optimize")
@@ -55,55 +64,6 @@ RECORD, META = "record.json", "meta.json"
 
 class BuildFailed(RuntimeError):
     """A variant built but is not what was asked for (e.g. FP16 requested, FP32 engine built)."""
-
-
-# --- runtime: how anyone (accuracy check, benchmark, stream client) runs a variant --------------
-
-
-@dataclass
-class Runtime:
-    """`call(prepare(x))` is the timed inference; `logits(...)` turns its output into fp32 numpy.
-
-    Kept apart so a benchmark times only `call` (inputs already on the device, in the variant's
-    dtype) and `sync` (CUDA work finished), never the host-side conversions.
-    """
-
-    call: Callable[[Any], Any]
-    prepare: Callable[[torch.Tensor], Any]
-    logits: Callable[[Any], np.ndarray]
-    device: str = "cpu"
-    sync: Callable[[], None] = lambda: None
-
-    def __call__(self, x: torch.Tensor) -> np.ndarray:
-        return self.logits(self.call(self.prepare(x)))
-
-
-def _torch_runtime(module: Callable, device: str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> Runtime:
-    def call(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return module(x)
-
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    return Runtime(call=call, prepare=lambda x: x.to(device=device, dtype=dtype),
-                   logits=lambda y: y.float().cpu().numpy(), device=device, sync=sync)
-
-
-def _ort_runtime(file: Path, threads: int = 0) -> Runtime:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or torch.get_num_threads()
-    providers = ["CPUExecutionProvider"]
-    cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
-    if cuda:
-        providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(file), so, providers=providers)
-    name = session.get_inputs()[0].name
-    return Runtime(call=lambda x: session.run(None, {name: x})[0],
-                   prepare=lambda x: np.ascontiguousarray(x.numpy(), dtype=np.float32),
-                   logits=lambda y: np.asarray(y, dtype=np.float32),
-                   device="cuda" if session.get_providers()[0].startswith("CUDA") else "cpu")
 
 
 class CastIO(nn.Module):
@@ -130,12 +90,11 @@ class BuildContext:
     exported: Path              # the export stage's folder
     notes: dict = field(default_factory=dict)  # facts a build wants in the record
 
-    def dynamic_batch(self) -> tuple[dict, ...]:
-        return ({0: torch.export.Dim("batch", min=1, max=self.cfg.export.max_batch)},)
-
     def export(self, module: nn.Module, example: torch.Tensor | None = None):
+        """torch.export with the batch dimension dynamic up to export.max_batch."""
         x = self.example if example is None else example
-        return torch.export.export(module, (x,), dynamic_shapes=self.dynamic_batch())
+        batch = torch.export.Dim("batch", min=1, max=self.cfg.export.max_batch)
+        return torch.export.export(module, (x,), dynamic_shapes=({0: batch},))
 
 
 def _aoti_package(ep, dst: Path) -> None:
@@ -144,16 +103,6 @@ def _aoti_package(ep, dst: Path) -> None:
     with torch.no_grad():
         torch._inductor.aoti_compile_and_package(ep, package_path=str(dst),
                                                  inductor_configs={"freezing": True})
-
-
-def _load_aoti(file: Path, meta: dict, device: str = "cpu") -> Runtime:
-    return _torch_runtime(torch._inductor.aoti_load_package(str(file)), device)
-
-
-def _load_program(file: Path, meta: dict, device: str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> Runtime:
-    module = torch.export.load(str(file)).module()
-    return _torch_runtime(module.to(device) if device != "cpu" else module, device, dtype)
 
 
 # --- CPU variants --------------------------------------------------------------------------------
@@ -252,7 +201,7 @@ def build_ort_int8(ctx: BuildContext, dst: Path) -> None:
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     pre.unlink()
     ctx.notes["calibration_images"] = reader.seen
-    ctx.notes["vnni"] = "avx512_vnni" in _cpu_flags() or "avx_vnni" in _cpu_flags()
+    ctx.notes["vnni"] = bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
     proto = onnx.load(str(dst))
     onnx.helper.set_model_props(proto, {META: json.dumps(ctx.meta, sort_keys=True)})
     onnx.save(proto, str(dst))
@@ -263,9 +212,7 @@ def build_ort_int8(ctx: BuildContext, dst: Path) -> None:
 
 def build_cuda_fp16(ctx: BuildContext, dst: Path) -> None:
     half = copy.deepcopy(ctx.model).to("cuda", torch.float16)
-    ep = torch.export.export(half, (ctx.example.to("cuda", torch.float16),),
-                             dynamic_shapes=ctx.dynamic_batch())
-    torch.export.save(ep, str(dst))
+    torch.export.save(ctx.export(half, ctx.example.to("cuda", torch.float16)), str(dst))
 
 
 def trt_compile_settings(precision: str, input_size: int, trt: DictConfig | dict,
@@ -301,7 +248,7 @@ def build_trt(precision: str) -> Callable[[BuildContext, Path], None]:
         dtype = s["dtype"]
         model = copy.deepcopy(ctx.model).to("cuda", dtype)
         example = ctx.example.to("cuda", dtype)
-        ep = torch.export.export(model, (example,), dynamic_shapes=ctx.dynamic_batch())
+        ep = ctx.export(model, example)
         spec = [torch_tensorrt.Input(**s["input"], dtype=dtype)]
         trt_gm = torch_tensorrt.dynamo.compile(ep, arg_inputs=spec, **s["kwargs"])
         with torch.no_grad():
@@ -319,10 +266,10 @@ def build_trt(precision: str) -> Callable[[BuildContext, Path], None]:
     return build
 
 
-def _load_trt(file: Path, meta: dict, dtype: torch.dtype) -> Runtime:
+def _load_trt(file: Path, dtype: torch.dtype) -> Runtime:
     import torch_tensorrt  # noqa: F401  (registers the TensorRT engine op the program calls)
 
-    return _load_program(file, meta, "cuda", dtype)
+    return program_runtime(file, "cuda", dtype)
 
 
 # --- the registry ---------------------------------------------------------------------------
@@ -345,27 +292,27 @@ class Variant:
     precision: str
     file: str
     build: Callable[[BuildContext, Path], None]
-    load: Callable[[Path, dict], Runtime]
+    load: Callable[[Path], Runtime]
     unavailable: Callable[[], str | None] = lambda: None  # why it cannot run here, or None
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
-    Variant("cpu_bf16", "torch_eager", "bf16", "model.pt2", build_cpu_bf16, _load_program),
+    Variant("cpu_bf16", "torch_eager", "bf16", "model.pt2", build_cpu_bf16, program_runtime),
     Variant("inductor_fp32", "aot_inductor", "fp32", "model.pt2", build_inductor(torch.float32),
-            _load_aoti),
+            aoti_runtime),
     Variant("inductor_bf16", "aot_inductor", "bf16", "model.pt2", build_inductor(torch.bfloat16),
-            _load_aoti),
-    Variant("int8", "aot_inductor", "int8", "model.pt2", build_int8, _load_aoti),
+            aoti_runtime),
+    Variant("int8", "aot_inductor", "int8", "model.pt2", build_int8, aoti_runtime),
     Variant("onnxruntime_fp32", "onnxruntime", "fp32", "model.onnx", build_ort_fp32,
-            lambda f, m: _ort_runtime(f)),
+            ort_runtime),
     Variant("onnxruntime_int8", "onnxruntime", "int8", "model.onnx", build_ort_int8,
-            lambda f, m: _ort_runtime(f)),
+            ort_runtime),
     Variant("cuda_fp16", "torch_eager", "fp16", "model.pt2", build_cuda_fp16,
-            lambda f, m: _load_program(f, m, "cuda", torch.float16), _needs_cuda),
+            lambda f: program_runtime(f, "cuda", torch.float16), _needs_cuda),
     Variant("trt_fp32", "torch_tensorrt", "fp32", "model.ep", build_trt("fp32"),
-            lambda f, m: _load_trt(f, m, torch.float32), _needs_trt),
+            lambda f: _load_trt(f, torch.float32), _needs_trt),
     Variant("trt_fp16", "torch_tensorrt", "fp16", "model.ep", build_trt("fp16"),
-            lambda f, m: _load_trt(f, m, torch.float16), _needs_trt),
+            lambda f: _load_trt(f, torch.float16), _needs_trt),
 ]}
 
 
@@ -386,7 +333,7 @@ def load_variant(folder: Path) -> tuple[Runtime, dict, dict]:
                          f"{record.get('reason') or record.get('error')}")
     meta = json.loads((folder / META).read_text())
     variant = get_variant(record["variant"])
-    return variant.load(folder / variant.file, meta), meta, record
+    return variant.load(folder / variant.file), meta, record
 
 
 # --- accuracy -----------------------------------------------------------------------------------
@@ -439,22 +386,6 @@ def accuracy(cfg: DictConfig, precision: str, fp32: np.ndarray, got: np.ndarray,
 
 
 # --- the stage ----------------------------------------------------------------------------------
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def cpu_has_native_bf16() -> bool:
-    """AMX-BF16 or AVX512-BF16: without either, bf16 is emulated and slower than fp32."""
-    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
 
 
 def run(cfg: DictConfig, variant_name: str) -> dict:
@@ -511,7 +442,7 @@ def _build_and_check(cfg: DictConfig, variant: Variant, ctx: BuildContext, tmp: 
         out["build_seconds"] = round(time.perf_counter() - t0, 3)
         out["artifact"] = str(final)
         out["size_mb"] = round(artifact.stat().st_size / 2**20, 3)
-        runtime = variant.load(artifact, ctx.meta)  # from disk, as the benchmark will
+        runtime = variant.load(artifact)  # from disk, as the benchmark will
         got = np.concatenate([runtime(x) for x in batches])
     except Exception as e:  # noqa: BLE001 - any build error is this variant's recorded result
         log.error("%s failed:\n%s", variant.name, traceback.format_exc())

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from stages.benchmark import machine_info
 from stages.config import InputError, main_for, path
@@ -435,8 +435,7 @@ def benchmark_section(cfg: DictConfig, bench: dict | None) -> tuple[list[Block],
     if bench is None:
         blocks.append(not_run(f"`{rel(cfg, metrics / 'benchmark.json')}`", "benchmark"))
         return blocks, {"best_variant": None, "best_speedup": None}
-    rows = bench.get("rows") or {}
-    rows = list(rows.values()) if isinstance(rows, dict) else list(rows)
+    rows = list(bench["rows"].values())
     ref, best, speedup = bench.get("reference_batch"), bench.get("best_variant"), \
         bench.get("best_speedup")
     baseline = bench.get("baseline", "the baseline")
@@ -508,9 +507,7 @@ def run(cfg: DictConfig) -> dict:
     bench_blocks, benched = benchmark_section(cfg, bench)
     machine_blocks, machine = machine_section(bench)
 
-    title = str(OmegaConf.select(cfg, "report.title", default=None)
-                or f"{cfg.model.name} on {data['classes'] or len(cfg.data.classes)} "
-                   "Open Images classes")
+    title = f"{cfg.model.name} on {data['classes'] or len(cfg.data.classes)} Open Images classes"
     summary = [f"Test accuracy {pct(trained['test_acc'])} "
                f"(best validation {pct(trained['best_val_acc'])})."]
     if optimized["variants"]:

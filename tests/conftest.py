@@ -10,7 +10,9 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from stages import download, prepare, train
@@ -81,6 +83,21 @@ def run_stage(stage: str, params: Path, *overrides: str, env: dict | None = None
     """Run a stage's real entry point in a fresh process."""
     return subprocess.run(stage_cmd(stage, params, *overrides), cwd=cwd, capture_output=True,
                           text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def logits_in_fresh_process(x: torch.Tensor, folder: Path, tmp: Path,
+                            body: str) -> dict[str, np.ndarray]:
+    """Run `body` in a new Python process, with `x` (this batch), `d` (`folder`) and an empty dict
+    `out` in scope; returns what it put in `out` (name -> logits). Proves an artifact loads alone,
+    with nothing of this process (imports, registrations, caches) behind it."""
+    np.save(tmp / "x.npy", x.numpy())
+    code = ("import sys, json, numpy as np, torch\nfrom pathlib import Path\n"
+            "x = torch.from_numpy(np.load(sys.argv[1]))\nd = Path(sys.argv[2])\nout = {}\n"
+            f"{body}\n"
+            "print(json.dumps({k: np.asarray(v).tolist() for k, v in out.items()}))\n")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp / "x.npy"), str(folder)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    return {k: np.array(v) for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
 
 
 @pytest.fixture(scope="session")

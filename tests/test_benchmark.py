@@ -19,7 +19,7 @@ import torch
 from stages import benchmark, export, optimize
 from stages.config import ConfigError, InputError, compose, path
 from stages.io import read_csv
-from stages.optimize import Runtime
+from stages.runtime import Runtime
 
 VARIANTS = ["onnxruntime_fp32", "onnxruntime_int8", "cpu_bf16", "trt_fp16"]
 TINY = ["benchmark.protocols.default.batch_sizes=[1,8]", "benchmark.protocols.default.trials=2",

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import logits_in_fresh_process
 
 from stages import export, models
 from stages.config import ConfigError, compose, path
@@ -69,24 +68,14 @@ def test_artifacts_round_trip_in_a_fresh_process(exported, trained, tmp_path) ->
     cfg, _ = exported
     model, meta = models.load_trained(trained)
     x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # batch 5: unseen
-    np.save(tmp_path / "x.npy", x.numpy())
     with torch.no_grad():
         want = model(x).numpy()
-    code = (
-        "import sys, json, numpy as np, torch\n"
-        "from pathlib import Path\n"
+    got = logits_in_fresh_process(x, path(cfg, "exported"), tmp_path, (
         "from stages.export import FILES, load_runner\n"
-        "x = torch.from_numpy(np.load(sys.argv[1]))\n"
-        "d = Path(sys.argv[2])\n"
-        "out = {f: load_runner(f, d / n)[0](x).tolist() for f, n in FILES.items()}\n"
-        "print(json.dumps(out))\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.npy"),
-                          str(path(cfg, "exported"))], capture_output=True, text=True,
-                         timeout=300, check=True)
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+        "for f, n in FILES.items():\n"
+        "    out[f] = load_runner(f, d / n)[0](x)"))
     for fmt in export.FILES:
-        np.testing.assert_allclose(np.array(got[fmt]), want, rtol=1e-4, atol=1e-4 * abs(want).max())
+        np.testing.assert_allclose(got[fmt], want, rtol=1e-4, atol=1e-4 * abs(want).max())
 
 
 def test_a_failed_check_fails_the_stage_after_writing_the_report(export_cfg) -> None:

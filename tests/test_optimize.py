@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_stage, write_params
+from conftest import logits_in_fresh_process, run_stage, write_params
 
 from stages import export, models, optimize
 from stages.config import OPTIMIZE_VARIANTS, ConfigError, InputError, compose, path
@@ -90,27 +88,16 @@ def test_variants_reload_alone_in_a_fresh_process(built, cfg, trained, tmp_path)
     model, _ = models.load_trained(trained)
     batches, _ = optimize.test_batches(cfg, _meta(cfg))
     x = torch.cat(batches)[:5]  # real test images, batch 5: a size no build saw
-    np.save(tmp_path / "x.npy", x.numpy())
     with torch.no_grad():
         fp32 = model(x).numpy()
-    code = (
-        "import sys, json, numpy as np, torch\n"
-        "from pathlib import Path\n"
+    got = logits_in_fresh_process(x, path(cfg, "optimized"), tmp_path, (
         "from stages.optimize import load_variant\n"
-        "x = torch.from_numpy(np.load(sys.argv[1]))\n"
-        "out = {}\n"
-        "for d in sorted(Path(sys.argv[2]).iterdir()):\n"
-        "    if json.loads((d / 'record.json').read_text())['status'] == 'ok':\n"
-        "        out[d.name] = load_variant(d)[0](x).tolist()\n"
-        "print(json.dumps(out))\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.npy"),
-                          str(path(cfg, "optimized"))], capture_output=True, text=True,
-                         timeout=300, check=True)
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+        "for v in sorted(d.iterdir()):\n"
+        "    if json.loads((v / 'record.json').read_text())['status'] == 'ok':\n"
+        "        out[v.name] = load_variant(v)[0](x)"))
     assert set(got) >= set(CPU_VARIANTS)
     for name in CPU_VARIANTS:
-        fresh = np.array(got[name])
+        fresh = got[name]
         here = optimize.load_variant(path(cfg, "optimized") / name)[0](x)
         np.testing.assert_allclose(fresh, here, rtol=1e-5, atol=1e-5, err_msg=name)
         # and close to fp32 within what the record measured on the whole test split
