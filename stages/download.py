@@ -1,18 +1,26 @@
-"""Stage `download`: an Open Images subset by class name.
+"""Stage `download`: the raw images and labels, from one of the sources in `SOURCES`.
 
-Reads the human-verified image labels of the official splits, picks up to
-`data.max_images_per_class` images per requested class (deterministic for `data.seed`), fetches
-them concurrently and writes, under `paths.raw`:
+`openimages` (the default): an Open Images subset by class name. Reads the human-verified image
+labels of the official splits, picks up to `data.max_images_per_class` images per requested class
+(deterministic for `data.seed`), fetches them concurrently. Metadata CSVs and fetched images are
+cached under `paths.cache` (per base URL), so a rerun, or a run with other classes, fetches only
+what it does not have yet.
 
-    images/<split>/<ImageID>.jpg   every image that arrived whole and decodes
-    labels.csv                     ImageID, split (official), class, label_name
-    attribution.csv                ImageID, class + license, author and URLs per image
-    missing.csv                    ImageID, split, class, reason: what could not be fetched
+`folder`: your own photos, class per sub-folder of `data.folder` (torchvision's ImageFolder
+layout). Every file is decoded before it is imported; what does not decode is listed, never fatal.
+
+Either writes, under `paths.raw`, what `prepare` reads:
+
+    images/<split>/<ImageID>.jpg   openimages: every image that arrived whole and decodes
+    images/<ImageID>.<ext>         folder: ImageID = sha256 of the bytes[:16], ext = real format
+    labels.csv                     ImageID, split (official; empty for folder), class,
+                                   label_name (Open Images MID), file (relative to paths.raw)
+    classes.txt                    the classes in label order, one a line
+    attribution.csv                openimages: license, author and URLs; folder: source path
+    missing.csv                    what could not be fetched or imported, and why
     stats.csv                      split, class, count, share
 
-and the flat metrics file `paths.metrics/download.json`. Metadata CSVs and fetched images are
-cached under `paths.cache` (per base URL), so a rerun, or a run with other classes, fetches
-only what it does not have yet.
+and the flat metrics file `paths.metrics/download.json`.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +40,23 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from stages import imaging, openimages
-from stages.config import InputError, main_for, path
+from stages.config import ConfigError, InputError, main_for, path
 from stages.http import Fetcher, FetchError, NotFound
-from stages.io import atomic_dir, remove_stale_temps, write_bytes, write_csv, write_json
+from stages.io import (
+    atomic_dir,
+    remove_stale_temps,
+    write_bytes,
+    write_csv,
+    write_json,
+    write_text,
+)
 from stages.stats import format_table, split_stats, stats_rows
-from stages.tracking import stage_run
+from stages.tracking import StageRun, stage_run
 
 log = logging.getLogger("stages.download")
+
+# What `prepare` reads, whatever the source: `file` is the image's path relative to paths.raw.
+LABELS_HEADER = ["ImageID", "split", "class", "label_name", "file"]
 
 
 @dataclass
@@ -141,6 +160,16 @@ def fetch_images(sel: Selection, fetcher: Fetcher, images_url: str, cache: Path,
 
 
 def run(cfg: DictConfig) -> dict:
+    """Fetch or import the images of `data.source` into `paths.raw`; returns the metrics."""
+    try:
+        source = SOURCES[cfg.data.source]
+    except KeyError:
+        raise ConfigError(f"unknown data.source {cfg.data.source!r}; expected one of "
+                          f"{sorted(SOURCES)}") from None
+    return source(cfg)
+
+
+def from_openimages(cfg: DictConfig) -> dict:
     """Download the configured Open Images subset; returns the metrics it wrote."""
     data = cfg.data
     classes = openimages.resolve_classes(list(data.classes))  # fails before any fetch
@@ -193,11 +222,15 @@ def run(cfg: DictConfig) -> dict:
             "bad_image_ids": sum(s.bad_ids for s in scans.values()),
             "http_retries": fetcher.retried,
         })
-        write_json(path(cfg, "metrics") / "download.json", metrics)
-        tracker.log_metrics(metrics)
-        for name in ("labels.csv", "stats.csv", "missing.csv", "attribution.csv"):
-            tracker.log_artifact(path(cfg, "raw") / name)
+        _finish(cfg, tracker, metrics)
     return metrics
+
+
+def _finish(cfg: DictConfig, tracker: StageRun, metrics: dict) -> None:
+    write_json(path(cfg, "metrics") / "download.json", metrics)
+    tracker.log_metrics(metrics)
+    for name in ("labels.csv", "classes.txt", "stats.csv", "missing.csv", "attribution.csv"):
+        tracker.log_artifact(path(cfg, "raw") / name)
 
 
 def write_outputs(cfg: DictConfig, sel: Selection, failures: dict[str, str],
@@ -210,8 +243,10 @@ def write_outputs(cfg: DictConfig, sel: Selection, failures: dict[str, str],
             dst = out / "images" / split / f"{iid}.jpg"
             dst.parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(img_cache / split / f"{iid}.jpg", dst)
-        write_csv(out / "labels.csv", ["ImageID", "split", "class", "label_name"],
-                  [(iid, s, n, classes[n]) for iid, (s, n) in sorted(ok.items())])
+        write_csv(out / "labels.csv", LABELS_HEADER,
+                  [(iid, s, n, classes[n], f"images/{s}/{iid}.jpg")
+                   for iid, (s, n) in sorted(ok.items())])
+        write_text(out / "classes.txt", "".join(f"{c}\n" for c in classes))
         fields = openimages.ATTRIBUTION_FIELDS
         write_csv(out / "attribution.csv", ["ImageID", "split", "class", *fields],
                   [(iid, s, n, *(attribution.get(iid, {}).get(k, "") for k in fields))
@@ -259,6 +294,162 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+# --- source `folder`: your own photos ----------------------------------------------------------
+
+
+@dataclass
+class Photo:
+    """One file under a class folder, and what checking it found."""
+
+    source: str  # path relative to data.folder, with "/"
+    cls: str
+    digest: str = ""  # sha256 of the bytes
+    ext: str = ""  # of the decoded format, not of the file name
+    error: str = ""  # "undecodable: ..." or "not an image: ..."
+
+
+def photo_folder(cfg: DictConfig) -> Path:
+    """`data.folder`, relative to `paths.root` unless absolute."""
+    return path(cfg, "root") / cfg.data.folder
+
+
+def folder_classes(root: Path, wanted: Sequence[str]) -> list[str]:
+    """The class sub-folders to import, in label order: `wanted`, or every one sorted by name
+    (as ImageFolder does). Hidden folders (`.ipynb_checkpoints`, `.git`) are never classes."""
+    if not root.is_dir():
+        raise InputError(f"data.folder: {root} is not a folder; point data.folder at a "
+                         "class-per-folder photo set (DIR/<class>/<image>)")
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not found:
+        raise InputError(f"data.folder: {root} has no class sub-folders; expected "
+                         "DIR/<class>/<image> (torchvision's ImageFolder layout)")
+    if not wanted:
+        return found
+    unknown = [c for c in wanted if c not in found]
+    twice = sorted(c for c, n in Counter(wanted).items() if n > 1)
+    if unknown or twice:
+        problems = [f"no folder {c!r}" for c in unknown] + [f"{c!r} listed twice" for c in twice]
+        raise InputError(f"data.classes: {'; '.join(problems)} in {root}; its class folders "
+                         f"are {found} (or leave data.classes empty for all of them)")
+    return list(wanted)
+
+
+def list_photos(root: Path, classes: Sequence[str]) -> Iterator[Photo]:
+    """Every file under each class folder, recursively, in a stable order. Hidden files and
+    folders (`.DS_Store`) are skipped; anything else is counted (`Thumbs.db` as not an image)."""
+    for cls in classes:
+        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(f for f in filenames if not f.startswith(".")):
+                yield Photo(Path(dirpath, name).relative_to(root).as_posix(), cls)
+
+
+def _check_and_store(photo: Photo, root: Path, images: Path) -> Photo:
+    """Decode one file as `prepare` will; store the very bytes that decoded under their hash."""
+    try:
+        data = (root / photo.source).read_bytes()
+    except OSError as e:
+        photo.error = f"undecodable: cannot read ({e.strerror})"
+        return photo
+    try:
+        photo.ext = imaging.check_image(data)
+    except imaging.NotAnImage as e:
+        photo.error = f"not an image: {e}"
+        return photo
+    except imaging.ImageError as e:
+        photo.error = f"undecodable: {e}"
+        return photo
+    photo.digest = hashlib.sha256(data).hexdigest()
+    # Written, not hard-linked: what is stored is exactly the bytes that decoded and were hashed
+    # (a photo edited after the check cannot slip in), and editing a photo in place later cannot
+    # change this DVC output behind DVC's back. Identical bytes (a duplicate) name the same file;
+    # the atomic replace makes that race benign.
+    write_bytes(images / f"{photo.digest[:16]}{photo.ext}", data)
+    return photo
+
+
+def from_folder(cfg: DictConfig) -> dict:
+    """Import a class-per-folder photo set; returns the metrics it wrote."""
+    data = cfg.data
+    root = photo_folder(cfg)
+    classes = folder_classes(root, list(data.classes))
+    photos = list(list_photos(root, classes))
+    log.info("%s: %d file(s) in %d class folder(s) %s", root, len(photos), len(classes), classes)
+
+    with stage_run(cfg, "download") as tracker:
+        tracker.log_params({"data": OmegaConf.to_container(data, resolve=True)})
+        t0 = time.perf_counter()
+        with atomic_dir(path(cfg, "raw")) as out:
+            (out / "images").mkdir()
+            checked = _import_photos(photos, root, out / "images", data.prepare_workers)
+            kept: dict[str, Photo] = {}  # digest -> the first file with these bytes
+            skipped: list[tuple[str, str, str]] = []
+            for ph in checked:  # in list order, so "the first" is stable
+                if not ph.error and ph.digest in kept:
+                    ph.error = f"duplicate: same bytes as {kept[ph.digest].source}"
+                if ph.error:
+                    skipped.append((ph.source, ph.cls, ph.error))
+                else:
+                    kept[ph.digest] = ph
+            ok = sorted(kept.values(), key=lambda ph: ph.digest)
+            counts = Counter(ph.cls for ph in ok)
+            empty = [c for c in classes if not counts[c]]
+            if empty and (data.on_empty_class == "error" or len(empty) == len(classes)):
+                raise InputError(f"no decodable image in class folder(s) {empty} of {root}; add "
+                                 "photos, leave them out of data.classes or set "
+                                 "data.on_empty_class=skip")
+            write_csv(out / "labels.csv", LABELS_HEADER,
+                      [(ph.digest[:16], "", ph.cls, "", f"images/{ph.digest[:16]}{ph.ext}")
+                       for ph in ok])
+            write_text(out / "classes.txt", "".join(f"{c}\n" for c in classes))
+            write_csv(out / "attribution.csv", ["ImageID", "class", "source", "sha256"],
+                      [(ph.digest[:16], ph.cls, ph.source, ph.digest) for ph in ok])
+            write_csv(out / "missing.csv", ["source", "class", "reason"], skipped)
+            # one row: a photo folder has no official splits (prepare splits it)
+            table = {"all": split_stats([("folder", ph.cls) for ph in ok], classes)["all"]}
+            write_csv(out / "stats.csv", ["split", "class", "count", "share"], stats_rows(table))
+        import_s = time.perf_counter() - t0
+        print(format_table(table, title=f"download: images per class in {root}"))
+        kinds = Counter(why.split(":", 1)[0] for _, _, why in skipped)
+        metrics = {f"all.{k}": v for k, v in _flat(table["all"]).items()}
+        metrics.update({
+            "found": len(photos),
+            "imported": len(ok),
+            "undecodable": kinds["undecodable"],
+            "not_an_image": kinds["not an image"],
+            "duplicates": kinds["duplicate"],
+            "empty_classes": len(empty),
+            "import_seconds": round(import_s, 3),
+        })
+        if skipped:
+            log.warning("skipped %d of %d file(s) (%s); see missing.csv", len(skipped),
+                        len(photos), dict(kinds))
+        if empty:
+            log.warning("skipped class folders with no decodable image: %s", empty)
+        _finish(cfg, tracker, metrics)
+    return metrics
+
+
+def _import_photos(photos: list[Photo], root: Path, images: Path, workers: int) -> list[Photo]:
+    # Threads: Pillow releases the GIL while it decodes (as in prepare). map keeps list order.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+            tqdm(total=len(photos), unit="img", desc="import") as bar:
+        out, failed = [], 0
+        for ph in pool.map(lambda p: _check_and_store(p, root, images), photos):
+            out.append(ph)
+            failed += bool(ph.error)
+            bar.update(1)
+            bar.set_postfix(skipped=failed, refresh=False)
+        return out
+
+
+# The registry of sources (`data.source`; stages.config.CHOICES names the same keys).
+SOURCES: dict[str, Callable[[DictConfig], dict]] = {
+    "openimages": from_openimages,
+    "folder": from_folder,
+}
 
 
 def main() -> None:

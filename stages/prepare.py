@@ -11,6 +11,9 @@ Decodes every downloaded image once (EXIF orientation applied), resizes its shor
 and `paths.metrics/prepare.json`. The split is stratified by class and seeded; by default the
 union of the official splits is re-split (`data.split.mode=resplit`) because the official
 validation and test sets are tiny, or empty, for rare classes.
+
+It reads only what `download` wrote (labels.csv, classes.txt, the images), so it is the same for
+every source: a photo folder's images simply have no official split.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from tqdm import tqdm
 from stages import imaging
 from stages.config import InputError, main_for, path
 from stages.io import atomic_dir, read_csv, write_csv, write_json, write_text
-from stages.openimages import resolve_classes
 from stages.stats import format_table, split_stats, stats_rows
 from stages.tracking import stage_run
 
@@ -96,23 +98,31 @@ def run(cfg: DictConfig) -> dict:
     if not labels_csv.is_file():
         raise InputError(f"{labels_csv} not found: run the download stage first "
                          "(`dvc repro download` or `python -m stages.download`)")
+    classes_txt = raw / "classes.txt"
+    if not classes_txt.is_file():  # a raw folder from before download wrote it
+        raise InputError(f"{classes_txt} not found: rerun the download stage "
+                         "(`dvc repro -f download`)")
     rows = read_csv(labels_csv)
-    bad = [r for r in rows if r.get("split") not in OFFICIAL_TO_SPLIT or not r.get("class")]
+    # "" = no official split (a photo folder), fine when re-splitting
+    splits = {*OFFICIAL_TO_SPLIT, *([""] if data.split.mode == "resplit" else [])}
+    bad = [r for r in rows
+           if r.get("split") not in splits or not r.get("class") or not r.get("file")]
     if bad:
-        raise InputError(f"{labels_csv}: {len(bad)} row(s) without a valid split/class, "
-                         f"first: {bad[0]}")
+        raise InputError(f"{labels_csv}: {len(bad)} row(s) without a valid split/class/file "
+                         f"(data.split.mode={data.split.mode}), first: {bad[0]}")
+    # The label order download recorded (the order of data.classes, or the sorted class folders)
     present = {r["class"] for r in rows}
-    classes = [c for c in _requested_order(cfg) if c in present]
+    classes = [c for c in classes_txt.read_text(encoding="utf-8").splitlines() if c in present]
     if not classes:
-        raise InputError(f"{labels_csv} has no image of any class in data.classes")
+        raise InputError(f"{labels_csv} has no image of any class in {classes_txt}")
 
     with stage_run(cfg, "prepare") as tracker:
         tracker.log_params({"data.image_size": data.image_size, "data.seed": data.seed,
                             "data.split": OmegaConf.to_container(data.split)})
         with atomic_dir(path(cfg, "prepared")) as out:
             (out / "images").mkdir()
-            jobs = [(str(raw / "images" / r["split"] / f"{r['ImageID']}.jpg"),
-                     str(out / "images" / f"{r['ImageID']}.jpg"), data.image_size) for r in rows]
+            jobs = [(str(raw / r["file"]), str(out / "images" / f"{r['ImageID']}.jpg"),
+                     data.image_size) for r in rows]
             errors = _run_jobs(jobs, data.prepare_workers)
             skipped = {r["ImageID"]: e for r, e in zip(rows, errors, strict=True) if e}
             good = [r for r in rows if r["ImageID"] not in skipped]
@@ -144,11 +154,6 @@ def run(cfg: DictConfig) -> dict:
         for name in ("stats.csv", "labels.txt", "skipped.csv"):
             tracker.log_artifact(path(cfg, "prepared") / name)
     return metrics
-
-
-def _requested_order(cfg: DictConfig) -> list[str]:
-    # Canonical display names in the order the user listed them: that order is the label index.
-    return list(resolve_classes(list(cfg.data.classes)))
 
 
 def _run_jobs(jobs: list[tuple[str, str, int]], workers: int) -> list[str | None]:

@@ -41,7 +41,7 @@ def project(tmp_path: Path, mirror) -> Path:
     """A git+DVC copy of the project whose `data` default is the test mirror."""
     dst = tmp_path / "project"
     dst.mkdir()
-    for name in ("conf", "stages"):
+    for name in ("conf", "stages", "photos"):  # photos/: data.folder, a download dependency
         shutil.copytree(PROJECT_ROOT / name, dst / name,
                         ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore"):

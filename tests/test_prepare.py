@@ -105,3 +105,15 @@ def test_allocate_gives_every_split_an_image_when_it_can() -> None:
 def test_prepare_without_download_is_a_clear_error(make_cfg) -> None:
     with pytest.raises(InputError, match="run the download stage first"):
         prepare.run(make_cfg())
+
+
+def test_class_order_comes_from_what_download_recorded(downloaded, manifest) -> None:
+    raw = path(downloaded, "raw")
+    assert (raw / "classes.txt").read_text().splitlines() == list(manifest["classes"])
+    reordered = list(reversed(manifest["classes"]))
+    (raw / "classes.txt").write_text("".join(f"{c}\n" for c in reordered))
+    prepare.run(downloaded)
+    assert (path(downloaded, "prepared") / "labels.txt").read_text().splitlines() == reordered
+    (raw / "classes.txt").unlink()  # a raw folder from before download recorded the classes
+    with pytest.raises(InputError, match="classes.txt not found: rerun the download stage"):
+        prepare.run(downloaded)
