@@ -1,9 +1,14 @@
 """Stage `train`: fine-tune a pretrained model on the prepared subset (transfer learning).
 
-Writes the best checkpoint by validation accuracy to `paths.models/model.pt` (weights, optimiser,
-scheduler, scaler, epoch, best metric, resolved config, and what inference needs: architecture,
-class names, normalisation, input size), `paths.metrics/train.json`, and the DVC plots
-`paths.plots/train_history.csv`, `confusion.csv` and `confusion.png`.
+Writes the checkpoint of the epoch with the lowest validation loss to `paths.models/model.pt`
+(weights, optimiser, scheduler, scaler, epoch, best metric, resolved config, and what inference
+needs: architecture, class names, normalisation, input size), `paths.metrics/train.json`, and the
+DVC plots `paths.plots/train_history.csv`, `confusion.csv` and `confusion.png`.
+
+Why validation loss and not accuracy: on a few dozen validation images accuracy moves in steps
+of 1/n and ties (real photos, 38 images: the best accuracy, 35 of 38, came at epoch 1 with
+training accuracy 0.62 and was kept while the validation loss kept falling for 5 more epochs).
+The loss is the mean cross-entropy without label smoothing, a continuous signal.
 
 While it runs, a complete checkpoint of the last epoch sits in a work folder under `paths.cache`
 keyed by everything that defines the run; a killed run started again with the same config and
@@ -13,6 +18,7 @@ numbers) as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -21,6 +27,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -42,11 +49,14 @@ from stages.datasets import (
     train_transform,
 )
 from stages.io import atomic_open, write_csv, write_json
+from stages.statistics import wilson
 from stages.tracking import stage_run
 
 log = logging.getLogger("stages.train")
 
 CHECKPOINT = "model.pt"
+# The checkpoint kept and early stopping follow the validation loss (the module docstring says why)
+SELECTED_BY = "val_loss"
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
                   "train_images", "train_images_per_s", "epoch_seconds"]
 
@@ -58,10 +68,17 @@ class TrainingDiverged(StageError):
 # --- hardware choices --------------------------------------------------------------------------
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: without them bf16 matmuls are emulated and slower than fp32
-    (measured on an AVX-512 Xeon without either: 1024^2 matmul 47 ms bf16 vs 14 ms fp32)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+# train.precision=auto on CPU times the real model before training and takes bf16 autocast only
+# when it is this much faster than fp32. CPU flags do not predict it: on an AMX Xeon bf16 trained
+# efficientnet_lite0 slower than fp32 (13.6 vs 16 images/s); without AVX512-BF16 or AMX bf16 is
+# emulated (1024^2 matmul 47 ms bf16 vs 14 ms fp32). 10%: a smaller gain is within the noise of
+# a few timed steps on a shared machine and not worth bf16's coarser gradients.
+BF16_MIN_SPEEDUP = 1.10
+# Timed steps per precision, after one warm-up step each, on one training batch: a smaller batch
+# misjudges it (this 2-core AVX512-BF16 CPU, lite0 at 224 px: bf16/fp32 0.84-1.29 at 8 images,
+# 1.21-1.40 at 32, where fp32 slows per image). About 9 s at 224 px and batch 32 on 2 cores,
+# under 1 s at the tests' 64 px.
+PRECISION_PROBE_ROUNDS = 2
 
 
 def select_device(want: str) -> torch.device:
@@ -71,14 +88,70 @@ def select_device(want: str) -> torch.device:
                         else "cpu")
 
 
-def select_precision(want: str, device: torch.device) -> str:
-    if want == "auto":
-        if device.type == "cuda":
-            return "fp16"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
+def choose_precision(fp32_images_per_s: float, bf16_images_per_s: float,
+                     min_speedup: float = BF16_MIN_SPEEDUP) -> str:
+    """bf16 only where it was measured clearly faster than fp32."""
+    return "bf16" if bf16_images_per_s >= min_speedup * fp32_images_per_s else "fp32"
+
+
+def select_precision(want: str, device: torch.device,
+                     measure: Callable[[], dict[str, float]] | None = None,
+                     deterministic: bool = False) -> tuple[str, dict]:
+    """The training precision and how it was chosen (flat, for train.json).
+
+    `measure` (images/s per precision, see `measure_precisions`) runs only for auto on CPU, and
+    not with `deterministic`: a timing can come out either way from run to run, so a
+    bit-reproducible run takes fp32."""
     if want == "fp16" and device.type != "cuda":
         raise InputError("train.precision=fp16 needs CUDA; on CPU use bf16 or fp32")
-    return want
+    if want != "auto":
+        return want, {"precision_chosen_by": "config"}
+    if device.type == "cuda":  # tensor cores: fp16 with a gradient scaler
+        return "fp16", {"precision_chosen_by": "cuda"}
+    if deterministic:
+        return "fp32", {"precision_chosen_by": "deterministic"}
+    if measure is None:
+        raise ValueError("train.precision=auto on CPU needs a measurement")
+    speed = measure()
+    choice = choose_precision(speed["fp32"], speed["bf16"])
+    return choice, {"precision_chosen_by": "measured",
+                    "precision_fp32_images_per_s": round(speed["fp32"], 2),
+                    "precision_bf16_images_per_s": round(speed["bf16"], 2),
+                    "precision_bf16_speedup": round(speed["bf16"] / speed["fp32"], 3),
+                    "precision_bf16_min_speedup": BF16_MIN_SPEEDUP}
+
+
+def measure_precisions(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       device: torch.device, channels_last: bool,
+                       rounds: int = PRECISION_PROBE_ROUNDS) -> dict[str, float]:
+    """Images/s of forward + backward of `model` (as it will train: its requires_grad, train
+    mode) in fp32 and in bf16 autocast, on a copy (batch norm statistics and gradients of
+    `model` stay as they were). One warm-up step each, then `rounds` interleaved steps each, so
+    that a burst of load elsewhere hits both; the fastest step of each counts."""
+    m = copy.deepcopy(model).train()
+    freeze_frozen_norms(m)
+    x, y = x.to(device), y.to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(precision: str) -> float:
+        t0 = time.perf_counter()
+        with autocast(device, precision):
+            loss = loss_fn(m(x).float(), y)
+        loss.backward()
+        loss.item()  # the stage's host sync; also waits for an asynchronous device
+        m.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    best = {"fp32": math.inf, "bf16": math.inf}
+    with torch.random.fork_rng(devices=[]):  # dropout draws here leave training's RNG alone
+        for p in best:
+            step(p)
+        for _ in range(rounds):
+            for p in best:
+                best[p] = min(best[p], step(p))
+    return {p: len(y) / s for p, s in best.items()}
 
 
 def autocast(device: torch.device, precision: str):
@@ -91,15 +164,37 @@ def autocast(device: torch.device, precision: str):
 # --- recipes -----------------------------------------------------------------------------------
 
 
-def apply_recipe(model: nn.Module, mode: str, unfreeze_blocks: int) -> None:
-    """Set requires_grad for `train.mode`: the head always trains."""
+# train.mode -> (what trains in the probe phase, what trains after it). Only lp_ft has a probe
+# phase (`train.probe_epochs` long): LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort
+# Pretrained Features and Underperform Out-of-Distribution") first fits the new head on frozen
+# features, so that unfreezing the backbone does not send a random head's large gradients into
+# it. The names are `stages.config.CHOICES["train.mode"]` (a test keeps the two equal).
+RECIPES: dict[str, tuple[str | None, str]] = {
+    "linear_probe": (None, "linear_probe"),
+    "full": (None, "full"),
+    "partial": (None, "partial"),
+    "lp_ft": ("linear_probe", "full"),
+}
+
+
+def probe_epochs(train: DictConfig) -> int:
+    """Epochs of the probe phase: `train.probe_epochs` for lp_ft (never more than the run), else
+    0."""
+    return min(train.probe_epochs, train.epochs) if RECIPES[train.mode][0] else 0
+
+
+def layers_at(train: DictConfig, epoch: int) -> str:
+    """What trains in `epoch` (1-based): linear_probe, full or partial."""
+    probe, main = RECIPES[train.mode]
+    return probe if epoch <= probe_epochs(train) else main
+
+
+def apply_recipe(model: nn.Module, layers: str, unfreeze_blocks: int) -> None:
+    """Set requires_grad for `layers` (linear_probe, full or partial): the head always trains."""
     head = model.get_submodule(models.head_name(model))
-    if mode == "full":
-        model.requires_grad_(True)
-        return
-    model.requires_grad_(False)
+    model.requires_grad_(layers == "full")
     head.requires_grad_(True)
-    if mode == "partial":
+    if layers == "partial":
         stages_ = models.blocks(model)
         if unfreeze_blocks > len(stages_):
             raise InputError(f"train.unfreeze_blocks={unfreeze_blocks} but {type(model).__name__}"
@@ -117,15 +212,20 @@ def freeze_frozen_norms(model: nn.Module) -> None:
 
 
 def param_groups(model: nn.Module, train: DictConfig) -> list[dict]:
-    """Head at `lr`, backbone at `lr * backbone_lr_scale`; no weight decay on biases/norms."""
+    """Every parameter that trains in some phase (requires_grad now: call it with the last
+    phase's recipe applied), head groups first: head at `lr`, backbone at
+    `lr * backbone_lr_scale`; no weight decay on biases/norms. A parameter frozen in the current
+    phase gets no gradient, and AdamW and SGD leave a parameter without one untouched (weight
+    decay included), so one optimiser serves both phases of lp_ft."""
     head = models.head_name(model) + "."
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups.setdefault((name.startswith(head), p.ndim > 1), []).append(p)
-    return [{"params": ps, "lr": train.lr * (1.0 if is_head else train.backbone_lr_scale),
+    return [{"params": ps, "head": is_head,
+             "lr": train.lr * (1.0 if is_head else train.backbone_lr_scale),
              "weight_decay": train.weight_decay if decay else 0.0}
-            for (is_head, decay), ps in groups.items()]
+            for (is_head, decay), ps in sorted(groups.items(), key=lambda kv: not kv[0][0])]
 
 
 def make_optimizer(groups: list[dict], train: DictConfig) -> torch.optim.Optimizer:
@@ -134,17 +234,35 @@ def make_optimizer(groups: list[dict], train: DictConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=train.lr)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, warmup: int, total: int,
-                   min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warmup over `warmup` steps, then cosine to `min_ratio` at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+def make_scheduler(opt: torch.optim.Optimizer, train: DictConfig,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per step: warmup (`train.warmup_epochs`) then cosine to `train.min_lr_ratio`, once per
+    phase. In lp_ft's probe phase the head runs at `train.probe_lr` and the (frozen) backbone at
+    0; the fine-tuning phase starts its own warmup, from the probe's head.
+
+    A function of the step alone (no state but the step count), so a resumed run, whose
+    scheduler is rebuilt and given the saved step, follows the same curve across the switch."""
+    probe = probe_epochs(train) * steps_per_epoch
+    total = train.epochs * steps_per_epoch
+    warmup = train.warmup_epochs * steps_per_epoch
+
+    def factor(head: bool) -> Callable[[int], float]:
+        def f(step: int) -> float:
+            if step < probe:
+                return (train.probe_lr / train.lr if head else 0.0) * warmup_cosine(
+                    step, min(warmup, probe), probe, train.min_lr_ratio)
+            return warmup_cosine(step - probe, warmup, total - probe, train.min_lr_ratio)
+        return f
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, [factor(g["head"]) for g in opt.param_groups])
 
 
 # --- loops -------------------------------------------------------------------------------------
@@ -288,7 +406,6 @@ def _run(cfg: DictConfig) -> dict:
     prepared = path(cfg, "prepared")
     classes = read_classes(prepared)
     device = select_device(train.device)
-    precision = select_precision(train.precision, device)
     if train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -307,11 +424,13 @@ def _run(cfg: DictConfig) -> dict:
                          "data.max_images_per_class")
 
     model, source = models.build(mcfg.name, len(classes), mcfg.weights)
-    apply_recipe(model, train.mode, train.unfreeze_blocks)
+    # As in the last phase, which trains the most: the optimiser gets every parameter that
+    # trains in some phase, and the precision is timed on what trains longest (the epoch loop
+    # sets each phase's requires_grad).
+    apply_recipe(model, layers_at(train, train.epochs), train.unfreeze_blocks)
     model.to(device)
     if train.channels_last:
         model.to(memory_format=torch.channels_last)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     train_loader, sampler = make_train_loader(train_ds, train.batch_size, train.num_workers,
                                               train.seed, device)
@@ -320,51 +439,75 @@ def _run(cfg: DictConfig) -> dict:
                             persistent_workers=train.num_workers > 0)
     test_loader = DataLoader(test_ds, batch_size=train.batch_size, num_workers=train.num_workers)
 
+    work = path(cfg, "cache") / "train" / run_key(cfg, prepared)
+    work.mkdir(parents=True, exist_ok=True)
+    ck = load_checkpoint(work / "last.pt") if (work / "last.pt").is_file() else None
+    if ck is not None:  # the precision the run started with, not a new measurement
+        precision, chosen = ck["meta"]["precision"], ck["precision_choice"]
+    else:
+        precision, chosen = select_precision(
+            train.precision, device,
+            lambda: measure_precisions(model, *probe_batch(train_ds, train.batch_size), device,
+                                       train.channels_last), train.deterministic)
+    if chosen["precision_chosen_by"] == "measured":
+        log.info("precision: %s (forward+backward, %d images per step: fp32 %.1f images/s, "
+                 "bf16 autocast %.1f images/s, x%.2f; bf16 needs x%.2f)", precision,
+                 min(len(train_ds), train.batch_size),
+                 chosen["precision_fp32_images_per_s"], chosen["precision_bf16_images_per_s"],
+                 chosen["precision_bf16_speedup"], BF16_MIN_SPEEDUP)
+
     opt = make_optimizer(param_groups(model, train), train)
-    steps = len(train_loader)
-    sched = make_scheduler(opt, train.warmup_epochs * steps, train.epochs * steps,
-                           train.min_lr_ratio)
+    sched = make_scheduler(opt, train, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
     fwd = torch.compile(model) if train.compile else model
 
-    work = path(cfg, "cache") / "train" / run_key(cfg, prepared)
-    work.mkdir(parents=True, exist_ok=True)
     meta = {"arch": mcfg.name, "classes": classes, "mean": list(mcfg.mean),
             "std": list(mcfg.std), "input_size": mcfg.input_size, "crop_pct": mcfg.crop_pct,
             "weights_source": source, "precision": precision}
     resolved = OmegaConf.to_container(cfg, resolve=True)
     history: list[dict] = []
-    start, best_acc, best_epoch, stale = 1, -1.0, 0, 0
-    if (work / "last.pt").is_file():
-        ck = load_checkpoint(work / "last.pt")
+    start, best_loss, best_epoch, stale = 1, math.inf, 0, 0
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
-        history, best_acc, best_epoch = ck["history"], ck["best_acc"], ck["best_epoch"]
+        history, best_loss, best_epoch = ck["history"], ck["best_val_loss"], ck["best_epoch"]
         stale, start = ck["stale_epochs"], ck["epoch"] + 1
-        log.info("resuming from %s at epoch %d (best val acc %.4f at epoch %d)",
-                 work / "last.pt", start, best_acc, best_epoch)
+        log.info("resuming from %s at epoch %d (best val loss %.4f at epoch %d)",
+                 work / "last.pt", start, best_loss, best_epoch)
+        del ck
 
-    log.info("%s (%s weights) on %s, %s, mode=%s: %d of %d parameters train", mcfg.name, source,
-             device, precision, train.mode, trainable, total)
+    n_probe = probe_epochs(train)
+    log.info("%s (%s weights) on %s, %s, mode=%s%s: %d parameters", mcfg.name, source, device,
+             precision, train.mode,
+             f" ({n_probe} probe epochs at lr {train.probe_lr:g}, then all layers)"
+             if n_probe else "", total)
     wall0 = time.perf_counter()
     with stage_run(cfg, "train", system_metrics=train.system_metrics) as tracker:
         tracker.log_params({"model": OmegaConf.to_container(mcfg),
                             "train": OmegaConf.to_container(train),
                             "train.resolved_precision": precision,
                             "train.device_resolved": str(device),
-                            "train.trainable_params": trainable})
+                            "train.trainable_params": sum(
+                                p.numel() for p in model.parameters() if p.requires_grad)})
+        layers = None
         for epoch in range(start, train.epochs + 1):
             if train.patience and stale >= train.patience:
                 break
+            if layers_at(train, epoch) != layers:
+                layers = layers_at(train, epoch)
+                apply_recipe(model, layers, train.unfreeze_blocks)
+                log.info("epoch %d: %s, %d of %d parameters train", epoch, layers,
+                         sum(p.numel() for p in model.parameters() if p.requires_grad), total)
             sampler.set_epoch(epoch)
             torch.manual_seed(train.seed * 1_000_003 + epoch)  # dropout, stochastic depth
             stats = train_epoch(fwd, train_loader, opt, sched, scaler, loss_fn, device,
                                 precision, train, epoch, train.channels_last)
             vloss, vpred, vtrue = predict(fwd, val_loader, device, precision,
                                           train.channels_last)
+            # lr: the head's (param_groups puts its groups first)
             row = {"epoch": epoch, "train_loss": stats["train_loss"],
                    "train_acc": stats["train_acc"], "val_loss": float(vloss.mean()),
                    "val_acc": float((vpred == vtrue).mean()), "lr": sched.get_last_lr()[0],
@@ -372,32 +515,46 @@ def _run(cfg: DictConfig) -> dict:
                    "train_images_per_s": stats["train_images"] / stats["train_seconds"],
                    "epoch_seconds": stats["train_seconds"]}
             history.append(row)
-            improved = row["val_acc"] > best_acc
+            improved = row["val_loss"] < best_loss
             if improved:
-                best_acc, best_epoch, stale = row["val_acc"], epoch, 0
-            else:
+                best_loss, best_epoch, stale = row["val_loss"], epoch, 0
+            elif epoch > n_probe:  # early stopping never fires in the probe phase
                 stale += 1
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch,
-                     "stale_epochs": stale, "history": history, "config": resolved,
-                     "meta": meta}
+                     "epoch": epoch, "selected_by": SELECTED_BY, "best_val_loss": best_loss,
+                     "best_epoch": best_epoch, "stale_epochs": stale, "history": history,
+                     "precision_choice": chosen, "config": resolved, "meta": meta}
             if improved:
                 save_checkpoint(work / "best.pt", **state)
             save_checkpoint(work / "last.pt", **state)
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1f img/s",
-                     epoch, train.epochs, row["train_loss"], row["train_acc"], row["val_loss"],
-                     row["val_acc"], row["train_images_per_s"])
+            log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f%s | "
+                     "%.1f img/s", epoch, train.epochs, row["train_loss"], row["train_acc"],
+                     row["val_loss"], row["val_acc"], " (best)" if improved else "",
+                     row["train_images_per_s"])
         wall = time.perf_counter() - wall0
         metrics = finish(cfg, work, classes, test_loader, device, precision, history, wall,
-                         tracker, model)
+                         tracker, model, chosen, len(val_ds))
     shutil.rmtree(work, ignore_errors=True)
     return metrics
 
 
+def probe_batch(ds: PreparedImages, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of real training images, augmented, for `measure_precisions`."""
+    n = min(batch_size, len(ds))
+    samples = [ds[(i, i)] for i in range(n)]
+    return torch.stack([x for x, _ in samples]), torch.tensor([y for _, y in samples])
+
+
+def with_interval(prefix: str, correct: int, n: int) -> dict:
+    """`<prefix>_ci_low`, `<prefix>_ci_high`: the 95% Wilson interval of correct / n."""
+    low, high = wilson(correct, n)
+    return {f"{prefix}_ci_low": round(low, 4), f"{prefix}_ci_high": round(high, 4)}
+
+
 def finish(cfg, work, classes, test_loader, device, precision, history, wall, tracker,
-           model) -> dict:
+           model, chosen, val_n) -> dict:
     """Evaluate the best checkpoint on test; write checkpoint, metrics, plots; log to MLflow."""
     best = load_checkpoint(work / "best.pt")
     model.load_state_dict(best["model"])
@@ -406,12 +563,20 @@ def finish(cfg, work, classes, test_loader, device, precision, history, wall, tr
     epochs_run = history[-1]["epoch"] if history else 0
     train_images = sum(h["train_images"] for h in history)
     train_seconds = sum(h["epoch_seconds"] for h in history)
-    metrics = {"best_val_acc": best["best_acc"], "best_epoch": best["best_epoch"],
-               "test_acc": report["accuracy"], "epochs_run": epochs_run,
-               "epochs_configured": cfg.train.epochs, "batch_size": cfg.train.batch_size,
+    at_best = next(h for h in history if h["epoch"] == best["best_epoch"])
+    val_correct = round(at_best["val_acc"] * val_n)
+    test_n, test_correct = int(len(true)), int(np.trace(cm))
+    metrics = {"selected_by": best["selected_by"], "best_epoch": best["best_epoch"],
+               "best_val_loss": round(best["best_val_loss"], 6),
+               "best_val_acc": at_best["val_acc"], "val_images": val_n,
+               **with_interval("val_acc", val_correct, val_n),
+               "test_acc": report["accuracy"], "test_images": test_n,
+               **with_interval("test_acc", test_correct, test_n),
+               "mode": cfg.train.mode, "probe_epochs": probe_epochs(cfg.train),
+               "epochs_run": epochs_run, "epochs_configured": cfg.train.epochs,
+               "batch_size": cfg.train.batch_size, "precision": precision, **chosen,
                "wall_time_s": round(wall, 2),
                "train_images_per_s": round(train_images / train_seconds, 2) if train_seconds else 0,
-               "test_images": int(len(true)),
                **{f"test.{k}": v for k, v in report.items() if k != "accuracy"}}
 
     models_dir, plots = path(cfg, "models"), path(cfg, "plots")
@@ -422,8 +587,11 @@ def finish(cfg, work, classes, test_loader, device, precision, history, wall, tr
     write_csv(plots / "confusion.csv", ["actual", "predicted"],
               [(classes[t], classes[p]) for t, p in zip(true, pred, strict=True)])
     confusion_png(cm, classes, plots / "confusion.png")
-    log.info("test accuracy %.4f (best val %.4f at epoch %d of %d run)", metrics["test_acc"],
-             metrics["best_val_acc"], metrics["best_epoch"], epochs_run)
+    log.info("test accuracy %.4f (%d of %d, 95%% interval %.3f-%.3f); checkpoint of epoch %d of "
+             "%d run, by val loss %.4f (val accuracy %.4f, %d images)", metrics["test_acc"],
+             test_correct, test_n, metrics["test_acc_ci_low"], metrics["test_acc_ci_high"],
+             metrics["best_epoch"], epochs_run, metrics["best_val_loss"], metrics["best_val_acc"],
+             val_n)
 
     tracker.log_metrics(metrics)
     for f in (path(cfg, "metrics") / "train.json", plots / "train_history.csv",
