@@ -6,8 +6,9 @@ Reads (all optional except `paths.metrics/train.json`):
     paths.raw/attribution.csv                           per-image licences
     paths.metrics/download.json, prepare.json, train.json
     paths.metrics/optimize/<variant>.json               one record per optimized variant
-    paths.metrics/benchmark.json                        benchmark rows and the machine they ran on
-    paths.plots/train_history.csv, confusion.png, benchmark_{throughput,latency,speedup}.png
+    paths.metrics/benchmark.json                        benchmark rows, winners, the machine
+    paths.plots/train_history.csv, confusion.png, benchmark_{throughput,latency,speedup}.png,
+                pareto.png
 
 Writes, under `paths.reports`:
 
@@ -15,13 +16,21 @@ Writes, under `paths.reports`:
     REPORT.html          the same content, self-contained: charts inlined as base64 PNGs
     training_curves.png  loss and accuracy per epoch, drawn from train_history.csv
 
+The first lines say what to ship: the winner at the benchmark's reference batch (the fastest
+variant whose accuracy verdict is not `fail`), its throughput, p99 latency, accuracy and speed-up
+against the named baseline, then the winner at every other batch size. Every accuracy carries its
+number of images and 95% interval, as the stages recorded them; where a file has only the count
+(the fp32 reference of the optimize records, per-class recall), the Wilson interval the stages
+use is computed from it.
+
 An input a later stage has not produced yet (no benchmark, no optimize record) gives a section that
 says "not run" and which stage to run; only a missing `train.json` is an error, since a report
 without a trained model has nothing to say.
 
 Both documents are built from one list of blocks (heading, paragraph, list, table, image), each of
 which renders itself to Markdown and to HTML, so the two never drift and no Markdown library is
-needed.
+needed. Nothing here imports torch (machine facts come from `stages.machine`): the report reads
+files.
 """
 
 from __future__ import annotations
@@ -39,15 +48,23 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from stages.benchmark import machine_info
 from stages.config import InputError, main_for, path
 from stages.io import atomic_open, read_csv, write_text
+from stages.machine import machine_info
+from stages.statistics import wilson
 from stages.tracking import stage_run
 
 log = logging.getLogger("stages.report")
 
 SPLITS = ("train", "val", "test")
-BENCHMARK_CHARTS = ("benchmark_throughput.png", "benchmark_latency.png", "benchmark_speedup.png")
+BENCHMARK_CHARTS = {  # file under paths.plots: caption
+    "benchmark_throughput.png": "benchmark throughput",
+    "benchmark_latency.png": "benchmark latency",
+    "benchmark_speedup.png": "benchmark speedup",
+    "pareto.png": "throughput against top-1 (95% intervals) at the reference batch, "
+                  "the Pareto frontier drawn",
+}
+BASELINE_NCHW = "eager_fp32_nchw"  # the benchmark's NCHW twin of its channels_last baseline
 DASH = "—"
 
 
@@ -66,7 +83,7 @@ def inline_html(text: str) -> str:
         if code is not None:
             out.append(f"<code>{html.escape(code)}</code>")
         elif bold is not None:
-            out.append(f"<strong>{html.escape(bold)}</strong>")
+            out.append(f"<strong>{inline_html(bold)}</strong>")  # may hold `code`
         else:
             out.append(f'<a href="{html.escape(url)}">{html.escape(label)}</a>')
         pos = m.end()
@@ -171,6 +188,7 @@ th, td { border: 1px solid #ccc; padding: .25rem .5rem; text-align: left; vertic
 th { background: #f3f3f3; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.failed td { background: #fdecec; } tr.skipped td { background: #f6f6f6; color: #666; }
+tr.verdict-fail td { background: #fdecec; } tr.verdict-undecided td { background: #fff8e1; }
 code { background: #f3f3f3; padding: 0 .2rem; border-radius: 3px; }
 figure { margin: 1rem 0; } img { max-width: 100%; } figcaption { color: #666; font-size: 13px; }
 """
@@ -228,6 +246,42 @@ def pct(fraction: Any, digits: int = 1) -> str:
     return DASH if fraction is None else f"{float(fraction) * 100:.{digits}f}%"
 
 
+def percent(fraction: Any) -> float | None:
+    """A fraction (0..1, as train.json stores accuracies) in percent; None stays None."""
+    return None if fraction is None else 100 * float(fraction)
+
+
+def accuracy(top1: Any, low: Any = None, high: Any = None, n: Any = None) -> str:
+    """An accuracy in percent with its 95% interval and number of images:
+    `94.4% [81.9, 98.5], n=36`. The stages record the interval; where a record has the count
+    but not the interval (a file from before intervals), the Wilson interval is computed from
+    them, the same one the stages use."""
+    if top1 is None:
+        return DASH
+    text = f"{float(top1):.1f}%"
+    if (low is None or high is None) and isinstance(n, int) and n > 0:
+        correct = min(n, max(0, round(float(top1) * n / 100)))
+        low, high = (100 * x for x in wilson(correct, n))
+    if low is not None and high is not None:
+        text += f" [{float(low):.1f}, {float(high):.1f}]"
+    return text + (f", n={n}" if n is not None else "")
+
+
+def points(delta: Any, low: Any, high: Any) -> str:
+    """A difference in accuracy points with its interval: `-1.25 [-3.10, +0.40]`."""
+    if delta is None:
+        return DASH
+    text = f"{float(delta):+.2f}"
+    return text + (f" [{float(low):+.2f}, {float(high):+.2f}]" if low is not None
+                   and high is not None else "")
+
+
+def p_value(p: Any) -> str:
+    if p is None:
+        return DASH
+    return "<0.001" if float(p) < 0.001 else f"{float(p):.2g}"
+
+
 def first_line(text: Any, limit: int = 300) -> str:
     """The first line of an error, shortened: records keep up to 2000 characters of it, which
     would make a table unreadable; the full text stays in the record file."""
@@ -243,7 +297,8 @@ def not_run(what: str, stage: str) -> Para:
 # --- sections ----------------------------------------------------------------------------------
 
 
-def dataset_section(cfg: DictConfig) -> tuple[list[Block], dict]:
+def dataset_section(cfg: DictConfig) -> tuple[list[Block], dict, dict[str, Counter]]:
+    """The dataset blocks, their summary, and the images per class of each split."""
     prepared, metrics, raw = path(cfg, "prepared"), path(cfg, "metrics"), path(cfg, "raw")
     blocks: list[Block] = [Heading(2, "Dataset")]
     labels = prepared / "labels.txt"
@@ -284,12 +339,7 @@ def dataset_section(cfg: DictConfig) -> tuple[list[Block], dict]:
     else:
         blocks.append(not_run("prepared splits", "prepare"))
 
-    blocks += [Heading(3, "Source and licences"), Para(
-        "Images and labels come from [Open Images V7](https://storage.googleapis.com/openimages/"
-        "web/index.html) (Google LLC). The annotations and the class list are licensed under "
-        "[CC BY 4.0](https://creativecommons.org/licenses/by/4.0/); each image is licensed by its "
-        "author, as listed per image in the attribution manifest (Open Images images are "
-        "[CC BY 2.0](https://creativecommons.org/licenses/by/2.0/)).")]
+    blocks += [Heading(3, "Source and licences"), Para(source_text(cfg))]
     attribution = raw / "attribution.csv"
     n_attr = None
     if attribution.is_file():
@@ -314,7 +364,20 @@ def dataset_section(cfg: DictConfig) -> tuple[list[Block], dict]:
         blocks += [Heading(3, "Download"), not_run("download metrics", "download")]
     return blocks, {"classes": len(classes), "images": {s: sum(c.values())
                                                          for s, c in counts.items()},
-                    "attribution_rows": n_attr}
+                    "attribution_rows": n_attr}, counts
+
+
+def source_text(cfg: DictConfig) -> str:
+    """Where the images came from and under which licences, by `data.source`."""
+    if cfg.data.source == "folder":
+        return (f"Images come from the class-per-folder photo set `{cfg.data.folder}` (one "
+                "sub-folder per class). Their licences are their owners'; the pipeline records "
+                "each file's source path in the attribution manifest, not a licence.")
+    return ("Images and labels come from [Open Images V7](https://storage.googleapis.com/"
+            "openimages/web/index.html) (Google LLC). The annotations and the class list are "
+            "licensed under [CC BY 4.0](https://creativecommons.org/licenses/by/4.0/); each image "
+            "is licensed by its author, as listed per image in the attribution manifest (Open "
+            "Images images are [CC BY 2.0](https://creativecommons.org/licenses/by/2.0/)).")
 
 
 def training_curves(history: list[dict[str, str]], best_epoch: int | None, file: Path) -> None:
@@ -347,33 +410,52 @@ def training_curves(history: list[dict[str, str]], best_epoch: int | None, file:
     plt.close(fig)
 
 
-def training_section(cfg: DictConfig, train: dict) -> tuple[list[Block], dict]:
+SELECTED_BY = {"val_loss": "lowest validation loss", "val_acc": "highest validation accuracy"}
+
+
+def training_section(cfg: DictConfig, train: dict,
+                     test_counts: Counter | None = None) -> tuple[list[Block], dict]:
     plots, reports = path(cfg, "plots"), path(cfg, "reports")
     t = cfg.train
+    test_acc = accuracy(percent(train.get("test_acc")), percent(train.get("test_acc_ci_low")),
+                        percent(train.get("test_acc_ci_high")), train.get("test_images"))
+    val_acc = accuracy(percent(train.get("best_val_acc")), percent(train.get("val_acc_ci_low")),
+                       percent(train.get("val_acc_ci_high")), train.get("val_images"))
+    by = train.get("selected_by")
+    selected = DASH
+    if by is not None:
+        selected = by if by not in SELECTED_BY else f"{SELECTED_BY[by]} ({by})"
+        if by == "val_loss" and train.get("best_val_loss") is not None:
+            selected += f": {num(train['best_val_loss'])}"
+        selected += f", epoch {num(train.get('best_epoch'))}"
     rows = [
         ["model", str(cfg.model.name)],
         ["recipe", f"{t.mode}, {t.optimizer}, lr {t.lr:g}, precision {t.precision}"],
         ["epochs run / configured", f"{num(train.get('epochs_run'))} / "
                                     f"{num(train.get('epochs_configured', t.epochs))}"],
         ["batch size", num(train.get("batch_size", t.batch_size))],
-        ["best validation accuracy", f"{pct(train.get('best_val_acc'))} "
-                                     f"(epoch {num(train.get('best_epoch'))})"],
-        ["test accuracy", f"{pct(train.get('test_acc'))} on {num(train.get('test_images'))} "
-                          "images"],
+        ["checkpoint selected by", selected],
+        ["validation accuracy at that epoch", f"{val_acc} (epoch {num(train.get('best_epoch'))})"],
+        ["test accuracy", test_acc],
         ["wall time", num(train.get("wall_time_s"), 1, " s")],
         ["training throughput", num(train.get("train_images_per_s"), 1, " images/s")],
     ]
-    blocks: list[Block] = [Heading(2, "Training"), Table(["", "value"], rows)]
+    blocks: list[Block] = [Heading(2, "Training"), Table(["", "value"], rows),
+                           Para("Accuracies with their 95% Wilson interval and number of images.")]
     per_class = {}
     for key, v in train.items():
         for m in ("precision", "recall"):
             if key.startswith("test.") and key.endswith(f".{m}"):
                 per_class.setdefault(key[len("test."):-len(m) - 1], {})[m] = v
     if per_class:
+        # Recall is the accuracy on a class's test images, so it gets their count and interval;
+        # precision's denominator (images predicted as the class) is not recorded.
+        counts = test_counts or Counter()
+        rows = [[c, num(counts.get(c)) if c in counts else DASH, pct(v.get("precision")),
+                 accuracy(percent(v.get("recall")), n=counts.get(c))]
+                for c, v in per_class.items()]
         blocks += [Para("Per class, on the test split:"),
-                   Table(["class", "precision", "recall"],
-                         [[c, pct(v.get("precision")), pct(v.get("recall"))]
-                          for c, v in per_class.items()], numeric={1, 2})]
+                   Table(["class", "test images", "precision", "recall"], rows, numeric={1, 2})]
 
     history_file = plots / "train_history.csv"
     history = read_csv(history_file) if history_file.is_file() else []
@@ -389,44 +471,169 @@ def training_section(cfg: DictConfig, train: dict) -> tuple[list[Block], dict]:
     if confusion.is_file():
         blocks.append(Image(confusion, "confusion matrix on the test split"))
     return blocks, {"test_acc": train.get("test_acc"), "best_val_acc": train.get("best_val_acc"),
+                    "test": test_acc, "val": val_acc, "selected_by": by,
                     "curves": str(curves) if curves else None}
 
 
-def optimize_section(cfg: DictConfig) -> tuple[list[Block], dict]:
+def verdict_cell(r: dict) -> str:
+    """`pass (bar 1.5)`; an undecided verdict also says how many images would decide it."""
+    v = r.get("verdict")
+    if v is None:
+        return DASH
+    text = f"{v} (bar {num(r.get('accuracy_bar'))})"
+    if v == "undecided":
+        need = r.get("images_to_decide")
+        text += (f": about {need} images would decide" if need
+                 else ": no number of images would decide")
+    return text
+
+
+def read_optimize_records(cfg: DictConfig) -> list[dict]:
+    """Every optimize record, configured order first, then records of variants since dropped."""
     folder = path(cfg, "metrics") / "optimize"
     records = [read_json(f, "optimize") for f in sorted(folder.glob("*.json"))]
+    configured = list(cfg.optimize.variants)
+    records.sort(key=lambda r: (configured.index(r["variant"]) if r.get("variant") in configured
+                                else len(configured), str(r.get("variant"))))
+    return records
+
+
+def evaluated_on(records: list[dict]) -> list[str]:
+    """One sentence per distinct (splits, images) the ok records were evaluated on."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("status") == "ok":
+            key = (tuple(r.get("eval_splits") or ()), r.get("eval_images"), r.get("fp32_top1"))
+            groups.setdefault(key, []).append(r)
+    out = []
+    for (splits, n, fp32), rs in groups.items():
+        names = ", ".join(f"`{r.get('variant')}`" for r in rs)
+        where = (" + ".join(splits) + " split" + ("s" if len(splits) > 1 else "")
+                 if splits else "(splits not recorded)")
+        out.append(f"{names} and the fp32 model were evaluated on the same {num(n)} images of "
+                   f"the {where}; fp32 top-1 {accuracy(fp32, n=n)}.")
+    return out
+
+
+def optimize_section(cfg: DictConfig, records: list[dict]) -> tuple[list[Block], dict]:
+    folder = path(cfg, "metrics") / "optimize"
     blocks: list[Block] = [Heading(2, "Optimization")]
     if not records:
         blocks.append(not_run(f"records in `{rel(cfg, folder)}`", "optimize"))
-        return blocks, {"variants": {}}
-    configured = list(cfg.optimize.variants)
-    # Configured order first (the order the user chose), then records of variants since dropped.
-    records.sort(key=lambda r: (configured.index(r["variant"]) if r.get("variant") in configured
-                                else len(configured), str(r.get("variant"))))
+        return blocks, {"variants": {}, "verdicts": {}}
     rows, kinds = [], []
     for r in records:
         status = r.get("status") or "unknown"
-        delta = r.get("top1_delta")
-        verdict = (f"{num(delta, 2)} (bar {num(r.get('accuracy_bar'))}, "
-                   f"{'ok' if r.get('accuracy_ok') else 'OUTSIDE'})" if delta is not None else DASH)
         note = {"skipped": r.get("reason"), "failed": first_line(r.get("error"))}.get(status)
+        ok = status == "ok"
+        discordant = (f"{num(r.get('discordant_worse'))} / {num(r.get('discordant_better'))}"
+                      if ok else DASH)
         rows.append([str(r.get("variant")), str(r.get("backend", DASH)),
                      str(r.get("precision", DASH)), status, num(r.get("size_mb"), 1),
-                     num(r.get("build_seconds"), 1), num(r.get("top1"), 2), verdict,
-                     num(r.get("agreement"), 2), note or ""])
-        kinds.append(status)
-    blocks += [Para("One row per variant record. Top-1 and agreement with the fp32 model are "
-                    "percentages on the whole test split; the delta is in points, held to the "
-                    "precision's accuracy bar."),
+                     num(r.get("build_seconds"), 1),
+                     accuracy(r.get("top1"), r.get("top1_ci_low"), r.get("top1_ci_high"),
+                              r.get("eval_images")),
+                     points(r.get("top1_delta"), r.get("delta_ci_low"), r.get("delta_ci_high")),
+                     verdict_cell(r),
+                     accuracy(r.get("agreement"), r.get("agreement_ci_low"),
+                              r.get("agreement_ci_high")),
+                     discordant, p_value(r.get("mcnemar_p")), note or ""])
+        kinds.append(status if not ok else f"verdict-{r.get('verdict')}")
+    blocks += [Para(" ".join(evaluated_on(records))),
+               Para("Top-1 with its 95% Wilson interval and number of images. Δ is the variant "
+                    "minus fp32 in points, with the paired 95% interval (the same images, so the "
+                    "noise they share cancels); worse / better count the images fp32 got right "
+                    "and the variant wrong, and the reverse; McNemar p is exact, two-sided. "
+                    "Verdict against the precision's bar: **fail** when the whole interval lies "
+                    "below −bar, **pass** when the variant is at least as good on these images or "
+                    "the whole interval lies above −bar, **undecided** otherwise."),
                Table(["variant", "backend", "precision", "status", "size (MB)", "build (s)",
-                      "top-1 (%)", "Δ top-1 vs fp32", "agreement (%)", "reason / error"],
-                     rows, numeric={4, 5, 6, 8}, row_class=kinds)]
+                      "top-1", "Δ top-1 vs fp32 (points)", "verdict", "agreement",
+                      "worse / better", "McNemar p", "reason / error"],
+                     rows, numeric={4, 5}, row_class=kinds)]
+    reasons = [f"`{r.get('variant')}`: **{r['verdict']}**, {r['verdict_reason']}" for r in records
+               if r.get("status") == "ok" and r.get("verdict") in ("fail", "undecided")
+               and r.get("verdict_reason")]
+    if reasons:
+        blocks.append(Bullets(reasons))
+    configured = list(cfg.optimize.variants)
     done = {r.get("variant") for r in records}
     missing = [v for v in configured if v not in done]
     if missing:
         blocks.append(Para("Configured but not run: " + ", ".join(f"`{v}`" for v in missing)
                            + " (`dvc repro optimize`)."))
-    return blocks, {"variants": {str(r.get("variant")): r.get("status") for r in records}}
+    return blocks, {"variants": {str(r.get("variant")): r.get("status") for r in records},
+                    "verdicts": {str(r.get("variant")): r.get("verdict") for r in records
+                                 if r.get("status") == "ok"}}
+
+
+def baseline_name(bench: dict) -> str:
+    """What the speed-ups divide by, in words. The benchmark keeps an NCHW twin of its baseline
+    exactly when the baseline runs channels_last (on CPU); without the twin it is plain NCHW."""
+    baseline = bench.get("baseline") or "eager_fp32"
+    layout = "channels_last " if any(r.get("variant") == BASELINE_NCHW
+                                     for r in bench.get("rows", {}).values()) else ""
+    return f"{layout}eager fp32 (`{baseline}`)"
+
+
+def winners(bench: dict) -> dict[int, dict]:
+    """The benchmark's winner per batch size: the fastest variant whose verdict is not `fail`."""
+    return {int(b): w or {"variant": None} for b, w in (bench.get("winners") or {}).items()}
+
+
+def winner_text(w: dict, batch: int, bench: dict, records: dict[str, dict]) -> tuple[str, str]:
+    """(what, figures) for the winner at one batch size: `x` (accuracy undecided), and its
+    throughput, p99, accuracy and speed-up against the named baseline."""
+    v, baseline = w.get("variant"), bench.get("baseline")
+    what = f"`{v}`" + (" (accuracy undecided)" if w.get("verdict") == "undecided" else "")
+    acc = accuracy(w.get("top1"), w.get("top1_ci_low"), w.get("top1_ci_high"),
+                   w.get("eval_images"))
+    figures = (f"{num(w.get('throughput'), 1)} images/s, p99 latency "
+               f"{num(w.get('latency_p99_ms'), 2)} ms, top-1 {acc}")
+    sp = w.get("speedup")
+    if v == baseline:
+        figures += f"; no variant that holds its accuracy beat the baseline, {baseline_name(bench)}"
+    elif sp is not None:
+        figures += f"; {sp:.1f}× the throughput of {baseline_name(bench)} at batch {batch}"
+    if w.get("verdict") == "undecided":
+        need = (records.get(v) or {}).get("images_to_decide")
+        figures += (f"; about {need} images at the same rates would decide its accuracy (it was "
+                    f"measured on {num(w.get('eval_images'))})" if need else
+                    "; see Optimization for why its accuracy is undecided")
+    return what, figures
+
+
+def ship_blocks(cfg: DictConfig, bench: dict | None,
+                records: list[dict]) -> tuple[list[Block], list[str], dict | None]:
+    """The report's first lines: what to ship at the reference batch size and what it gives,
+    and one line per other batch size."""
+    bench_file = f"`{rel(cfg, path(cfg, 'metrics') / 'benchmark.json')}`"
+    if bench is None:
+        return [Para(f"**Nothing to ship yet.** No {bench_file}: run the benchmark stage "
+                     "(`dvc repro benchmark`; it builds the optimized variants first).")], [], None
+    wins = winners(bench)
+    if not wins:
+        return [Para(f"**No winner recorded.** {bench_file} has no `winners` (an older benchmark "
+                     "wrote it): rerun the benchmark (`dvc repro -f benchmark`).")], [], None
+    ref = bench.get("reference_batch")
+    ref = ref if ref in wins else max(wins)
+    by_record = {str(r.get("variant")): r for r in records}
+    w = wins[ref]
+    if w.get("variant") is None:
+        head = (f"**Nothing to ship at batch {ref}**: no variant finished there (see Benchmark "
+                "for the errors).")
+    else:
+        what, figures = winner_text(w, ref, bench, by_record)
+        head = f"**Ship {what} at batch {ref}**: {figures}."
+    others = []
+    for batch in sorted(b for b in wins if b != ref):
+        o = wins[batch]
+        if o.get("variant") is None:
+            others.append(f"At batch {batch}: no variant finished.")
+        else:
+            what, figures = winner_text(o, batch, bench, by_record)
+            others.append(f"At batch {batch}: {what}, {figures}.")
+    return [Para(head)], others, {"batch": ref, **w}
 
 
 def benchmark_section(cfg: DictConfig, bench: dict | None) -> tuple[list[Block], dict]:
@@ -441,16 +648,25 @@ def benchmark_section(cfg: DictConfig, bench: dict | None) -> tuple[list[Block],
     baseline = bench.get("baseline", "the baseline")
     blocks.append(Para(f"Protocol `{bench.get('protocol', DASH)}` on "
                        f"{bench.get('device', DASH)} with {num(bench.get('threads'))} thread(s); "
-                       f"throughput is the median over trials, speed-up is against "
-                       f"`{baseline}` at the same batch size."))
-    if best:
-        won = next((r for r in rows if r.get("variant") == best and r.get("batch") == ref), {})
-        extra = (f" ({num(won.get('throughput'), 1)} images/s, top-1 {num(won.get('top1'), 2)}%)"
-                 if won else "")
-        blocks.append(Para(f"At batch {num(ref)}, **{best}** was fastest: "
-                           f"{num(speedup, 1)}× the throughput of `{baseline}`{extra}."))
-    else:
-        blocks.append(Para(f"No variant finished at the reference batch ({num(ref)})."))
+                       f"throughput is the median over trials. The baseline is "
+                       f"{baseline_name(bench)} under `torch.inference_mode`, PyTorch's own advice "
+                       "for inference; speed-ups divide by it at the same batch size."))
+    throughput = {(r.get("variant"), r.get("batch")): r.get("throughput") for r in rows
+                  if r.get("status") == "ok" and r.get("throughput")}
+    gains = [f"{throughput[baseline, b] / t:.2f}× at batch {b}"
+             for (v, b), t in sorted(throughput.items(), key=lambda kv: kv[0][1])
+             if v == BASELINE_NCHW and (baseline, b) in throughput]
+    if gains:
+        blocks.append(Para(f"`{BASELINE_NCHW}` is the same model in PyTorch's default NCHW "
+                           "layout, kept so the difference shows. Throughput of the "
+                           "channels_last baseline over NCHW: " + ", ".join(gains) + "."))
+    wins = winners(bench)
+    if wins:
+        said = [f"batch {b} **{w['variant']}**" + (" (undecided)" if w.get("verdict")
+                                                   == "undecided" else "")
+                if w.get("variant") else f"batch {b} none" for b, w in sorted(wins.items())]
+        blocks.append(Para("Winner at each batch size (the fastest variant whose accuracy verdict "
+                           "is not `fail`): " + ", ".join(said) + "."))
     # Grouped by batch size so rows that compare sit together; the file's order within a batch.
     order = sorted(range(len(rows)), key=lambda i: (rows[i].get("batch") or 0, i))
     table, kinds = [], []
@@ -461,18 +677,28 @@ def benchmark_section(cfg: DictConfig, bench: dict | None) -> tuple[list[Block],
         table.append([str(r.get("variant")), status, num(r.get("batch")),
                       num(r.get("throughput"), 1), num(r.get("latency_p50_ms"), 2),
                       num(r.get("latency_p99_ms"), 2), f"{sp:.2f}×" if sp is not None else DASH,
-                      num(r.get("top1"), 2), num(r.get("size_mb"), 1),
+                      accuracy(r.get("top1"), r.get("top1_ci_low"), r.get("top1_ci_high"),
+                               r.get("eval_images")),
+                      str(r.get("verdict") or DASH), num(r.get("size_mb"), 1),
                       num(r.get("build_seconds"), 1), first_line(r.get("error"))])
         kinds.append(status)
     blocks.append(Table(["variant", "status", "batch", "throughput (img/s)", "p50 (ms)",
-                         "p99 (ms)", "speed-up", "top-1 (%)", "size (MB)", "build (s)", "error"],
-                        table, numeric={2, 3, 4, 5, 6, 7, 8, 9}, row_class=kinds))
-    for name in BENCHMARK_CHARTS:
+                         "p99 (ms)", "speed-up", "top-1", "verdict", "size (MB)", "build (s)",
+                         "error"],
+                        table, numeric={2, 3, 4, 5, 6, 9, 10}, row_class=kinds))
+    for name, caption in BENCHMARK_CHARTS.items():
         chart = plots / name
         if chart.is_file():
-            blocks.append(Image(chart, name.removesuffix(".png").replace("_", " ")))
+            blocks.append(Image(chart, caption))
     return blocks, {"best_variant": best, "best_speedup": speedup, "baseline": baseline,
-                    "reference_batch": ref, "rows": len(rows)}
+                    "best_verdict": bench.get("best_verdict"), "reference_batch": ref,
+                    "rows": len(rows)}
+
+
+def fact(v: Any) -> str:
+    if isinstance(v, list | tuple):
+        return ", ".join(map(str, v)) or "none"
+    return num(v) if v is None or isinstance(v, bool) else str(v)
 
 
 def machine_section(bench: dict | None) -> tuple[list[Block], dict]:
@@ -484,8 +710,7 @@ def machine_section(bench: dict | None) -> tuple[list[Block], dict]:
         facts = machine_info()
         blocks.append(Para("The benchmark has not run, so these facts describe the machine that "
                            "wrote this report:"))
-    blocks.append(Table(["", "value"], [[k, num(v) if v is None or isinstance(v, bool)
-                                         else str(v)] for k, v in facts.items()]))
+    blocks.append(Table(["", "value"], [[k, fact(v)] for k, v in facts.items()]))
     return blocks, facts
 
 
@@ -500,25 +725,30 @@ def run(cfg: DictConfig) -> dict:
     if train is None:
         raise InputError(f"{train_file} not found: run the train stage first (`dvc repro train`)")
     bench = read_json(metrics / "benchmark.json", "benchmark")
+    records = read_optimize_records(cfg)
 
-    data_blocks, data = dataset_section(cfg)
-    train_blocks, trained = training_section(cfg, train)
-    opt_blocks, optimized = optimize_section(cfg)
+    data_blocks, data, counts = dataset_section(cfg)
+    train_blocks, trained = training_section(cfg, train, counts.get("test"))
+    opt_blocks, optimized = optimize_section(cfg, records)
     bench_blocks, benched = benchmark_section(cfg, bench)
     machine_blocks, machine = machine_section(bench)
+    ship, other_batches, shipped = ship_blocks(cfg, bench, records)
 
-    title = f"{cfg.model.name} on {data['classes'] or len(cfg.data.classes)} Open Images classes"
-    summary = [f"Test accuracy {pct(trained['test_acc'])} "
-               f"(best validation {pct(trained['best_val_acc'])})."]
+    source = ("Open Images" if cfg.data.source == "openimages"
+              else f"the photo folder {cfg.data.folder}")
+    title = f"{cfg.model.name} on {data['classes'] or len(cfg.data.classes)} classes of {source}"
+    summary = [*other_batches, f"Trained model: test accuracy {trained['test']}; validation "
+               f"{trained['val']} at the checkpoint"
+               + (f" selected by `{trained['selected_by']}`." if trained["selected_by"] else ".")]
     if optimized["variants"]:
         ok = sum(s == "ok" for s in optimized["variants"].values())
-        summary.append(f"{ok} of {len(optimized['variants'])} optimized variant(s) built.")
-    if benched["best_variant"]:
-        summary.append(f"Fastest: **{benched['best_variant']}**, "
-                       f"{num(benched['best_speedup'], 1)}× the throughput of "
-                       f"`{benched['baseline']}` at batch {num(benched['reference_batch'])}.")
-    blocks: list[Block] = [Heading(1, title), Bullets(summary), *data_blocks, *train_blocks,
-                           *opt_blocks, *bench_blocks, *machine_blocks]
+        verdicts = Counter(optimized["verdicts"].values())
+        said = ", ".join(f"{verdicts[v]} {v}" for v in ("pass", "fail", "undecided")
+                         if verdicts[v])
+        summary.append(f"{ok} of {len(optimized['variants'])} optimized variant(s) built"
+                       + (f"; accuracy verdicts: {said}." if said else "."))
+    blocks: list[Block] = [Heading(1, title), *ship, Bullets(summary), *data_blocks,
+                           *train_blocks, *opt_blocks, *bench_blocks, *machine_blocks]
 
     md_file, html_file = reports / "REPORT.md", reports / "REPORT.html"
     with stage_run(cfg, "report") as tracker:
@@ -528,7 +758,7 @@ def run(cfg: DictConfig) -> dict:
             tracker.log_artifact(f)
     log.info("wrote %s and %s", md_file, html_file)
     return {"report_md": str(md_file), "report_html": str(html_file), "title": title,
-            "dataset": data, "training": trained, "optimize": optimized,
+            "ship": shipped, "dataset": data, "training": trained, "optimize": optimized,
             "benchmark": benched if bench is not None else None, "machine": machine}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import re
 from pathlib import Path
@@ -30,39 +31,99 @@ def bench_row(variant: str, batch: int, status: str = "ok", **values) -> dict:
            "status": status, "error": None, "throughput": None, "throughput_min": None,
            "throughput_max": None, "latency_p50_ms": None, "latency_mean_ms": None,
            "latency_p90_ms": None, "latency_p99_ms": None, "speedup": None, "top1": None,
-           "agreement": None, "accuracy_ok": None, "size_mb": None, "build_seconds": None,
-           "peak_rss_mb": None, "cuda_max_allocated_mb": None, "gflops_per_s": None,
-           "threads": 2, "device": "cpu"}
+           "top1_ci_low": None, "top1_ci_high": None, "eval_images": None, "agreement": None,
+           "verdict": None, "size_mb": None, "build_seconds": None, "peak_rss_mb": None,
+           "cuda_max_allocated_mb": None, "gflops_per_s": None, "threads": 2, "device": "cpu"}
     row.update(values)
     return row
 
 
+# Accuracy on the 12 val + test images, with Wilson intervals (stages.statistics.wilson).
+FP32_ACC = {"top1": 91.667, "top1_ci_low": 64.612, "top1_ci_high": 98.513, "eval_images": 12}
+INT8_ACC = {"top1": 83.333, "top1_ci_low": 55.197, "top1_ci_high": 95.303, "eval_images": 12}
+ORT_FP32_ACC = {"top1": 41.667, "top1_ci_low": 19.326, "top1_ci_high": 68.049, "eval_images": 12}
+WINNER_32 = {"variant": "onnxruntime_int8", "verdict": "pass", "batch": 32, "throughput": 812.3,
+             "latency_p99_ms": 44.81, "speedup": 11.2, **FP32_ACC}
+WINNER_1 = {"variant": "int8", "verdict": "undecided", "batch": 1, "throughput": 95.2,
+            "latency_p99_ms": 12.5, "speedup": 2.28, **INT8_ACC}
+
 BENCHMARK = {
     "protocol": "default", "device": "cpu", "threads": 2, "baseline": "eager_fp32",
     "reference_batch": 32, "best_variant": "onnxruntime_int8", "best_speedup": 11.2,
-    "machine": {"cpu": "Intel Xeon Test CPU @ 2.5GHz", "cores": 2, "gpu": None,
+    "best_verdict": "pass", "winners": {"1": WINNER_1, "32": WINNER_32, "64": {"variant": None}},
+    "machine": {"cpu": "Intel Xeon Test CPU @ 2.5GHz", "cores": 2, "native_bf16": False,
+                "cpu_flags_relevant": ["avx512_vnni", "avx512f"], "gpu": None,
                 "gpu_driver": None, "python": "3.11.2", "torch": "2.14.1",
                 "torchvision": "0.29.0", "onnxruntime": "1.31.1", "torchao": "0.18.0",
                 "torch_tensorrt": None, "platform": "Linux-test"},
     "rows": {
         "eager_fp32.b1": bench_row("eager_fp32", 1, throughput=41.7, latency_p50_ms=23.98,
-                                   latency_p99_ms=27.5, speedup=1.0, top1=93.75, size_mb=13.4),
+                                   latency_p99_ms=27.5, speedup=1.0, size_mb=13.4,
+                                   verdict="pass", **FP32_ACC),
+        "eager_fp32_nchw.b1": bench_row("eager_fp32_nchw", 1, throughput=33.36,
+                                        latency_p50_ms=29.98, latency_p99_ms=33.0, speedup=0.8,
+                                        verdict="pass", **FP32_ACC),
+        "int8.b1": bench_row("int8", 1, throughput=95.2, latency_p50_ms=10.5,
+                             latency_p99_ms=12.5, speedup=2.28, verdict="undecided", **INT8_ACC),
         "eager_fp32.b32": bench_row("eager_fp32", 32, throughput=72.5, latency_p50_ms=441.37,
-                                    latency_p99_ms=460.02, speedup=1.0, top1=93.75),
+                                    latency_p99_ms=460.02, speedup=1.0, verdict="pass",
+                                    **FP32_ACC),
+        "eager_fp32_nchw.b32": bench_row("eager_fp32_nchw", 32, throughput=58.0,
+                                         latency_p50_ms=551.7, latency_p99_ms=570.1,
+                                         speedup=0.8, verdict="pass", **FP32_ACC),
         "onnxruntime_int8.b32": bench_row("onnxruntime_int8", 32, throughput=812.3,
                                           latency_p50_ms=39.4, latency_p99_ms=44.81, speedup=11.2,
-                                          top1=93.12, size_mb=3.6, build_seconds=12.34),
+                                          size_mb=3.6, build_seconds=12.34, verdict="pass",
+                                          **FP32_ACC),
+        # Faster than the winner, but outside its accuracy bar: never the winner.
+        "onnxruntime_fp32.b32": bench_row("onnxruntime_fp32", 32, throughput=900.0,
+                                          latency_p50_ms=35.6, latency_p99_ms=40.0, speedup=12.41,
+                                          verdict="fail", **ORT_FP32_ACC),
         "inductor_bf16.b32": bench_row("inductor_bf16", 32, "failed",
                                        error="RuntimeError: bad | kernel\nsecond line"),
         "trt_fp16.b32": bench_row("trt_fp16", 32, "skipped", error="no CUDA device"),
+        "eager_fp32.b64": bench_row("eager_fp32", 64, "failed", error="out of memory"),
     },
 }
 
+# What the benchmark draws, the speed-accuracy Pareto chart among them.
+BENCHMARK_CHARTS = ("benchmark_throughput.png", "benchmark_latency.png", "benchmark_speedup.png",
+                    "pareto.png")
+
+PAIRED_12 = {"eval_splits": ["val", "test"], "eval_images": 12, "fp32_top1": 91.667}
 OPTIMIZE = {
     "int8": {"variant": "int8", "backend": "aot_inductor", "precision": "int8", "status": "ok",
              "reason": None, "error": None, "artifact": "artifacts/optimized/int8/model.pt2",
-             "size_mb": 3.912, "build_seconds": 48.21, "top1": 92.5, "fp32_top1": 93.75,
-             "top1_delta": -1.25, "accuracy_bar": 1.5, "accuracy_ok": True, "agreement": 97.5},
+             "size_mb": 3.912, "build_seconds": 48.21, **PAIRED_12, **INT8_ACC,
+             "top1_delta": -8.333, "delta_ci_low": -35.437, "delta_ci_high": 18.135,
+             "discordant_worse": 1, "discordant_better": 0, "mcnemar_p": 1.0,
+             "agreement": 91.667, "agreement_ci_low": 64.612, "agreement_ci_high": 98.513,
+             "accuracy_bar": 1.5, "verdict": "undecided",
+             "verdict_reason": "too few images to tell whether it is within the 1.5-point bar: "
+                               "-8.3 points, 95% interval [-35.4, +18.1] on 12 images (1 worse, "
+                               "0 better); about 79 images at these rates would decide it",
+             "images_to_decide": 79},
+    "onnxruntime_int8": {
+        "variant": "onnxruntime_int8", "backend": "onnxruntime", "precision": "int8",
+        "status": "ok", "reason": None, "error": None, "size_mb": 3.6, "build_seconds": 12.34,
+        **PAIRED_12, **FP32_ACC, "top1_delta": 0.0, "delta_ci_low": -24.707,
+        "delta_ci_high": 24.707, "discordant_worse": 0, "discordant_better": 0, "mcnemar_p": 1.0,
+        "agreement": 100.0, "agreement_ci_low": 75.751, "agreement_ci_high": 100.0,
+        "accuracy_bar": 1.5, "verdict": "pass",
+        "verdict_reason": "as good as fp32 or better on these images: +0.0 points, 95% interval "
+                          "[-24.7, +24.7] on 12 images (0 worse, 0 better)",
+        "images_to_decide": None},
+    "onnxruntime_fp32": {
+        "variant": "onnxruntime_fp32", "backend": "onnxruntime", "precision": "fp32",
+        "status": "ok", "reason": None, "error": None, "size_mb": 13.4, "build_seconds": 2.1,
+        **PAIRED_12, **ORT_FP32_ACC, "top1_delta": -50.0, "delta_ci_low": -73.366,
+        "delta_ci_high": -12.211, "discordant_worse": 6, "discordant_better": 0,
+        "mcnemar_p": 0.0313, "agreement": 50.0, "agreement_ci_low": 25.378,
+        "agreement_ci_high": 74.622, "accuracy_bar": 0.5, "verdict": "fail",
+        "verdict_reason": "worse than fp32 by more than the 0.5-point bar with confidence: "
+                          "-50.0 points, 95% interval [-73.4, -12.2] on 12 images (6 worse, "
+                          "0 better)",
+        "images_to_decide": None},
     "trt_fp16": {"variant": "trt_fp16", "backend": "torch_tensorrt", "precision": "fp16",
                  "status": "skipped", "reason": "torch_tensorrt not installed", "error": None,
                  "artifact": None, "size_mb": None, "build_seconds": None},
@@ -95,11 +156,14 @@ def write_inputs(cfg, benchmark: bool = True, optimize: bool = True) -> None:
                                            "invalid": 1, "failed": 0, "fetch_seconds": 6.96,
                                            "train.images": 25})
     write_json(metrics / "train.json", {
-        "best_val_acc": 0.8, "best_epoch": 2, "test_acc": 0.857142, "epochs_run": 3,
-        "epochs_configured": 3, "batch_size": 16, "wall_time_s": 12.345,
-        "train_images_per_s": 33.21, "test_images": 7,
-        **{f"test.{c}.{m}": v for c, v in zip(CLASSES, (1.0, 0.5, 0.75), strict=True)
-           for m in ("precision", "recall")}})
+        "best_val_acc": 0.8, "val_acc_ci_low": 0.37553, "val_acc_ci_high": 0.96378,
+        "val_images": 5, "best_val_loss": 0.61234, "selected_by": "val_loss", "best_epoch": 2,
+        "test_acc": 0.857142, "test_acc_ci_low": 0.48687, "test_acc_ci_high": 0.97432,
+        "test_images": 7, "epochs_run": 3, "epochs_configured": 3, "batch_size": 16,
+        "wall_time_s": 12.345, "train_images_per_s": 33.21,
+        # 6 of the 7 test images right: one Sea turtle taken for a Blue jay.
+        **{f"test.{c}.precision": v for c, v in zip(CLASSES, (1.0, 1.0, 0.6667), strict=True)},
+        **{f"test.{c}.recall": v for c, v in zip(CLASSES, (1.0, 0.5, 1.0), strict=True)}})
     write_csv(plots / "train_history.csv",
               ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_images",
                "train_images_per_s", "epoch_seconds"],
@@ -111,7 +175,7 @@ def write_inputs(cfg, benchmark: bool = True, optimize: bool = True) -> None:
             write_json(metrics / "optimize" / f"{name}.json", record)
     if benchmark:
         write_json(metrics / "benchmark.json", BENCHMARK)
-        for chart in report.BENCHMARK_CHARTS:
+        for chart in BENCHMARK_CHARTS:
             png(plots / chart, "blue")
 
 
@@ -145,6 +209,11 @@ def table_row(md: str, first_cell: str) -> list[str]:
     return next(r for r in rows if r[0] == first_cell)
 
 
+def bench_table_row(md: str, variant: str, batch: str) -> list[str]:
+    rows = [gfm_cells(ln) for ln in md.splitlines() if ln.startswith("| ")]
+    return next(r for r in rows if r[0] == variant and r[2] == batch)
+
+
 def header_of(md: str, row_first_cell: str) -> list[str]:
     """The header of the table holding the row that starts with `row_first_cell`."""
     lines = md.splitlines()
@@ -173,37 +242,172 @@ def test_report_tables_hold_the_numbers(cfg) -> None:
     assert out["dataset"] == {"classes": 3, "images": {"train": 15, "val": 5, "test": 7},
                               "attribution_rows": 25}
 
-    # Training: metrics, recipe from the config, per-class figures, both charts.
-    assert table_row(s["Training"], "test accuracy")[1] == "85.7% on 7 images"
-    assert table_row(s["Training"], "best validation accuracy")[1] == "80.0% (epoch 2)"
+    # Training: accuracies with interval and n, what chose the checkpoint, recipe from the
+    # config, per-class figures (recall is an accuracy: its images and interval), both charts.
+    assert table_row(s["Training"], "test accuracy")[1] == "85.7% [48.7, 97.4], n=7"
+    assert (table_row(s["Training"], "validation accuracy at that epoch")[1]
+            == "80.0% [37.6, 96.4], n=5 (epoch 2)")
+    assert (table_row(s["Training"], "checkpoint selected by")[1]
+            == "lowest validation loss (val_loss): 0.6123, epoch 2")
     assert table_row(s["Training"], "model")[1] == cfg.model.name
     assert f"lr {cfg.train.lr:g}" in table_row(s["Training"], "recipe")[1]
-    assert table_row(s["Training"], "Sea turtle") == ["Sea turtle", "50.0%", "50.0%"]
+    assert table_row(s["Training"], "Sea turtle") == ["Sea turtle", "2", "100.0%",
+                                                      "50.0% [9.5, 90.5], n=2"]
     curves = path(cfg, "reports") / "training_curves.png"
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](training_curves.png)" in s["Training"]
     assert "](../plots/confusion.png)" in s["Training"]
 
-    # Optimization: the ok row's numbers.
-    assert table_row(s["Optimization"], "int8")[3:9] == [
-        "ok", "3.9", "48.2", "92.50", "-1.25 (bar 1.5, ok)", "97.50"]
-    assert "Configured but not run: `cpu_bf16`" in s["Optimization"]
+    # Optimization: what the variants were measured on, and each verdict with its evidence.
+    opt = s["Optimization"]
+    assert ("`int8`, `onnxruntime_fp32`, `onnxruntime_int8` and the fp32 model were evaluated on "
+            "the same 12 images of the val + test splits; fp32 top-1 91.7% [64.6, 98.5], n=12."
+            ) in opt
+    assert header_of(opt, "int8")[6:12] == ["top-1", "Δ top-1 vs fp32 (points)", "verdict",
+                                            "agreement", "worse / better", "McNemar p"]
+    assert table_row(opt, "int8")[3:12] == [
+        "ok", "3.9", "48.2", "83.3% [55.2, 95.3], n=12", "-8.33 [-35.44, +18.14]",
+        "undecided (bar 1.5): about 79 images would decide", "91.7% [64.6, 98.5]", "1 / 0", "1"]
+    assert table_row(opt, "onnxruntime_fp32")[6:12] == [
+        "41.7% [19.3, 68.0], n=12", "-50.00 [-73.37, -12.21]", "fail (bar 0.5)",
+        "50.0% [25.4, 74.6]", "6 / 0", "0.031"]
+    assert table_row(opt, "onnxruntime_int8")[8] == "pass (bar 1.5)"
+    assert "- `onnxruntime_fp32`: **fail**, worse than fp32 by more than the 0.5-point bar" in opt
+    assert "- `int8`: **undecided**, too few images" in opt
+    assert "Configured but not run: `cpu_bf16`" in opt
 
-    # Benchmark: rows, the winner sentence and the charts.
-    row = table_row(s["Benchmark"], "onnxruntime_int8")
-    assert row[:10] == ["onnxruntime_int8", "ok", "32", "812.3", "39.40", "44.81", "11.20×",
-                        "93.12", "3.6", "12.3"]
-    assert ("At batch 32, **onnxruntime_int8** was fastest: 11.2× the throughput of "
-            "`eager_fp32` (812.3 images/s, top-1 93.12%).") in s["Benchmark"]
-    for chart in report.BENCHMARK_CHARTS:
-        assert f"](../plots/{chart})" in s["Benchmark"]
+    # Benchmark: the baseline named, the NCHW row and the channels_last gain, rows with
+    # accuracy and verdict, the winners, and every chart (the Pareto one too).
+    bench = s["Benchmark"]
+    assert "The baseline is channels_last eager fp32 (`eager_fp32`)" in bench
+    assert ("Throughput of the channels_last baseline over NCHW: 1.25× at batch 1, 1.25× at "
+            "batch 32.") in bench
+    assert bench_table_row(bench, "eager_fp32_nchw", "32")[3] == "58.0"
+    assert bench_table_row(bench, "onnxruntime_int8", "32") == [
+        "onnxruntime_int8", "ok", "32", "812.3", "39.40", "44.81", "11.20×",
+        "91.7% [64.6, 98.5], n=12", "pass", "3.6", "12.3", ""]
+    assert bench_table_row(bench, "onnxruntime_fp32", "32")[8] == "fail"
+    assert ("Winner at each batch size (the fastest variant whose accuracy verdict is not "
+            "`fail`): batch 1 **int8** (undecided), batch 32 **onnxruntime_int8**, batch 64 "
+            "none.") in bench
+    for chart in BENCHMARK_CHARTS:
+        assert f"](../plots/{chart})" in bench
     assert table_row(s["Machine"], "cpu")[1] == "Intel Xeon Test CPU @ 2.5GHz"
+    assert table_row(s["Machine"], "cpu_flags_relevant")[1] == "avx512_vnni, avx512f"
     assert table_row(s["Machine"], "torch_tensorrt")[1] == "—"
     assert out["benchmark"]["best_variant"] == "onnxruntime_int8"
 
     # Every linked image exists where the Markdown says.
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (path(cfg, "reports") / link).is_file(), link
+
+
+def head(md: str) -> list[str]:
+    """The lines between the title and the first section."""
+    top = md.split("\n## ", 1)[0].splitlines()
+    assert top[0].startswith("# ")
+    return [ln for ln in top[1:] if ln.strip()]
+
+
+def test_first_lines_say_what_to_ship(cfg) -> None:
+    write_inputs(cfg)
+    out = report.run(cfg)
+    lines = head((path(cfg, "reports") / "REPORT.md").read_text())
+    # The winner at the reference batch; onnxruntime_fp32 is faster but fails its bar.
+    assert lines[0] == (
+        "**Ship `onnxruntime_int8` at batch 32**: 812.3 images/s, p99 latency 44.81 ms, top-1 "
+        "91.7% [64.6, 98.5], n=12; 11.2× the throughput of channels_last eager fp32 "
+        "(`eager_fp32`) at batch 32.")
+    # Then every other batch size, its undecided winner labelled as such.
+    assert lines[1] == (
+        "- At batch 1: `int8` (accuracy undecided), 95.2 images/s, p99 latency 12.50 ms, top-1 "
+        "83.3% [55.2, 95.3], n=12; 2.3× the throughput of channels_last eager fp32 "
+        "(`eager_fp32`) at batch 1; about 79 images at the same rates would decide its accuracy "
+        "(it was measured on 12).")
+    assert lines[2] == "- At batch 64: no variant finished."
+    assert lines[3] == ("- Trained model: test accuracy 85.7% [48.7, 97.4], n=7; validation "
+                        "80.0% [37.6, 96.4], n=5 at the checkpoint selected by `val_loss`.")
+    assert lines[4] == ("- 3 of 5 optimized variant(s) built; accuracy verdicts: 1 pass, 1 fail, "
+                        "1 undecided.")
+    assert out["ship"]["variant"] == "onnxruntime_int8" and out["ship"]["batch"] == 32
+
+
+def _undecided_at_reference(b: dict) -> None:
+    b["reference_batch"] = 1
+
+
+def _baseline_wins(b: dict) -> None:
+    b["winners"]["32"] = {**WINNER_32, "variant": "eager_fp32", "throughput": 72.5,
+                          "latency_p99_ms": 460.02, "speedup": 1.0}
+
+
+def _nothing_finished(b: dict) -> None:
+    b["winners"]["32"] = {"variant": None}
+
+
+def _no_winners(b: dict) -> None:
+    del b["winners"]
+
+
+@pytest.mark.parametrize("change, first_line", [
+    (_undecided_at_reference,
+     "**Ship `int8` (accuracy undecided) at batch 1**: 95.2 images/s, p99 latency 12.50 ms, "
+     "top-1 83.3% [55.2, 95.3], n=12; 2.3× the throughput of channels_last eager fp32 "
+     "(`eager_fp32`) at batch 1; about 79 images at the same rates would decide its accuracy "
+     "(it was measured on 12)."),
+    (_baseline_wins,
+     "**Ship `eager_fp32` at batch 32**: 72.5 images/s, p99 latency 460.02 ms, top-1 91.7% "
+     "[64.6, 98.5], n=12; no variant that holds its accuracy beat the baseline, channels_last "
+     "eager fp32 (`eager_fp32`)."),
+    (_nothing_finished,
+     "**Nothing to ship at batch 32**: no variant finished there (see Benchmark for the "
+     "errors)."),
+    (_no_winners,
+     "**No winner recorded.** `metrics/benchmark.json` has no `winners` (an older benchmark "
+     "wrote it): rerun the benchmark (`dvc repro -f benchmark`)."),
+])
+def test_ship_line_for_each_kind_of_winner(cfg, change, first_line) -> None:
+    write_inputs(cfg)
+    bench = copy.deepcopy(BENCHMARK)
+    change(bench)
+    write_json(path(cfg, "metrics") / "benchmark.json", bench)
+    report.run(cfg)
+    assert head((path(cfg, "reports") / "REPORT.md").read_text())[0] == first_line
+
+
+ACCURACY = r"\d+\.\d% \[\d+\.\d, \d+\.\d\], n=\d+"
+
+
+def test_every_accuracy_carries_its_images_and_interval(cfg) -> None:
+    write_inputs(cfg)
+    report.run(cfg)
+    md = (path(cfg, "reports") / "REPORT.md").read_text()
+    said = [md[m.end():] for m in re.finditer(r"(top-1|accuracy|validation) (?=\d)", md)]
+    assert len(said) >= 5  # ship line, batch 1, training summary (2), fp32 on the eval images
+    assert all(re.match(ACCURACY, text) for text in said), said
+    s = sections(md)
+    for section, column in (("Optimization", "top-1"), ("Benchmark", "top-1"),
+                            ("Training", "recall")):
+        lines = [gfm_cells(ln) for ln in s[section].splitlines() if ln.startswith("| ")]
+        tables = [i for i, cells in enumerate(lines) if column in cells]
+        assert tables, (section, column)
+        col = lines[tables[0]].index(column)
+        cells = [r[col] for r in lines[tables[0] + 2:] if len(r) > col]
+        assert any(c != "—" for c in cells)
+        assert all(c == "—" or re.fullmatch(ACCURACY, c) for c in cells), cells
+    for label in ("test accuracy", "validation accuracy at that epoch"):
+        assert re.match(ACCURACY, table_row(s["Training"], label)[1])
+
+
+def test_accuracy_format() -> None:
+    assert report.accuracy(91.667, 64.612, 98.513, 12) == "91.7% [64.6, 98.5], n=12"
+    # A record without the interval gets the Wilson one from its count (the stages' method).
+    assert report.accuracy(91.667, n=12) == "91.7% [64.6, 98.5], n=12"
+    assert report.accuracy(97.5, 94.6, 98.9) == "97.5% [94.6, 98.9]"
+    assert report.accuracy(None, 1, 2, 3) == "—"
+    assert report.points(-1.25, -3.1, 0.4) == "-1.25 [-3.10, +0.40]"
+    assert [report.p_value(p) for p in (1.0, 0.0313, 0.0004, None)] == ["1", "0.031", "<0.001",
+                                                                          "—"]
 
 
 def test_skipped_and_failed_rows_keep_their_reason_and_a_valid_table(cfg) -> None:
@@ -234,8 +438,8 @@ def test_html_is_self_contained_with_inline_charts(cfg) -> None:
     report.run(cfg)
     page = (path(cfg, "reports") / "REPORT.html").read_text()
     srcs = re.findall(r'src="([^"]*)"', page)
-    # training curves, confusion matrix, three benchmark charts
-    assert len(srcs) == 5
+    # training curves, confusion matrix, three benchmark charts and the Pareto chart
+    assert len(srcs) == 6
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
     for s in srcs:
         with Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1]))) as im:
@@ -245,13 +449,19 @@ def test_html_is_self_contained_with_inline_charts(cfg) -> None:
     assert "<td class=num>812.3</td>" in page
     assert "RuntimeError: lowering failed | node aten.conv2d" in page
     assert "<strong>onnxruntime_int8</strong>" in page
+    assert "<strong>Ship <code>onnxruntime_int8</code> at batch 32</strong>" in page
     assert '<tr class="failed">' in page and '<tr class="skipped">' in page
 
 
 def test_absent_benchmark_and_optimize_say_not_run(cfg) -> None:
     write_inputs(cfg, benchmark=False, optimize=False)
     out = report.run(cfg)
-    s = sections((path(cfg, "reports") / "REPORT.md").read_text())
+    md = (path(cfg, "reports") / "REPORT.md").read_text()
+    s = sections(md)
+    assert head(md)[0] == ("**Nothing to ship yet.** No `metrics/benchmark.json`: run the "
+                           "benchmark stage (`dvc repro benchmark`; it builds the optimized "
+                           "variants first).")
+    assert out["ship"] is None
     assert "**Not run.**" in s["Benchmark"] and "dvc repro benchmark" in s["Benchmark"]
     assert "**Not run.**" in s["Optimization"] and "dvc repro optimize" in s["Optimization"]
     assert "|" not in s["Benchmark"]
@@ -279,3 +489,14 @@ def test_entry_point_exit_codes(cfg, tmp_path) -> None:
 def test_md_cell_keeps_one_cell(text) -> None:
     cells = gfm_cells(f"| {report.md_cell(text)} | next |")
     assert cells == [" ".join(text.split()), "next"]
+
+
+def test_a_photo_folder_is_named_as_the_source_not_open_images(tmp_path) -> None:
+    cfg = compose([f"paths.root={tmp_path}", "tracking.enabled=false", "data=realdata",
+                   "data.folder=my/photos"])
+    write_inputs(cfg)
+    out = report.run(cfg)
+    md = (path(cfg, "reports") / "REPORT.md").read_text()
+    assert out["title"].endswith("classes of the photo folder my/photos")
+    source = sections(md)["Dataset"].split("### Source and licences", 1)[1]
+    assert "`my/photos`" in source and "Open Images" not in source

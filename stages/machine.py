@@ -1,0 +1,112 @@
+"""Facts about the machine a stage runs on, gathered without importing torch.
+
+The benchmark records them beside its rows; the report shows them, and gathers them live when no
+benchmark has run; training and optimize ask whether bf16 is native. None of that needs a
+deep-learning stack: the CPU comes from /proc/cpuinfo, the GPU from `nvidia-smi`, library
+versions from the installed packages' metadata (importing torch to read its version would cost the
+report seconds and gigabytes of libraries).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.util
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+# What decides which CPU back end is fast: AVX-512 and VNNI for int8 (oneDNN's u8s8 kernels),
+# AVX512-BF16 or AMX for bf16 (without either it is emulated and slower than fp32).
+RELEVANT_CPU_FLAGS = frozenset({"avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+                                "amx_tile", "avx_vnni"})
+LIBRARIES = ("torch", "torchvision", "onnxruntime", "torchao", "torch_tensorrt", "tensorrt")
+NVIDIA_SMI_TIMEOUT_S = 20  # a wedged driver can hang nvidia-smi; these facts are not worth more
+
+
+@functools.cache  # /proc/cpuinfo does not change while the process runs
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ('model name', 'flags', ...); {} elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    info: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+    return info
+
+
+def cpu_flags() -> set[str]:
+    return set(cpuinfo().get("flags", "").split())
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX-BF16 or AVX512-BF16: without either, bf16 is emulated and slower than fp32."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def gpu_info() -> tuple[str | None, str | None]:
+    """(name, driver version) of the first GPU CUDA would use, from `nvidia-smi`; (None, None)
+    without an NVIDIA driver, or when CUDA_VISIBLE_DEVICES hides every GPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    cmd = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
+    if visible is not None:
+        first = visible.split(",")[0].strip()
+        if not first or first.startswith("-"):  # "" or "-1": CUDA sees no device
+            return None, None
+        cmd.append(f"--id={first}")  # an index or a UUID, both of which nvidia-smi takes
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    if proc.returncode != 0 or not lines:
+        return None, None
+    name, _, driver = lines[0].rpartition(",")  # a name may hold a comma; a driver version not
+    return name.strip() or None, driver.strip() or None
+
+
+def library_version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def torch_cuda_version() -> str | None:
+    """The CUDA version torch was built with (`torch.version.cuda`), read from torch/version.py
+    without importing torch; None for a CPU build or when torch is not installed."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    file = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    try:
+        tree = ast.parse(file.read_text())
+    except (OSError, SyntaxError):
+        return None
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        if isinstance(target, ast.Name) and target.id == "cuda" and node.value is not None:
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                return None
+            return value if isinstance(value, str) else None
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, GPU, driver, CUDA, Python, platform and library versions, as flat JSON."""
+    cpu = cpuinfo().get("model name") or platform.processor() or "unknown"
+    gpu, driver = gpu_info()
+    return {"cpu": cpu, "cores": os.cpu_count(), "native_bf16": cpu_has_native_bf16(),
+            "cpu_flags_relevant": sorted(RELEVANT_CPU_FLAGS & cpu_flags()),
+            "gpu": gpu, "gpu_driver": driver, "cuda": torch_cuda_version() if gpu else None,
+            "python": platform.python_version(), "platform": platform.platform(),
+            **{pkg: library_version(pkg) for pkg in LIBRARIES}}
