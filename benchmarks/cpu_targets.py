@@ -5,8 +5,10 @@
 Reads `metrics/benchmark.json` and `metrics/optimize/*.json` under `--root` (a finished
 `dvc repro`), then:
 
-1. the best variant that passed its accuracy bar runs at >= 3x the eager fp32 baseline at `--batch`;
-2. INT8 top-1 (every int8 variant) is within 1.5 points of fp32 on the whole test split;
+1. the best variant whose accuracy verdict is not `fail` runs at >= 3x the eager fp32 baseline
+   (channels_last, inference_mode) at `--batch`;
+2. INT8 top-1 (every int8 variant) is not worse than fp32 by more than 1.5 points: its paired
+   verdict on the held-out images is not `fail` (an `undecided` one is reported as such);
 3. the pipeline's ONNX Runtime fp32 throughput is within 10% of a plain `onnxruntime` loop on the
    same file: a bare `InferenceSession` with the same thread count, fed the same kind of real
    preprocessed test images, timed here with nothing of the pipeline in between.
@@ -60,9 +62,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/cpu_targets.json")
     args = ap.parse_args()
 
-    import torch
 
-    from stages import optimize
+    from stages import evaluation
     from stages.benchmark import rotated_batches
     from stages.config import load_params
 
@@ -73,11 +74,12 @@ def main() -> int:
     if not base or base["status"] != "ok":
         sys.exit(f"no eager fp32 row at batch {args.batch} in benchmark.json")
     ranked = sorted((r for r in rows.values() if r["batch"] == args.batch and r["status"] == "ok"
-                     and r["accuracy_ok"]), key=lambda r: r["throughput"], reverse=True)
+                     and r["verdict"] != "fail"), key=lambda r: r["throughput"], reverse=True)
     best = ranked[0]
     results: dict = {"machine": bench["machine"], "threads": bench["threads"],
                      "batch": args.batch, "eager_fp32_throughput": base["throughput"],
-                     "ranking": [{k: r[k] for k in ("variant", "throughput", "speedup", "top1",
+                     "ranking": [{k: r[k] for k in ("variant", "verdict", "throughput", "speedup",
+                                                    "top1", "top1_ci_low", "top1_ci_high",
                                                     "latency_p50_ms", "latency_p99_ms")}
                                  for r in ranked]}
     targets = {}
@@ -87,10 +89,10 @@ def main() -> int:
     for f in sorted((args.root / cfg.paths.metrics / "optimize").glob("*.json")):
         rec = json.loads(f.read_text())
         if rec["precision"] == "int8" and rec["status"] == "ok":
-            int8[rec["variant"]] = {"top1": rec["top1"], "fp32_top1": rec["fp32_top1"],
-                                    "delta": rec["top1_delta"], "agreement": rec["agreement"],
-                                    "test_images": rec["test_images"],
-                                    "ok": abs(rec["top1_delta"]) <= 1.5}
+            int8[rec["variant"]] = {k: rec[k] for k in (
+                "top1", "fp32_top1", "top1_delta", "delta_ci_low", "delta_ci_high", "agreement",
+                "eval_images", "verdict", "verdict_reason")}
+            int8[rec["variant"]]["ok"] = rec["verdict"] != "fail"
     targets["int8_within_1.5_points"] = {"variants": int8,
                                          "ok": bool(int8) and all(v["ok"] for v in int8.values())}
 
@@ -98,7 +100,8 @@ def main() -> int:
     if ort_row and ort_row["status"] == "ok":
         meta = json.loads((args.root / cfg.paths.optimized / "onnxruntime_fp32" / "meta.json")
                           .read_text())
-        images = torch.cat(optimize.test_batches(cfg, meta)[0])
+        images, _ = evaluation.images(args.root / cfg.paths.prepared, cfg.optimize.eval_splits,
+                                      meta)
         batches = [np.ascontiguousarray(b.numpy()) for b in rotated_batches(
             images, args.batch, cfg.benchmark.input_batches)]
         plain = plain_ort_loop(args.root / cfg.paths.optimized / "onnxruntime_fp32" / "model.onnx",

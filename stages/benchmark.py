@@ -1,14 +1,18 @@
 """Stage `benchmark`: throughput, latency and accuracy of every variant, measured to be trusted.
 
-The native eager fp32 model is always the baseline. Every variant whose `optimize` record says
-`ok` is timed at each batch size of the protocol, each variant in its own fresh process (one
-crash loses nothing else, and no variant inherits another's warm caches or threads). Variants
+The baseline is the eager fp32 model as a competent PyTorch user runs it (`inference_mode`, and
+channels_last on CPU: PyTorch's own advice for CPU inference); on CPU the NCHW figure is kept as
+its own row, `eager_fp32_nchw`, so the difference shows. Speed-ups divide by the baseline.
+Every variant whose `optimize` record says `ok` is timed at each batch size of the protocol, each
+in its own fresh process (one crash loses nothing else, and no variant inherits another's warm
+caches or threads). Variants
 that were skipped or failed in `optimize`, and runs that fail here, stay in the table as rows with
 their reason: nothing is dropped.
 
 Timing discipline, per (variant, batch size):
-- inputs are real preprocessed test images, `benchmark.input_batches` different batches used in
-  rotation, checked to be non-constant and distinct;
+- inputs are real preprocessed held-out images (`optimize.eval_splits`),
+  `benchmark.input_batches` different batches used in rotation, checked to be non-constant and
+  distinct;
 - before any timing the variant's outputs on those inputs are compared with the fp32 model's:
   top-1 agreement below `benchmark.min_agreement` (or a non-finite logit) fails the row, since a
   variant that returns garbage fast is not a win;
@@ -19,7 +23,9 @@ Timing discipline, per (variant, batch size):
 - inputs are already on the device and in the variant's dtype: host-side conversion is not timed.
 
 Outputs: `paths.metrics/benchmark.json` (DVC metrics: a row per variant x batch size, the
-machine, and the winner), `paths.plots/benchmark.csv` (the same rows, DVC plots) and PNG charts.
+machine, and the winner at each batch size: the fastest row whose accuracy verdict is not `fail`),
+`paths.plots/benchmark.csv` (the same rows, DVC plots), PNG charts, and the speed-accuracy Pareto
+chart `paths.plots/pareto.{png,csv}` at the reference batch.
 MLflow: the pipeline run is the parent (tagged with the machine and library versions); each row
 is a nested child run with params backend, precision, batch size and the row's metrics.
 """
@@ -31,13 +37,11 @@ import json
 import logging
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -45,21 +49,22 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from stages import models, optimize
+from stages import evaluation, machine, models
 from stages.config import InputError, load_params, main_for, path
 from stages.io import write_csv, write_json
-from stages.optimize import RECORD
-from stages.runtime import Runtime, cpu_has_native_bf16, cpuinfo, torch_runtime
+from stages.runtime import RECORD, Runtime, eager_runtime, load_variant
 from stages.tracking import stage_run
 
 log = logging.getLogger("stages.benchmark")
 
-BASELINE = "eager_fp32"
+BASELINE = "eager_fp32"            # channels_last on CPU, inference_mode: the best plain PyTorch
+NCHW = "eager_fp32_nchw"            # the same in the default NCHW layout, as its own row (CPU)
 COLUMNS = ["variant", "backend", "precision", "batch", "status", "error", "throughput",
            "throughput_min", "throughput_max", "throughput_std", "latency_p50_ms",
-           "latency_mean_ms", "latency_p90_ms", "latency_p99_ms", "speedup", "top1", "agreement",
-           "accuracy_ok", "size_mb", "build_seconds", "peak_rss_mb", "cuda_max_allocated_mb",
-           "gflops_per_s", "iterations", "trials", "threads", "device", "check_agreement"]
+           "latency_mean_ms", "latency_p90_ms", "latency_p99_ms", "speedup", "top1",
+           "top1_ci_low", "top1_ci_high", "eval_images", "agreement", "verdict", "size_mb",
+           "build_seconds", "peak_rss_mb", "cuda_max_allocated_mb", "gflops_per_s", "iterations",
+           "trials", "threads", "device", "check_agreement"]
 
 
 class CheckFailed(RuntimeError):
@@ -146,12 +151,18 @@ def rotated_batches(images: torch.Tensor, batch: int, count: int) -> list[torch.
 
 
 def load_runtime(cfg: DictConfig, variant: str) -> tuple[Runtime, dict]:
-    if variant == BASELINE:
+    if variant in (BASELINE, NCHW):
         model, meta = models.load_trained(path(cfg, "models") / "model.pt")
         device = baseline_device(cfg)
-        return torch_runtime(model.to(device), device), meta
-    runtime, meta, _ = optimize.load_variant(path(cfg, "optimized") / variant)
+        return eager_runtime(model, device, channels_last=None if variant == BASELINE
+                             else False), meta
+    runtime, meta, _ = load_variant(path(cfg, "optimized") / variant)
     return runtime, meta
+
+
+def baselines(cfg: DictConfig) -> list[str]:
+    """The eager rows: on CPU the channels_last baseline and its NCHW twin; on CUDA one."""
+    return [BASELINE, NCHW] if baseline_device(cfg) == "cpu" else [BASELINE]
 
 
 def baseline_device(cfg: DictConfig) -> str:
@@ -167,7 +178,7 @@ def measure_variant(cfg: DictConfig, variant: str, rows_file: Path) -> None:
     protocol = protocol_settings(cfg)
     runtime, meta = load_runtime(cfg, variant)
     reference_model, _ = models.load_trained(path(cfg, "models") / "model.pt")
-    images = torch.cat(optimize.test_batches(cfg, meta)[0])
+    images, _ = evaluation.images(path(cfg, "prepared"), cfg.optimize.eval_splits, meta)
     for batch in protocol["batch_sizes"]:
         row: dict[str, Any] = {"variant": variant, "batch": batch, "device": runtime.device,
                                "threads": torch.get_num_threads()}
@@ -219,31 +230,6 @@ def flops_per_image(model: torch.nn.Module, input_size: int) -> float:
     return float(counter.get_total_flops())
 
 
-def machine_info() -> dict[str, Any]:
-    cpu = cpuinfo().get("model name") or platform.processor() or "unknown"
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    driver = None
-    if gpu:
-        try:
-            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
-                                     "--format=csv,noheader"], capture_output=True, text=True,
-                                    timeout=20).stdout.strip() or None
-        except (OSError, subprocess.TimeoutExpired):
-            driver = None
-
-    def version(pkg: str) -> str | None:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "native_bf16": cpu_has_native_bf16(),
-            "gpu": gpu, "gpu_driver": driver, "cuda": torch.version.cuda if gpu else None,
-            "python": platform.python_version(), "platform": platform.platform(),
-            **{pkg: version(pkg) for pkg in ("torch", "torchvision", "onnxruntime", "torchao",
-                                             "torch_tensorrt", "tensorrt")}}
-
-
 def variants_to_measure(cfg: DictConfig) -> tuple[list[str], dict[str, dict]]:
     """(variants to time, records of every listed variant) in the configured order."""
     wanted = protocol_settings(cfg)["variants"] or list(cfg.optimize.variants)
@@ -287,20 +273,21 @@ def _tail(text: str, lines: int = 3) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Time every ok variant and the eager baseline; write the table, plots and MLflow runs."""
+    """Time every ok variant and the eager baselines; write the table, plots and MLflow runs."""
     protocol = protocol_settings(cfg)
     to_time, records = variants_to_measure(cfg)
     model, meta = models.load_trained(path(cfg, "models") / "model.pt")
-    batches, labels = optimize.test_batches(cfg, meta)
+    images, labels = evaluation.images(path(cfg, "prepared"), cfg.optimize.eval_splits, meta)
     with torch.no_grad():
-        fp32 = np.concatenate([model(x).numpy() for x in batches])
-    baseline_acc = optimize.accuracy(cfg, "fp32", fp32, fp32, labels)
+        fp32 = np.concatenate([model(x).numpy()
+                               for x in evaluation.batches(images, cfg.optimize.eval_batch)])
+    baseline_acc = evaluation.accuracy(fp32, labels)
     flops = flops_per_image(model, meta["input_size"])
     baseline_size = sum(t.numel() * t.element_size()
                         for t in [*model.parameters(), *model.buffers()]) / 2**20
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp:
-        for variant in [BASELINE, *to_time]:
+        for variant in [*baselines(cfg), *to_time]:
             log.info("timing %s at batch sizes %s in a fresh process", variant,
                      protocol["batch_sizes"])
             done = run_worker(cfg, variant, Path(tmp))
@@ -318,57 +305,139 @@ def run(cfg: DictConfig) -> dict:
     for r in rows:
         if r["status"] == "ok" and r["batch"] in base:
             r["speedup"] = round(r["throughput"] / base[r["batch"]], 3)
-    best = _winner(rows, cfg.benchmark.reference_batch)
-    machine = machine_info()
+    winners = {str(b): winner(rows, b) for b in protocol["batch_sizes"]}
+    ref = cfg.benchmark.reference_batch
+    ref = ref if ref in protocol["batch_sizes"] else max(protocol["batch_sizes"])
+    best = winners[str(ref)]
+    facts = machine.machine_info()
     table = {"protocol": cfg.benchmark.protocol, "device": baseline_device(cfg),
              "threads": next((r["threads"] for r in rows if r.get("threads")), None),
-             "baseline": BASELINE, "reference_batch": best["batch"],
-             "best_variant": best["variant"], "best_speedup": best["speedup"],
-             "gflops_per_image": round(flops / 1e9, 4), "machine": machine,
+             "baseline": BASELINE,
+             "baseline_note": ("eager fp32, channels_last, inference_mode" if
+                               baseline_device(cfg) == "cpu" else "eager fp32, inference_mode"),
+             "eval_splits": list(cfg.optimize.eval_splits), "eval_images": int(len(labels)),
+             "reference_batch": ref, "best_variant": best["variant"],
+             "best_speedup": best.get("speedup"), "best_verdict": best.get("verdict"),
+             "winners": winners, "gflops_per_image": round(flops / 1e9, 4), "machine": facts,
              "rows": {f"{r['variant']}.b{r['batch']}": r for r in rows}}
+    plots = path(cfg, "plots")
     write_json(path(cfg, "metrics") / "benchmark.json", table)
-    write_csv(path(cfg, "plots") / "benchmark.csv", [*COLUMNS, "label"],
+    write_csv(plots / "benchmark.csv", [*COLUMNS, "label"],
               [[_csv(r.get(c)) for c in COLUMNS] + [f"{r['variant']}@b{r['batch']}"]
                for r in rows])
-    charts(rows, path(cfg, "plots"))
+    charts(rows, plots)
+    front = pareto_points(rows, ref)
+    write_csv(plots / "pareto.csv", PARETO_COLUMNS,
+              [[_csv(p.get(c)) for c in PARETO_COLUMNS] for p in front])
+    pareto_chart(front, ref, BASELINE, plots / "pareto.png")
     with stage_run(cfg, "benchmark") as tracker:
-        tracker.set_tags({f"machine.{k}": str(v) for k, v in machine.items()})
+        tracker.set_tags({f"machine.{k}": str(v) for k, v in facts.items()})
         tracker.log_params({"benchmark.protocol": cfg.benchmark.protocol,
                             "benchmark.threads": table["threads"], **{
                                 f"benchmark.{k}": v for k, v in protocol.items()}})
-        tracker.log_metrics({"best_speedup": best["speedup"] or 0.0})
+        tracker.log_metrics({"best_speedup": best.get("speedup") or 0.0})
+        tracker.set_tags({"benchmark.best_variant": str(best["variant"]),
+                          "benchmark.best_verdict": str(best.get("verdict"))})
         log_child_runs(tracker, rows)
-        tracker.log_artifact(path(cfg, "metrics") / "benchmark.json")
-    log.info("best at batch %s: %s, %.2fx the eager fp32 baseline", best["batch"],
-             best["variant"], best["speedup"] or float("nan"))
+        for f in (path(cfg, "metrics") / "benchmark.json", plots / "pareto.png",
+                  plots / "pareto.csv"):
+            tracker.log_artifact(f)
+    for b, w in winners.items():
+        log.info("winner at batch %s: %s", b, _winner_line(w))
     return table
 
 
+def _winner_line(w: dict) -> str:
+    if not w.get("variant"):
+        return "none (no variant finished with a verdict other than fail)"
+    return (f"{w['variant']} ({w['verdict']}), {w['throughput']:.1f} img/s, p99 "
+            f"{w['latency_p99_ms']:.1f} ms, {w['speedup']:.2f}x {BASELINE}, top-1 {w['top1']:.1f}% "
+            f"[{w['top1_ci_low']:.1f}, {w['top1_ci_high']:.1f}] on {w['eval_images']} images")
+
+
 def _complete(row: dict, records: dict, baseline_acc: dict, baseline_size: float,
-               flops: float) -> dict:
+              flops: float) -> dict:
     out = {c: row.get(c) for c in COLUMNS}
-    if row["variant"] == BASELINE:
-        out.update(backend="torch_eager", precision="fp32", top1=baseline_acc["top1"],
-                   agreement=100.0, accuracy_ok=True, size_mb=round(baseline_size, 3),
-                   build_seconds=0.0)
+    if row["variant"] in (BASELINE, NCHW):
+        out.update(backend="torch_eager", precision="fp32", agreement=100.0, verdict="pass",
+                   size_mb=round(baseline_size, 3), build_seconds=0.0,
+                   **{k: baseline_acc[k] for k in ("top1", "top1_ci_low", "top1_ci_high",
+                                                   "eval_images")})
     else:
         rec = records[row["variant"]]
-        out.update({k: rec.get(k) for k in ("backend", "precision", "top1", "agreement",
-                                            "accuracy_ok", "size_mb", "build_seconds")})
+        out.update({k: rec.get(k) for k in ("backend", "precision", "top1", "top1_ci_low",
+                                            "top1_ci_high", "eval_images", "agreement",
+                                            "verdict", "size_mb", "build_seconds")})
     if out["status"] == "ok":
         out["gflops_per_s"] = round(flops * out["throughput"] / 1e9, 3)
     return out
 
 
-def _winner(rows: list[dict], reference: int) -> dict:
-    """Fastest ok variant that passed its accuracy bar, at the reference batch if measured."""
-    ok = [r for r in rows if r["status"] == "ok" and r["accuracy_ok"] and r.get("speedup")]
-    batches = sorted({r["batch"] for r in ok})
+WINNER_KEYS = ("variant", "verdict", "batch", "throughput", "latency_p99_ms", "speedup", "top1",
+               "top1_ci_low", "top1_ci_high", "eval_images")
+
+
+def winner(rows: list[dict], batch: int) -> dict:
+    """The fastest row at `batch` whose accuracy verdict is not `fail` (an `undecided` one is
+    kept and labelled by its verdict); {"variant": None, "batch": batch} when there is none."""
+    ok = [r for r in rows if r["batch"] == batch and r["status"] == "ok"
+          and r.get("verdict") in ("pass", "undecided") and r.get("throughput")]
     if not ok:
-        return {"variant": None, "speedup": None, "batch": reference}
-    batch = reference if reference in batches else max(batches)
-    best = max((r for r in ok if r["batch"] == batch), key=lambda r: r["throughput"])
-    return {"variant": best["variant"], "speedup": best["speedup"], "batch": batch}
+        return {"variant": None, "batch": batch}
+    best = max(ok, key=lambda r: r["throughput"])
+    return {k: best.get(k) for k in WINNER_KEYS}
+
+
+PARETO_COLUMNS = ["variant", "verdict", "throughput", "top1", "top1_ci_low", "top1_ci_high",
+                  "eval_images", "on_frontier"]
+
+
+def pareto_points(rows: list[dict], batch: int) -> list[dict]:
+    """One point per variant measured at `batch`; `on_frontier`: no other point is at least as
+    fast and at least as accurate, and better in one of the two."""
+    pts = [{k: r.get(k) for k in PARETO_COLUMNS if k != "on_frontier"} for r in rows
+           if r["batch"] == batch and r["status"] == "ok" and r.get("top1") is not None]
+    for p in pts:
+        p["on_frontier"] = not any(
+            q["throughput"] >= p["throughput"] and q["top1"] >= p["top1"]
+            and (q["throughput"] > p["throughput"] or q["top1"] > p["top1"]) for q in pts)
+    return sorted(pts, key=lambda p: p["throughput"])
+
+
+def pareto_chart(points: list[dict], batch: int, baseline: str, file: Path) -> None:
+    """Throughput against top-1 with its 95% interval, one point per variant, frontier drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    colour = {"pass": "tab:blue", "undecided": "tab:orange", "fail": "tab:red"}
+    for p in points:
+        err = [[p["top1"] - p["top1_ci_low"]], [p["top1_ci_high"] - p["top1"]]]
+        ax.errorbar(p["throughput"], p["top1"], yerr=err, fmt="o", capsize=3,
+                    color=colour.get(p["verdict"], "grey"),
+                    mfc="white" if p["variant"] == baseline else None)
+        ax.annotate(p["variant"], (p["throughput"], p["top1"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7)
+    front = [p for p in points if p["on_frontier"]]
+    if front:
+        ax.plot([p["throughput"] for p in front], [p["top1"] for p in front], "--", color="grey",
+                lw=1, label="Pareto frontier")
+        ax.legend(fontsize=8, loc="lower right")
+    n = max((p["eval_images"] or 0 for p in points), default=0)
+    ax.set_xlabel(f"throughput at batch {batch} (images/s)")
+    ax.set_ylabel(f"top-1 (%), 95% Wilson interval, {n} images")
+    ax.set_title("speed against accuracy (blue pass, orange undecided, red fail)")
+    ax.grid(alpha=0.3)
+    if not points:
+        ax.text(0.5, 0.5, "no variant measured", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, file)
 
 
 def _csv(v: Any) -> Any:
@@ -398,11 +467,14 @@ def log_child_runs(tracker, rows: list[dict]) -> None:
                                "precision": r["precision"], "batch_size": r["batch"]})
             mlflow.log_metrics({k: float(r[k]) for k in (
                 "throughput", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "speedup",
-                "top1", "agreement", "size_mb", "build_seconds", "peak_rss_mb", "gflops_per_s")
+                "top1", "top1_ci_low", "top1_ci_high", "eval_images", "agreement", "size_mb",
+                "build_seconds", "peak_rss_mb", "gflops_per_s")
                 if isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool)
                 and math.isfinite(r[k])})
             if r.get("error"):
                 mlflow.set_tag("error", str(r["error"])[:5000])
+            if r.get("verdict"):
+                mlflow.set_tag("verdict", r["verdict"])
 
 
 def charts(rows: list[dict], out: Path) -> None:

@@ -74,7 +74,9 @@ class FetchConf:
 
 @dataclass
 class DataConf:
-    classes: list[str] = MISSING
+    source: str = "openimages"
+    folder: str = "photos"  # source=folder: DIR/<class>/<image>, relative to paths.root
+    classes: list[str] = field(default_factory=list)  # source=folder: empty = every sub-folder
     max_images_per_class: int = 150
     seed: int = 0
     metadata_url: str = "https://storage.googleapis.com/openimages/"
@@ -100,9 +102,11 @@ class ModelConf:
 
 @dataclass
 class TrainConf:
-    mode: str = "full"
+    mode: str = "lp_ft"
     unfreeze_blocks: int = 2
-    epochs: int = 10
+    probe_epochs: int = 5
+    probe_lr: float = 0.01
+    epochs: int = 15
     batch_size: int = 32
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -150,6 +154,7 @@ class OptimizeConf:
     calibration_images: int = 128
     calibration_batch: int = 16
     eval_batch: int = 32
+    eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])
     accuracy_bars: dict[str, float] = field(
         default_factory=lambda: {"fp32": 0.5, "fp16": 0.5, "bf16": 0.5, "int8": 1.5})
     trt: TrtConf = field(default_factory=TrtConf)
@@ -201,10 +206,11 @@ class PipelineConf:
 
 # Choices checked after the type check: one registry each, so the error can list them.
 CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("openimages", "folder"),  # stages.download.SOURCES (tests keep them equal)
     "data.multiclass_policy": ("drop", "first"),
     "data.on_empty_class": ("error", "skip"),
     "data.split.mode": ("resplit", "official"),
-    "train.mode": ("linear_probe", "full", "partial"),
+    "train.mode": ("linear_probe", "full", "partial", "lp_ft"),
     "train.optimizer": ("adamw", "sgd"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -247,8 +253,15 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
 
 
 def _check_data(data: DictConfig) -> None:
-    if not data.classes:
-        raise ConfigError("data.classes is empty: name at least one Open Images class")
+    if data.source == "openimages" and not data.classes:
+        raise ConfigError("data.classes is empty: name at least one Open Images class (or set "
+                          "data.source=folder to read class-per-folder photos)")
+    if data.source == "folder":
+        if not data.folder:
+            raise ConfigError("data.folder is empty: name the photo folder (DIR/<class>/<image>)")
+        if data.split.mode != "resplit":
+            raise ConfigError(f"data.split.mode={data.split.mode} needs official splits, which a "
+                              "photo folder has not: use data.split.mode=resplit")
     if data.max_images_per_class < 1:
         raise ConfigError("data.max_images_per_class must be >= 1")
     if data.image_size < 8:
@@ -275,6 +288,8 @@ def _check_train(train: DictConfig, model: DictConfig) -> None:
         raise ConfigError("train.label_smoothing must be in [0, 1), train.min_lr_ratio in [0, 1]")
     if train.unfreeze_blocks < 1 or train.num_workers < 0 or train.patience < 0:
         raise ConfigError("train.unfreeze_blocks >= 1, num_workers >= 0 and patience >= 0")
+    if train.probe_epochs < 0 or train.probe_lr <= 0:
+        raise ConfigError("train.probe_epochs must be >= 0 and train.probe_lr > 0")
     if len(model.mean) != 3 or len(model.std) != 3 or any(s <= 0 for s in model.std):
         raise ConfigError("model.mean and model.std need 3 values each, std > 0")
     if model.input_size < 16 or not 0 < model.crop_pct <= 1:
@@ -315,6 +330,10 @@ def _check_optimize(opt: DictConfig, export: DictConfig) -> None:
         raise ConfigError("optimize.calibration_batch and optimize.eval_batch must not exceed "
                           f"export.max_batch ({export.max_batch}): the artifacts refuse larger "
                           "batches")
+    if not opt.eval_splits or not set(opt.eval_splits) <= {"train", "val", "test"} \
+            or len(set(opt.eval_splits)) != len(opt.eval_splits):
+        raise ConfigError(f"optimize.eval_splits {list(opt.eval_splits)}: expected distinct "
+                          "names among val, test (and train, which the model has seen)")
     bars = dict(opt.accuracy_bars)
     if set(bars) != {"fp32", "fp16", "bf16", "int8"} or min(bars.values()) < 0:
         raise ConfigError(f"optimize.accuracy_bars {bars}: expected fp32, fp16, bf16 and int8, "

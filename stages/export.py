@@ -29,13 +29,19 @@ from stages import models
 from stages.config import InputError, StageError, main_for, path
 from stages.datasets import PreparedImages, eval_transform
 from stages.io import atomic_open, write_json
-from stages.runtime import Runtime, ort_runtime, program_runtime, torchscript_runtime
+from stages.runtime import (
+    EXPORT_FILES,
+    Runtime,
+    ort_runtime,
+    program_runtime,
+    torchscript_runtime,
+)
 from stages.tracking import stage_run
 
 log = logging.getLogger("stages.export")
 
 META_FILE = "meta.json"
-FILES = {"torchscript": "model.ts", "exported_program": "model.pt2", "onnx": "model.onnx"}
+FILES = EXPORT_FILES  # defined in runtime: every consumer of these files finds them there
 
 
 class ExportCheckFailed(StageError):

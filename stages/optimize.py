@@ -6,18 +6,20 @@ others. Each instance writes, under `paths.optimized/<variant>/`:
     <artifact>    the deployable file (AOTInductor package, ONNX, ExportedProgram, TRT program)
     meta.json     classes, normalisation and input size, so the artifact can be loaded alone
     record.json   status (ok | skipped | failed), reason or error, artifact path (relative to
-                  `paths.root`) and size, build
-                  time, top-1 on the whole test split beside the fp32 model's, prediction
-                  agreement with fp32 and the accuracy bar verdict
+                  `paths.root`), size, build time, and its accuracy against the fp32 model on
+                  the held-out images (`optimize.eval_splits`, by default val + test): top-1
+                  with its Wilson interval, the paired difference with its interval, agreement,
+                  exact McNemar, and the verdict against the precision's bar: pass, fail or
+                  undecided (with how many images would decide it), see stages/statistics.py
 
 and the same record, flat, as `paths.metrics/optimize/<variant>.json` (DVC metrics). An expected
 failure (the compiler raised, TensorRT built FP32 when FP16 was asked for) is recorded as `failed`
 and the stage exits 0 so the benchmark can show the row; bad input (no checkpoint, unknown variant,
 a calibration set larger than the training split) is an error before any work.
 
-Every variant is loaded back from disk before it is evaluated, the way the benchmark and the stream
-client load it: `load_variant(folder)` gives a `stages.runtime.Runtime` (prepare inputs, call,
-read logits).
+What a variant is and how it loads lives in `stages.runtime.VARIANTS` (shared with the benchmark
+and the stream client); this module adds how each is built. Every variant is loaded back from disk
+before it is evaluated, the way every consumer loads it: `stages.runtime.load_variant(folder)`.
 """
 
 from __future__ import annotations
@@ -42,24 +44,24 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from stages import models
+from stages import evaluation, models
 from stages.config import OPTIMIZE_VARIANTS, ConfigError, InputError, path, stage_main
-from stages.datasets import PreparedImages, eval_transform
-from stages.export import FILES as EXPORT_FILES
 from stages.io import atomic_dir, write_json
+from stages.machine import cpu_flags, cpu_has_native_bf16
 from stages.runtime import (
+    EXPORT_FILES,
+    META,
+    RECORD,
     Runtime,
-    aoti_runtime,
-    cpu_flags,
-    cpu_has_native_bf16,
-    ort_runtime,
-    program_runtime,
+    VariantSpec,
+    variant_spec,
+)
+from stages.runtime import (
+    VARIANTS as SPECS,
 )
 from stages.tracking import stage_run
 
 log = logging.getLogger("stages.optimize")
-
-RECORD, META = "record.json", "meta.json"
 
 
 class BuildFailed(RuntimeError):
@@ -266,12 +268,6 @@ def build_trt(precision: str) -> Callable[[BuildContext, Path], None]:
     return build
 
 
-def _load_trt(file: Path, dtype: torch.dtype) -> Runtime:
-    import torch_tensorrt  # noqa: F401  (registers the TensorRT engine op the program calls)
-
-    return program_runtime(file, "cuda", dtype)
-
-
 # --- the registry ---------------------------------------------------------------------------
 
 
@@ -287,109 +283,56 @@ def _needs_trt() -> str | None:
 
 @dataclass(frozen=True)
 class Variant:
+    """A variant as this stage sees it: what it is and how it loads (`stages.runtime.VARIANTS`,
+    shared with every consumer), how it is built, and why it cannot be built here."""
+
     name: str
-    backend: str
-    precision: str
-    file: str
+    spec: VariantSpec
     build: Callable[[BuildContext, Path], None]
-    load: Callable[[Path], Runtime]
     unavailable: Callable[[], str | None] = lambda: None  # why it cannot run here, or None
 
+    @property
+    def backend(self) -> str:
+        return self.spec.backend
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in [
-    Variant("cpu_bf16", "torch_eager", "bf16", "model.pt2", build_cpu_bf16, program_runtime),
-    Variant("inductor_fp32", "aot_inductor", "fp32", "model.pt2", build_inductor(torch.float32),
-            aoti_runtime),
-    Variant("inductor_bf16", "aot_inductor", "bf16", "model.pt2", build_inductor(torch.bfloat16),
-            aoti_runtime),
-    Variant("int8", "aot_inductor", "int8", "model.pt2", build_int8, aoti_runtime),
-    Variant("onnxruntime_fp32", "onnxruntime", "fp32", "model.onnx", build_ort_fp32,
-            ort_runtime),
-    Variant("onnxruntime_int8", "onnxruntime", "int8", "model.onnx", build_ort_int8,
-            ort_runtime),
-    Variant("cuda_fp16", "torch_eager", "fp16", "model.pt2", build_cuda_fp16,
-            lambda f: program_runtime(f, "cuda", torch.float16), _needs_cuda),
-    Variant("trt_fp32", "torch_tensorrt", "fp32", "model.ep", build_trt("fp32"),
-            lambda f: _load_trt(f, torch.float32), _needs_trt),
-    Variant("trt_fp16", "torch_tensorrt", "fp16", "model.ep", build_trt("fp16"),
-            lambda f: _load_trt(f, torch.float16), _needs_trt),
-]}
+    @property
+    def precision(self) -> str:
+        return self.spec.precision
+
+    @property
+    def file(self) -> str:
+        return self.spec.file
+
+    def load(self, artifact: Path) -> Runtime:
+        return self.spec.load(artifact)
+
+
+BUILDERS: dict[str, tuple[Callable[[BuildContext, Path], None], Callable[[], str | None]]] = {
+    "cpu_bf16": (build_cpu_bf16, lambda: None),
+    "inductor_fp32": (build_inductor(torch.float32), lambda: None),
+    "inductor_bf16": (build_inductor(torch.bfloat16), lambda: None),
+    "int8": (build_int8, lambda: None),
+    "onnxruntime_fp32": (build_ort_fp32, lambda: None),
+    "onnxruntime_int8": (build_ort_int8, lambda: None),
+    "cuda_fp16": (build_cuda_fp16, _needs_cuda),
+    "trt_fp32": (build_trt("fp32"), _needs_trt),
+    "trt_fp16": (build_trt("fp16"), _needs_trt),
+}
+VARIANTS: dict[str, Variant] = {
+    name: Variant(name, SPECS[name], *BUILDERS[name]) for name in OPTIMIZE_VARIANTS}
 
 
 def get_variant(name: str) -> Variant:
-    if name not in VARIANTS:
-        raise ConfigError(f"unknown variant {name!r}; expected one of {sorted(VARIANTS)}")
+    variant_spec(name)  # the error listing the valid names
     return VARIANTS[name]
-
-
-def load_variant(folder: Path) -> tuple[Runtime, dict, dict]:
-    """A built variant, loaded alone from its folder: (runtime, metadata, record)."""
-    record_file = folder / RECORD
-    if not record_file.is_file():
-        raise InputError(f"{record_file} not found: run `dvc repro optimize` first")
-    record = json.loads(record_file.read_text())
-    if record["status"] != "ok":
-        raise InputError(f"variant {record['variant']} is {record['status']}: "
-                         f"{record.get('reason') or record.get('error')}")
-    meta = json.loads((folder / META).read_text())
-    variant = get_variant(record["variant"])
-    return variant.load(folder / variant.file), meta, record
-
-
-# --- accuracy -----------------------------------------------------------------------------------
-
-
-def test_batches(cfg: DictConfig, meta: dict) -> tuple[list[torch.Tensor], np.ndarray]:
-    """The whole test split, preprocessed, in batches of `optimize.eval_batch`; and its labels."""
-    ds = PreparedImages(path(cfg, "prepared"), "test",
-                        eval_transform(meta["input_size"], meta["mean"], meta["std"],
-                                       meta["crop_pct"]))
-    if len(ds) == 0:
-        raise InputError(f"{path(cfg, 'prepared')}/test.csv is empty: nothing to measure on")
-    images = [ds[i][0] for i in range(len(ds))]
-    b = cfg.optimize.eval_batch
-    return ([torch.stack(images[i:i + b]) for i in range(0, len(images), b)],
-            np.asarray(ds.labels))
-
-
-def calibration_batches(cfg: DictConfig, meta: dict) -> Callable[[], Iterator[torch.Tensor]]:
-    """`optimize.calibration_images` training images (a seeded sample), eval preprocessing."""
-    ds = PreparedImages(path(cfg, "prepared"), "train",
-                        eval_transform(meta["input_size"], meta["mean"], meta["std"],
-                                       meta["crop_pct"]))
-    n = cfg.optimize.calibration_images
-    if n > len(ds):
-        raise InputError(f"optimize.calibration_images={n} but the training split has only "
-                         f"{len(ds)} images; lower it to at most {len(ds)}")
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
-    b = cfg.optimize.calibration_batch
-
-    def batches() -> Iterator[torch.Tensor]:
-        for i in range(0, n, b):
-            yield torch.stack([ds[j][0] for j in order[i:i + b]])
-
-    return batches
-
-
-def accuracy(cfg: DictConfig, precision: str, fp32: np.ndarray, got: np.ndarray,
-             labels: np.ndarray) -> dict:
-    ref_top1 = float((fp32.argmax(1) == labels).mean() * 100)
-    top1 = float((got.argmax(1) == labels).mean() * 100)
-    bar = float(cfg.optimize.accuracy_bars[precision])
-    delta = top1 - ref_top1
-    return {"top1": round(top1, 3), "fp32_top1": round(ref_top1, 3),
-            "top1_delta": round(delta, 3), "accuracy_bar": bar,
-            "accuracy_ok": abs(delta) <= bar,
-            "agreement": round(float((got.argmax(1) == fp32.argmax(1)).mean() * 100), 3),
-            "max_abs_logit_diff": float(np.abs(got - fp32).max()),
-            "test_images": int(len(labels))}
 
 
 # --- the stage ----------------------------------------------------------------------------------
 
 
 def run(cfg: DictConfig, variant_name: str) -> dict:
-    """Build one variant, load it back, measure its accuracy on the test split, record it."""
+    """Build one variant, load it back, measure its accuracy against fp32 on the held-out images
+    (`optimize.eval_splits`, by default val + test), record it with its verdict."""
     variant = get_variant(variant_name)
     folder = path(cfg, "optimized") / variant.name
     metrics_file = path(cfg, "metrics") / "optimize" / f"{variant.name}.json"
@@ -403,9 +346,13 @@ def run(cfg: DictConfig, variant_name: str) -> dict:
     if not (exported / EXPORT_FILES["onnx"]).is_file() and variant.backend == "onnxruntime":
         raise InputError(f"{exported / EXPORT_FILES['onnx']} not found: run the export stage "
                          "with 'onnx' in export.formats")
-    batches, labels = test_batches(cfg, meta)
-    needs_calibration = variant.precision == "int8"
-    calibration = calibration_batches(cfg, meta) if needs_calibration else (lambda: iter(()))
+    prepared, splits = path(cfg, "prepared"), list(cfg.optimize.eval_splits)
+    images, labels = evaluation.images(prepared, splits, meta)
+    batches = evaluation.batches(images, cfg.optimize.eval_batch)
+    calibration: Callable[[], Iterator[torch.Tensor]] = lambda: iter(())  # noqa: E731
+    if variant.precision == "int8":
+        calibration = evaluation.calibration_batches(
+            prepared, meta, cfg.optimize.calibration_images, cfg.optimize.calibration_batch)
 
     with stage_run(cfg, "optimize") as tracker, atomic_dir(folder) as tmp:
         tracker.log_params({f"optimize.{variant.name}.backend": variant.backend,
@@ -426,7 +373,9 @@ def run(cfg: DictConfig, variant_name: str) -> dict:
         write_json(metrics_file, record)
         tracker.log_metrics({variant.name: {k: v for k, v in record.items()
                                             if k not in ("error", "reason")}})
-        tracker.set_tags({f"optimize.{variant.name}.status": record["status"]})
+        tracker.set_tags({f"optimize.{variant.name}.status": record["status"],
+                          **({f"optimize.{variant.name}.verdict": record["verdict"]}
+                             if record.get("verdict") else {})})
     return record
 
 
@@ -452,12 +401,13 @@ def _build_and_check(cfg: DictConfig, variant: Variant, ctx: BuildContext, tmp: 
                 "artifact": None, "size_mb": None}
     with torch.no_grad():
         fp32 = np.concatenate([ctx.model(x).numpy() for x in batches])
-    acc = accuracy(cfg, variant.precision, fp32, got, labels)
-    log.info("%s: %.1f MB, built in %.1f s, top-1 %.1f%% (fp32 %.1f%%), agreement %.1f%%: %s",
-             variant.name, out["size_mb"], out["build_seconds"], acc["top1"], acc["fp32_top1"],
-             acc["agreement"], "within its bar" if acc["accuracy_ok"]
-             else f"OUTSIDE its {acc['accuracy_bar']}-point bar")
-    return {"status": "ok", **out, **acc}
+    acc = evaluation.compare(fp32, got, labels, cfg.optimize.accuracy_bars[variant.precision])
+    log.info("%s: %.1f MB, built in %.1f s, top-1 %.1f%% [%.1f, %.1f] (fp32 %.1f%%) on %d "
+             "images of %s, agreement %.1f%%: %s, %s", variant.name, out["size_mb"],
+             out["build_seconds"], acc["top1"], acc["top1_ci_low"], acc["top1_ci_high"],
+             acc["fp32_top1"], acc["eval_images"], "+".join(cfg.optimize.eval_splits),
+             acc["agreement"], acc["verdict"].upper(), acc["verdict_reason"])
+    return {"status": "ok", **out, "eval_splits": list(cfg.optimize.eval_splits), **acc}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from stages import benchmark, export, optimize
+from stages import benchmark, export, models, optimize
 from stages.config import ConfigError, InputError, compose, path
 from stages.io import read_csv
-from stages.runtime import Runtime
+from stages.runtime import Runtime, eager_runtime
 
 VARIANTS = ["onnxruntime_fp32", "onnxruntime_int8", "cpu_bf16", "trt_fp16"]
 TINY = ["benchmark.protocols.default.batch_sizes=[1,8]", "benchmark.protocols.default.trials=2",
@@ -93,10 +93,11 @@ def table(cfg, mlflow_server):
 
 def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> None:
     rows = table["rows"]
-    expected = {f"{v}.b{b}" for v in ["eager_fp32", *VARIANTS] for b in (1, 8)}
+    expected = {f"{v}.b{b}" for v in ["eager_fp32", "eager_fp32_nchw", *VARIANTS]
+                for b in (1, 8)}
     assert set(rows) == expected
-    for key in ("eager_fp32.b1", "eager_fp32.b8", "onnxruntime_fp32.b8", "onnxruntime_int8.b8",
-                "cpu_bf16.b1"):
+    for key in ("eager_fp32.b1", "eager_fp32.b8", "eager_fp32_nchw.b8", "onnxruntime_fp32.b8",
+                "onnxruntime_int8.b8", "cpu_bf16.b1"):
         r = rows[key]
         assert r["status"] == "ok", r
         assert r["throughput"] > 0 and r["iterations"] >= 6 and r["trials"] == 2
@@ -105,14 +106,30 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
         assert r["threads"] == 1 and r["device"] == "cpu"
         assert r["peak_rss_mb"] > 50 and r["gflops_per_s"] > 0 and r["size_mb"] > 1
         assert r["check_agreement"] >= 0.9 and r["top1"] is not None
+        assert r["top1_ci_low"] <= r["top1"] <= r["top1_ci_high"] and r["eval_images"] > 0
+        assert r["verdict"] in ("pass", "undecided", "fail")
     assert rows["eager_fp32.b8"]["speedup"] == 1.0
+    # the NCHW row is divided by the channels_last baseline, like every other row
+    nchw = rows["eager_fp32_nchw.b8"]
+    assert nchw["speedup"] == pytest.approx(
+        nchw["throughput"] / rows["eager_fp32.b8"]["throughput"], rel=1e-3)
+    assert table["baseline_note"] == "eager fp32, channels_last, inference_mode"
+    assert table["eval_splits"] == ["val", "test"]
+    # the winner at each batch: the fastest row whose verdict is not a fail
+    for b in ("1", "8"):
+        w = table["winners"][b]
+        eligible = [r for r in rows.values() if r["batch"] == int(b) and r["status"] == "ok"
+                    and r["verdict"] != "fail"]
+        assert w["variant"] == max(eligible, key=lambda r: r["throughput"])["variant"]
+        assert w["verdict"] == rows[f"{w['variant']}.b{b}"]["verdict"]
+    assert table["best_variant"] == table["winners"]["8"]["variant"]
     assert rows["onnxruntime_int8.b8"]["precision"] == "int8"
     # raised in the middle of its benchmark: a failed row with the error, the others kept
     bad = rows["cpu_bf16.b8"]
     assert bad["status"] == "failed" and bad["error"] and bad["throughput"] is None
     skipped = rows["trt_fp16.b8"]
     assert skipped["status"] == "skipped" and skipped["error"] == optimize._needs_trt()
-    assert table["best_variant"] in VARIANTS and table["reference_batch"] == 8
+    assert table["reference_batch"] == 8
     assert table["machine"]["cores"] == os.cpu_count() and table["machine"]["torch"]
     on_disk = json.loads((path(cfg, "metrics") / "benchmark.json").read_text())
     assert on_disk["rows"] == rows
@@ -120,6 +137,12 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
     assert len(csv_rows) == len(rows)
     for name in ("throughput", "latency", "speedup"):
         assert (path(cfg, "plots") / f"benchmark_{name}.png").stat().st_size > 5000
+    pareto = read_csv(path(cfg, "plots") / "pareto.csv")
+    ok8 = {k for k, r in rows.items() if r["batch"] == 8 and r["status"] == "ok"}
+    assert {f"{p['variant']}.b8" for p in pareto} == ok8
+    fastest = max(pareto, key=lambda p: float(p["throughput"]))
+    assert fastest["on_frontier"] == "True"  # nothing is faster, so nothing dominates it
+    assert (path(cfg, "plots") / "pareto.png").stat().st_size > 5000
 
 
 def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server) -> None:
@@ -155,6 +178,40 @@ def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server) -> None:
     assert metrics["latency_p99_ms"] == pytest.approx(want["latency_p99_ms"])
     assert {"top1", "agreement", "size_mb", "build_seconds", "speedup"} <= set(metrics)
     assert "throughput" not in by_name["trt_fp16.b1"][1]
+
+
+def _row(variant: str, batch: int, throughput: float, verdict: str, top1: float = 90.0,
+         status: str = "ok") -> dict:
+    return {"variant": variant, "batch": batch, "status": status, "throughput": throughput,
+            "verdict": verdict, "top1": top1, "top1_ci_low": top1 - 5, "top1_ci_high": top1 + 5,
+            "eval_images": 72, "latency_p99_ms": 1.0, "speedup": throughput / 10}
+
+
+def test_the_winner_is_the_fastest_variant_that_does_not_fail() -> None:
+    rows = [_row("eager_fp32", 32, 10, "pass"), _row("int8", 32, 80, "fail", 70.0),
+            _row("onnxruntime_int8", 32, 60, "undecided"), _row("inductor_fp32", 32, 40, "pass"),
+            _row("trt_fp16", 32, 500, "pass", status="skipped"), _row("int8", 1, 9, "fail")]
+    w = benchmark.winner(rows, 32)
+    assert (w["variant"], w["verdict"], w["speedup"]) == ("onnxruntime_int8", "undecided", 6.0)
+    assert benchmark.winner(rows, 1) == {"variant": None, "batch": 1}
+    front = {p["variant"]: p["on_frontier"] for p in benchmark.pareto_points(rows, 32)}
+    # int8 is fastest (on the frontier, drawn red); inductor_fp32 is slower and no more accurate
+    assert front == {"eager_fp32": False, "int8": True, "onnxruntime_int8": True,
+                     "inductor_fp32": False}
+
+
+def test_the_baseline_is_channels_last_under_inference_mode(trained) -> None:
+    model, _ = models.load_trained(trained)
+    rt = eager_runtime(model, "cpu")
+    x = rt.prepare(torch.rand(2, 3, 32, 32))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert rt.call(x).is_inference()
+    nchw = eager_runtime(models.load_trained(trained)[0], "cpu", channels_last=False)
+    assert nchw.prepare(torch.rand(2, 3, 32, 32)).is_contiguous()
+    np.testing.assert_allclose(rt(torch.ones(2, 3, 32, 32)), nchw(torch.ones(2, 3, 32, 32)),
+                               rtol=1e-4, atol=1e-4)
 
 
 def sleeper(seconds: float, classes: int = 3) -> Runtime:
