@@ -418,13 +418,16 @@ def pareto_chart(points: list[dict], batch: int, baseline: str, file: Path) -> N
         ax.errorbar(p["throughput"], p["top1"], yerr=err, fmt="o", capsize=3,
                     color=colour.get(p["verdict"], "grey"),
                     mfc="white" if p["variant"] == baseline else None)
+        # labels run down beside each point's interval: variants of equal accuracy sit on one
+        # horizontal line, where horizontal labels would overlap
         ax.annotate(p["variant"], (p["throughput"], p["top1"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=7)
+                    xytext=(4, -4), fontsize=7, rotation=-90, ha="left", va="top")
     front = [p for p in points if p["on_frontier"]]
     if front:
-        ax.plot([p["throughput"] for p in front], [p["top1"] for p in front], "--", color="grey",
-                lw=1, label="Pareto frontier")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.plot([p["throughput"] for p in front], [p["top1"] for p in front], "--o",
+                color="grey", mfc="none", ms=11, lw=1, label="Pareto frontier")
+        ax.legend(fontsize=8, loc="lower left")
+    ax.margins(x=0.12, y=0.15)
     n = max((p["eval_images"] or 0 for p in points), default=0)
     ax.set_xlabel(f"throughput at batch {batch} (images/s)")
     ax.set_ylabel(f"top-1 (%), 95% Wilson interval, {n} images")

@@ -14,6 +14,7 @@ config, so any stage can call it without depending on another stage's settings.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import torch
 from stages.config import InputError
 from stages.datasets import PreparedImages, eval_transform
 from stages.statistics import paired_counts, paired_difference, verdict, wilson
+
+log = logging.getLogger("stages.evaluation")
 
 
 def _transform(meta: dict):
@@ -48,11 +51,16 @@ def batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 def calibration_batches(prepared: Path, meta: dict, count: int, batch: int,
                         seed: int = 0) -> Callable[[], Iterator[torch.Tensor]]:
-    """`count` training images (a seeded sample), eval preprocessing, in batches of `batch`."""
+    """Up to `count` training images (a seeded sample), eval preprocessing, in batches of
+    `batch`. `count` is a ceiling: a training split of 108 photos calibrates on all 108 rather
+    than stopping the pipeline (the record says how many were used)."""
     ds = PreparedImages(prepared, "train", _transform(meta))
+    if len(ds) == 0:
+        raise InputError(f"{prepared}/train.csv has no image: nothing to calibrate int8 on")
     if count > len(ds):
-        raise InputError(f"optimize.calibration_images={count} but the training split has only "
-                         f"{len(ds)} images; lower it to at most {len(ds)}")
+        log.warning("optimize.calibration_images=%d but the training split has %d images: "
+                    "calibrating on all %d", count, len(ds), len(ds))
+    count = min(count, len(ds))
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:count].tolist()
 
     def gen() -> Iterator[torch.Tensor]:

@@ -15,7 +15,7 @@ others. Each instance writes, under `paths.optimized/<variant>/`:
 and the same record, flat, as `paths.metrics/optimize/<variant>.json` (DVC metrics). An expected
 failure (the compiler raised, TensorRT built FP32 when FP16 was asked for) is recorded as `failed`
 and the stage exits 0 so the benchmark can show the row; bad input (no checkpoint, unknown variant,
-a calibration set larger than the training split) is an error before any work.
+empty training split to calibrate on) is an error before any work.
 
 What a variant is and how it loads lives in `stages.runtime.VARIANTS` (shared with the benchmark
 and the stream client); this module adds how each is built. Every variant is loaded back from disk

@@ -430,7 +430,10 @@ def training_section(cfg: DictConfig, train: dict,
         selected += f", epoch {num(train.get('best_epoch'))}"
     rows = [
         ["model", str(cfg.model.name)],
-        ["recipe", f"{t.mode}, {t.optimizer}, lr {t.lr:g}, precision {t.precision}"],
+        ["recipe", f"{t.mode}, {t.optimizer}, lr {t.lr:g}, precision "
+                   + (f"{train['precision']} ({t.precision}: {train.get('precision_chosen_by')})"
+                      if train.get("precision") and train["precision"] != t.precision
+                      else str(t.precision))],
         ["epochs run / configured", f"{num(train.get('epochs_run'))} / "
                                     f"{num(train.get('epochs_configured', t.epochs))}"],
         ["batch size", num(train.get("batch_size", t.batch_size))],

@@ -211,14 +211,21 @@ def test_a_variant_that_flips_many_predictions_fails() -> None:
     assert acc["verdict"] == "undecided" and acc["images_to_decide"] > 37
 
 
+def test_calibration_on_a_small_training_split_uses_every_image(cfg) -> None:
+    # 108 real photos and the default 128 calibration images: calibrate on all, do not stop
+    train_images = len(read_csv(path(cfg, "prepared") / "train.csv"))
+    gen = evaluation.calibration_batches(path(cfg, "prepared"), _meta(cfg), 100000, 4)
+    seen = [len(b) for b in gen()]
+    assert sum(seen) == train_images and max(seen) == 4
+    assert sum(len(b) for b in evaluation.calibration_batches(
+        path(cfg, "prepared"), _meta(cfg), 5, 4)()) == 5
+
+
 def test_bad_inputs_are_clear_errors(cfg, trained, tmp_path) -> None:
     with pytest.raises(ConfigError, match="unknown variant 'tflite'"):
         optimize.run(cfg, "tflite")
     with pytest.raises(ConfigError, match=r"unknown variant\(s\) \['tflite'\]"):
         compose(["optimize.variants=[int8,tflite]"])
-    with pytest.raises(InputError, match="training split has only"):
-        optimize.run(compose([*_overrides(cfg), f"paths.root={cfg.paths.root}",
-                              "optimize.calibration_images=100000"]), "int8")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "model.pt").write_bytes(trained.read_bytes()[:5000])

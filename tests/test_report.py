@@ -157,6 +157,7 @@ def write_inputs(cfg, benchmark: bool = True, optimize: bool = True) -> None:
                                            "train.images": 25})
     write_json(metrics / "train.json", {
         "best_val_acc": 0.8, "val_acc_ci_low": 0.37553, "val_acc_ci_high": 0.96378,
+        "precision": "bf16", "precision_chosen_by": "measured",
         "val_images": 5, "best_val_loss": 0.61234, "selected_by": "val_loss", "best_epoch": 2,
         "test_acc": 0.857142, "test_acc_ci_low": 0.48687, "test_acc_ci_high": 0.97432,
         "test_images": 7, "epochs_run": 3, "epochs_configured": 3, "batch_size": 16,
@@ -251,6 +252,8 @@ def test_report_tables_hold_the_numbers(cfg) -> None:
             == "lowest validation loss (val_loss): 0.6123, epoch 2")
     assert table_row(s["Training"], "model")[1] == cfg.model.name
     assert f"lr {cfg.train.lr:g}" in table_row(s["Training"], "recipe")[1]
+    # the precision training ran in, and how `auto` chose it
+    assert table_row(s["Training"], "recipe")[1].endswith("precision bf16 (auto: measured)")
     assert table_row(s["Training"], "Sea turtle") == ["Sea turtle", "2", "100.0%",
                                                       "50.0% [9.5, 90.5], n=2"]
     curves = path(cfg, "reports") / "training_curves.png"
