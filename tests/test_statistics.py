@@ -74,6 +74,8 @@ def test_better_variant_passes() -> None:
     p = paired_difference(both=30, worse=0, better=1, neither=6)
     v = verdict(p, 0.015)
     assert v.verdict == "pass" and v.images_to_decide is None
+    # ...and says what 37 images cannot rule out
+    assert "does not rule out a loss beyond the 1.5-point bar" in v.reason
     # equal accuracy with two disagreements (cpu_bf16 in the issue) passes too
     assert verdict(paired_difference(30, 1, 1, 5), 0.005).verdict == "pass"
 
@@ -88,7 +90,8 @@ def test_within_the_bar_with_confidence_passes() -> None:
     # 5 worse of 10,000: -0.05 points, the whole interval above -1.5 points
     p = paired_difference(both=9000, worse=5, better=0, neither=995)
     assert p.low > -0.015
-    assert verdict(p, 0.015).verdict == "pass"
+    v = verdict(p, 0.015)
+    assert v.verdict == "pass" and v.reason.startswith("within the 1.5-point bar with confidence")
 
 
 def test_too_few_images_is_undecided_with_how_many_would_decide() -> None:
