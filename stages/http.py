@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import random
@@ -99,6 +100,15 @@ class Fetcher:
         if dest.exists():
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
+        # Parallel jobs sharing a cache (a DVC queue, a sweep) would append to one `.part` at
+        # once: the first to take the lock downloads, the others wait and find `dest` complete.
+        with open(dest.with_name(dest.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if dest.exists():
+                return dest
+            return self._download_locked(url, dest, desc)
+
+    def _download_locked(self, url: str, dest: Path, desc: str | None) -> Path:
         part = dest.with_name(dest.name + ".part")
         meta = dest.with_name(dest.name + ".part.json")
         last = ""

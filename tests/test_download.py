@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,21 @@ def test_fetcher_gives_up_after_retries_and_names_the_cause(mirror, manifest) ->
     with pytest.raises(download.FetchError, match="gave up after 2 retries.*HTTP 503"):
         fetcher.get_bytes(mirror.images_url + f"{split}/{iid}.jpg")
     assert mirror.requests[image_path(split, iid)] == 3
+
+
+def test_parallel_jobs_sharing_a_cache_fetch_a_metadata_file_once(mirror, tmp_path) -> None:
+    # a DVC queue or a sweep: two processes need the same uncached label file at the same time;
+    # without the lock both append to one `.part` and the file is corrupt
+    from concurrent.futures import ThreadPoolExecutor
+
+    rel = LABEL_FILES["validation"]
+    mirror.delay(f"openimages/{rel}", 0.5)  # the first download is still running when the next asks
+    dest = tmp_path / "cache" / rel
+    fetchers = [Fetcher(retries=1, backoff=0.01, timeout=10) for _ in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda f: f.download_file(f"{mirror.metadata_url}{rel}", dest),
+                            fetchers))
+    assert got == [dest] * 3
+    assert mirror.requests[f"openimages/{rel}"] == 1
+    with urllib.request.urlopen(f"{mirror.metadata_url}{rel}") as r:
+        assert dest.read_bytes() == r.read()
