@@ -52,8 +52,9 @@ from omegaconf import DictConfig, OmegaConf
 from stages import evaluation, machine, models
 from stages.config import InputError, load_params, main_for, path
 from stages.io import write_csv, write_json
+from stages.pareto import PARETO_COLUMNS, fastest_shippable, pareto_chart, pareto_points
 from stages.runtime import RECORD, Runtime, eager_runtime, load_variant
-from stages.tracking import stage_run
+from stages.tracking import DVC_EXP_TAG, KEY_TAG, stage_run, verdict_code
 
 log = logging.getLogger("stages.benchmark")
 
@@ -335,10 +336,15 @@ def run(cfg: DictConfig) -> dict:
         tracker.log_params({"benchmark.protocol": cfg.benchmark.protocol,
                             "benchmark.threads": table["threads"], **{
                                 f"benchmark.{k}": v for k, v in protocol.items()}})
-        tracker.log_metrics({"best_speedup": best.get("speedup") or 0.0})
+        # best_speedup is the winner's at the reference batch: the tags name it and its verdict
+        tracker.log_metrics({"best_speedup": best.get("speedup") or 0.0,
+                             "best_verdict_code": verdict_code(best.get("verdict")),
+                             "reference_batch": ref})
         tracker.set_tags({"benchmark.best_variant": str(best["variant"]),
-                          "benchmark.best_verdict": str(best.get("verdict"))})
-        log_child_runs(tracker, rows)
+                          "benchmark.best_verdict": str(best.get("verdict")),
+                          **{f"benchmark.winner.b{b}": str(w["variant"])
+                             for b, w in winners.items()}})
+        log_child_runs(tracker, rows, cfg)
         for f in (path(cfg, "metrics") / "benchmark.json", plots / "pareto.png",
                   plots / "pareto.csv"):
             tracker.log_artifact(f)
@@ -380,67 +386,10 @@ WINNER_KEYS = ("variant", "verdict", "batch", "throughput", "latency_p99_ms", "s
 def winner(rows: list[dict], batch: int) -> dict:
     """The fastest row at `batch` whose accuracy verdict is not `fail` (an `undecided` one is
     kept and labelled by its verdict); {"variant": None, "batch": batch} when there is none."""
-    ok = [r for r in rows if r["batch"] == batch and r["status"] == "ok"
-          and r.get("verdict") in ("pass", "undecided") and r.get("throughput")]
-    if not ok:
+    best = fastest_shippable([r for r in rows if r["batch"] == batch])
+    if best is None:
         return {"variant": None, "batch": batch}
-    best = max(ok, key=lambda r: r["throughput"])
     return {k: best.get(k) for k in WINNER_KEYS}
-
-
-PARETO_COLUMNS = ["variant", "verdict", "throughput", "top1", "top1_ci_low", "top1_ci_high",
-                  "eval_images", "on_frontier"]
-
-
-def pareto_points(rows: list[dict], batch: int) -> list[dict]:
-    """One point per variant measured at `batch`; `on_frontier`: no other point is at least as
-    fast and at least as accurate, and better in one of the two."""
-    pts = [{k: r.get(k) for k in PARETO_COLUMNS if k != "on_frontier"} for r in rows
-           if r["batch"] == batch and r["status"] == "ok" and r.get("top1") is not None]
-    for p in pts:
-        p["on_frontier"] = not any(
-            q["throughput"] >= p["throughput"] and q["top1"] >= p["top1"]
-            and (q["throughput"] > p["throughput"] or q["top1"] > p["top1"]) for q in pts)
-    return sorted(pts, key=lambda p: p["throughput"])
-
-
-def pareto_chart(points: list[dict], batch: int, baseline: str, file: Path) -> None:
-    """Throughput against top-1 with its 95% interval, one point per variant, frontier drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
-    colour = {"pass": "tab:blue", "undecided": "tab:orange", "fail": "tab:red"}
-    for p in points:
-        err = [[p["top1"] - p["top1_ci_low"]], [p["top1_ci_high"] - p["top1"]]]
-        ax.errorbar(p["throughput"], p["top1"], yerr=err, fmt="o", capsize=3,
-                    color=colour.get(p["verdict"], "grey"),
-                    mfc="white" if p["variant"] == baseline else None)
-        # labels run down beside each point's interval: variants of equal accuracy sit on one
-        # horizontal line, where horizontal labels would overlap
-        ax.annotate(p["variant"], (p["throughput"], p["top1"]), textcoords="offset points",
-                    xytext=(4, -4), fontsize=7, rotation=-90, ha="left", va="top")
-    front = [p for p in points if p["on_frontier"]]
-    if front:
-        ax.plot([p["throughput"] for p in front], [p["top1"] for p in front], "--o",
-                color="grey", mfc="none", ms=11, lw=1, label="Pareto frontier")
-        ax.legend(fontsize=8, loc="lower left")
-    ax.margins(x=0.12, y=0.15)
-    n = max((p["eval_images"] or 0 for p in points), default=0)
-    ax.set_xlabel(f"throughput at batch {batch} (images/s)")
-    ax.set_ylabel(f"top-1 (%), 95% Wilson interval, {n} images")
-    ax.set_title("speed against accuracy (blue pass, orange undecided, red fail)")
-    ax.grid(alpha=0.3)
-    if not points:
-        ax.text(0.5, 0.5, "no variant measured", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, file)
 
 
 def _csv(v: Any) -> Any:
@@ -449,8 +398,11 @@ def _csv(v: Any) -> Any:
     return round(v, 4) if isinstance(v, float) else v
 
 
-def log_child_runs(tracker, rows: list[dict]) -> None:
-    """A nested MLflow run per (variant, batch size) under the pipeline run; reruns reuse them."""
+def log_child_runs(tracker, rows: list[dict], cfg: DictConfig) -> None:
+    """A nested MLflow run per (variant, batch size) under the pipeline run; reruns reuse them.
+
+    Each carries `model.name`, the pipeline key and `DVC_EXP_NAME` as tags; a failed row ends
+    FAILED and a skipped one KILLED, so the runs table's status column shows what did not run."""
     if not tracker.enabled:
         return
     import mlflow
@@ -458,14 +410,21 @@ def log_child_runs(tracker, rows: list[dict]) -> None:
 
     client = MlflowClient()
     parent = tracker.run_id
-    exp = client.get_run(parent).info.experiment_id
+    run = client.get_run(parent)
+    exp = run.info.experiment_id
+    common = {"model.name": str(cfg.model.name), KEY_TAG: run.data.tags.get(KEY_TAG, ""),
+              **({DVC_EXP_TAG: os.environ["DVC_EXP_NAME"]}
+                 if os.environ.get("DVC_EXP_NAME") else {})}
     existing = {r.data.tags.get("benchmark.row"): r.info.run_id for r in client.search_runs(
         [exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)}
     for r in rows:
         key = f"{r['variant']}@b{r['batch']}"
-        with mlflow.start_run(run_id=existing.get(key), experiment_id=exp, nested=True,
-                              run_name=None if key in existing else key,
-                              tags={"benchmark.row": key, "status": r["status"]}):
+        # not a `with` block: its exit would end the run FINISHED whatever the row's status
+        mlflow.start_run(run_id=existing.get(key), experiment_id=exp, nested=True,
+                         run_name=None if key in existing else key,
+                         tags={**common, "benchmark.row": key, "status": r["status"]})
+        status = {"ok": "FINISHED", "skipped": "KILLED"}.get(r["status"], "FAILED")
+        try:
             mlflow.log_params({"variant": r["variant"], "backend": r["backend"],
                                "precision": r["precision"], "batch_size": r["batch"]})
             mlflow.log_metrics({k: float(r[k]) for k in (
@@ -478,6 +437,11 @@ def log_child_runs(tracker, rows: list[dict]) -> None:
                 mlflow.set_tag("error", str(r["error"])[:5000])
             if r.get("verdict"):
                 mlflow.set_tag("verdict", r["verdict"])
+                mlflow.log_metric("verdict_code", verdict_code(r["verdict"]))
+        except BaseException:
+            mlflow.end_run("FAILED")
+            raise
+        mlflow.end_run(status)
 
 
 def charts(rows: list[dict], out: Path) -> None:

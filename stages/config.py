@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class PathsConf:
     optimized: str = "artifacts/optimized"
     metrics: str = "metrics"
     reports: str = "reports"
+    compare: str = "compare"
 
 
 @dataclass
@@ -190,6 +192,9 @@ class TrackingConf:
     uri: str | None = None
     experiment: str = "oi-pipeline"
     run_name: str | None = None
+    # Set on the pipeline's parent run when a stage starts or resumes it (e.g. a sweep's
+    # `++tracking.tags.sweep_name=...`, `sweep_job`, `sweep_overrides`; `+`/`++` as keys are new).
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -384,9 +389,21 @@ def load_params(path: Path, overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def path(cfg: DictConfig, key: str) -> Path:
-    """The absolute-or-root-relative location of `paths.<key>` (conf/paths is the only source)."""
+    """The absolute-or-root-relative location of `paths.<key>` (conf/paths is the only source).
+
+    `paths.cache` alone is resolved against the project DVC runs from: a queued `dvc exp run`
+    runs each experiment in a copy of the repository under `.dvc/tmp/exps/`, where a relative
+    cache would be empty and the 1.1 GB of Open Images metadata fetched again per experiment.
+    DVC sets `DVC_ROOT` to the original project's root for every stage it runs (in a temporary
+    workspace as in the project), so queued experiments share its download and training caches.
+    An absolute `paths.root` or `paths.cache` is kept as it is.
+    """
     root = Path(cfg.paths.root)
-    return root / cfg.paths[key] if key != "root" else root
+    if key == "root":
+        return root
+    if key == "cache":
+        root = Path(os.environ.get("DVC_ROOT", "")) / root
+    return root / cfg.paths[key]
 
 
 # --- entry points ------------------------------------------------------------------------------

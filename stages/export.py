@@ -167,7 +167,8 @@ def run(cfg: DictConfig) -> dict:
                      "verified" if ok else "FAILED verification")
         write_json(out_dir / META_FILE, meta)
         write_json(path(cfg, "metrics") / "export.json", report)
-        tracker.log_metrics(report)
+        # agreement is a fraction in export.json and a percentage in MLflow (stages.tracking)
+        tracker.log_metrics(report, fractions={k for k in report if k.endswith("agreement")})
         tracker.log_artifact(path(cfg, "metrics") / "export.json")
     if failures:
         raise ExportCheckFailed("; ".join(failures))

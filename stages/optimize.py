@@ -59,7 +59,7 @@ from stages.runtime import (
 from stages.runtime import (
     VARIANTS as SPECS,
 )
-from stages.tracking import stage_run
+from stages.tracking import stage_run, verdict_code
 
 log = logging.getLogger("stages.optimize")
 
@@ -371,8 +371,10 @@ def run(cfg: DictConfig, variant_name: str) -> dict:
         write_json(tmp / META, meta)
         write_json(tmp / RECORD, record)
         write_json(metrics_file, record)
-        tracker.log_metrics({variant.name: {k: v for k, v in record.items()
-                                            if k not in ("error", "reason")}})
+        # top1 and agreement are percentages already, as everywhere in MLflow
+        tracker.log_metrics({variant.name: {
+            **{k: v for k, v in record.items() if k not in ("error", "reason")},
+            "verdict_code": verdict_code(record.get("verdict"))}})
         tracker.set_tags({f"optimize.{variant.name}.status": record["status"],
                           **({f"optimize.{variant.name}.verdict": record["verdict"]}
                              if record.get("verdict") else {})})

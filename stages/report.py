@@ -27,31 +27,38 @@ An input a later stage has not produced yet (no benchmark, no optimize record) g
 says "not run" and which stage to run; only a missing `train.json` is an error, since a report
 without a trained model has nothing to say.
 
-Both documents are built from one list of blocks (heading, paragraph, list, table, image), each of
-which renders itself to Markdown and to HTML, so the two never drift and no Markdown library is
-needed. Nothing here imports torch (machine facts come from `stages.machine`): the report reads
-files.
+Both documents are built from one list of blocks (heading, paragraph, list, table, image; in
+`stages.document`, shared with `stages.compare`), each of which renders itself to Markdown and to
+HTML, so the two never drift and no Markdown library is needed. Nothing here imports torch
+(machine facts come from `stages.machine`): the report reads files.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import logging
-import os
-import re
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from stages.config import InputError, main_for, path
+from stages.document import (
+    DASH,
+    Block,
+    Bullets,
+    Heading,
+    Image,
+    Para,
+    Table,
+    accuracy,
+    num,
+    render_html,
+    render_markdown,
+)
 from stages.io import atomic_open, read_csv, write_text
 from stages.machine import machine_info
-from stages.statistics import wilson
 from stages.tracking import stage_run
 
 log = logging.getLogger("stages.report")
@@ -65,144 +72,6 @@ BENCHMARK_CHARTS = {  # file under paths.plots: caption
                   "the Pareto frontier drawn",
 }
 BASELINE_NCHW = "eager_fp32_nchw"  # the benchmark's NCHW twin of its channels_last baseline
-DASH = "—"
-
-
-# --- document blocks: each renders to Markdown (relative to the report folder) and to HTML -------
-
-
-_INLINE = re.compile(r"`([^`]+)`|\*\*(.+?)\*\*|\[([^\]]+)\]\(([^)\s]+)\)")
-
-
-def inline_html(text: str) -> str:
-    """The inline Markdown this module emits (`code`, **bold**, [text](url)) as escaped HTML."""
-    out, pos = [], 0
-    for m in _INLINE.finditer(text):
-        out.append(html.escape(text[pos:m.start()]))
-        code, bold, label, url = m.groups()
-        if code is not None:
-            out.append(f"<code>{html.escape(code)}</code>")
-        elif bold is not None:
-            out.append(f"<strong>{inline_html(bold)}</strong>")  # may hold `code`
-        else:
-            out.append(f'<a href="{html.escape(url)}">{html.escape(label)}</a>')
-        pos = m.end()
-    out.append(html.escape(text[pos:]))
-    return "".join(out)
-
-
-def md_cell(text: str) -> str:
-    """Plain text made safe for one Markdown table cell.
-
-    GFM splits a row on every `|` not escaped by a backslash, and reads `\\\\` as one escaped
-    backslash, so backslashes are doubled first, then pipes escaped; a newline would end the row.
-    """
-    text = " ".join(str(text).split())
-    return text.replace("\\", "\\\\").replace("|", "\\|")
-
-
-@dataclass
-class Heading:
-    level: int
-    text: str
-
-    def md(self, base: Path) -> str:
-        return f"{'#' * self.level} {self.text}"
-
-    def html(self) -> str:
-        return f"<h{self.level}>{inline_html(self.text)}</h{self.level}>"
-
-
-@dataclass
-class Para:
-    text: str  # inline Markdown
-
-    def md(self, base: Path) -> str:
-        return self.text
-
-    def html(self) -> str:
-        return f"<p>{inline_html(self.text)}</p>"
-
-
-@dataclass
-class Bullets:
-    items: list[str]  # inline Markdown
-
-    def md(self, base: Path) -> str:
-        return "\n".join(f"- {item}" for item in self.items)
-
-    def html(self) -> str:
-        return "<ul>" + "".join(f"<li>{inline_html(i)}</li>" for i in self.items) + "</ul>"
-
-
-@dataclass
-class Table:
-    header: list[str]
-    rows: list[list[str]]  # plain text cells, escaped by the renderer
-    numeric: set[int] = field(default_factory=set)  # right-aligned column indices
-    row_class: list[str] = field(default_factory=list)  # per row, e.g. the status (HTML only)
-
-    def md(self, base: Path) -> str:
-        def line(cells: list[str]) -> str:
-            return "| " + " | ".join(cells) + " |"
-
-        align = ["---:" if i in self.numeric else "---" for i in range(len(self.header))]
-        return "\n".join([line([md_cell(c) for c in self.header]), line(align),
-                          *(line([md_cell(c) for c in row]) for row in self.rows)])
-
-    def html(self) -> str:
-        def cells(row: list[str], tag: str) -> str:
-            return "".join(f'<{tag}{" class=num" if i in self.numeric else ""}>'
-                           f"{html.escape(str(c))}</{tag}>" for i, c in enumerate(row))
-
-        classes = self.row_class or [""] * len(self.rows)
-        body = "".join(f'<tr class="{html.escape(k)}">{cells(r, "td")}</tr>' if k
-                       else f"<tr>{cells(r, 'td')}</tr>" for r, k in zip(self.rows, classes,
-                                                                          strict=True))
-        return (f"<table><thead><tr>{cells(self.header, 'th')}</tr></thead>"
-                f"<tbody>{body}</tbody></table>")
-
-
-@dataclass
-class Image:
-    file: Path
-    alt: str
-
-    def md(self, base: Path) -> str:
-        return f"![{self.alt}]({Path(os.path.relpath(self.file, base)).as_posix()})"
-
-    def html(self) -> str:
-        data = base64.b64encode(self.file.read_bytes()).decode("ascii")
-        return (f'<figure><img alt="{html.escape(self.alt)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{html.escape(self.alt)}</figcaption></figure>")
-
-
-Block = Heading | Para | Bullets | Table | Image
-
-CSS = """
-body { font: 15px/1.5 system-ui, sans-serif; color: #222; max-width: 72rem; margin: 2rem auto;
-       padding: 0 1rem; }
-h1, h2, h3 { line-height: 1.2; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; }
-table { border-collapse: collapse; margin: .8rem 0; font-size: 13px; }
-th, td { border: 1px solid #ccc; padding: .25rem .5rem; text-align: left; vertical-align: top; }
-th { background: #f3f3f3; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.failed td { background: #fdecec; } tr.skipped td { background: #f6f6f6; color: #666; }
-tr.verdict-fail td { background: #fdecec; } tr.verdict-undecided td { background: #fff8e1; }
-code { background: #f3f3f3; padding: 0 .2rem; border-radius: 3px; }
-figure { margin: 1rem 0; } img { max-width: 100%; } figcaption { color: #666; font-size: 13px; }
-"""
-
-
-def render_markdown(blocks: list[Block], base: Path) -> str:
-    return "\n\n".join(b.md(base) for b in blocks) + "\n"
-
-
-def render_html(blocks: list[Block], title: str) -> str:
-    body = "\n".join(b.html() for b in blocks)
-    return (f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n"
-            f"<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n")
 
 
 # --- reading and formatting --------------------------------------------------------------------
@@ -227,21 +96,6 @@ def rel(cfg: DictConfig, file: Path) -> str:
         return str(file)
 
 
-def num(v: Any, digits: int | None = None, suffix: str = "") -> str:
-    """A number for a table cell: fixed `digits` when given, else 4 significant digits."""
-    if v is None or v == "":
-        return DASH
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, int):
-        return f"{v}{suffix}"
-    if isinstance(v, float):
-        if digits is not None:
-            return f"{v:.{digits}f}{suffix}"
-        return f"{v:.0f}{suffix}" if abs(v) >= 1e4 else f"{v:.4g}{suffix}"
-    return str(v)
-
-
 def pct(fraction: Any, digits: int = 1) -> str:
     return DASH if fraction is None else f"{float(fraction) * 100:.{digits}f}%"
 
@@ -249,22 +103,6 @@ def pct(fraction: Any, digits: int = 1) -> str:
 def percent(fraction: Any) -> float | None:
     """A fraction (0..1, as train.json stores accuracies) in percent; None stays None."""
     return None if fraction is None else 100 * float(fraction)
-
-
-def accuracy(top1: Any, low: Any = None, high: Any = None, n: Any = None) -> str:
-    """An accuracy in percent with its 95% interval and number of images:
-    `94.4% [81.9, 98.5], n=36`. The stages record the interval; where a record has the count
-    but not the interval (a file from before intervals), the Wilson interval is computed from
-    them, the same one the stages use."""
-    if top1 is None:
-        return DASH
-    text = f"{float(top1):.1f}%"
-    if (low is None or high is None) and isinstance(n, int) and n > 0:
-        correct = min(n, max(0, round(float(top1) * n / 100)))
-        low, high = (100 * x for x in wilson(correct, n))
-    if low is not None and high is not None:
-        text += f" [{float(low):.1f}, {float(high):.1f}]"
-    return text + (f", n={n}" if n is not None else "")
 
 
 def points(delta: Any, low: Any, high: Any) -> str:

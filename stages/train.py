@@ -48,7 +48,7 @@ from stages.datasets import (
     read_classes,
     train_transform,
 )
-from stages.io import atomic_open, write_csv, write_json
+from stages.io import atomic_open, read_csv, write_csv, write_json
 from stages.statistics import wilson
 from stages.tracking import stage_run
 
@@ -386,6 +386,11 @@ def run_key(cfg: DictConfig, prepared: Path) -> str:
     for split in ("train", "val", "labels"):
         f = prepared / (f"{split}.csv" if split != "labels" else "labels.txt")
         h.update(f.read_bytes())
+        if split != "labels":
+            # the CSVs name the same files at any data.image_size: their sizes tell the images
+            # apart, so a run killed at 256 px never resumes as a run at 128 px
+            for row in read_csv(f):
+                h.update(f"{row['file']}:{(prepared / row['file']).stat().st_size};".encode())
     return h.hexdigest()[:16]
 
 
@@ -528,7 +533,9 @@ def _run(cfg: DictConfig) -> dict:
             if improved:
                 save_checkpoint(work / "best.pt", **state)
             save_checkpoint(work / "last.pt", **state)
-            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            # `lr_head`: `train.lr` is the configured param; accuracies in percent (tracking)
+            tracker.log_metrics({("lr_head" if k == "lr" else k): v for k, v in row.items()
+                                 if k != "epoch"}, step=epoch, fractions=("train_acc", "val_acc"))
             log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f%s | "
                      "%.1f img/s", epoch, train.epochs, row["train_loss"], row["train_acc"],
                      row["val_loss"], row["val_acc"], " (best)" if improved else "",
@@ -593,7 +600,11 @@ def finish(cfg, work, classes, test_loader, device, precision, history, wall, tr
              metrics["best_epoch"], epochs_run, metrics["best_val_loss"], metrics["best_val_acc"],
              val_n)
 
-    tracker.log_metrics(metrics)
+    # train.json keeps fractions (the report reads them); MLflow gets percentages (tracking)
+    tracker.log_metrics(metrics, fractions={
+        k for k in metrics if k.endswith((".precision", ".recall")) or k.split("_ci_")[0] in (
+            "test_acc", "best_val_acc", "val_acc")})
+    tracker.log_dataset(cfg)
     for f in (path(cfg, "metrics") / "train.json", plots / "train_history.csv",
               plots / "confusion.csv", plots / "confusion.png"):
         tracker.log_artifact(f)

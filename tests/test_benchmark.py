@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages import benchmark, export, models, optimize
+from stages import benchmark, export, models, optimize, pareto
 from stages.config import ConfigError, InputError, compose, path
 from stages.io import read_csv
 from stages.runtime import Runtime, eager_runtime
@@ -145,7 +145,7 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
     assert (path(cfg, "plots") / "pareto.png").stat().st_size > 5000
 
 
-def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server) -> None:
+def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server, cfg) -> None:
     def post(endpoint: str, body: dict) -> dict:
         req = urllib.request.Request(f"{mlflow_server}/api/2.0/mlflow/{endpoint}",
                                      data=json.dumps(body).encode(),
@@ -166,11 +166,13 @@ def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server) -> None:
         "experiment_ids": [exp_id], "max_results": 100,
         "filter": f"tags.mlflow.parentRunId = '{parent['info']['run_id']}'"})["runs"]
     assert len(children) == len(table["rows"])
-    by_name = {}
+    by_name, runs_of = {}, {}
     for c in children:
         params = {p["key"]: p["value"] for p in c["data"]["params"]}
         metrics = {m["key"]: m["value"] for m in c["data"].get("metrics", [])}
-        by_name[f"{params['variant']}.b{params['batch_size']}"] = (params, metrics)
+        name = f"{params['variant']}.b{params['batch_size']}"
+        by_name[name] = (params, metrics)
+        runs_of[name] = ({t["key"]: t["value"] for t in c["data"]["tags"]}, c["info"]["status"])
     params, metrics = by_name["onnxruntime_int8.b8"]
     assert params["backend"] == "onnxruntime" and params["precision"] == "int8"
     want = table["rows"]["onnxruntime_int8.b8"]
@@ -178,6 +180,29 @@ def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server) -> None:
     assert metrics["latency_p99_ms"] == pytest.approx(want["latency_p99_ms"])
     assert {"top1", "agreement", "size_mb", "build_seconds", "speedup"} <= set(metrics)
     assert "throughput" not in by_name["trt_fp16.b1"][1]
+    # percentages, as in benchmark.json; the verdict as a tag and as a number
+    assert metrics["top1"] == pytest.approx(want["top1"]) and metrics["top1"] > 1
+    assert metrics["agreement"] == pytest.approx(want["agreement"]) and metrics["agreement"] > 1
+    code = {"pass": 1, "undecided": 0, "fail": -1}[want["verdict"]]
+    assert metrics["verdict_code"] == code and runs_of["onnxruntime_int8.b8"][0]["verdict"]
+    # each child names its model and pipeline; failed and skipped rows do not end FINISHED
+    for name, (tags, status) in runs_of.items():
+        assert tags["model.name"] == cfg.model.name, name
+        assert tags["pipeline_key"] == ptags["pipeline_key"], name
+        assert status == {"ok": "FINISHED", "failed": "FAILED", "skipped": "KILLED"}[
+            table["rows"][name]["status"]], name
+    assert runs_of["cpu_bf16.b8"][1] == "FAILED" and runs_of["trt_fp16.b8"][1] == "KILLED"
+    # the parent explains its best_speedup: which variant, its verdict, the winner per batch
+    pmetrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert ptags["benchmark.best_variant"] == table["best_variant"]
+    assert pmetrics["benchmark.best_speedup"] == pytest.approx(table["best_speedup"])
+    assert pmetrics["benchmark.best_verdict_code"] == {"pass": 1, "undecided": 0}[
+        table["best_verdict"]]
+    for b in ("1", "8"):
+        assert ptags[f"benchmark.winner.b{b}"] == str(table["winners"][b]["variant"])
+    exp = post("experiments/search", {"max_results": 10})["experiments"]
+    kind = {t["key"]: t["value"] for e in exp if e["name"] == "oi-pipeline" for t in e["tags"]}
+    assert kind["mlflow.experimentKind"] == "custom_model_development"
 
 
 def _row(variant: str, batch: int, throughput: float, verdict: str, top1: float = 90.0,
@@ -194,7 +219,7 @@ def test_the_winner_is_the_fastest_variant_that_does_not_fail() -> None:
     w = benchmark.winner(rows, 32)
     assert (w["variant"], w["verdict"], w["speedup"]) == ("onnxruntime_int8", "undecided", 6.0)
     assert benchmark.winner(rows, 1) == {"variant": None, "batch": 1}
-    front = {p["variant"]: p["on_frontier"] for p in benchmark.pareto_points(rows, 32)}
+    front = {p["variant"]: p["on_frontier"] for p in pareto.pareto_points(rows, 32)}
     # int8 is fastest (on the frontier, drawn red); inductor_fp32 is slower and no more accurate
     assert front == {"eager_fp32": False, "int8": True, "onnxruntime_int8": True,
                      "inductor_fp32": False}

@@ -116,6 +116,33 @@ def test_dvc_repro_then_noop_then_exp_run_reruns_from_prepare(project: Path, mir
     artifacts = {a.path for d in ("download", "prepare")
                  for a in client.list_artifacts(run.info.run_id, d)}
     assert {"download/labels.csv", "download/stats.csv", "prepare/stats.csv"} <= artifacts
+    # the run tells the report's story: percentages, verdicts, names, the data it used
+    m, tags = run.data.metrics, run.data.tags
+    train_json = json.loads((project / "metrics" / "train.json").read_text())
+    assert m["train.test_acc"] == pytest.approx(100 * train_json["test_acc"])
+    assert m["train.best_val_acc"] == pytest.approx(100 * train_json["best_val_acc"])
+    ort = json.loads((project / "metrics" / "optimize" / "onnxruntime_fp32.json").read_text())
+    assert m["optimize.onnxruntime_fp32.top1"] == pytest.approx(ort["top1"])
+    assert m["optimize.onnxruntime_fp32.verdict_code"] == {"pass": 1, "undecided": 0,
+                                                           "fail": -1}[ort["verdict"]]
+    assert tags["optimize.onnxruntime_fp32.verdict"] == ort["verdict"]
+    assert tags["benchmark.best_variant"] == bench["best_variant"] == tags["benchmark.winner.b2"]
+    assert run.info.run_name == f"efficientnet_lite0-lp_ft-{tags['pipeline_key'][:8]}"
+    assert "train.lr_head" in m and "train.lr" not in m
+    assert m["export.onnx.batch2.top1_agreement"] == 100.0  # verified: all agree, in percent
+    (data,) = run.inputs.dataset_inputs
+    assert data.dataset.name.startswith("openimages: ") and data.dataset.digest
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert len(children) == len(bench["rows"])
+    for c in children:
+        row = bench["rows"][c.data.tags["benchmark.row"].replace("@", ".")]
+        assert c.info.status == {"ok": "FINISHED", "skipped": "KILLED"}.get(row["status"],
+                                                                            "FAILED")
+        assert c.data.tags["model.name"] == "efficientnet_lite0"
+        assert c.data.tags["pipeline_key"] == tags["pipeline_key"]
 
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-qm", "repro", cwd=project)

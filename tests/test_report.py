@@ -12,7 +12,7 @@ import pytest
 from conftest import write_params
 from PIL import Image
 
-from stages import report
+from stages import document, report
 from stages.config import InputError, compose, path, stage_main
 from stages.io import write_csv, write_json
 
@@ -490,7 +490,7 @@ def test_entry_point_exit_codes(cfg, tmp_path) -> None:
 
 @pytest.mark.parametrize("text", ["a|b", "a\\|b", "ends with \\", "two\nlines | x"])
 def test_md_cell_keeps_one_cell(text) -> None:
-    cells = gfm_cells(f"| {report.md_cell(text)} | next |")
+    cells = gfm_cells(f"| {document.md_cell(text)} | next |")
     assert cells == [" ".join(text.split()), "next"]
 
 

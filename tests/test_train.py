@@ -17,7 +17,7 @@ from conftest import stage_cmd, write_params
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from stages import models, train
+from stages import models, tracking, train
 from stages.config import CHOICES, PROJECT_ROOT, InputError, compose, path
 from stages.io import read_csv
 from stages.statistics import wilson
@@ -85,8 +85,20 @@ def test_training_end_to_end_beats_chance_and_writes_everything(train_cfg, prepa
     exp = client.get_experiment_by_name("oi-pipeline")
     (run,) = client.search_runs([exp.experiment_id])
     assert len(client.get_metric_history(run.info.run_id, "train.val_acc")) == 3
-    assert run.data.metrics["train.test_acc_ci_low"] == metrics["test_acc_ci_low"]
+    # every accuracy in MLflow is a percentage; train.json keeps fractions
+    m = run.data.metrics
+    for k in ("test_acc", "test_acc_ci_low", "test_acc_ci_high", "best_val_acc",
+              "val_acc_ci_low", "val_acc_ci_high"):
+        assert m[f"train.{k}"] == pytest.approx(100 * metrics[k]), k
+    history = read_csv(path(cfg, "plots") / "train_history.csv")
+    assert m["train.val_acc"] == pytest.approx(100 * float(history[-1]["val_acc"]), rel=1e-3)
+    assert m["train.train_acc"] == pytest.approx(100 * float(history[-1]["train_acc"]), rel=1e-3)
+    assert m["train.lr_head"] == pytest.approx(float(history[-1]["lr"]), rel=1e-3)
+    assert "train.lr" not in m and run.data.params["train.lr"] == "0.003"
     assert run.data.metrics["train.val_images"] == metrics["val_images"]
+    (data,) = run.inputs.dataset_inputs  # the prepared data, named by source and classes
+    assert data.dataset.name == "openimages: Zebra, Sea turtle, Blue jay"
+    assert data.dataset.digest == tracking.dataset_digest(prepared)
     assert {a.path for a in client.list_artifacts(run.info.run_id, "train")} >= {
         "train/train.json", "train/confusion.png", "train/train_history.csv"}
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -405,3 +417,22 @@ def test_default_recipe_is_at_least_as_good_as_a_linear_probe(train_cfg, tmp_pat
                                   "train.precision=fp32", root=tmp_path / "lp_ft"))
     assert default["mode"] == "lp_ft"
     assert default["test_acc"] >= probe["test_acc"], (default, probe)
+
+
+def test_resume_key_tells_prepared_images_of_another_size_apart(prepared, tmp_path) -> None:
+    # the split CSVs are the same at any data.image_size; a run killed at one size must not
+    # resume at another
+    import shutil
+
+    from PIL import Image
+
+    from stages.config import compose
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared, copy)
+    cfg = compose(["data=mirror", f"paths.root={tmp_path}", f"paths.prepared={copy}"])
+    before = train.run_key(cfg, copy)
+    first = next(iter(sorted((copy / "images").iterdir())))
+    with Image.open(first) as im:
+        im.resize((im.width // 2, im.height // 2)).save(first, "JPEG", quality=90)
+    assert train.run_key(cfg, copy) != before
