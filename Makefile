@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 MIRROR ?= data/mirror
 PORT   ?= 8765
 
-.PHONY: install test lint pipeline params mirror offline clean-outputs
+.PHONY: install test lint pipeline params mirror offline ui clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,3 +42,8 @@ offline: mirror
 	$(BIN)/python -m stages.mirror serve $(MIRROR) --port $(PORT) & pid=$$!; \
 	trap "kill $$pid" EXIT; sleep 1; \
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc exp run -S data=mirror
+
+# The MLflow UI on the project's store, bound to this machine only (http://127.0.0.1:5000).
+ui: $(STAMP)
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath mlflow.db) \
+	    --default-artifact-root $(abspath mlartifacts) --host 127.0.0.1 --port 5000

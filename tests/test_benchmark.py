@@ -111,8 +111,8 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
     assert rows["eager_fp32.b8"]["speedup"] == 1.0
     # the NCHW row is divided by the channels_last baseline, like every other row
     nchw = rows["eager_fp32_nchw.b8"]
-    assert nchw["speedup"] == pytest.approx(
-        nchw["throughput"] / rows["eager_fp32.b8"]["throughput"], rel=1e-3)
+    assert nchw["speedup"] == pytest.approx(  # speed-ups are rounded to 3 decimals
+        nchw["throughput"] / rows["eager_fp32.b8"]["throughput"], abs=6e-4)
     assert table["baseline_note"] == "eager fp32, channels_last, inference_mode"
     assert table["eval_splits"] == ["val", "test"]
     # the winner at each batch: the fastest row whose verdict is not a fail
