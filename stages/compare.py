@@ -44,7 +44,7 @@ from urllib.parse import unquote
 
 from omegaconf import DictConfig
 
-from stages.config import ConfigError, InputError, load_params, path
+from stages.config import InputError, path, stage_main
 from stages.document import (
     DASH,
     Block,
@@ -341,7 +341,8 @@ def run(cfg: DictConfig, sweep: str | None = None, filter_string: str | None = N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.compare", description=run.__doc__)
+    """Its own options, then the shared entry point (params, overrides, exit codes)."""
+    parser = argparse.ArgumentParser(prog="python -m stages.compare", add_help=False)
     parser.add_argument("--sweep", help="compare the parent runs tagged sweep_name=SWEEP")
     parser.add_argument("--filter", dest="filter_string",
                         help="an MLflow search filter on the parent runs, e.g. \"tags.x = 'y'\"")
@@ -349,22 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--experiment", help="default: tracking.experiment")
     parser.add_argument("--out", type=Path, help="folder for COMPARE.md/html (paths.compare)")
     parser.add_argument("--batch", type=int, help="reference batch (default: the largest)")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="composed config (default: ./params.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. paths.root=/x")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = load_params(args.params, args.overrides)
-        run(cfg, sweep=args.sweep, filter_string=args.filter_string, uri=args.tracking_uri,
-            out=args.out, batch=args.batch, experiment=args.experiment)
-    except (ConfigError, InputError) as e:
-        log.error("compare: %s", e)
-        return 2
-    except KeyboardInterrupt:
-        log.error("compare: interrupted")
-        return 130
-    return 0
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return stage_main("compare", lambda cfg: run(
+        cfg, sweep=args.sweep, filter_string=args.filter_string, uri=args.tracking_uri,
+        out=args.out, batch=args.batch, experiment=args.experiment), rest)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,18 @@ def stage_cmd(stage: str, params: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", f"stages.{stage}", "--params", str(params), *overrides]
 
 
+def git_dvc_init(dst: Path) -> None:
+    """Make `dst` (a copy of the project) a git repository with DVC (Hydra composition on) and
+    commit it: what `dvc repro` and `dvc exp run` need."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "test@localhost"],
+                ["git", "config", "user.name", "test"], ["dvc", "init", "-q"],
+                ["dvc", "config", "hydra.enabled", "true"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=dst, capture_output=True, text=True, timeout=120, env=env,
+                       check=True)
+
+
 def run_stage(stage: str, params: Path, *overrides: str, env: dict | None = None,
               cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
     """Run a stage's real entry point in a fresh process."""

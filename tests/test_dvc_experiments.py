@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import git_dvc_init
 
 from stages.config import PROJECT_ROOT, compose, path
 from stages.config import write_params as compose_params
@@ -75,13 +76,7 @@ def make_project(dst: Path, srv: MirrorServer) -> Path:
         text = text.replace(line, f"  - {group}: test")
     config.write_text(text)
     compose_params(dst / "params.yaml", config_dir=dst / "conf")
-    sh("git", "init", "-q", cwd=dst)
-    sh("git", "config", "user.email", "test@localhost", cwd=dst)
-    sh("git", "config", "user.name", "test", cwd=dst)
-    sh("dvc", "init", "-q", cwd=dst)
-    sh("dvc", "config", "hydra.enabled", "true", cwd=dst)
-    sh("git", "add", "-A", cwd=dst)
-    sh("git", "commit", "-qm", "init", cwd=dst)
+    git_dvc_init(dst)
     return dst
 
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_stage, write_params
+from conftest import git_dvc_init, run_stage, write_params
 from mlflow.tracking import MlflowClient
 
 from stages.config import PROJECT_ROOT, compose, path
@@ -77,13 +77,7 @@ fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
                       .replace("model: efficientnet_lite0", "model: test")
                       .replace("train: default", "train: test"))
     compose_params(dst / "params.yaml", config_dir=dst / "conf")
-    sh("git", "init", "-q", cwd=dst)
-    sh("git", "config", "user.email", "test@localhost", cwd=dst)
-    sh("git", "config", "user.name", "test", cwd=dst)
-    sh("dvc", "init", "-q", cwd=dst)
-    sh("dvc", "config", "hydra.enabled", "true", cwd=dst)
-    sh("git", "add", "-A", cwd=dst)
-    sh("git", "commit", "-qm", "init", cwd=dst)
+    git_dvc_init(dst)
     return dst
 
 
