@@ -44,6 +44,11 @@ offline: mirror
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc exp run -S data=mirror
 
 # The MLflow UI on the project's store, bound to this machine only (http://127.0.0.1:5000).
+# MLflow 3.17 opens experiments in its GenAI view unless the address asks for the training one.
 ui: $(STAMP)
+	@id=$$($(BIN)/python -c "from mlflow import MlflowClient; \
+	e = MlflowClient('sqlite:///$(abspath mlflow.db)').get_experiment_by_name('oi-pipeline'); \
+	print(e.experiment_id if e else '')" 2>/dev/null); \
+	echo "runs: http://127.0.0.1:5000/#/experiments/$${id:-<id>}?workflowType=machine_learning"
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath mlflow.db) \
 	    --default-artifact-root $(abspath mlartifacts) --host 127.0.0.1 --port 5000

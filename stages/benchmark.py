@@ -336,8 +336,9 @@ def run(cfg: DictConfig) -> dict:
         tracker.log_params({"benchmark.protocol": cfg.benchmark.protocol,
                             "benchmark.threads": table["threads"], **{
                                 f"benchmark.{k}": v for k, v in protocol.items()}})
-        # best_speedup is the winner's at the reference batch: the tags name it and its verdict
+        # best_* are the winner's at the reference batch: the tags name it and its verdict
         tracker.log_metrics({"best_speedup": best.get("speedup") or 0.0,
+                             "best_throughput": best.get("throughput") or 0.0,
                              "best_verdict_code": verdict_code(best.get("verdict")),
                              "reference_batch": ref})
         tracker.set_tags({"benchmark.best_variant": str(best["variant"]),

@@ -24,8 +24,10 @@ What the runs show, and the rules that keep them consistent with the report:
   that they can be charted and filtered numerically, `verdict_code` metrics: `VERDICT_CODES`.
 - The parent run is named `tracking.run_name`, else `DVC_EXP_NAME`, else
   `<model.name>-<train.mode>-<first 8 characters of the key>`, and carries `tracking.tags`.
-- The experiment is tagged `mlflow.experimentKind = custom_model_development`, or MLflow 3's UI
-  opens it in its GenAI view.
+- The experiment is tagged `mlflow.experimentKind = custom_model_development`, its kind in
+  MLflow's own terms. (MLflow 3.17's UI does not read it to pick a view: its global
+  "GenAI / Model training" switch, or `?workflowType=machine_learning` in the page's address,
+  decides; the README and the browser test in tests/test_sweep.py use the address.)
 - A SQLite store is created and migrated once, under an exclusive lock on `<db file>.lock`:
   MLflow's own migration is not safe against concurrent first use (4 `prepare` processes started
   at once on a fresh file all failed with "table _alembic_tmp_tags already exists" and left it

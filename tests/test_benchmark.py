@@ -196,6 +196,8 @@ def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server, cfg) -> Non
     pmetrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
     assert ptags["benchmark.best_variant"] == table["best_variant"]
     assert pmetrics["benchmark.best_speedup"] == pytest.approx(table["best_speedup"])
+    best_row = table["rows"][f"{table['best_variant']}.b{table['reference_batch']}"]
+    assert pmetrics["benchmark.best_throughput"] == pytest.approx(best_row["throughput"])
     assert pmetrics["benchmark.best_verdict_code"] == {"pass": 1, "undecided": 0}[
         table["best_verdict"]]
     for b in ("1", "8"):

@@ -2,7 +2,8 @@
 
 One project is built and reproduced up to `export` once per module, then both tests use it: the
 queue test runs experiments from it, the remote test pushes it and pulls a clone. The queued
-experiments stop at `train` (`dvc exp run --queue train`): export, optimize and benchmark would
+experiments track to MLflow (the project's store must hold their runs afterwards) and stop at
+`train` (`dvc exp run --queue train`): export, optimize and benchmark would
 more than double the queue's time (76 s against 197 s on 2 busy cores) and tell nothing more
 about it.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import git_dvc_init
+from mlflow.tracking import MlflowClient
 
 from stages.config import PROJECT_ROOT, compose, path
 from stages.config import write_params as compose_params
@@ -128,9 +130,12 @@ def test_queued_experiments_run_in_parallel_and_share_the_download_cache(
     # the baseline fetched every metadata file and every image once
     assert baseline_requests and set(baseline_requests.values()) == {1}
 
-    # a grid of 2: both change a download parameter, so each temporary workspace reruns download
+    # a grid of 2: both change a download parameter, so each temporary workspace reruns download;
+    # tracking on (the baseline ran without), so both create the project's store at once
+    store = project / "mlflow.db"
+    assert not store.exists()
     sh("dvc", "exp", "run", "--queue", "train", "-S", "train.lr=0.01,0.003",
-       "-S", "data.max_images_per_class=8", cwd=project)
+       "-S", "data.max_images_per_class=8", "-S", "tracking.enabled=true", cwd=project)
     queued = sh("dvc", "queue", "status", cwd=project).stdout
     assert queued.count("Queued") == 2, queued
     t0 = time.monotonic()
@@ -160,6 +165,18 @@ def test_queued_experiments_run_in_parallel_and_share_the_download_cache(
         assert metrics["metrics/download.json"]["data"]["downloaded"] == 20
         assert metrics["metrics/train.json"]["data"]["epochs_run"] == 1
     assert lrs == {0.01, 0.003}
+
+    # Their MLflow runs outlived the temporary workspaces: they are in the project's store
+    # (DVC_ROOT/mlflow.db), one per experiment, named after it, with its parameters and results.
+    client = MlflowClient(f"sqlite:///{store}")
+    exp = client.get_experiment_by_name("oi-pipeline")
+    assert exp is not None, f"the queued experiments logged nothing to {store}"
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(e["name"] for e in exps), runs
+    assert {float(r.data.params["train.lr"]) for r in runs} == lrs
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags["dvc_exp_name"] == r.info.run_name
+        assert r.data.metrics["train.epochs_run"] == 1 and "train.test_acc" in r.data.metrics
     # the table a user reads: params and metrics side by side, one row per experiment
     table = sh("dvc", "exp", "show", "--no-pager", "--md", cwd=project).stdout
     assert "train.lr" in table and "test_acc" in table

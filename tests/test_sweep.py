@@ -9,12 +9,22 @@ README gives its timing and joblib's.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,6 +39,7 @@ from stages import download, prepare
 from stages import sweep as sweep_module
 from stages.config import CONF_DIR, PROJECT_ROOT, compose, path
 from stages.io import read_csv, write_json
+from stages.mirror import MirrorServer
 
 # test_pipeline.py's tiny settings, as command-line overrides.
 TINY = ["data.image_size=48", "data.fetch.backoff=0.01", "data.fetch.retries=3",
@@ -103,13 +114,34 @@ def sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=540, env=env)
 
 
+@dataclass
+class Sweep:
+    root: Path
+    db: Path
+    out: subprocess.CompletedProcess
+    requests: Counter  # what the mirror served, by path
+
+    @property
+    def logs(self) -> str:
+        return self.out.stdout + self.out.stderr + "".join(
+            f.read_text(errors="replace") for f in self.root.rglob("*.log"))
+
+
+@pytest.fixture(scope="module")
+def parallel_sweep(tmp_path_factory: pytest.TempPathFactory, mirror_dir: Path) -> Sweep:
+    """3 jobs at once through submitit_local on one fresh MLflow store: 2 finish, 1 fails."""
+    tmp = tmp_path_factory.mktemp("parallel-sweep")
+    root, db = tmp / "sweep", tmp / "mlflow.db"
+    with MirrorServer(mirror_dir) as srv:
+        out = sweep(root, "hydra/launcher=submitit_local", *mirror_overrides(srv), *TINY,
+                    f"tracking.uri=sqlite:///{db}", "train.mode=linear_probe,full,bogus")
+        return Sweep(root, db, out, Counter(srv.requests))
+
+
 def test_parallel_sweep_shares_data_serialises_benchmarks_and_reports_failures(
-        tmp_path: Path, mirror) -> None:
-    root, db = tmp_path / "sweep", tmp_path / "mlflow.db"
-    out = sweep(root, "hydra/launcher=submitit_local", *mirror_overrides(mirror), *TINY,
-                f"tracking.uri=sqlite:///{db}", "train.mode=linear_probe,full,bogus")
-    logs = out.stdout + out.stderr + "".join(
-        f.read_text(errors="replace") for f in root.rglob("*.log"))
+        parallel_sweep: Sweep) -> None:
+    root, db, out, logs = (parallel_sweep.root, parallel_sweep.db, parallel_sweep.out,
+                           parallel_sweep.logs)
     assert out.returncode == 1, logs  # a job failed: the sweep says so
 
     # the failure: its overrides and error in one line; its folder holds no report
@@ -142,9 +174,10 @@ def test_parallel_sweep_shares_data_serialises_benchmarks_and_reports_failures(
     assert len(shared) == 1 and jobs[0]["data_dir"] == jobs[1]["data_dir"] == str(shared[0])
     assert sorted(r["data_reused"] for r in jobs.values()) == [False, True]
     assert not (root / "job0" / "data").exists() and not (root / "job1" / "data").exists()
-    images = [p for p in mirror.requests if p.endswith(".jpg")]
+    requests = parallel_sweep.requests
+    images = [p for p in requests if p.endswith(".jpg")]
     assert len(images) >= len(read_csv(shared[0] / "raw" / "labels.csv")) > 0
-    assert max(mirror.requests.values()) == 1, mirror.requests.most_common(3)
+    assert max(requests.values()) == 1, requests.most_common(3)
     for job in ("job0", "job1"):  # the job that reused the data still has the data metrics
         assert (root / job / "metrics" / "download.json").is_file()
 
@@ -175,3 +208,177 @@ def test_the_default_launcher_runs_on_after_a_failing_job(tmp_path: Path) -> Non
     assert [(f["job"], f["overrides"][-1]) for f in failures] == [
         (0, "train.mode=bogus"), (1, "train.mode=also_bogus")]
     assert "invalid value 'also_bogus' for 'train.mode'" in failures[1]["error"]
+
+
+# --- The MLflow UI, looked at in a real browser --------------------------------------------------
+
+CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
+# What a root process in a sandbox with no internet needs: no sandboxing of its own, no GPU, and no
+# background connections to Google (refused here, many at a time).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+def js_number(x: float) -> str:
+    """How a browser prints a float (the shortest repr, as Python's, without a trailing .0)."""
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def mlflow_format_metric(x: float) -> str:
+    """How MLflow's compare view prints a metric (its `Utils.formatMetric`): 3 decimals below
+    10, 2 below 100, else 1 (33.333 -> 33.33, 5187.989 -> 5188)."""
+    if x == 0:
+        return "0"
+    if abs(x) < 1e-3:
+        raise ValueError(f"{x}: exponent form, not needed here")
+    decimals = 3 if abs(x) < 10 else 2 if abs(x) < 100 else 1
+    return js_number(math.floor(x * 10**decimals + 0.5) / 10**decimals)  # JS Math.round
+
+
+@contextlib.contextmanager
+def mlflow_server(db: Path, log: Path) -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+         f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start:\n{log.read_text()}")
+                time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def add_column(page, metric: str) -> None:
+    """Columns -> search the metric -> tick it, as a person adds a metric to the runs table."""
+    dialog = page.get_by_role("dialog", name="Popover content")
+    if not dialog.is_visible():
+        page.get_by_role("button", name="Columns", exact=True).click()
+    dialog.get_by_placeholder("Search columns").fill(metric)
+    closed = dialog.locator(".du-bois-light-tree-treenode", has_text="Metrics (").locator(
+        ".du-bois-light-tree-switcher_close")
+    if closed.count():
+        closed.click()
+    dialog.locator(".du-bois-light-tree-title").filter(
+        has_text=re.compile(f"^{re.escape(metric)}$")).click()
+
+
+def compare_row(page, metric: str) -> list[str]:
+    """The values of one metric in the compare view's metrics table, one per run, in the order
+    of the address's runs. The table is virtualised: names and values are two grids, each
+    rendering only the rows near its view, the names grid following the values grid's scroll one
+    scroll event late (MLflow 3.17.2); so the values grid is scrolled down step by step, each step
+    nudged by a pixel so that the names catch up. A row's `top` is its place in the whole table,
+    the same in both grids."""
+    name = page.get_by_role("link", name=metric, exact=True)
+    names = page.locator(".ReactVirtualized__Grid", has=page.get_by_title("Plot chart")).first
+    values = names.locator("xpath=following::div[@class='ReactVirtualized__Grid'][1]")
+    values.scroll_into_view_if_needed()
+
+    def scroll(y: int) -> None:
+        for nudge in (0, 1):
+            values.evaluate("(e, y) => { e.scrollTop = y; }", y + nudge)
+            page.wait_for_timeout(100)
+
+    for y in range(0, values.evaluate("e => e.scrollHeight"), 200):
+        scroll(y)
+        if name.count():
+            top = name.evaluate("a => a.parentElement.style.top")
+            cells = values.locator(f"xpath=.//div[contains(@style, 'top: {top};')]")
+            if cells.count():
+                scroll(max(0, int(float(top.removesuffix("px"))) - 90))  # the row in view
+                return cells.all_inner_texts()
+    raise AssertionError(f"{metric} is not in the compare view's metrics table")
+
+
+def close_assistant(page) -> None:
+    """MLflow 3.17 opens its chat assistant beside every page, over a third of the width."""
+    close = page.locator("[data-component-id='mlflow.assistant.chat_panel.close']")
+    if close.count() and close.is_visible():
+        close.click()
+
+
+def test_mlflow_ui_shows_each_jobs_accuracy_and_throughput(parallel_sweep: Sweep,
+                                                           tmp_path: Path) -> None:
+    """`mlflow server` on the finished sweep's store, read in headless Chromium: the experiment's
+    runs table (with the two metric columns added through its column picker) and the compare view
+    of the two jobs show each job's test accuracy and best throughput; screenshots are kept."""
+    if not CHROMIUM.exists():
+        if os.environ.get("OI_REQUIRE_BROWSER"):
+            pytest.fail(f"no Chromium at {CHROMIUM}: `apt-get install chromium` (.ci/run does)")
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    client = MlflowClient(f"sqlite:///{parallel_sweep.db}")
+    exp = client.get_experiment_by_name("oi-pipeline")
+    jobs = sorted((r for r in client.search_runs([exp.experiment_id])
+                   if "mlflow.parentRunId" not in r.data.tags),
+                  key=lambda r: r.data.tags["sweep_job"])
+    assert [r.data.tags["sweep_job"] for r in jobs] == ["0", "1"], parallel_sweep.logs
+    metrics = ("benchmark.best_throughput", "train.test_acc")
+    want = {r.info.run_name: [r.data.metrics[m] for m in metrics] for r in jobs}
+    assert all(values[0] > 0 for values in want.values()), want  # a measured throughput
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    ml = "workflowType=machine_learning"  # else MLflow 3.17 shows its GenAI view (README)
+
+    with mlflow_server(parallel_sweep.db, tmp_path / "server.log") as base, \
+            sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 2000, "height": 900})
+            page.set_default_timeout(60_000)
+
+            # the experiment page: both jobs listed, under their run names
+            page.goto(f"{base}/#/experiments/{exp.experiment_id}?{ml}")
+            for name in want:
+                page.get_by_text(name, exact=True).wait_for()
+            assert page.get_by_role("button", name="Model training").is_visible()
+            close_assistant(page)
+            for metric in metrics:
+                add_column(page, metric)
+            page.keyboard.press("Escape")
+            for metric in metrics:
+                page.get_by_role("columnheader", name=metric, exact=True).first.wait_for()
+            page.screenshot(path=shots / "experiment_runs.png")
+            # each row (ag-grid splits it into a pinned and a scrolling part: one row-index)
+            for i in range(len(want)):
+                row = " | ".join(page.locator(f"[role=row][row-index='{i}']").all_inner_texts())
+                name = next((n for n in want if n in row), None)
+                assert name, row
+                cells = row.replace(" | ", "\n").split("\n")
+                for value in want[name]:
+                    assert js_number(value) in cells, (name, value, row)
+
+            # the compare view of the two jobs: the same numbers side by side
+            ids = json.dumps([r.info.run_id for r in jobs])
+            page.goto(f"{base}/#/compare-runs?runs={ids}&experiments="
+                      f"{json.dumps([exp.experiment_id])}&{ml}")
+            page.get_by_text(f"Comparing {len(jobs)} Runs").wait_for()
+            for name in want:
+                page.get_by_text(name, exact=True).first.wait_for()
+            close_assistant(page)
+            for k, metric in enumerate(metrics):
+                shown = compare_row(page, metric)
+                assert shown == [mlflow_format_metric(v[k]) for v in want.values()], (
+                    metric, shown, want)
+            # the metrics table, scrolled to the last metric read (test accuracy)
+            page.screenshot(path=shots / "compare_jobs.png")
+        finally:
+            browser.close()
+    print(f"screenshots: {shots}")
+    assert all((shots / f).stat().st_size > 10_000
+               for f in ("experiment_runs.png", "compare_jobs.png"))
