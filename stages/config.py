@@ -187,6 +187,15 @@ class BenchmarkConf:
 
 
 @dataclass
+class ProfileConf:
+    modes: list[str] = field(default_factory=lambda: ["eager", "inductor"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    warmup: int = 5
+    iterations: int = 20
+    threads: int = 0
+
+
+@dataclass
 class TrackingConf:
     enabled: bool = True
     uri: str | None = None
@@ -206,6 +215,7 @@ class PipelineConf:
     export: ExportConf = field(default_factory=ExportConf)
     optimize: OptimizeConf = field(default_factory=OptimizeConf)
     benchmark: BenchmarkConf = field(default_factory=BenchmarkConf)
+    profile: ProfileConf = field(default_factory=ProfileConf)
     tracking: TrackingConf = field(default_factory=TrackingConf)
 
 
@@ -253,6 +263,7 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
     _check_export(merged.export)
     _check_optimize(merged.optimize, merged.export)
     _check_benchmark(merged.benchmark)
+    _check_profile(merged.profile)
     OmegaConf.set_readonly(merged, True)
     return merged
 
@@ -320,7 +331,8 @@ def _check_export(export: DictConfig) -> None:
 # The registry itself is stages.optimize.VARIANTS (tests keep the two equal); named here so that
 # validating a config does not import the compilers.
 OPTIMIZE_VARIANTS = ("cpu_bf16", "inductor_fp32", "inductor_bf16", "int8", "onnxruntime_fp32",
-                     "onnxruntime_int8", "cuda_fp16", "trt_fp32", "trt_fp16")
+                     "onnxruntime_int8", "openvino_fp32", "openvino_bf16", "openvino_int8",
+                     "cuda_fp16", "trt_fp32", "trt_fp16")
 
 
 def _check_optimize(opt: DictConfig, export: DictConfig) -> None:
@@ -362,6 +374,20 @@ def _check_benchmark(bench: DictConfig) -> None:
     if bench.threads < 0 or bench.input_batches < 2 or not 0 <= bench.min_agreement <= 1:
         raise ConfigError("benchmark.threads >= 0, input_batches >= 2 (rotated, never one "
                           "batch) and min_agreement in [0, 1] are required")
+
+
+PROFILE_MODES = ("eager", "inductor")  # stages.profile.MODES (its tests keep them equal)
+
+
+def _check_profile(prof: DictConfig) -> None:
+    unknown = [m for m in prof.modes if m not in PROFILE_MODES]
+    if unknown or not prof.modes:
+        raise ConfigError(f"unknown profile.modes {unknown or '[]'}; expected some of "
+                          f"{sorted(PROFILE_MODES)}")
+    if not prof.batch_sizes or min(prof.batch_sizes) < 1 or prof.iterations < 1 \
+            or prof.warmup < 0 or prof.threads < 0:
+        raise ConfigError("profile.batch_sizes need sizes >= 1, profile.iterations >= 1, "
+                          "profile.warmup >= 0 and profile.threads >= 0")
 
 
 def compose(overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> DictConfig:

@@ -7,8 +7,9 @@ Reads (all optional except `paths.metrics/train.json`):
     paths.metrics/download.json, prepare.json, train.json
     paths.metrics/optimize/<variant>.json               one record per optimized variant
     paths.metrics/benchmark.json                        benchmark rows, winners, the machine
+    paths.metrics/profile.json                          time and FLOPs per operator type
     paths.plots/train_history.csv, confusion.png, benchmark_{throughput,latency,speedup}.png,
-                pareto.png
+                pareto.png, profile.png
 
 Writes, under `paths.reports`:
 
@@ -536,6 +537,31 @@ def benchmark_section(cfg: DictConfig, bench: dict | None) -> tuple[list[Block],
                     "rows": len(rows)}
 
 
+def profile_section(cfg: DictConfig, prof: dict | None) -> list[Block]:
+    """Where the time goes: the profile stage's paragraph, a table per mode and batch size."""
+    file = path(cfg, "metrics") / "profile.json"
+    blocks: list[Block] = [Heading(2, "Where the time goes")]
+    if prof is None:
+        return [*blocks, not_run(f"`{rel(cfg, file)}`", "profile")]
+    blocks.append(Para(f"Self CPU time per operator type (`torch.profiler`) against FLOPs per "
+                       f"type, from `{rel(cfg, file)}`, {num(prof.get('threads'))} thread(s). "
+                       "GFLOP/s is the type's FLOPs over its time; FLOP/byte counts every "
+                       "tensor an op reads and writes, weights included, before any fusion. "
+                       + str(prof.get("paragraph", ""))))
+    for key, p in prof.get("profiles", {}).items():
+        rows = [[kind, pct(v.get("time_share")), pct(v.get("flop_share")),
+                 num(v.get("time_ms"), 3), num(v.get("gflops_per_s"), 1),
+                 num(v.get("intensity"), 1)] for kind, v in p.get("types", {}).items()]
+        blocks += [Heading(3, f"{p.get('mode', key)} at batch {p.get('batch', DASH)}: "
+                              f"{num(p.get('total_ms'), 2)} ms per call"),
+                   Table(["operator type", "time", "FLOPs", "ms per call", "GFLOP/s",
+                          "FLOP/byte"], rows, numeric={1, 2, 3, 4, 5})]
+    chart = path(cfg, "plots") / "profile.png"
+    if chart.is_file():
+        blocks.append(Image(chart, "time share against FLOP share per operator type"))
+    return blocks
+
+
 def fact(v: Any) -> str:
     if isinstance(v, list | tuple):
         return ", ".join(map(str, v)) or "none"
@@ -566,6 +592,7 @@ def run(cfg: DictConfig) -> dict:
     if train is None:
         raise InputError(f"{train_file} not found: run the train stage first (`dvc repro train`)")
     bench = read_json(metrics / "benchmark.json", "benchmark")
+    prof = read_json(metrics / "profile.json", "profile")
     records = read_optimize_records(cfg)
 
     data_blocks, data, counts = dataset_section(cfg)
@@ -589,7 +616,8 @@ def run(cfg: DictConfig) -> dict:
         summary.append(f"{ok} of {len(optimized['variants'])} optimized variant(s) built"
                        + (f"; accuracy verdicts: {said}." if said else "."))
     blocks: list[Block] = [Heading(1, title), *ship, Bullets(summary), *data_blocks,
-                           *train_blocks, *opt_blocks, *bench_blocks, *machine_blocks]
+                           *train_blocks, *opt_blocks, *bench_blocks,
+                           *profile_section(cfg, prof), *machine_blocks]
 
     md_file, html_file = reports / "REPORT.md", reports / "REPORT.html"
     with stage_run(cfg, "report") as tracker:

@@ -40,7 +40,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from stages import benchmark, download, export, optimize, prepare, report, train
+from stages import benchmark, download, export, optimize, prepare, profile, report, train
 from stages.config import ConfigError, path, validate
 from stages.io import write_json, write_text
 from stages.tracking import tracking_uri
@@ -170,6 +170,7 @@ def run_pipeline(cfg: DictConfig, sweep_dir: Path, record: dict[str, Any]) -> di
         timings["benchmark_lock_wait_s"] = round(waited, 3)
         record["benchmark_started"] = time.time()  # wall clock: comparable across jobs
         timed("benchmark", benchmark.run, cfg, timings=timings)
+        timed("profile", profile.run, cfg, timings=timings)  # timings too: under the lock
         record["benchmark_ended"] = time.time()
     timed("report", report.run, cfg, timings=timings)
     return metrics

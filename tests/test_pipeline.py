@@ -69,8 +69,12 @@ fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
         "defaults: [default, _self_]\nthreads: 1\nprotocols:\n  default:\n"
         "    batch_sizes: [2]\n    warmup_iters: 1\n    warmup_seconds: 0\n"
         "    min_iters: 2\n    min_seconds: 0\n    trials: 2\n")
+    (dst / "conf" / "profile" / "test.yaml").write_text(
+        "defaults: [default, _self_]\nmodes: [eager]\nbatch_sizes: [2]\nwarmup: 1\n"
+        "iterations: 2\n")
     config = dst / "conf" / "config.yaml"
     config.write_text(config.read_text().replace("data: default", "data: test")
+                      .replace("profile: default", "profile: test")
                       .replace("export: default", "export: test")
                       .replace("optimize: default", "optimize: test")
                       .replace("benchmark: default", "benchmark: test")
@@ -84,7 +88,7 @@ fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
 def test_dvc_repro_then_noop_then_exp_run_reruns_from_prepare(project: Path, mirror) -> None:
     first = sh("dvc", "repro", cwd=project)
     for stage in ("download", "prepare", "train", "export", "optimize@onnxruntime_fp32",
-                  "optimize@trt_fp16", "benchmark", "report"):
+                  "optimize@trt_fp16", "benchmark", "profile", "report"):
         assert f"Running stage '{stage}'" in first.stdout
     assert (project / "artifacts" / "optimized" / "onnxruntime_fp32" / "model.onnx").is_file()
     trt = json.loads((project / "metrics" / "optimize" / "trt_fp16.json").read_text())

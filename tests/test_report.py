@@ -230,7 +230,9 @@ def test_report_tables_hold_the_numbers(cfg) -> None:
     out = report.run(cfg)
     md = (path(cfg, "reports") / "REPORT.md").read_text()
     s = sections(md)
-    assert list(s) == ["Dataset", "Training", "Optimization", "Benchmark", "Machine"]
+    assert list(s) == ["Dataset", "Training", "Optimization", "Benchmark",
+                       "Where the time goes", "Machine"]
+    assert "**Not run.**" in s["Where the time goes"]  # no profile.json in these inputs
 
     # Dataset: the CSV rows, not the stale prepare.json figure, and the disagreement noted.
     assert table_row(s["Dataset"], "Zebra") == ["Zebra", "6", "2", "3", "11"]
@@ -503,3 +505,21 @@ def test_a_photo_folder_is_named_as_the_source_not_open_images(tmp_path) -> None
     assert out["title"].endswith("classes of the photo folder my/photos")
     source = sections(md)["Dataset"].split("### Source and licences", 1)[1]
     assert "`my/photos`" in source and "Open Images" not in source
+
+
+def test_profile_section_shows_the_paragraph_and_a_table_per_mode(cfg) -> None:
+    write_inputs(cfg)
+    paragraph = "eager at batch 32 (9.00 ms per call): memory-bound: depthwise convolution: 31%."
+    types = {"depthwise convolution": {"time_ms": 2.79, "time_share": 0.31, "flop_share": 0.04,
+                                       "gflops_per_s": 2.1, "intensity": 3.0},
+             "convolution": {"time_ms": 6.21, "time_share": 0.69, "flop_share": 0.96,
+                             "gflops_per_s": 80.0, "intensity": None}}
+    write_json(path(cfg, "metrics") / "profile.json", {"threads": 2, "paragraph": paragraph,
+               "profiles": {"eager@b32": {"mode": "eager", "batch": 32, "total_ms": 9.0,
+                                          "types": types}}})
+    s = sections((report.run(cfg), (path(cfg, "reports") / "REPORT.md").read_text())[1])
+    section = s["Where the time goes"]
+    assert paragraph in section and "eager at batch 32: 9.00 ms per call" in section
+    assert table_row(section, "depthwise convolution") == [
+        "depthwise convolution", "31.0%", "4.0%", "2.790", "2.1", "3.0"]
+    assert table_row(section, "convolution")[-1] == document.DASH

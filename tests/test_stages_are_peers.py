@@ -89,7 +89,7 @@ def declared(body: dict) -> set[str]:
 
 def test_every_dvc_stage_runs_a_stage_module() -> None:
     assert STAGE_NAMES == {"download", "prepare", "train", "export", "optimize", "benchmark",
-                           "report"}
+                           "profile", "report"}
     assert all(is_module(m) for m in PEERS)
     assert not ENTRY_POINTS & STAGE_NAMES
 

@@ -53,7 +53,9 @@ TINY = ["data.image_size=48", "data.fetch.backoff=0.01", "data.fetch.retries=3",
         "benchmark.protocols.default.warmup_iters=1",
         "benchmark.protocols.default.warmup_seconds=0",
         "benchmark.protocols.default.min_iters=2", "benchmark.protocols.default.min_seconds=0",
-        "benchmark.protocols.default.trials=2"]
+        "benchmark.protocols.default.trials=2",
+        "profile.modes=[eager]", "profile.batch_sizes=[2]", "profile.warmup=1",
+        "profile.iterations=2"]
 
 
 @pytest.mark.parametrize("option", sorted(
@@ -165,6 +167,7 @@ def test_parallel_sweep_shares_data_serialises_benchmarks_and_reports_failures(
         assert yaml.safe_load((job / "job_config.yaml").read_text())["train"]["mode"] == mode
         assert f"train.mode={mode}" in (job / ".hydra" / "overrides.yaml").read_text()
         assert json.loads((job / "metrics" / "benchmark.json").read_text())["rows"]
+        assert (job / "metrics" / "profile.json").is_file() and "profile_s" in record["seconds"]
         assert record["benchmark_serialized"] is True
         jobs[num] = record
 

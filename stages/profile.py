@@ -1,0 +1,306 @@
+"""Stage `profile`: where the inference time goes, per operator type, and why fewer FLOPs need not
+mean less time.
+
+For each mode of `profile.modes` and batch size of `profile.batch_sizes`, on real preprocessed
+held-out images (`optimize.eval_splits`, repeated to fill a batch):
+
+- `eager`: the benchmark's baseline exactly (`runtime.eager_runtime`: channels_last on CPU,
+  `inference_mode`);
+- `inductor`: the same channels_last model through `torch.compile(backend="inductor")` (static
+  shapes, compiled during warm-up), not the optimize stage's AOTInductor package: the same
+  Inductor code generation, and it needs no optimize run.
+
+`torch.profiler` (CPU, `record_shapes=True`) records `profile.iterations` calls after
+`profile.warmup`. Each recorded event's self CPU time goes to the type (`stages.optypes`) of its
+outermost ancestor that the registry knows, so the children of `aten::conv2d` (`mkldnn_convolution`,
+`empty`...) count as convolution; a depthwise convolution is told apart by its weight's shape.
+Time in no known op goes to `fused (compiled kernels)` inside a compiled graph (Inductor's C++
+kernels have no event of their own), else to `other` (Python and dispatch overhead).
+
+FLOPs and bytes come from one eager call under a `TorchDispatchMode`, which sees every aten op
+with its tensors (functional adds and multiplies included, which module hooks miss):
+convolution and matmul FLOPs as `torch.utils.flop_counter` counts them (a multiply-add is 2,
+bias not counted; the tests check the totals agree), batch norm 2 per output element, activation
+and elementwise 1, pooling 1 per input element; bytes are every input (weights included) and
+output tensor's size, 0 for views. Fused kernels move less, so the intensity is the unfused one,
+for both modes.
+
+Writes `paths.metrics/profile.json` (per `mode@b<batch>`, per type: time, shares, FLOPs,
+GFLOP/s, FLOP/byte; and the paragraph naming the memory-bound types), `paths.plots/profile.csv`
+and `paths.plots/profile.png` (time share against FLOP share per type).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from stages import evaluation, models, optypes
+from stages.config import InputError, main_for, path
+from stages.io import write_csv, write_json
+from stages.runtime import Runtime, eager_runtime, torch_runtime
+from stages.tracking import stage_run
+
+log = logging.getLogger("stages.profile")
+
+MARKER = "profile::forward"
+CSV_COLUMNS = ["mode", "batch", "type", "time_ms", "time_share", "flops", "flop_share",
+               "gflops_per_s", "bytes", "intensity"]
+
+
+# --- FLOPs and bytes per type: one call under a dispatch mode ------------------------------------
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    leaves = torch.utils._pytree.tree_leaves(tree)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def op_flops(name: str, args: tuple, out: Any) -> float:
+    """FLOPs of one aten op call (see the module docstring for what counts)."""
+    kind = optypes.OP_TYPES.get(name)
+    outs = _tensors(out)
+    out_numel = sum(t.numel() for t in outs)
+    if kind == optypes.CONV:
+        w = args[1]
+        # 2 * output elements * (in channels per group * kernel area): flop_counter's conv_flop
+        return 2.0 * outs[0].numel() * (w.numel() // w.shape[0])
+    if kind == optypes.LINEAR:
+        # 2 * output elements * the reduced dimension, whichever of linear (weight [out, in]),
+        # mm, matmul, addmm or bmm it is
+        a = args[1] if name in ("addmm", "baddbmm", "_addmm_activation") else args[0]
+        return 2.0 * outs[0].numel() * a.shape[-1]
+    if kind == optypes.BATCH_NORM:
+        return 2.0 * out_numel  # eval: one scale and one shift per element
+    if kind in (optypes.ACTIVATION, optypes.ELEMENTWISE):
+        return float(out_numel)
+    if kind == optypes.POOLING:
+        return float(args[0].numel())
+    return 0.0
+
+
+class OpCounter(TorchDispatchMode):
+    """FLOPs and bytes moved per operator type, summed over the aten ops of the calls made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops: dict[str, float] = defaultdict(float)
+        self.bytes: dict[str, float] = defaultdict(float)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        groups = args[8] if name == "convolution" and len(args) > 8 else None
+        shapes = [list(t.shape) for t in _tensors(args)]
+        kind = optypes.op_type(name, shapes, groups) or optypes.OTHER
+        self.flops[kind] += op_flops(name, args, out)
+        if name not in optypes.VIEW_OPS:
+            self.bytes[kind] += sum(t.numel() * t.element_size()
+                                    for t in _tensors(args) + _tensors(out))
+        return out
+
+
+def count(runtime: Runtime, x: torch.Tensor) -> tuple[dict[str, float], dict[str, float]]:
+    """One call's FLOPs and bytes per type."""
+    inputs = runtime.prepare(x)
+    with OpCounter() as counter:
+        runtime.call(inputs)
+    return dict(counter.flops), dict(counter.bytes)
+
+
+# --- time per type: torch.profiler --------------------------------------------------------------
+
+
+def event_type(event: Any) -> str:
+    """The type whose time an event's self time is: its outermost known ancestor's (itself
+    included), else fused if it runs inside a compiled graph, else other."""
+    kind, compiled, e = None, False, event
+    while e is not None and e.name != MARKER:
+        kind = optypes.op_type(e.name, e.input_shapes) or kind
+        compiled = compiled or optypes.is_compiled_wrapper(e.name)
+        e = e.cpu_parent
+    return kind or (optypes.FUSED if compiled else optypes.OTHER)
+
+
+def time_by_type(runtime: Runtime, x: torch.Tensor, iterations: int, warmup: int
+                 ) -> tuple[dict[str, float], float]:
+    """Seconds of self CPU time per type over `iterations` profiled calls, and the calls' total
+    (the marker's CPU time: every event inside is in exactly one type)."""
+    inputs = runtime.prepare(x)
+    for _ in range(warmup):
+        runtime.call(inputs)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(iterations):
+            with record_function(MARKER):
+                runtime.call(inputs)
+    seconds: dict[str, float] = defaultdict(float)
+    total = 0.0
+    for e in prof.events():
+        if e.name == MARKER:
+            total += e.cpu_time_total / 1e6
+            seconds[optypes.OTHER] += e.self_cpu_time_total / 1e6
+            continue
+        p = e.cpu_parent
+        while p is not None and p.name != MARKER:
+            p = p.cpu_parent
+        if p is not None:  # inside a profiled call
+            seconds[event_type(e)] += e.self_cpu_time_total / 1e6
+    return dict(seconds), total
+
+
+def profile_runtime(runtime: Runtime, x: torch.Tensor, flops: dict[str, float],
+                    nbytes: dict[str, float], iterations: int, warmup: int) -> dict:
+    seconds, total = time_by_type(runtime, x, iterations, warmup)
+    if runtime_is_compiled(seconds):
+        # Inside compiled kernels batch norm, activations, adds and pooling are fused: their
+        # FLOPs and bytes belong to the fused type.
+        flops, nbytes = _fold(flops), _fold(nbytes)
+    return {"total_ms": total / iterations * 1000, "iterations": iterations,
+            "types": optypes.summarize(seconds, flops, nbytes, iterations)}
+
+
+def runtime_is_compiled(seconds: dict[str, float]) -> bool:
+    return seconds.get(optypes.FUSED, 0.0) > 0
+
+
+def _fold(values: dict[str, float]) -> dict[str, float]:
+    fusible = (optypes.BATCH_NORM, optypes.ACTIVATION, optypes.ELEMENTWISE, optypes.POOLING,
+               optypes.LAYOUT)
+    out = {k: v for k, v in values.items() if k not in fusible}
+    out[optypes.FUSED] = out.get(optypes.FUSED, 0.0) + sum(values.get(k, 0.0) for k in fusible)
+    return out
+
+
+# --- modes ---------------------------------------------------------------------------------------
+
+
+def eager(model: torch.nn.Module) -> Runtime:
+    return eager_runtime(model, "cpu")
+
+
+def inductor(model: torch.nn.Module) -> Runtime:
+    rt = eager_runtime(model, "cpu")  # channels_last weights, and its input preparation
+    compiled = torch_runtime(torch.compile(model, backend="inductor", dynamic=False))
+    compiled.prepare = rt.prepare
+    return compiled
+
+
+MODES: dict[str, Callable[[torch.nn.Module], Runtime]] = {"eager": eager, "inductor": inductor}
+
+
+def mode_runtime(name: str, model: torch.nn.Module) -> Runtime:
+    if name not in MODES:
+        raise ValueError(f"unknown profile mode {name!r}; expected one of {sorted(MODES)}")
+    return MODES[name](model)
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+def fill(images: torch.Tensor, batch: int) -> torch.Tensor:
+    """`batch` real images, the split repeated where it holds fewer."""
+    return images[[j % len(images) for j in range(batch)]]
+
+
+def profile_model(model: torch.nn.Module, images: torch.Tensor, modes: list[str],
+                  batch_sizes: list[int], iterations: int, warmup: int) -> dict:
+    """The profile dict for `model` (the stage's metrics without the file bookkeeping)."""
+    profiles = {}
+    counts = {}
+    baseline = eager(model)
+    for b in batch_sizes:
+        counts[b] = count(baseline, fill(images, b))
+    for mode in modes:
+        rt = mode_runtime(mode, model)
+        for b in batch_sizes:
+            log.info("profiling %s at batch %d (%d calls)", mode, b, iterations)
+            p = profile_runtime(rt, fill(images, b), *counts[b], iterations, warmup)
+            profiles[f"{mode}@b{b}"] = {"mode": mode, "batch": b, **p}
+    result = {"threads": torch.get_num_threads(), "profiles": profiles}
+    result["memory_bound"] = {k: optypes.memory_bound(p["types"]) for k, p in profiles.items()}
+    result["paragraph"] = optypes.paragraph(result)
+    return result
+
+
+def csv_rows(result: dict) -> list[list]:
+    return [[p["mode"], p["batch"], kind, *(v[c] for c in CSV_COLUMNS[3:])]
+            for p in result["profiles"].values() for kind, v in p["types"].items()]
+
+
+def chart(result: dict, file: Path) -> None:
+    """Time share against FLOP share per type, one panel per mode and batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    profiles = list(result["profiles"].values())
+    kinds = [k for k in optypes.TYPES if any(k in p["types"] for p in profiles)]
+    fig, axes = plt.subplots(1, len(profiles), figsize=(4.5 * len(profiles),
+                                                        1 + 0.45 * len(kinds)),
+                             dpi=110, squeeze=False, sharey=True)
+    ys = np.arange(len(kinds))
+    for ax, p in zip(axes[0], profiles, strict=True):
+        for shift, key in ((-0.2, "time_share"), (0.2, "flop_share")):
+            ax.barh(ys + shift, [p["types"].get(k, {}).get(key, 0.0) * 100 for k in kinds],
+                    height=0.4, label=key.replace("_", " ").replace("flop", "FLOP"))
+        ax.set_yticks(ys, kinds)
+        ax.invert_yaxis()
+        ax.set_xlabel("%")
+        ax.set_title(f"{p['mode']}, batch {p['batch']} ({p['total_ms']:.1f} ms)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.parent / f".{file.name}.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, file)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Profile the trained model per operator type; write profile.json, .csv and .png."""
+    pc = cfg.profile
+    model, meta = models.load_trained(path(cfg, "models") / "model.pt")
+    images, _ = evaluation.images(path(cfg, "prepared"), cfg.optimize.eval_splits, meta)
+    if len(images) == 0:
+        raise InputError(f"{path(cfg, 'prepared')}: no held-out image to profile on")
+    if pc.threads:
+        torch.set_num_threads(pc.threads)
+    result = {"model": meta["arch"], "input_size": meta["input_size"],
+              "inductor": "torch.compile(backend='inductor', dynamic=False) of the channels_last "
+                          "eager model",
+              **profile_model(model, images, list(pc.modes), list(pc.batch_sizes),
+                              pc.iterations, pc.warmup)}
+    metrics, plots = path(cfg, "metrics") / "profile.json", path(cfg, "plots")
+    write_json(metrics, result)
+    write_csv(plots / "profile.csv", CSV_COLUMNS, csv_rows(result))
+    chart(result, plots / "profile.png")
+    with stage_run(cfg, "profile") as tracker:
+        tracker.log_params({"profile": {k: str(v) for k, v in pc.items()}})
+        # MLflow metric names allow letters, digits, _-. / and spaces: no "@" or "()"
+        slug = lambda s: re.sub(r"[^A-Za-z0-9_]+", "_", s).strip("_")  # noqa: E731
+        tracker.log_metrics({slug(k): {slug(t): v["time_share"] for t, v in p["types"].items()}
+                             for k, p in result["profiles"].items()})
+        for f in (metrics, plots / "profile.png"):
+            tracker.log_artifact(f)
+    log.info("%s", result["paragraph"])
+    return result
+
+
+def main() -> None:
+    main_for("profile", run)
+
+
+if __name__ == "__main__":
+    main()
