@@ -324,10 +324,25 @@ def trt_compile_settings(precision: str, input_size: int, trt: DictConfig | dict
     return {
         "dtype": torch.float16 if precision == "fp16" else torch.float32,
         "input": {"min_shape": (lo, *shape), "opt_shape": (opt, *shape), "max_shape": (hi, *shape)},
+        # The engine's optimisation profile follows the exported program's example, not
+        # Input.opt_shape: export from opt_batch images (trt_export_example).
+        "export_batch": opt,
         "kwargs": {"min_block_size": int(trt["min_block_size"]),
-                   "use_fp32_acc": precision == "fp16" and bool(trt["fp32_accumulation"])},
+                   "use_fp32_acc": precision == "fp16" and bool(trt["fp32_accumulation"]),
+                   # fp32 means fp32: TensorRT runs matmuls and convolutions in TF32 on Ampere
+                   # and later unless told not to (disable_tf32 defaults to False)
+                   "disable_tf32": precision == "fp32",
+                   # everything in TensorRT, or the build fails: a graph left partly in PyTorch
+                   # would still return the cast dtype and pass the output-dtype check
+                   "require_full_compilation": True},
         "also_torchscript": bool(trt["also_torchscript"]),
     }
+
+
+def trt_export_example(example: torch.Tensor, batch: int) -> torch.Tensor:
+    """`batch` real images for the TensorRT export: `example`'s, repeated as needed."""
+    reps = -(-batch // len(example))
+    return example.repeat(reps, *([1] * (example.dim() - 1)))[:batch]
 
 
 def build_trt(precision: str) -> Callable[[BuildContext, Path], None]:
@@ -338,7 +353,7 @@ def build_trt(precision: str) -> Callable[[BuildContext, Path], None]:
                                  ctx.cfg.export.max_batch)
         dtype = s["dtype"]
         model = copy.deepcopy(ctx.model).to("cuda", dtype)
-        example = ctx.example.to("cuda", dtype)
+        example = trt_export_example(ctx.example, s["export_batch"]).to("cuda", dtype)
         ep = ctx.export(model, example)
         spec = [torch_tensorrt.Input(**s["input"], dtype=dtype)]
         trt_gm = torch_tensorrt.dynamo.compile(ep, arg_inputs=spec, **s["kwargs"])
@@ -350,9 +365,9 @@ def build_trt(precision: str) -> Callable[[BuildContext, Path], None]:
         # The ExportedProgram is what the pipeline loads (torch.export.load after importing
         # torch_tensorrt); TorchScript, when asked for, is written beside it for deployments
         torch_tensorrt.save(trt_gm, str(dst), output_format="exported_program", arg_inputs=spec)
-        if s["also_torchscript"]:
+        if s["also_torchscript"]:  # traced with torch.jit.trace: real tensors, not Input specs
             torch_tensorrt.save(trt_gm, str(dst.with_suffix(".ts")), output_format="torchscript",
-                                arg_inputs=spec)
+                                arg_inputs=[example])
 
     return build
 
