@@ -306,6 +306,19 @@ def build_cuda_fp16(ctx: BuildContext, dst: Path) -> None:
     torch.export.save(ctx.export(half, ctx.example.to("cuda", torch.float16)), str(dst))
 
 
+def build_inductor_fp16_cuda(ctx: BuildContext, dst: Path) -> None:
+    """AOTInductor on CUDA in half precision (Triton kernels), fp32 in and out; no TensorRT.
+
+    CUDA graphs are a `torch.compile` runtime feature (`triton.cudagraphs`), not one of an
+    AOTInductor package, so this variant runs without them; max-autotune is off (minutes of
+    build per shape). Never run here: no GPU on the machines this was written on.
+    """
+    module = CastIO(ctx.model, torch.float16).to("cuda")
+    ep = ctx.export(module, ctx.example.to("cuda"))
+    _aoti_package(ep, dst)
+    ctx.notes.update({"cuda_graphs": False, "max_autotune": False})
+
+
 def trt_compile_settings(precision: str, input_size: int, trt: DictConfig | dict,
                          max_export_batch: int) -> dict:
     """Everything `torch_tensorrt.dynamo.compile` is called with, as plain data (testable here).
@@ -422,6 +435,7 @@ BUILDERS: dict[str, tuple[Callable[[BuildContext, Path], None], Callable[[], str
     "openvino_bf16": (build_openvino("bf16"), _needs_native_bf16),
     "openvino_int8": (build_openvino_int8, lambda: None),
     "cuda_fp16": (build_cuda_fp16, _needs_cuda),
+    "inductor_fp16_cuda": (build_inductor_fp16_cuda, _needs_cuda),
     "trt_fp32": (build_trt("fp32"), _needs_trt),
     "trt_fp16": (build_trt("fp16"), _needs_trt),
 }

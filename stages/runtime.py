@@ -186,6 +186,9 @@ VARIANTS: dict[str, VariantSpec] = {
                                  lambda f: openvino_runtime(f, "int8")),
     "cuda_fp16": VariantSpec("torch_eager", "fp16", "model.pt2",
                              lambda f: program_runtime(f, "cuda", torch.float16)),
+    # fp32 in and out on the GPU (the cast to half is inside the package)
+    "inductor_fp16_cuda": VariantSpec("aot_inductor", "fp16", "model.pt2",
+                                      lambda f: aoti_runtime(f, "cuda")),
     "trt_fp32": VariantSpec("torch_tensorrt", "fp32", "model.ep",
                             lambda f: _trt_runtime(f, torch.float32)),
     "trt_fp16": VariantSpec("torch_tensorrt", "fp16", "model.ep",

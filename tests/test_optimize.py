@@ -177,6 +177,23 @@ def test_tensorrt_variants_record_an_honest_skip_without_cuda_or_tensorrt(cfg, n
         runtime.load_variant(folder)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the builds run instead")
+@pytest.mark.parametrize("name", ["cuda_fp16", "inductor_fp16_cuda"])
+def test_cuda_variants_record_an_honest_skip_without_a_gpu(cfg, name) -> None:
+    rec = optimize.run(cfg, name)
+    assert (rec["status"], rec["reason"], rec["artifact"]) == ("skipped", "no CUDA device", None)
+    with pytest.raises(InputError, match="is skipped"):
+        runtime.load_variant(path(cfg, "optimized") / name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["cuda_fp16", "inductor_fp16_cuda"])
+def test_cuda_variants_build_and_hold_their_bar_on_a_gpu(cfg, name) -> None:
+    rec = optimize.run(cfg, name)
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["precision"] == "fp16" and rec["verdict"] != "fail", rec["verdict_reason"]
+
+
 @pytest.mark.skipif(not HAS_TRT, reason=f"TensorRT build needs CUDA and torch_tensorrt: "
                                          f"{optimize._needs_trt()}")
 @pytest.mark.parametrize("name", ["trt_fp32", "trt_fp16"])
