@@ -155,7 +155,7 @@ def main() -> int:
     load = os.getloadavg()
     cfg = load_params(args.params)
     optimized = path(cfg, "optimized")
-    for name in CPU_VARIANTS:
+    for name in (v for v in CPU_VARIANTS if v in optimize.VARIANTS):
         if not (optimized / name / "record.json").is_file():
             print(f"building {name}", flush=True)
             optimize.run(cfg, name)

@@ -331,8 +331,7 @@ def _check_export(export: DictConfig) -> None:
 # The registry itself is stages.optimize.VARIANTS (tests keep the two equal); named here so that
 # validating a config does not import the compilers.
 OPTIMIZE_VARIANTS = ("cpu_bf16", "inductor_fp32", "inductor_bf16", "int8", "onnxruntime_fp32",
-                     "onnxruntime_int8", "openvino_fp32", "openvino_bf16", "openvino_int8",
-                     "cuda_fp16", "inductor_fp16_cuda", "trt_fp32", "trt_fp16")
+                     "onnxruntime_int8", "cuda_fp16", "inductor_fp16_cuda", "trt_fp32", "trt_fp16")
 
 
 def _check_optimize(opt: DictConfig, export: DictConfig) -> None:
