@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 from stages import evaluation, machine, optimize  # noqa: E402
 from stages.config import load_params, path  # noqa: E402
+from stages.io import write_json  # noqa: E402
 from stages.runtime import EXPORT_FILES, load_variant  # noqa: E402
 
 # Every variant that runs on a CPU, built where missing.
@@ -198,8 +199,7 @@ def main() -> int:
            "model": cfg.model.name, "images": int(len(images)), "seconds": args.seconds,
            "trials": args.trials, "load_average_before": load,
            "machine": machine.machine_info(), "rows": rows, "fastest": best}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0
 

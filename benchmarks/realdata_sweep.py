@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stages import machine  # noqa: E402
+from stages.io import write_json  # noqa: E402
 
 MODELS = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
 NAME = "realdata-3models"
@@ -63,11 +64,11 @@ def main() -> int:
         sys.exit(f"compare failed:\n{cmp.stdout[-4000:]}\n{cmp.stderr[-4000:]}")
     jobs = [json.loads(f.read_text())
             for f in sorted(args.workdir.glob("job*/metrics/sweep.json"))]
-    (args.out / "sweep.json").write_text(json.dumps({
+    write_json(args.out / "sweep.json", {
         "what": f"python -m stages.sweep -m {' '.join(overrides)}", "photos": str(args.photos),
         "wall_s": round(wall, 1), "machine": machine.machine_info(),
         "jobs": [{k: j.get(k) for k in ("job", "overrides", "status", "seconds",
-                                         "best_val_acc")} for j in jobs]}, indent=2) + "\n")
+                                         "best_val_acc")} for j in jobs]})
     print((args.out / "COMPARE.md").read_text()[:3000])
     return 0
 

@@ -34,6 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from test_sweep import TINY  # noqa: E402  (the tests' tiny settings, one source)
 
 from stages import machine  # noqa: E402
+from stages.io import write_json  # noqa: E402
 from stages.mirror import MirrorServer, generate  # noqa: E402
 
 LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
@@ -73,8 +74,7 @@ def main() -> int:
                               "seconds": j["seconds"], "data_reused": j.get("data_reused")}
                              for j in jobs]}
                 print(f"{name}: {wall:.0f} s (load average {load:.1f} before)", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

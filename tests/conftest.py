@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -49,6 +54,39 @@ def private_mirror(mirror_dir: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "mirror-copy"
     shutil.copytree(mirror_dir, dst)
     return dst
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_mlflow(db: Path, log: Path, *args: str) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 over the SQLite file `db` (plus `args`), its output in
+    `log`; yields its URL once /health answers, stops it (and its workers) afterwards."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+         f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *args],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start:\n{log.read_text()}")
+                time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def mirror_overrides(srv: MirrorServer) -> list[str]:

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import serve_mlflow
 
 from stages import benchmark, export, models, optimize, pareto
 from stages.config import ConfigError, InputError, compose, path
@@ -28,38 +25,13 @@ TINY = ["benchmark.protocols.default.batch_sizes=[1,8]", "benchmark.protocols.de
         "benchmark.protocols.default.min_seconds=0.05", "benchmark.threads=1"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite store."""
     tmp = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    exe = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp}/m.db",
-                             "--default-artifact-root", (tmp / "artifacts").as_uri(),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "w"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not start:\n{(tmp / 'server.log').read_text()}")
-        time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serve_mlflow(tmp / "m.db", tmp / "server.log", "--default-artifact-root",
+                      (tmp / "artifacts").as_uri()) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -9,27 +9,22 @@ README gives its timing and joblib's.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import mirror_overrides
+from conftest import mirror_overrides, serve_mlflow
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from mlflow.tracking import MlflowClient
@@ -239,32 +234,6 @@ def mlflow_format_metric(x: float) -> str:
     return js_number(math.floor(x * 10**decimals + 0.5) / 10**decimals)  # JS Math.round
 
 
-@contextlib.contextmanager
-def mlflow_server(db: Path, log: Path) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-         f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start:\n{log.read_text()}")
-                time.sleep(0.5)
-        yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-
-
 def add_column(page, metric: str) -> None:
     """Columns -> search the metric -> tick it, as a person adds a metric to the runs table."""
     dialog = page.get_by_role("dialog", name="Popover content")
@@ -338,7 +307,7 @@ def test_mlflow_ui_shows_each_jobs_accuracy_and_throughput(parallel_sweep: Sweep
     shots.mkdir()
     ml = "workflowType=machine_learning"  # else MLflow 3.17 shows its GenAI view (README)
 
-    with mlflow_server(parallel_sweep.db, tmp_path / "server.log") as base, \
+    with serve_mlflow(parallel_sweep.db, tmp_path / "server.log") as base, \
             sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
