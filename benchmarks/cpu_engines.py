@@ -169,7 +169,7 @@ def main() -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     rows = []
     for batch in args.batches:
-        x = images.repeat(-(-batch // len(images)), 1, 1, 1)[:batch].contiguous()
+        x = evaluation.fill(images, batch).contiguous()
         xn = np.ascontiguousarray(x.numpy(), dtype=np.float32)
         cases: list[tuple[str, str, str, Callable[..., tuple[Callable[[], int], dict]],
                           tuple]] = [(f"pipeline:{v}", "latency", v, pipeline_case,

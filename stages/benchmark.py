@@ -145,7 +145,7 @@ def rotated_batches(images: torch.Tensor, batch: int, count: int) -> list[torch.
     batch per image; a split of one image gives one batch, which `check_inputs` refuses."""
     n = len(images)
     offsets = sorted({k * n // count for k in range(count)})
-    return [images[[(o + j) % n for j in range(batch)]] for o in offsets]
+    return [evaluation.fill(images, batch, o) for o in offsets]
 
 
 # --- one variant, in its own process ----------------------------------------------------------

@@ -45,6 +45,12 @@ def images(prepared: Path, splits: Sequence[str], meta: dict) -> tuple[torch.Ten
     return torch.stack(xs), np.asarray(labels, dtype=np.int64)
 
 
+def fill(images: torch.Tensor, batch: int, offset: int = 0) -> torch.Tensor:
+    """`batch` real images from `offset` on, wrapping around a split that holds fewer (never
+    padded with anything synthetic)."""
+    return images[[(offset + j) % len(images) for j in range(batch)]]
+
+
 def batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [x[i:i + size] for i in range(0, len(x), size)]
 

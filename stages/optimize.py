@@ -249,7 +249,7 @@ def trt_compile_settings(precision: str, input_size: int, trt: DictConfig | dict
         "dtype": torch.float16 if precision == "fp16" else torch.float32,
         "input": {"min_shape": (lo, *shape), "opt_shape": (opt, *shape), "max_shape": (hi, *shape)},
         # The engine's optimisation profile follows the exported program's example, not
-        # Input.opt_shape: export from opt_batch images (trt_export_example).
+        # Input.opt_shape: export from opt_batch real images (evaluation.fill).
         "export_batch": opt,
         "kwargs": {"min_block_size": int(trt["min_block_size"]),
                    "use_fp32_acc": precision == "fp16" and bool(trt["fp32_accumulation"]),
@@ -263,11 +263,6 @@ def trt_compile_settings(precision: str, input_size: int, trt: DictConfig | dict
     }
 
 
-def trt_export_example(example: torch.Tensor, batch: int) -> torch.Tensor:
-    """`batch` real images for the TensorRT export: `example`'s, repeated as needed."""
-    reps = -(-batch // len(example))
-    return example.repeat(reps, *([1] * (example.dim() - 1)))[:batch]
-
 
 def build_trt(precision: str) -> Callable[[BuildContext, Path], None]:
     def build(ctx: BuildContext, dst: Path) -> None:
@@ -277,7 +272,7 @@ def build_trt(precision: str) -> Callable[[BuildContext, Path], None]:
                                  ctx.cfg.export.max_batch)
         dtype = s["dtype"]
         model = copy.deepcopy(ctx.model).to("cuda", dtype)
-        example = trt_export_example(ctx.example, s["export_batch"]).to("cuda", dtype)
+        example = evaluation.fill(ctx.example, s["export_batch"]).to("cuda", dtype)
         ep = ctx.export(model, example)
         spec = [torch_tensorrt.Input(**s["input"], dtype=dtype)]
         trt_gm = torch_tensorrt.dynamo.compile(ep, arg_inputs=spec, **s["kwargs"])

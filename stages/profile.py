@@ -207,11 +207,6 @@ def mode_runtime(name: str, model: torch.nn.Module) -> Runtime:
 # --- the stage -----------------------------------------------------------------------------------
 
 
-def fill(images: torch.Tensor, batch: int) -> torch.Tensor:
-    """`batch` real images, the split repeated where it holds fewer."""
-    return images[[j % len(images) for j in range(batch)]]
-
-
 def profile_model(model: torch.nn.Module, images: torch.Tensor, modes: list[str],
                   batch_sizes: list[int], iterations: int, warmup: int) -> dict:
     """The profile dict for `model` (the stage's metrics without the file bookkeeping)."""
@@ -219,12 +214,12 @@ def profile_model(model: torch.nn.Module, images: torch.Tensor, modes: list[str]
     counts = {}
     baseline = eager(model)
     for b in batch_sizes:
-        counts[b] = count(baseline, fill(images, b))
+        counts[b] = count(baseline, evaluation.fill(images, b))
     for mode in modes:
         rt = mode_runtime(mode, model)
         for b in batch_sizes:
             log.info("profiling %s at batch %d (%d calls)", mode, b, iterations)
-            p = profile_runtime(rt, fill(images, b), *counts[b], iterations, warmup)
+            p = profile_runtime(rt, evaluation.fill(images, b), *counts[b], iterations, warmup)
             profiles[f"{mode}@b{b}"] = {"mode": mode, "batch": b, **p}
     result = {"threads": torch.get_num_threads(), "profiles": profiles}
     result["memory_bound"] = {k: optypes.memory_bound(p["types"]) for k, p in profiles.items()}

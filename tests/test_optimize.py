@@ -165,9 +165,9 @@ def test_tensorrt_settings_are_built_without_a_gpu() -> None:
     # the engine is tuned for the export example's batch: export from opt_batch images
     assert fp16["export_batch"] == 32 == fp16["input"]["opt_shape"][0]
     example = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 3, 2, 2)
-    big = optimize.trt_export_example(example, fp16["export_batch"])
+    big = evaluation.fill(example, fp16["export_batch"])
     assert big.shape == (32, 3, 2, 2) and torch.equal(big[5:10], example)
-    assert optimize.trt_export_example(example, 2).shape[0] == 2
+    assert evaluation.fill(example, 2).shape[0] == 2
     # fp32 is not TF32; no graph is left partly in PyTorch
     assert fp32["kwargs"]["disable_tf32"] is True and fp16["kwargs"]["disable_tf32"] is False
     assert fp16["kwargs"]["require_full_compilation"] is True
