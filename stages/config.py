@@ -175,6 +175,12 @@ class ProtocolConf:
 
 
 @dataclass
+class ThroughputModeConf:
+    batch_sizes: list[int] = field(default_factory=lambda: [32])
+    streams: int = 0
+
+
+@dataclass
 class BenchmarkConf:
     protocol: str = "default"
     protocols: dict[str, ProtocolConf] = field(default_factory=lambda: {"default": ProtocolConf()})
@@ -184,6 +190,7 @@ class BenchmarkConf:
     min_agreement: float = 0.9
     reference_batch: int = 32
     worker_timeout: float = 3600.0
+    throughput_mode: ThroughputModeConf = field(default_factory=ThroughputModeConf)
 
 
 @dataclass
@@ -331,7 +338,8 @@ def _check_export(export: DictConfig) -> None:
 # The registry itself is stages.optimize.VARIANTS (tests keep the two equal); named here so that
 # validating a config does not import the compilers.
 OPTIMIZE_VARIANTS = ("cpu_bf16", "inductor_fp32", "inductor_bf16", "int8", "onnxruntime_fp32",
-                     "onnxruntime_int8", "cuda_fp16", "inductor_fp16_cuda", "trt_fp32", "trt_fp16")
+                     "onnxruntime_int8", "openvino_fp32", "openvino_bf16", "openvino_int8",
+                     "cuda_fp16", "inductor_fp16_cuda", "trt_fp32", "trt_fp16")
 
 
 def _check_optimize(opt: DictConfig, export: DictConfig) -> None:
@@ -373,6 +381,10 @@ def _check_benchmark(bench: DictConfig) -> None:
     if bench.threads < 0 or bench.input_batches < 2 or not 0 <= bench.min_agreement <= 1:
         raise ConfigError("benchmark.threads >= 0, input_batches >= 2 (rotated, never one "
                           "batch) and min_agreement in [0, 1] are required")
+    tm = bench.throughput_mode
+    if tm.streams < 0 or any(b < 1 for b in tm.batch_sizes):
+        raise ConfigError("benchmark.throughput_mode: streams >= 0 (0: one per thread) and batch "
+                          "sizes >= 1 are required")
 
 
 PROFILE_MODES = ("eager", "inductor")  # stages.profile.MODES (its tests keep them equal)

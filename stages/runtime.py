@@ -88,6 +88,56 @@ def ort_runtime(file: Path, threads: int = 0) -> Runtime:
                    extra=dict(session.get_modelmeta().custom_metadata_map))
 
 
+# OpenVINO's names for the pipeline's precisions. int8 is in the IR itself (NNCF's FakeQuantize
+# nodes); what is left in floating point runs f32, so int8 is measured alone, not int8 + bf16.
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+# Where the IR keeps the pipeline's metadata (meta.json, the string the ONNX variants carry).
+OPENVINO_META = ("oi_pipeline", "meta.json")
+
+
+def openvino_compile(file: Path, precision: str, threads: int = 0,
+                     hint: str = "LATENCY", streams: int = 0) -> tuple[Any, dict[str, str]]:
+    """The IR at `file` compiled for CPU, and the metadata its rt_info carries (by file name,
+    as `Runtime.extra`). `precision` one of OPENVINO_PRECISIONS, `threads` 0:
+    torch's thread count (the benchmark sets it from benchmark.threads, as for ORT); `hint`
+    OpenVINO's performance mode: LATENCY (one stream, what every one-call consumer uses) or
+    THROUGHPUT (several streams, for several requests in flight: the benchmark's throughput mode),
+    `streams` > 0 overriding the number of streams the hint would choose.
+
+    The precision hint is always set: OpenVINO's CPU default is bf16 wherever the CPU has
+    AVX512-BF16 or AMX, so an IR compiled without it is not the fp32 model it looks like.
+    """
+    import openvino as ov
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    if precision not in OPENVINO_PRECISIONS:
+        raise ValueError(f"unknown OpenVINO precision {precision!r}; expected one of "
+                         f"{sorted(OPENVINO_PRECISIONS)}")
+    core = ov.Core()
+    model = core.read_model(str(file))
+    key = list(OPENVINO_META)
+    extra = {key[-1]: model.get_rt_info(key).astype(str)} if model.has_rt_info(key) else {}
+    config = {hints.inference_precision: OPENVINO_PRECISIONS[precision],
+              hints.performance_mode: getattr(hints.PerformanceMode, hint),
+              props.inference_num_threads: threads or torch.get_num_threads()}
+    if streams:
+        config[props.num_streams] = streams
+    compiled = core.compile_model(model, "CPU", config)
+    return compiled, extra
+
+
+def openvino_runtime(file: Path, precision: str, threads: int = 0) -> Runtime:
+    """OpenVINO on CPU, one synchronous inference per call (see `openvino_compile`)."""
+    compiled, extra = openvino_compile(file, precision, threads)
+    request = compiled.create_infer_request()
+    # share_inputs: the prepared array is read in place; outputs are copied (the request's own
+    # buffer is overwritten by the next call)
+    return Runtime(call=lambda x: request.infer({0: x}, share_inputs=True)[0],
+                   prepare=lambda x: np.ascontiguousarray(x.numpy(), dtype=np.float32),
+                   logits=lambda y: np.asarray(y, dtype=np.float32), extra=extra)
+
+
 def eager_runtime(model: torch.nn.Module, device: str = "cpu",
                   channels_last: bool | None = None) -> Runtime:
     """The model as a competent PyTorch user runs it: `inference_mode`, and on CPU the
@@ -134,6 +184,12 @@ VARIANTS: dict[str, VariantSpec] = {
     "int8": VariantSpec("aot_inductor", "int8", "model.pt2", aoti_runtime),
     "onnxruntime_fp32": VariantSpec("onnxruntime", "fp32", "model.onnx", ort_runtime),
     "onnxruntime_int8": VariantSpec("onnxruntime", "int8", "model.onnx", ort_runtime),
+    "openvino_fp32": VariantSpec("openvino", "fp32", "model.xml",
+                                 lambda f: openvino_runtime(f, "fp32")),
+    "openvino_bf16": VariantSpec("openvino", "bf16", "model.xml",
+                                 lambda f: openvino_runtime(f, "bf16")),
+    "openvino_int8": VariantSpec("openvino", "int8", "model.xml",
+                                 lambda f: openvino_runtime(f, "int8")),
     "cuda_fp16": VariantSpec("torch_eager", "fp16", "model.pt2",
                              lambda f: program_runtime(f, "cuda", torch.float16)),
     # fp32 in and out on the GPU (the cast to half is inside the package)
