@@ -20,11 +20,12 @@ PARETO_COLUMNS = ["variant", "verdict", "throughput", "top1", "top1_ci_low", "to
                   "eval_images", "on_frontier"]
 
 
-def fastest_shippable(rows: list[dict]) -> dict | None:
-    """The fastest measured row whose accuracy verdict is not `fail`; None when there is none."""
+def fastest_shippable(rows: list[dict], key: str = "throughput") -> dict | None:
+    """The fastest measured row whose accuracy verdict is not `fail`; None when there is none.
+    `key`: throughput (one call at a time) or throughput_streams (the throughput mode)."""
     ok = [r for r in rows if r.get("status") == "ok" and r.get("verdict") in SHIPPABLE
-          and r.get("throughput")]
-    return max(ok, key=lambda r: r["throughput"], default=None)
+          and r.get(key)]
+    return max(ok, key=lambda r: r[key], default=None)
 
 
 def mark_frontier(points: list[dict]) -> list[dict]:

@@ -3,6 +3,7 @@ the real table with every row, and child runs on a real `mlflow server`."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -16,13 +17,15 @@ from conftest import serve_mlflow
 from stages import benchmark, export, models, optimize, pareto
 from stages.config import ConfigError, InputError, compose, path
 from stages.io import read_csv
+from stages.power import PowerSource
 from stages.runtime import Runtime, eager_runtime
 
 VARIANTS = ["onnxruntime_fp32", "onnxruntime_int8", "cpu_bf16", "trt_fp16"]
 TINY = ["benchmark.protocols.default.batch_sizes=[1,8]", "benchmark.protocols.default.trials=2",
         "benchmark.protocols.default.warmup_iters=1",
         "benchmark.protocols.default.warmup_seconds=0", "benchmark.protocols.default.min_iters=3",
-        "benchmark.protocols.default.min_seconds=0.05", "benchmark.threads=1"]
+        "benchmark.protocols.default.min_seconds=0.05", "benchmark.threads=1",
+        "benchmark.throughput_mode.batch_sizes=[8]", "benchmark.throughput_mode.streams=2"]
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +98,20 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
         assert w["variant"] == max(eligible, key=lambda r: r["throughput"])["variant"]
         assert w["verdict"] == rows[f"{w['variant']}.b{b}"]["verdict"]
     assert table["best_variant"] == table["winners"]["8"]["variant"]
+    # throughput mode at batch 8 only: 2 processes of 1 thread, beside the one-call figures
+    for key, r in rows.items():
+        if r["batch"] == 8 and r["status"] == "ok":
+            assert r["streams"] == 2 and r["throughput_streams"] > 0, r
+            assert r["streams_method"] == "2 processes x 1 threads, one request each"
+        else:
+            assert r["throughput_streams"] is None and r["streams"] is None, key
+    assert rows["eager_fp32.b8"]["speedup_streams"] == 1.0
+    w = table["winners_throughput_mode"]["8"]
+    eligible = [r for r in rows.values() if r["batch"] == 8 and r["throughput_streams"]
+                and r["verdict"] != "fail"]
+    assert w["variant"] == max(eligible, key=lambda r: r["throughput_streams"])["variant"]
+    assert w["streams_method"] == rows[f"{w['variant']}.b8"]["streams_method"]
+    assert set(table["winners_throughput_mode"]) == {"8"}
     assert rows["onnxruntime_int8.b8"]["precision"] == "int8"
     # raised in the middle of its benchmark: a failed row with the error, the others kept
     bad = rows["cpu_bf16.b8"]
@@ -232,6 +249,49 @@ def test_a_model_that_sleeps_a_known_time_measures_that_time() -> None:
     assert 4 / 0.024 < res["throughput"] <= 4 / 0.020
     assert res["iterations"] >= 3 * 15  # 0.3 s of 20 ms calls per trial
     assert res["trials"] == 3 and res["throughput_min"] <= res["throughput_max"]
+
+
+def test_a_power_source_gives_each_row_its_power_and_energy_per_image() -> None:
+    """What a GPU row gets through NVML, with a source that draws a known 150 W: the energy per
+    image is the power over the images per second of the same trials."""
+    batches = [torch.rand(4, 3, 8, 8) for _ in range(3)]
+    protocol = {"warmup_iters": 1, "warmup_seconds": 0.0, "min_iters": 5, "min_seconds": 0.3,
+                "trials": 3}
+    res = benchmark.time_runtime(sleeper(0.02), batches, protocol, PowerSource(lambda: 150.0))
+    assert res["power_avg_w"] == pytest.approx(150.0)
+    assert res["power_source"] == "nvml_power_samples"
+    assert res["energy_per_image_j"] == pytest.approx(150.0 / res["throughput"], rel=0.1)
+    assert "power_avg_w" not in benchmark.time_runtime(sleeper(0.0), batches, protocol)
+
+
+def test_throughput_mode_runs_its_processes_together() -> None:
+    """2 processes of a model that sleeps 40 ms per batch of 4: together 200 images/s, twice
+    what one call at a time gives; processes that ran one after another would show 100."""
+    batches = [torch.rand(4, 3, 8, 8) for _ in range(3)]
+    protocol = {"warmup_iters": 1, "warmup_seconds": 0.0, "min_iters": 5, "min_seconds": 0.4,
+                "trials": 2}
+    res = benchmark.time_processes(functools.partial(sleeper, 0.04), batches, protocol,
+                                   streams=2, threads=2)
+    assert (res["streams"], res["streams_method"]) == (
+        2, "2 processes x 1 threads, one request each")
+    assert 2 * 4 / 0.046 < res["throughput_streams"] <= 2 * 4 / 0.040
+    assert res["throughput_streams_min"] <= res["throughput_streams"] <= \
+        res["throughput_streams_max"]
+
+
+def test_a_failing_throughput_mode_process_is_an_error_not_a_hang() -> None:
+    batches = [torch.rand(4, 3, 8, 8) for _ in range(2)]
+    protocol = {"warmup_iters": 1, "warmup_seconds": 0.0, "min_iters": 2, "min_seconds": 0.0,
+                "trials": 2}
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="throughput-mode process failed: .*no such artifact"):
+        benchmark.time_processes(functools.partial(_missing, "no such artifact"), batches,
+                                 protocol, streams=2, threads=2, timeout=120)
+    assert time.perf_counter() - t0 < 60
+
+
+def _missing(what: str) -> Runtime:
+    raise FileNotFoundError(what)
 
 
 def test_garbage_outputs_and_constant_inputs_fail_before_timing() -> None:
