@@ -121,8 +121,11 @@ def main() -> int:
         "variants": variants,
         "baselines": baselines,
         "winners": bench["winners"],
+        "winners_throughput_mode": bench.get("winners_throughput_mode"),
         "benchmark_rows": {k: {c: r.get(c) for c in ("status", "throughput", "latency_p99_ms",
-                                                      "speedup", "verdict", "top1")}
+                                                      "speedup", "verdict", "top1",
+                                                      "throughput_streams", "streams",
+                                                      "streams_method", "speedup_streams")}
                            for k, r in rows.items()},
         "report": (work / "reports" / "REPORT.md").read_text().split("\n## ", 1)[0],
     }
