@@ -64,7 +64,7 @@ from stages.power import (
     energy_per_image,
     nvml_sampler,
 )
-from stages.runtime import RECORD, Runtime, eager_runtime, load_variant
+from stages.runtime import RECORD, Runtime, load_artifact
 from stages.tracking import DVC_EXP_TAG, KEY_TAG, stage_run, verdict_code
 
 log = logging.getLogger("stages.benchmark")
@@ -289,13 +289,12 @@ def time_openvino_async(folder: Path, record: dict, batches: list[torch.Tensor],
 
 
 def load_runtime(cfg: DictConfig, variant: str) -> tuple[Runtime, dict]:
+    """The baselines from the train stage's checkpoint (channels_last or NCHW), a variant from
+    its folder: both through `runtime.load_artifact`, as the stream client loads them."""
     if variant in (BASELINE, NCHW):
-        model, meta = models.load_trained(path(cfg, "models") / "model.pt")
-        device = baseline_device(cfg)
-        return eager_runtime(model, device, channels_last=None if variant == BASELINE
-                             else False), meta
-    runtime, meta, _ = load_variant(path(cfg, "optimized") / variant)
-    return runtime, meta
+        return load_artifact(path(cfg, "models") / "model.pt", baseline_device(cfg),
+                             channels_last=None if variant == BASELINE else False)
+    return load_artifact(path(cfg, "optimized") / variant)
 
 
 def baselines(cfg: DictConfig) -> list[str]:

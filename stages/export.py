@@ -29,13 +29,7 @@ from stages import models
 from stages.config import InputError, StageError, main_for, path
 from stages.datasets import PreparedImages, eval_transform
 from stages.io import atomic_open, write_json
-from stages.runtime import (
-    EXPORT_FILES,
-    Runtime,
-    ort_runtime,
-    program_runtime,
-    torchscript_runtime,
-)
+from stages.runtime import EXPORT_FILES, load_artifact
 from stages.tracking import stage_run
 
 log = logging.getLogger("stages.export")
@@ -86,17 +80,6 @@ def export_onnx(model: nn.Module, example: torch.Tensor, dst: Path, meta: str, o
 
 
 # --- loaders: how a deployment (the benchmark, the stream client) runs each artifact ------------
-
-
-def load_runner(fmt: str, file: Path) -> tuple[Runtime, dict]:
-    """A callable from a batch of normalised images to logits, and the artifact's metadata."""
-    loaders = {"torchscript": lambda: torchscript_runtime(file, (META_FILE,)),
-               "exported_program": lambda: program_runtime(file, extra_files=(META_FILE,)),
-               "onnx": lambda: ort_runtime(file)}
-    if fmt not in loaders:
-        raise ValueError(f"unknown export format {fmt!r}; expected one of {sorted(FILES)}")
-    runtime = loaders[fmt]()
-    return runtime, json.loads(runtime.extra[META_FILE])
 
 
 def compare(eager: np.ndarray, got: np.ndarray) -> dict:
@@ -150,7 +133,7 @@ def run(cfg: DictConfig) -> dict:
             writers[fmt](dst)
             report[f"{fmt}.export_seconds"] = round(time.perf_counter() - t0, 2)
             report[f"{fmt}.size_mb"] = round(dst.stat().st_size / 2**20, 3)
-            runner, loaded_meta = load_runner(fmt, dst)
+            runner, loaded_meta = load_artifact(dst)  # as every consumer loads it
             ok = loaded_meta == meta
             if not ok:
                 failures.append(f"{fmt}: metadata did not survive the round trip")

@@ -223,3 +223,58 @@ def load_variant(folder: Path) -> tuple[Runtime, dict, dict]:
     meta = json.loads((folder / META).read_text())
     spec = variant_spec(record["variant"])
     return spec.load(folder / spec.file), meta, record
+
+
+# --- one way to load any artifact ---------------------------------------------------------------
+
+# The export stage's formats by file suffix (an optimized variant is known by its record instead).
+_EXPORT_SUFFIXES = {".ts": "torchscript", ".pt2": "exported_program", ".onnx": "onnx"}
+
+
+def load_artifact(target: Path | str, device: str = "cpu",
+                  channels_last: bool | None = None) -> tuple[Runtime, dict]:
+    """Any artifact the pipeline writes, loaded the way every consumer runs it: (runtime, meta),
+    meta holding the classes and the preprocessing (input_size, crop_pct, mean, std).
+
+    - an optimized variant: its folder (`artifacts/optimized/int8`) or the file in it; the
+      record beside it names the loader (`load_variant`);
+    - an exported file (`model.ts`, `model.pt2`, `model.onnx`): the metadata it carries inside;
+    - the train stage's checkpoint (`model.pt`): eager, `inference_mode`, channels_last on CPU
+      unless `channels_last=False` (the benchmark's baseline); `device` applies to it only.
+
+    Imports only what the artifact needs: an ONNX file loads without torchvision, timm or any
+    build code."""
+    p = Path(target)
+    if not p.exists():
+        raise InputError(f"{p} does not exist: name an artifact folder or file of the pipeline")
+    folder = p if p.is_dir() else p.parent
+    if (folder / RECORD).is_file():
+        runtime, meta, record = load_variant(folder)
+        if p.is_file() and p.name not in (variant_spec(record["variant"]).file, RECORD, META):
+            raise InputError(f"{p} is not the artifact of variant {record['variant']} "
+                             f"({folder / variant_spec(record['variant']).file})")
+        return runtime, meta
+    if p.is_dir():
+        found = [f.name for f in sorted(p.iterdir()) if f.suffix in (*_EXPORT_SUFFIXES, ".pt")]
+        raise InputError(f"{p} is a folder without {RECORD}: name one of its artifacts "
+                         f"({', '.join(found) or 'none found'})")
+    if p.suffix == ".pt":
+        from stages.models import load_trained  # torch model code: only for a checkpoint
+
+        model, meta = load_trained(p)
+        return eager_runtime(model, device, channels_last), meta
+    fmt = _EXPORT_SUFFIXES.get(p.suffix)
+    if fmt is None:
+        raise InputError(f"{p}: not an artifact of the pipeline (expected a variant folder, "
+                         f"{', '.join(sorted(_EXPORT_SUFFIXES))} or a .pt checkpoint)")
+    loaders = {"torchscript": lambda: torchscript_runtime(p, (META,)),
+               "exported_program": lambda: program_runtime(p, extra_files=(META,)),
+               "onnx": lambda: ort_runtime(p)}
+    try:
+        runtime = loaders[fmt]()
+    except Exception as e:
+        raise InputError(f"{p} cannot be loaded as {fmt}: {type(e).__name__}: "
+                         f"{str(e).strip()[:500]}") from e
+    if not runtime.extra.get(META):
+        raise InputError(f"{p} carries no {META}: not written by the export stage")
+    return runtime, json.loads(runtime.extra[META])

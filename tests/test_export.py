@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import logits_in_fresh_process
 
-from stages import export, models
+from stages import export, models, runtime
 from stages.config import ConfigError, compose, path
 
 
@@ -47,7 +47,7 @@ def test_every_format_is_exported_verified_and_carries_its_metadata(exported, tr
         for b in (1, 8):
             assert report[f"{fmt}.batch{b}.top1_agreement"] == 1.0
             assert report[f"{fmt}.batch{b}.max_rel_diff"] <= 1e-4
-        runner, loaded = export.load_runner(fmt, out / name)
+        runner, loaded = runtime.load_artifact(out / name)
         assert loaded == meta
     assert json.loads((path(cfg, "metrics") / "export.json").read_text()) == report
 
@@ -71,9 +71,10 @@ def test_artifacts_round_trip_in_a_fresh_process(exported, trained, tmp_path) ->
     with torch.no_grad():
         want = model(x).numpy()
     got = logits_in_fresh_process(x, path(cfg, "exported"), tmp_path, (
-        "from stages.export import FILES, load_runner\n"
+        "from stages.export import FILES\n"
+        "from stages.runtime import load_artifact\n"
         "for f, n in FILES.items():\n"
-        "    out[f] = load_runner(f, d / n)[0](x)"))
+        "    out[f] = load_artifact(d / n)[0](x)"))
     for fmt in export.FILES:
         np.testing.assert_allclose(got[fmt], want, rtol=1e-4, atol=1e-4 * abs(want).max())
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -188,18 +190,73 @@ def test_variants_reload_alone_in_a_fresh_process(built, cfg, trained, tmp_path)
     with torch.no_grad():
         fp32 = model(x).numpy()
     got = logits_in_fresh_process(x, path(cfg, "optimized"), tmp_path, (
-        "from stages.runtime import load_variant\n"
+        "from stages.runtime import load_artifact\n"
         "for v in sorted(d.iterdir()):\n"
         "    if json.loads((v / 'record.json').read_text())['status'] == 'ok':\n"
-        "        out[v.name] = load_variant(v)[0](x)"))
+        "        out[v.name] = load_artifact(v)[0](x)"))
     assert set(got) >= set(CPU_VARIANTS)
     for name in CPU_VARIANTS:
         fresh = got[name]
-        here = runtime.load_variant(path(cfg, "optimized") / name)[0](x)
-        np.testing.assert_allclose(fresh, here, rtol=1e-5, atol=1e-5, err_msg=name)
+        if name not in OPENVINO:  # never loaded in this process (see `built`)
+            here = runtime.load_artifact(path(cfg, "optimized") / name)[0](x)
+            np.testing.assert_allclose(fresh, here, rtol=1e-5, atol=1e-5, err_msg=name)
         # and close to fp32 within what the record measured on the whole test split
         bound = max(1e-4, 1.5 * built[name]["max_abs_logit_diff"])
         assert np.abs(fresh - fp32).max() <= bound, name
+
+
+def test_load_artifact_takes_any_artifact_and_imports_only_what_it_needs(built, cfg, trained,
+                                                                         tmp_path) -> None:
+    """A variant's folder or its file, an exported file, the checkpoint: the same logits and
+    metadata; an ONNX file loads without torchvision, timm or build code (an edge box)."""
+    opt, exported = path(cfg, "optimized"), path(cfg, "exported")
+    model, meta = models.load_trained(trained)
+    images, _ = evaluation.images(path(cfg, "prepared"), ["test"], meta)
+    x = images[:3]
+    with torch.no_grad():
+        fp32 = model(x).numpy()
+    got = logits_in_fresh_process(x, opt, tmp_path, f"""
+from stages.runtime import load_artifact
+rt, meta = load_artifact(Path({str(exported / "model.onnx")!r}))
+out["onnx"] = rt(x)
+out["heavy"] = [m in sys.modules for m in ("torchvision", "timm", "torchao", "stages.models",
+                                           "stages.optimize", "stages.export", "onnx")]
+out["folder"] = load_artifact(d / "onnxruntime_int8")[0](x)
+out["file"] = load_artifact(d / "onnxruntime_int8" / "model.onnx")[0](x)
+out["classes"] = [len(meta["classes"]), meta["input_size"]]""")
+    assert got["heavy"].tolist() == [False] * 7
+    assert got["classes"].tolist() == [len(meta["classes"]), meta["input_size"]]
+    np.testing.assert_allclose(got["onnx"], fp32, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got["folder"], got["file"])
+    rt, loaded = runtime.load_artifact(trained)
+    assert loaded == meta
+    np.testing.assert_allclose(rt(x), fp32, rtol=1e-4, atol=1e-4)
+    assert rt.prepare(x).is_contiguous(memory_format=torch.channels_last)
+    nchw, _ = runtime.load_artifact(trained, channels_last=False)
+    assert nchw.prepare(x).is_contiguous()
+    for bad, why in ((tmp_path / "nothing", "does not exist"),
+                     (exported, "a folder without record.json: name one of its artifacts "
+                                "(model.onnx)"),
+                     (exported / "meta.json", "not an artifact of the pipeline"),
+                     (_skipped(tmp_path / "trt_fp16"), "variant trt_fp16 is skipped: no GPU")):
+        with pytest.raises(InputError, match=re.escape(why)):
+            runtime.load_artifact(bad)
+    stray = tmp_path / "int8"
+    shutil.copytree(opt / "int8", stray)
+    (stray / "model.onnx").write_bytes((exported / "model.onnx").read_bytes())
+    with pytest.raises(InputError, match="is not the artifact of variant int8"):
+        runtime.load_artifact(stray / "model.onnx")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(InputError, match="broken.onnx cannot be loaded as onnx"):
+        runtime.load_artifact(broken)
+
+
+def _skipped(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "record.json").write_text(json.dumps({"variant": "trt_fp16", "status": "skipped",
+                                                    "reason": "no GPU"}))
+    return folder
 
 
 @pytest.mark.skipif(HAS_TRT, reason="CUDA and torch_tensorrt are present: the build runs instead")
