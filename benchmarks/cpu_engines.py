@@ -155,6 +155,8 @@ def main() -> int:
     args = ap.parse_args()
     load = os.getloadavg()
     cfg = load_params(args.params)
+    if not Path(cfg.paths.root).is_absolute():  # a reproduced project's params.yaml: root "."
+        os.chdir(args.params.resolve().parent)
     optimized = path(cfg, "optimized")
     for name in (v for v in CPU_VARIANTS if v in optimize.VARIANTS):
         if not (optimized / name / "record.json").is_file():
