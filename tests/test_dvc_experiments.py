@@ -123,6 +123,20 @@ def wait_for_queue(project: Path, timeout: float) -> str:
         time.sleep(2)
 
 
+def _failed_logs(project: Path, status: str) -> str:
+    """The end of `dvc queue logs` for each task the status table shows as failed: what went
+    wrong, in the assertion message (the temporary workspace is gone by then)."""
+    out = []
+    for line in status.splitlines():
+        if "Failed" in line and line.split():
+            task = line.split()[0]
+            res = subprocess.run(["dvc", "queue", "logs", task], cwd=project, env=ENV,
+                                 capture_output=True, text=True, timeout=60)
+            out.append(f"\n--- dvc queue logs {task} (last 60 lines):\n"
+                       + "\n".join((res.stdout + res.stderr).splitlines()[-60:]))
+    return "".join(out)
+
+
 def test_queued_experiments_run_in_parallel_and_share_the_download_cache(
         reproduced: Path, served: MirrorServer, manifest: dict) -> None:
     project = reproduced
@@ -146,7 +160,7 @@ def test_queued_experiments_run_in_parallel_and_share_the_download_cache(
         subprocess.run(["dvc", "queue", "stop"], cwd=project, env=ENV, capture_output=True,
                        timeout=60)
     print(f"2 queued experiments with -j 2: {time.monotonic() - t0:.0f} s")
-    assert status.count("Success") == 2, status
+    assert status.count("Success") == 2, status + _failed_logs(project, status)
 
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=project).stdout)
     exps = [e for baseline in shown for e in (baseline.get("experiments") or [])]
