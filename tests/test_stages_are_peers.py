@@ -39,7 +39,7 @@ STAGE_MODULES = {name: stage_module(body) for name, body in dvc_stages().items()
 STAGE_NAMES = set(STAGE_MODULES.values())
 # Entry points that are not DVC stages (they read MLflow, which DVC does not track) but are peers
 # all the same: no stage imports them and they import no stage.
-ENTRY_POINTS = {"compare"}
+ENTRY_POINTS = {"compare", "stream", "stream_server"}
 PEERS = STAGE_NAMES | ENTRY_POINTS
 
 
