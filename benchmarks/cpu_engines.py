@@ -164,7 +164,7 @@ def main() -> int:
             optimize.run(cfg, name)
     onnx_fp32 = path(cfg, "exported") / EXPORT_FILES["onnx"]
     onnx_int8 = optimized / "onnxruntime_int8" / "model.onnx"
-    variants = sorted(p.name for p in optimized.iterdir()
+    variants = sorted(p.name for p in optimized.iterdir() if (p / "record.json").is_file()
                       if json.loads((p / "record.json").read_text())["status"] == "ok")
     meta = json.loads((optimized / variants[0] / "meta.json").read_text())
     images, _ = evaluation.images(path(cfg, "prepared"), list(cfg.optimize.eval_splits), meta)
