@@ -3,8 +3,10 @@
 `generate` writes, under one folder, the two trees that the real sources serve
 (`openimages/` for the metadata base, `open-images-dataset/` for the images base) with the real
 paths, headers and CSV formats, filled with small, learnable synthetic images and a few faults
-baked in. `MirrorServer` serves such a folder on 127.0.0.1 with injectable faults (errors,
-truncated bodies, hangs, latency) so that a downloader can be tested against real HTTP.
+baked in (404s, an HTML page where a JPEG should be and, on request, JPEGs cut short on disk and
+so served whole, with a Content-Length that matches). `MirrorServer` serves such a folder on
+127.0.0.1 with injectable faults (errors, truncated bodies, hangs, latency) so that a downloader
+can be tested against real HTTP.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ _HTML_ERROR = (
 class _Img:
     image_id: str
     split: str
-    kind: str  # single | missing | not_jpeg | multi | distractor
+    kind: str  # single | missing | not_jpeg | multi | distractor | truncated
     classes: tuple[str, ...]
     orientation: int | None = None
     size: tuple[int, int] | None = None
@@ -315,16 +317,24 @@ def generate(
     distractor_classes: Sequence[str] = ("Apple", "Banana"),
     label_pad_bytes: int = 0,
     image_px: tuple[int, int] = (96, 200),
+    truncated: int = 0,
 ) -> dict[str, Any]:
     """Write a synthetic Open Images mirror under `out` and return its ground-truth manifest.
 
     `images_per_class` counts the downloadable single-class images of each class; the faulty
     images (404, not a JPEG) and the multi-class images come on top. Same seed, same bytes.
+
+    `truncated` adds that many train images (classes in turn) stored cut to half their bytes: the
+    server sends such a file whole, with a matching Content-Length, so only a check of the JPEG
+    itself rejects it. They come last, so a mirror with 0 (the default, which the tests' counts
+    assume) is byte for byte the mirror without this option.
     """
     if not classes:
         raise ValueError("at least one class is required")
     if images_per_class < 1:
         raise ValueError("images_per_class must be >= 1")
+    if truncated < 0:
+        raise ValueError(f"truncated must be >= 0, got {truncated}")
     lo, hi = image_px
     if not 16 <= lo < hi:
         raise ValueError(f"image_px must be (min, max) with 16 <= min < max, got {image_px}")
@@ -364,6 +374,9 @@ def generate(
     for cls in distract:
         for split, n in _split_counts(max(3, images_per_class // 3)).items():
             images.extend(_Img(new_id(), split, "distractor", (cls,)) for _ in range(n))
+    images.extend(
+        _Img(new_id(), "train", "truncated", (names[i % len(names)],)) for i in range(truncated)
+    )
 
     meta, bucket = out / METADATA_DIR, out / IMAGES_DIR
     for tree in (meta, bucket):
@@ -381,6 +394,12 @@ def generate(
             continue
         if img.kind == "not_jpeg":
             path.write_bytes(_HTML_ERROR)
+            continue
+        if img.kind == "truncated":
+            # A JPEG missing its second half (and so its end-of-image marker): what a cut-short
+            # upload or copy leaves, and what a check of the first bytes alone would accept.
+            whole = _render(img, class_index, len(names), rnd, nprng, image_px)
+            path.write_bytes(whole[: len(whole) // 2])
             continue
         if jpeg_count % 5 == 2:
             img.orientation = 6 if (jpeg_count // 5) % 2 == 0 else 8
@@ -459,6 +478,7 @@ def generate(
         },
         "missing": [{**entry(i), "class": i.classes[0]} for i in images if i.kind == "missing"],
         "not_jpeg": [{**entry(i), "class": i.classes[0]} for i in images if i.kind == "not_jpeg"],
+        "truncated": [{**entry(i), "class": i.classes[0]} for i in images if i.kind == "truncated"],
         "multi_class": [
             {**entry(i), "classes": list(i.classes)} for i in images if i.kind == "multi"
         ],
@@ -777,6 +797,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--images-per-class", type=int, default=12)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument(
+        "--truncated",
+        type=int,
+        default=0,
+        help="add this many train JPEGs stored cut short (a fault only a full check catches)",
+    )
+    gen.add_argument(
         "--label-pad-bytes",
         type=int,
         default=0,
@@ -798,6 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 images_per_class=args.images_per_class,
                 seed=args.seed,
                 label_pad_bytes=args.label_pad_bytes,
+                truncated=args.truncated,
             )
         except ValueError as exc:
             parser.error(str(exc))
@@ -805,7 +832,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"wrote {args.out} in {time.perf_counter() - started:.1f}s: {n} downloadable "
             f"images, {len(manifest['missing'])} missing, {len(manifest['not_jpeg'])} not "
-            f"JPEG, {len(manifest['multi_class'])} multi-class; manifest "
+            f"JPEG, {len(manifest['truncated'])} truncated, "
+            f"{len(manifest['multi_class'])} multi-class; manifest "
             f"{args.out / 'manifest.json'}"
         )
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,29 @@ def test_params_yaml_matches_a_fresh_composition_of_conf(tmp_path: Path) -> None
 def test_every_option_of_every_group_composes_and_validates(group: str) -> None:
     options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
     assert options, f"conf/{group} has no option"
+    composed = {}
     for option in options:
         cfg = compose([f"{group}={option}"])
-        assert cfg[group] is not None
+        composed[option] = OmegaConf.to_container(cfg[group])
+        # the option chosen is the one in effect: every value its file sets is in the config
+        own = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+        own.pop("defaults", None)
+        assert own, f"conf/{group}/{option}.yaml sets nothing"
+        assert_holds(own, composed[option], f"{group}={option}: {group}")
+        if "name" in own:  # a registry name (model) is its file's name
+            assert own["name"] == option, f"conf/{group}/{option}.yaml names {own['name']!r}"
+    for x, y in itertools.combinations(options, 2):
+        assert composed[x] != composed[y], f"{group}={x} and {group}={y} compose the same"
+
+
+def assert_holds(expected: dict, got: dict, where: str) -> None:
+    """Every key of `expected` (recursively) has the same value in `got`."""
+    for key, value in expected.items():
+        assert key in got, f"{where}.{key} is missing"
+        if isinstance(value, dict):
+            assert_holds(value, got[key], f"{where}.{key}")
+        else:
+            assert got[key] == value, f"{where}.{key} is {got[key]!r}, the file says {value!r}"
 
 
 def test_animals7_holds_the_seven_homework_classes() -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,9 +18,9 @@ from PIL import Image
 
 from stages import download
 from stages.config import PROJECT_ROOT, InputError, path, stage_main
-from stages.http import Fetcher
+from stages.http import Fetcher, FetchError
 from stages.io import read_csv
-from stages.mirror import MirrorServer
+from stages.mirror import MirrorServer, generate
 from stages.openimages import IMAGE_ID_FILES, LABEL_FILES, scan_labels
 
 
@@ -108,16 +110,45 @@ def test_rerun_and_new_classes_fetch_only_what_is_not_cached(make_cfg, mirror,
                                                        ) | failed
 
 
-def test_cap_and_sampling_are_deterministic_per_seed(make_cfg, mirror) -> None:
+def test_cap_and_sampling_are_deterministic_per_seed(make_cfg, mirror, manifest) -> None:
     def pick(seed: int) -> set[str]:
         cfg = make_cfg("data.max_images_per_class=4", f"data.seed={seed}", srv=mirror)
-        download.run(cfg)
-        return {r["ImageID"] for r in read_csv(path(cfg, "raw") / "labels.csv")}
+        metrics = download.run(cfg)
+        raw = path(cfg, "raw")
+        kept = {r["ImageID"]: r["class"] for r in read_csv(raw / "labels.csv")}
+        lost = {r["ImageID"]: r["class"] for r in read_csv(raw / "missing.csv")}
+        # every class has more than 4 candidates, so the cap picks exactly 4 of each; the ones
+        # the mirror lacks or serves broken are picked like any other and listed as lost
+        assert metrics["selected"] == 3 * 4
+        assert Counter([*kept.values(), *lost.values()]) == dict.fromkeys(manifest["classes"], 4)
+        assert metrics["downloaded"] == len(kept)
+        return set(kept) | set(lost)
 
     a, b, c = pick(0), pick(0), pick(1)
     assert a == b
     assert a != c
-    assert len(a) <= 3 * 4
+
+
+def test_jpeg_cut_short_with_a_matching_content_length_is_invalid(make_cfg, tmp_path) -> None:
+    # The server sends these files whole (they are cut on disk), so the transfer looks complete:
+    # only a check of the JPEG itself, to its end, can reject them.
+    manifest = generate(tmp_path / "mirror", images_per_class=3, seed=2, truncated=3)
+    cut = {e["id"]: e for e in manifest["truncated"]}
+    assert {e["class"] for e in cut.values()} == set(manifest["classes"])
+    with MirrorServer(tmp_path / "mirror") as srv:
+        cfg = make_cfg(srv=srv)
+        metrics = download.run(cfg)
+        # each was fetched once: a complete transfer, not a network fault worth a retry
+        assert all(srv.requests[image_path(e["split"], iid)] == 1 for iid, e in cut.items())
+    assert metrics["invalid"] == len(cut) + len(manifest["not_jpeg"]) == 4
+    assert metrics["downloaded"] == 3 * 3 and metrics["failed"] == 0
+    raw = path(cfg, "raw")
+    missing = {r["ImageID"]: r["reason"] for r in read_csv(raw / "missing.csv")}
+    for iid in cut:
+        assert missing[iid].startswith("invalid: "), missing[iid]
+    assert not cut.keys() & {r["ImageID"] for r in read_csv(raw / "labels.csv")}
+    cache = download.cache_dir(cfg, "images", cfg.data.images_url)
+    assert not [p for p in cache.rglob("*") if p.stem in cut], "a cut JPEG reached the cache"
 
 
 def test_multiclass_policy_first_assigns_the_first_requested_class(make_cfg, mirror,
@@ -143,6 +174,40 @@ def test_metadata_download_resumes_with_http_range(make_cfg, mirror) -> None:
     assert 0 < offset <= size // 2
     cached = download.cache_dir(cfg, "metadata", cfg.data.metadata_url) / LABEL_FILES["train"]
     assert cached.read_bytes() == (mirror.root / rel).read_bytes()
+
+
+def test_resumed_download_of_a_changed_file_restarts_with_the_new_file(private_mirror,
+                                                                     tmp_path) -> None:
+    # The first attempt breaks off halfway; the file then changes on the server (same size, new
+    # content). Resuming must not splice the old half onto the new file's tail: the If-Range
+    # validator (the ETag kept beside the .part) makes the server send the new file whole.
+    rel = LABEL_FILES["validation"]
+    src = private_mirror / "openimages" / rel
+    old = src.read_bytes()
+    header, *rows = old.decode().splitlines(keepends=True)
+    new = (header + "".join(reversed(rows))).encode()
+    assert len(new) == len(old) and new[: len(old) // 2] != old[: len(old) // 2]
+    dest = tmp_path / "cache" / rel
+    part = dest.with_name(dest.name + ".part")
+    with MirrorServer(private_mirror) as srv:
+        url = srv.metadata_url + rel
+        srv.truncate(f"openimages/{rel}", keep=0.5)
+        with pytest.raises(FetchError, match="gave up"):
+            Fetcher(retries=0, backoff=0.01, timeout=5).download_file(url, dest)
+        kept = part.read_bytes()
+        assert 0 < len(kept) < len(old) and old.startswith(kept) and not dest.exists()
+
+        st = src.stat()
+        src.write_bytes(new)
+        # a new mtime for sure (the ETag is size + mtime), whatever the file system's clock
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        Fetcher(retries=2, backoff=0.01, timeout=5).download_file(url, dest)
+
+        # the second call did ask to resume at the end of the part...
+        assert srv.range_requests == [(f"openimages/{rel}", f"bytes={len(kept)}-")]
+    # ...and got the new file whole, not old[:half] + new[half:]
+    assert dest.read_bytes() == new
+    assert not part.exists() and not dest.with_name(dest.name + ".part.json").exists()
 
 
 def test_killed_download_resumes_without_refetching_completed_images(make_cfg, mirror_dir,

@@ -7,6 +7,9 @@ import http.client
 import importlib.resources
 import json
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
+from conftest import free_port
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stages import mirror
@@ -137,7 +141,7 @@ def test_image_id_rows(generated: tuple[Path, dict[str, Any]]) -> None:
             assert row[4] == "https://creativecommons.org/licenses/by/2.0/"
             assert row[11] in ("0.0", "")
     expected = {e["id"] for lst in manifest["downloadable"].values() for e in lst}
-    for key in ("missing", "not_jpeg", "multi_class", "distractors"):
+    for key in ("missing", "not_jpeg", "truncated", "multi_class", "distractors"):
         expected |= {e["id"] for e in manifest[key]}
     assert seen == expected
 
@@ -173,6 +177,29 @@ def test_manifest_matches_labels_and_bucket(generated: tuple[Path, dict[str, Any
     (bad,) = manifest["not_jpeg"]
     with pytest.raises(UnidentifiedImageError):
         Image.open(image_path(root, bad))
+    assert manifest["truncated"] == []  # only on request: other tests count the faults
+
+
+def test_truncated_jpegs_are_cut_on_disk_and_served_whole(tmp_path: Path) -> None:
+    manifest = generate(
+        tmp_path, classes=["Zebra", "Blue jay"], images_per_class=3, seed=4, truncated=3
+    )
+    assert [e["class"] for e in manifest["truncated"]] == ["Zebra", "Blue jay", "Zebra"]
+    pos = positives(tmp_path / "openimages")
+    with MirrorServer(tmp_path) as srv:
+        for e in manifest["truncated"]:
+            assert e["split"] == "train"
+            assert (e["id"], "train") in pos[manifest["classes"][e["class"]]]
+            body = image_path(tmp_path, e).read_bytes()
+            # a JPEG's start, without its end: a check of the first bytes would pass it
+            assert body.startswith(b"\xff\xd8\xff") and b"\xff\xd9" not in body
+            with Image.open(image_path(tmp_path, e)) as im:
+                assert im.format == "JPEG"
+                with pytest.raises(OSError, match="truncated"):
+                    im.load()
+            r = requests.get(f"{srv.images_url}train/{e['id']}.jpg", timeout=5)
+            assert r.status_code == 200 and r.headers["Content-Length"] == str(len(body))
+            assert r.content == body
 
 
 def test_images_decode_and_exif(generated: tuple[Path, dict[str, Any]]) -> None:
@@ -254,33 +281,74 @@ def test_bad_arguments(tmp_path: Path) -> None:
         generate(tmp_path, images_per_class=1)
 
 
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 def test_cli_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    assert (
-        mirror.main(
-            [
-                "generate",
-                str(out),
-                "--classes",
-                "Zebra",
-                "Sea turtle",
-                "--images-per-class",
-                "3",
-                "--seed",
-                "5",
-            ]
-        )
-        == 0
+    argv = ["generate", str(out), "--classes", "Zebra", "Sea turtle", "--images-per-class", "3"]
+    assert mirror.main([*argv, "--seed", "5", "--truncated", "1"]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["classes"]) == ["Zebra", "Sea turtle"]
+    assert manifest["seed"] == 5 and manifest["images_per_class"] == 3
+    assert {c: len(v) for c, v in manifest["downloadable"].items()} == {"Zebra": 3, "Sea turtle": 3}
+    for e in [e for v in manifest["downloadable"].values() for e in v]:
+        with Image.open(image_path(out, e)) as im:
+            im.load()
+    assert not any(image_path(out, e).exists() for e in manifest["missing"])
+    # the summary line counts what was written
+    m = re.fullmatch(
+        r"wrote (\S+) in [\d.]+s: (\d+) downloadable images, (\d+) missing, (\d+) not JPEG, "
+        r"(\d+) truncated, (\d+) multi-class; manifest (\S+)\n",
+        printed,
     )
-    assert "downloadable" in capsys.readouterr().out
-    assert set(json.loads((out / "manifest.json").read_text())["classes"]) == {
-        "Zebra",
-        "Sea turtle",
-    }
+    assert m, printed
+    assert (m[1], m[7]) == (str(out), str(out / "manifest.json"))
+    counts = [int(n) for n in m.groups()[1:6]]
+    kinds = ("missing", "not_jpeg", "truncated", "multi_class")
+    assert counts == [6, *(len(manifest[k]) for k in kinds)] == [6, 2, 1, 1, 6]
+    # and it wrote, to the byte, what the function writes for the same arguments
+    api = tmp_path / "api"
+    generate(api, classes=["Zebra", "Sea turtle"], images_per_class=3, seed=5, truncated=1)
+    assert tree(out) == tree(api)
     with pytest.raises(SystemExit):
         mirror.main(["generate", str(out), "--classes", "Personal flotation device"])
     with pytest.raises(SystemExit):
         mirror.main(["serve", str(tmp_path / "nothing")])
+
+
+def test_cli_serve_serves_the_generated_mirror(
+    generated: tuple[Path, dict[str, Any]],
+) -> None:
+    root, manifest = generated
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.mirror", "serve", str(root), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        base = f"http://127.0.0.1:{port}/"
+        assert lines == [
+            f"metadata base: {base}openimages/\n",
+            f"images base:   {base}open-images-dataset/\n",
+        ], proc.stderr.read() if proc.poll() is not None else lines
+        rel, key = one_image(manifest)
+        r = requests.get(f"{base}open-images-dataset/{rel}", timeout=5)
+        assert r.status_code == 200 and r.content == (root / key).read_bytes()
+        r = requests.get(f"{base}openimages/{LABEL_FILES['train']}", timeout=5)
+        assert r.content == (root / "openimages" / LABEL_FILES["train"]).read_bytes()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert "stopping" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ---------------------------------------------------------------- server

@@ -18,17 +18,30 @@ from stages.config import PROJECT_ROOT, path
 from stages.tracking import KEY_TAG, stage_run
 
 
+@pytest.fixture(scope="module")
+def new_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty SQLite store, created once: creating MLflow's schema takes about 7 s, so a test
+    that does not test creation copies this file instead."""
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    assert sorted(p.name for p in db.parent.iterdir()) == ["mlflow.db"]  # one file, no WAL
+    return db
+
+
 def runs_of(db: Path) -> tuple[MlflowClient, object, list]:
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("oi-pipeline")
     return client, exp, client.search_runs([exp.experiment_id])
 
 
-def test_run_name_tags_and_experiment_kind(make_cfg, tmp_path: Path, monkeypatch) -> None:
+def test_run_name_tags_and_experiment_kind(make_cfg, new_store: Path, tmp_path: Path,
+                                           monkeypatch) -> None:
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     cfg = make_cfg("tracking.enabled=true", "++tracking.tags.sweep_name=grid",
                    "++tracking.tags.sweep_job=3")
+    path(cfg, "root").mkdir(parents=True)
+    shutil.copy(new_store, path(cfg, "root") / "mlflow.db")  # the default store, empty
     for stage in ("download", "prepare"):  # two stages, one run; the second resumes it
         with stage_run(cfg, stage) as t:
             t.log_metrics({"acc": 0.5}, fractions=("acc",))
@@ -58,6 +71,46 @@ def test_run_name_tags_and_experiment_kind(make_cfg, tmp_path: Path, monkeypatch
     with stage_run(explicit, "download"):
         pass
     assert "mine" in {r.info.run_name for r in runs_of(path(cfg, "root") / "mlflow.db")[2]}
+
+
+def test_one_parent_run_per_pipeline_execution_keyed_by_config(make_cfg, new_store: Path,
+                                                               tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """Two configs (same root, same store, same commit) are two executions: two runs, each
+    holding every stage of its own. The same config again is the same execution: its run
+    resumed, not a third one."""
+    for var in ("DVC_EXP_NAME", "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    db = tmp_path / "mlflow.db"
+    shutil.copy(new_store, db)
+    store = ("tracking.enabled=true", f"tracking.uri=sqlite:///{db}")
+    a = make_cfg(*store, "train.lr=0.01")
+    b = make_cfg(*store, "train.lr=0.003")
+
+    def execute(cfg) -> None:  # what `dvc repro` does: each stage in turn, each resuming the run
+        for stage in ("download", "prepare"):
+            with stage_run(cfg, stage) as t:
+                t.log_metrics({"lr": cfg.train.lr})
+
+    def parents() -> tuple[MlflowClient, dict[str, object], int]:
+        client, _, runs = runs_of(db)
+        top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        return client, {r.data.tags[KEY_TAG]: r for r in top}, len(top)
+
+    execute(a)
+    execute(b)
+    _, runs, n = parents()
+    assert n == 2, f"{n} parent run(s) for two configs"
+    assert set(runs) == {tracking.pipeline_key(a), tracking.pipeline_key(b)}
+    for cfg in (a, b):  # each run holds both stages of its own config, none of the other's
+        metrics = runs[tracking.pipeline_key(cfg)].data.metrics
+        assert metrics == {"download.lr": cfg.train.lr, "prepare.lr": cfg.train.lr}
+
+    execute(a)  # `dvc repro -f`: the same execution again
+    client, runs, n = parents()
+    assert n == 2, f"{n} parent runs after rerunning a config"
+    history = client.get_metric_history(runs[tracking.pipeline_key(a)].info.run_id, "download.lr")
+    assert len(history) == 2, "the rerun did not log into the config's run"
 
 
 def test_default_store_follows_dvc_root(make_cfg, tmp_path: Path, monkeypatch) -> None:

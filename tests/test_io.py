@@ -1,0 +1,91 @@
+"""Atomic writes (stages/io.py): a writer that fails, or a process killed while it writes, never
+leaves a partial file under the final name; the previous file stays whole."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.config import PROJECT_ROOT
+from stages.io import atomic_dir, atomic_open, remove_stale_temps, write_csv, write_text
+
+OLD = "ImageID,split\nold,train\n"
+
+
+def test_an_error_inside_the_writer_keeps_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "raw" / "labels.csv"
+    write_text(target, OLD)
+    with pytest.raises(RuntimeError, match="disk on fire"), atomic_open(target) as f:
+        f.write("ImageID,split\nnew,")
+        f.flush()  # the bytes are on disk, just not under the final name
+        raise RuntimeError("disk on fire")
+    assert target.read_text() == OLD
+
+    def rows():  # a stage's rows, failing halfway (a bad record, a KeyError)
+        yield ("new", "train")
+        raise ValueError("bad row")
+
+    with pytest.raises(ValueError, match="bad row"):
+        write_csv(target, ["ImageID", "split"], rows())
+    assert target.read_text() == OLD
+    assert sorted(os.listdir(target.parent)) == ["labels.csv"], "a temp file was left behind"
+
+
+def test_an_error_while_building_a_folder_keeps_the_old_folder(tmp_path: Path) -> None:
+    out = tmp_path / "raw"
+    with atomic_dir(out) as d:
+        write_text(d / "labels.csv", OLD)
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_dir(out) as d:
+        write_text(d / "labels.csv", "ImageID,split\nnew,train\n")
+        (d / "images").mkdir()
+        raise RuntimeError("interrupted")
+    assert sorted(os.listdir(out)) == ["labels.csv"] and (out / "labels.csv").read_text() == OLD
+    assert sorted(os.listdir(tmp_path)) == ["raw"], "a temp folder was left behind"
+
+
+# Writes a CSV of 1 KiB rows through stages.io, slowly: it says "writing" on stdout once 1 MiB
+# has gone to the file (all but the last 8 KiB buffer of it is on disk), then goes on at
+# 100 rows a second, for minutes unless it is killed.
+SLOW_WRITER = """
+import sys, time
+from pathlib import Path
+from stages.io import write_csv
+
+def rows():
+    for i in range(100_000):
+        if i == 1024:
+            print("writing", flush=True)
+        if i >= 1024:
+            time.sleep(0.01)
+        yield (i, "x" * 1016)
+
+write_csv(Path(sys.argv[1]), ["i", "payload"], rows())
+"""
+
+
+def test_a_process_killed_mid_write_leaves_the_old_file_whole(tmp_path: Path) -> None:
+    target = tmp_path / "raw" / "labels.csv"
+    write_text(target, OLD)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(target)], cwd=PROJECT_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # blocks until the writer is 1 MiB in
+        assert line == "writing\n", f"the writer did not start: {proc.communicate()[1]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the writer finished before it was killed"
+    assert target.read_text() == OLD, "a partial file was left under the final name"
+    # the partial bytes are in a temp file beside it, which the next run of a stage removes
+    (temp,) = [p for p in target.parent.iterdir() if p != target]
+    assert temp.name.startswith(".labels.csv.") and temp.stat().st_size > 1 << 19
+    assert remove_stale_temps(target.parent) == 1
+    assert sorted(os.listdir(target.parent)) == ["labels.csv"]
