@@ -9,6 +9,8 @@ import os
 import time
 import urllib.request
 
+import matplotlib.colors
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
@@ -83,7 +85,31 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
         assert r["check_agreement"] >= 0.9 and r["top1"] is not None
         assert r["top1_ci_low"] <= r["top1"] <= r["top1_ci_high"] and r["eval_images"] > 0
         assert r["verdict"] in ("pass", "undecided", "fail")
+    for key, r in rows.items():
+        if r["status"] != "ok":
+            assert r["throughput"] is None and r["speedup"] is None and r["gflops_per_s"] is None
+            continue
+        # 2 trials: their median is their mean, their std half their spread
+        assert r["throughput"] == pytest.approx((r["throughput_min"] + r["throughput_max"]) / 2)
+        assert r["throughput_std"] == pytest.approx(
+            (r["throughput_max"] - r["throughput_min"]) / 2, abs=1e-9)
+        # the latencies are ms per batch of the same timed calls: images over their total time
+        # is a time-weighted mean of the trials' rates, so it lies between them
+        pooled = r["batch"] * 1000 / r["latency_mean_ms"]
+        assert r["throughput_min"] * (1 - 1e-9) <= pooled <= r["throughput_max"] * (1 + 1e-9), key
+        # the model's FLOPs per image (table, 4 decimals) times images/s; 3 decimals
+        assert r["gflops_per_s"] == pytest.approx(table["gflops_per_image"] * r["throughput"],
+                                                  abs=5e-5 * r["throughput"] + 5e-4), key
     assert rows["eager_fp32.b8"]["speedup"] == 1.0
+    # every speed-up divides by the baseline at the same batch size, rounded to 3 decimals
+    base = {b: rows[f"eager_fp32.b{b}"] for b in (1, 8)}
+    for key, r in rows.items():
+        if r["status"] == "ok":
+            b = base[r["batch"]]
+            assert r["speedup"] == round(r["throughput"] / b["throughput"], 3), key
+            if r["throughput_streams"]:
+                assert r["speedup_streams"] == round(
+                    r["throughput_streams"] / b["throughput_streams"], 3), key
     # the NCHW row is divided by the channels_last baseline, like every other row
     nchw = rows["eager_fp32_nchw.b8"]
     assert nchw["speedup"] == pytest.approx(  # speed-ups are rounded to 3 decimals
@@ -102,6 +128,8 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
     for key, r in rows.items():
         if r["batch"] == 8 and r["status"] == "ok":
             assert r["streams"] == 2 and r["throughput_streams"] > 0, r
+            assert r["throughput_streams_min"] <= r["throughput_streams"] <= \
+                r["throughput_streams_max"], key
             assert r["streams_method"] == "2 processes x 1 threads, one request each"
         else:
             assert r["throughput_streams"] is None and r["streams"] is None, key
@@ -122,16 +150,41 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
     assert table["machine"]["cores"] == os.cpu_count() and table["machine"]["torch"]
     on_disk = json.loads((path(cfg, "metrics") / "benchmark.json").read_text())
     assert on_disk["rows"] == rows
+    # the plots' CSV is the table: every row, every column (floats to 4 decimals, None empty)
     csv_rows = read_csv(path(cfg, "plots") / "benchmark.csv")
     assert len(csv_rows) == len(rows)
-    for name in ("throughput", "latency", "speedup"):
-        assert (path(cfg, "plots") / f"benchmark_{name}.png").stat().st_size > 5000
+    for c in csv_rows:
+        r = rows[c["label"].replace("@", ".")]
+        assert c == {**{k: _as_csv(r[k]) for k in benchmark.COLUMNS}, "label": c["label"]}
+    # the charts drawn from those rows: throughput and speed-up one series of bars
+    # (matplotlib's first colour), latency three (p50, p90, p99)
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for name, series in (("throughput", 1), ("latency", 3), ("speedup", 1)):
+        png = matplotlib.image.imread(path(cfg, "plots") / f"benchmark_{name}.png")[..., :3]
+        drawn = [_pixels(png, colour) for colour in cycle[:series + 1]]
+        assert min(drawn[:series]) > 500 and drawn[series] == 0, (name, drawn)
     pareto = read_csv(path(cfg, "plots") / "pareto.csv")
     ok8 = {k for k, r in rows.items() if r["batch"] == 8 and r["status"] == "ok"}
     assert {f"{p['variant']}.b8" for p in pareto} == ok8
+    for p in pareto:
+        r = rows[f"{p['variant']}.b8"]
+        assert {k: p[k] for k in ("throughput", "top1", "verdict")} == {
+            k: _as_csv(r[k]) for k in ("throughput", "top1", "verdict")}
     fastest = max(pareto, key=lambda p: float(p["throughput"]))
     assert fastest["on_frontier"] == "True"  # nothing is faster, so nothing dominates it
-    assert (path(cfg, "plots") / "pareto.png").stat().st_size > 5000
+    png = matplotlib.image.imread(path(cfg, "plots") / "pareto.png")[..., :3]
+    assert len(np.unique(png.reshape(-1, 3), axis=0)) > 20  # points, intervals, labels: drawn
+
+
+def _as_csv(v) -> str:
+    """A value as benchmark.csv writes it."""
+    return "" if v is None else str(round(v, 4) if isinstance(v, float) else v)
+
+
+def _pixels(png: np.ndarray, colour: str) -> int:
+    """How many pixels of an RGB image (floats in [0, 1]) are `colour`, within 8-bit rounding."""
+    rgb = np.array(matplotlib.colors.to_rgb(colour))
+    return int((np.abs(png - rgb) < 1.5 / 255).all(axis=-1).sum())
 
 
 def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server, cfg) -> None:
@@ -247,8 +300,84 @@ def test_a_model_that_sleeps_a_known_time_measures_that_time() -> None:
     # sleep(0.02) overshoots by the scheduler's slack (~0.1-1 ms); never undershoots
     assert 0.020 <= res["latency_p50_ms"] / 1000 < 0.024
     assert 4 / 0.024 < res["throughput"] <= 4 / 0.020
-    assert res["iterations"] >= 3 * 15  # 0.3 s of 20 ms calls per trial
+    # each trial runs until 0.3 s have passed: 15 calls of 20 ms (14 when the scheduler adds
+    # 1.5 ms to each, as it does on a busy machine; never 16: sleep never undershoots), so the
+    # timed calls add up to the 3 trials' 0.9 s but for the loop's microseconds between them
+    assert 3 * 10 <= res["iterations"] <= 3 * 15
+    assert res["latency_mean_ms"] * res["iterations"] > 0.8 * 3 * 300
     assert res["trials"] == 3 and res["throughput_min"] <= res["throughput_max"]
+
+
+class Probe:
+    """A runtime that records what the harness does to it. Batch k is filled with k; `prepare`
+    adds 0.5 (so a call can tell a prepared input) after sleeping `prepare_s` (a host-to-device
+    copy); the first `slow_calls` calls sleep `slow_s` (compilation, autotuning), later calls
+    return at once. `calls` holds each call's batch tag, in order."""
+
+    def __init__(self, slow_calls: int = 0, slow_s: float = 0.0, prepare_s: float = 0.0):
+        self.slow_calls, self.slow_s, self.prepare_s = slow_calls, slow_s, prepare_s
+        self.calls: list[float] = []
+        self.prepared = 0
+
+    @staticmethod
+    def batches(count: int) -> list[torch.Tensor]:
+        return [torch.full((4, 3, 8, 8), float(k)) for k in range(count)]
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.prepare_s)
+        self.prepared += 1
+        return x + 0.5
+
+    def call(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(float(x[0, 0, 0, 0]))
+        if len(self.calls) <= self.slow_calls:
+            time.sleep(self.slow_s)
+        return x
+
+    def runtime(self) -> Runtime:
+        return Runtime(call=self.call, prepare=self.prepare, logits=lambda y: y.numpy())
+
+
+# A call that returns at once takes microseconds; the medians below allow it 100 ms, which a
+# loaded 2-core machine does not reach for half the calls, while a sleep of 250 ms that got
+# timed can only read longer (sleep never returns early).
+FAST_MS = 100
+
+
+def test_warm_up_calls_are_made_and_never_timed() -> None:
+    """The first 5 calls take 250 ms (a JIT compiling); warmup_iters=5 keeps all of them out:
+    timed without a warm-up, 5 of the 9 timed calls would be slow and so would their median."""
+    probe = Probe(slow_calls=5, slow_s=0.25)
+    protocol = {"warmup_iters": 5, "warmup_seconds": 0.0, "min_iters": 9, "min_seconds": 0.0,
+                "trials": 1}
+    res = benchmark.time_runtime(probe.runtime(), Probe.batches(3), protocol)
+    assert res["latency_p50_ms"] < FAST_MS, res
+    assert res["iterations"] == 9 and len(probe.calls) == 5 + 9  # made, and not counted
+
+
+def test_input_conversion_is_never_timed() -> None:
+    """`prepare` sleeps 250 ms; it runs once per batch before timing, and every timed call gets
+    its prepared input: a harness that converted inside the timed loop would read >= 250 ms."""
+    probe = Probe(prepare_s=0.25)
+    protocol = {"warmup_iters": 1, "warmup_seconds": 0.0, "min_iters": 5, "min_seconds": 0.0,
+                "trials": 2}
+    res = benchmark.time_runtime(probe.runtime(), Probe.batches(2), protocol)
+    assert res["latency_p50_ms"] < FAST_MS, res
+    assert probe.prepared == 2
+    assert set(probe.calls) == {0.5, 1.5}  # prepared inputs only
+
+
+def test_every_input_batch_is_timed_in_turn() -> None:
+    """The timed calls (the last `iterations` ones) go through all 3 batches in rotation, so a
+    variant cannot be timed on one batch it has cached."""
+    probe = Probe()
+    protocol = {"warmup_iters": 2, "warmup_seconds": 0.0, "min_iters": 9, "min_seconds": 0.0,
+                "trials": 2}
+    res = benchmark.time_runtime(probe.runtime(), Probe.batches(3), protocol)
+    timed = probe.calls[-res["iterations"]:]
+    assert len(timed) == res["iterations"] == 18
+    assert sorted(timed.count(tag) for tag in (0.5, 1.5, 2.5)) == [6, 6, 6], timed
+    assert all(a != b for a, b in zip(timed, timed[1:], strict=False)), timed  # never twice
 
 
 def test_a_power_source_gives_each_row_its_power_and_energy_per_image() -> None:

@@ -98,6 +98,36 @@ def test_cpu_variant_builds_reloads_and_passes_its_accuracy_bar(built, cfg, name
         assert rec["int8_kernels"] > 10
 
 
+def test_an_int8_package_without_int8_kernels_is_a_failed_build(
+        built, cfg, exported_root, prepared, trained, tmp_path, monkeypatch) -> None:
+    """The guard against Inductor's silent fp32 fallback (pytorch/ao#4566): a real fp32
+    AOTInductor package (inductor_fp32's) counts no int8 kernel where int8's counts its own;
+    handed to build_int8 as if its compile had fallen back, the variant is `failed` with the
+    guard's message, and no artifact is left beside the record. Written beside, not over, the
+    module's built variants."""
+    root = path(cfg, "root")
+    fp32_package = root / built["inductor_fp32"]["artifact"]
+    assert optimize.count_int8_kernels(fp32_package) == 0
+    assert optimize.count_int8_kernels(root / built["int8"]["artifact"]) == \
+        built["int8"]["int8_kernels"] > 10
+    monkeypatch.setattr(optimize, "_aoti_package",
+                        lambda ep, dst: shutil.copyfile(fp32_package, dst))
+    elsewhere = compose(base(exported_root, prepared, trained,
+                             f"paths.optimized={tmp_path / 'opt'}",
+                             f"paths.metrics={tmp_path / 'metrics'}"))
+    rec = optimize.run(elsewhere, "int8")
+    assert (rec["status"], rec["int8_kernels"], rec["artifact"], rec["size_mb"]) == (
+        "failed", 0, None, None), rec
+    assert rec["error"].startswith("BuildFailed: the AOTInductor package has no int8 "
+                                   "(qconv/qlinear) kernel"), rec["error"]
+    assert "top1" not in rec and rec["calibration_images"] == 32  # calibrated, then refused
+    folder = tmp_path / "opt" / "int8"
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "record.json"]
+    assert json.loads((folder / "record.json").read_text()) == rec
+    with pytest.raises(InputError, match="variant int8 is failed: BuildFailed"):
+        runtime.load_variant(folder)
+
+
 def _meta(cfg) -> dict:
     return json.loads((path(cfg, "exported") / "meta.json").read_text())
 
