@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import git_dvc_init, run_stage, write_params
 from mlflow.tracking import MlflowClient
 
@@ -18,6 +20,16 @@ from stages.config import write_params as compose_params
 from stages.io import read_csv
 
 BIN = Path(sys.executable).parent
+# What each GPU variant lacks on this machine (None: nothing, it builds), asked of the machine
+# itself rather than of the optimize stage: the stage must build it here, or record "skipped"
+# with exactly this reason.
+HAS_CUDA = torch.cuda.is_available()
+HAS_TORCH_TRT = importlib.util.find_spec("torch_tensorrt") is not None
+GPU_VARIANTS_LACK = {
+    "trt_fp16": ("torch_tensorrt not installed" if not HAS_TORCH_TRT
+                 else None if HAS_CUDA else "no CUDA device"),
+    "cuda_fp16": None if HAS_CUDA else "no CUDA device",
+}
 
 
 def sh(*cmd: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -59,11 +71,12 @@ fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
         "defaults: [default, _self_]\nepochs: 1\nnum_workers: 0\nsystem_metrics: false\n"
         "log_model: false\n")
     # every format and variant is covered by test_export and test_optimize; the cheapest ones
-    # (ONNX, which the ORT variants read) keep this DVC run short
+    # (ONNX, which the ORT variants read) keep this DVC run short, and the two GPU variants
+    # (TensorRT and plain CUDA) run or record their skip through DVC as on any machine
     (dst / "conf" / "export" / "test.yaml").write_text(
         "defaults: [default, _self_]\nformats: [onnx]\nverify_batch_sizes: [1, 2]\n")
     (dst / "conf" / "optimize" / "test.yaml").write_text(
-        "defaults: [default, _self_]\nvariants: [onnxruntime_fp32, trt_fp16]\n"
+        "defaults: [default, _self_]\nvariants: [onnxruntime_fp32, trt_fp16, cuda_fp16]\n"
         "calibration_images: 8\n")
     (dst / "conf" / "benchmark" / "test.yaml").write_text(
         "defaults: [default, _self_]\nthreads: 1\nprotocols:\n  default:\n"
@@ -88,16 +101,22 @@ fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
 def test_dvc_repro_then_noop_then_exp_run_reruns_from_prepare(project: Path, mirror) -> None:
     first = sh("dvc", "repro", cwd=project)
     for stage in ("download", "prepare", "train", "export", "optimize@onnxruntime_fp32",
-                  "optimize@trt_fp16", "benchmark", "profile", "report"):
+                  "optimize@trt_fp16", "optimize@cuda_fp16", "benchmark", "profile", "report"):
         assert f"Running stage '{stage}'" in first.stdout
     assert (project / "artifacts" / "optimized" / "onnxruntime_fp32" / "model.onnx").is_file()
-    trt = json.loads((project / "metrics" / "optimize" / "trt_fp16.json").read_text())
-    assert trt["status"] in ("ok", "skipped")
     bench = json.loads((project / "metrics" / "benchmark.json").read_text())
+    for variant, missing in GPU_VARIANTS_LACK.items():
+        rec = json.loads((project / "metrics" / "optimize" / f"{variant}.json").read_text())
+        if missing is None:
+            assert (rec["status"], rec["error"]) == ("ok", None), rec
+        else:
+            assert rec["status"] == "skipped" and rec["reason"].startswith(missing), rec
+            assert rec["artifact"] is None and "top1" not in rec, rec
+        assert bench["rows"][f"{variant}.b2"]["status"] == rec["status"], bench["rows"]
     assert bench["rows"]["onnxruntime_fp32.b2"]["status"] == "ok", bench["rows"]
     assert bench["rows"]["eager_fp32.b2"]["speedup"] == 1.0
     report = (project / "reports" / "REPORT.md").read_text()
-    assert "onnxruntime_fp32" in report and "trt_fp16" in report
+    assert all(v in report for v in ("onnxruntime_fp32", "trt_fp16", "cuda_fp16"))
     labels = read_csv(project / "data" / "raw" / "labels.csv")
     assert len(labels) == 30
     assert len(read_csv(project / "data" / "prepared" / "train.csv")) == 24
