@@ -249,7 +249,13 @@ def load_artifact(target: Path | str, device: str = "cpu",
         raise InputError(f"{p} does not exist: name an artifact folder or file of the pipeline")
     folder = p if p.is_dir() else p.parent
     if (folder / RECORD).is_file():
-        runtime, meta, record = load_variant(folder)
+        try:
+            runtime, meta, record = load_variant(folder)
+        except (InputError, ConfigError):
+            raise
+        except Exception as e:  # a broken artifact: named, as for an exported file below
+            raise InputError(f"{folder} cannot be loaded: {type(e).__name__}: "
+                             f"{str(e).strip()[:500]}") from e
         if p.is_file() and p.name not in (variant_spec(record["variant"]).file, RECORD, META):
             raise InputError(f"{p} is not the artifact of variant {record['variant']} "
                              f"({folder / variant_spec(record['variant']).file})")

@@ -824,13 +824,7 @@ def log_to_mlflow(result: dict[str, Any], opts: StreamOptions) -> str:
 def load_model(target: Path) -> tuple[Any, dict]:
     from stages.runtime import load_artifact
 
-    try:
-        runtime, meta = load_artifact(target)
-    except (InputError, ConfigError):
-        raise
-    except Exception as e:  # a broken variant folder, a foreign file: name it, not a traceback
-        raise InputError(f"{target} cannot be loaded: {type(e).__name__}: "
-                         f"{str(e).strip()[:500]}") from e
+    runtime, meta = load_artifact(target)  # a broken artifact is an InputError naming it
     missing = [k for k in ("classes", "input_size", "mean", "std", "crop_pct") if k not in meta]
     if missing:
         raise InputError(f"{target}: its metadata lacks {missing}; not an artifact of the "
