@@ -53,7 +53,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from stages import evaluation, machine, models
-from stages.config import InputError, load_params, main_for, path
+from stages.config import load_params, main_for, path
+from stages.errors import InputError
 from stages.io import write_csv, write_json
 from stages.pareto import PARETO_COLUMNS, fastest_shippable, pareto_chart, pareto_points
 from stages.power import (
@@ -292,7 +293,7 @@ def load_runtime(cfg: DictConfig, variant: str) -> tuple[Runtime, dict]:
     """The baselines from the train stage's checkpoint (channels_last or NCHW), a variant from
     its folder: both through `runtime.load_artifact`, as the stream client loads them."""
     if variant in (BASELINE, NCHW):
-        return load_artifact(path(cfg, "models") / "model.pt", baseline_device(cfg),
+        return load_artifact(path(cfg, "checkpoint"), baseline_device(cfg),
                              channels_last=None if variant == BASELINE else False)
     return load_artifact(path(cfg, "optimized") / variant)
 
@@ -318,7 +319,7 @@ def measure_variant(cfg: DictConfig, variant: str, rows_file: Path) -> None:
     if runtime.device == "cuda":  # average power and energy per image, through NVML
         power, power_note = nvml_sampler(cuda_pci_bus_id(
             torch.cuda.get_device_properties(torch.cuda.current_device())))
-    reference_model, _ = models.load_trained(path(cfg, "models") / "model.pt")
+    reference_model, _ = models.load_trained(path(cfg, "checkpoint"))
     images, _ = evaluation.images(path(cfg, "prepared"), cfg.optimize.eval_splits, meta)
     for batch in protocol["batch_sizes"]:
         row: dict[str, Any] = {"variant": variant, "batch": batch, "device": runtime.device,
@@ -448,7 +449,7 @@ def run(cfg: DictConfig) -> dict:
     """Time every ok variant and the eager baselines; write the table, plots and MLflow runs."""
     protocol = protocol_settings(cfg)
     to_time, records = variants_to_measure(cfg)
-    model, meta = models.load_trained(path(cfg, "models") / "model.pt")
+    model, meta = models.load_trained(path(cfg, "checkpoint"))
     images, labels = evaluation.images(path(cfg, "prepared"), cfg.optimize.eval_splits, meta)
     with torch.no_grad():
         fp32 = np.concatenate([model(x).numpy()

@@ -44,7 +44,7 @@ from urllib.parse import unquote
 
 from omegaconf import DictConfig
 
-from stages.config import InputError, path, stage_main
+from stages.config import path, stage_main
 from stages.document import (
     DASH,
     Block,
@@ -58,6 +58,7 @@ from stages.document import (
     render_html,
     render_markdown,
 )
+from stages.errors import InputError
 from stages.io import write_text
 from stages.pareto import fastest_shippable, mark_frontier, pareto_chart
 from stages.tracking import tracking_uri

@@ -20,23 +20,12 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from stages.errors import ConfigError, InputError, StageError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 
 log = logging.getLogger("stages")
-
-
-class ConfigError(ValueError):
-    """A config that does not fit the schema; the message names the key."""
-
-
-class InputError(ValueError):
-    """Bad input data or request (unknown class, empty result): a clear message, exit code 2."""
-
-
-class StageError(RuntimeError):
-    """An expected failure with a message that says it all (the network gave up, training
-    diverged): exit code 1 without a traceback."""
 
 
 # --- schemas -----------------------------------------------------------------------------------
@@ -49,6 +38,7 @@ class PathsConf:
     raw: str = "data/raw"
     prepared: str = "data/prepared"
     models: str = "models"
+    checkpoint: str = "model.pt"
     plots: str = "plots"
     artifacts: str = "artifacts"
     exported: str = "artifacts/exported"
@@ -265,6 +255,7 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         if value not in valid:
             raise ConfigError(
                 f"invalid value {value!r} for {key!r}; expected one of {sorted(valid)}")
+    _check_paths(merged.paths)
     _check_data(merged.data)
     _check_train(merged.train, merged.model)
     _check_export(merged.export)
@@ -273,6 +264,13 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
     _check_profile(merged.profile)
     OmegaConf.set_readonly(merged, True)
     return merged
+
+
+def _check_paths(paths: DictConfig) -> None:
+    # dvc.yaml declares `paths.models` as train's output: the checkpoint is a file inside it.
+    if not paths.checkpoint or Path(paths.checkpoint).name != paths.checkpoint:
+        raise ConfigError(f"paths.checkpoint {paths.checkpoint!r} must be a file name (it lies "
+                          "inside paths.models, train's DVC output)")
 
 
 def _check_data(data: DictConfig) -> None:
@@ -433,13 +431,16 @@ def path(cfg: DictConfig, key: str) -> Path:
     cache would be empty and the 1.1 GB of Open Images metadata fetched again per experiment.
     DVC sets `DVC_ROOT` to the original project's root for every stage it runs (in a temporary
     workspace as in the project), so queued experiments share its download and training caches.
-    An absolute `paths.root` or `paths.cache` is kept as it is.
+    An absolute `paths.root` or `paths.cache` is kept as it is; `paths.checkpoint` is a file name
+    inside `paths.models`.
     """
     root = Path(cfg.paths.root)
     if key == "root":
         return root
     if key == "cache":
         root = Path(os.environ.get("DVC_ROOT", "")) / root
+    if key == "checkpoint":  # a file name inside `models`
+        return path(cfg, "models") / cfg.paths.checkpoint
     return root / cfg.paths[key]
 
 

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from stages.config import InputError
+from stages.errors import InputError
 from stages.io import read_csv
 
 SPLITS = ("train", "val", "test")

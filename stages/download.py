@@ -40,7 +40,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from stages import imaging, openimages
-from stages.config import ConfigError, InputError, main_for, path
+from stages.config import main_for, path
+from stages.errors import ConfigError, InputError
 from stages.http import Fetcher, FetchError, NotFound
 from stages.io import (
     atomic_dir,

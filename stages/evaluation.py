@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.config import InputError
 from stages.datasets import PreparedImages, eval_transform
+from stages.errors import InputError
 from stages.statistics import paired_counts, paired_difference, verdict, wilson
 
 log = logging.getLogger("stages.evaluation")

@@ -26,8 +26,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from stages import models
-from stages.config import InputError, StageError, main_for, path
+from stages.config import main_for, path
 from stages.datasets import PreparedImages, eval_transform
+from stages.errors import InputError, StageError
 from stages.io import atomic_open, write_json
 from stages.runtime import EXPORT_FILES, load_artifact
 from stages.tracking import stage_run
@@ -105,7 +106,7 @@ def verification_batches(cfg: DictConfig, meta: dict, sizes: list[int]) -> dict[
 def run(cfg: DictConfig) -> dict:
     """Export the trained checkpoint to every configured format and verify each artifact."""
     ex = cfg.export
-    model, meta = models.load_trained(path(cfg, "models") / "model.pt")
+    model, meta = models.load_trained(path(cfg, "checkpoint"))
     meta_json = json.dumps(meta, sort_keys=True)
     batches = verification_batches(cfg, meta, list(ex.verify_batch_sizes))
     with torch.no_grad():

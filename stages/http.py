@@ -15,7 +15,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 
-from stages.config import StageError
+from stages.errors import StageError
 from stages.io import write_text
 
 log = logging.getLogger("stages.http")

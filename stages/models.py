@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.config import InputError
+from stages.errors import InputError
 
 log = logging.getLogger("stages.models")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from stages.config import InputError
+from stages.errors import InputError
 
 CLASS_LIST = "class-descriptions-boxable.csv"
 IMAGE_ID_RE = re.compile(r"[0-9a-f]{16}")

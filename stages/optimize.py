@@ -46,7 +46,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from stages import evaluation, models, trt_layers
-from stages.config import OPTIMIZE_VARIANTS, ConfigError, InputError, path, stage_main
+from stages.config import OPTIMIZE_VARIANTS, path, stage_main
+from stages.errors import ConfigError, InputError
 from stages.io import atomic_dir, write_json
 from stages.machine import cpu_flags, cpu_has_native_bf16
 from stages.runtime import (
@@ -492,7 +493,7 @@ def run(cfg: DictConfig, variant_name: str) -> dict:
                               "reason": None, "error": None, "artifact": None, "size_mb": None,
                               "build_seconds": None}
     # Inputs are checked before any work: these are the user's errors, not the variant's.
-    model, meta = models.load_trained(path(cfg, "models") / "model.pt")
+    model, meta = models.load_trained(path(cfg, "checkpoint"))
     exported = path(cfg, "exported")
     if not (exported / EXPORT_FILES["onnx"]).is_file() and variant.backend in ("onnxruntime",
                                                                                 "openvino"):

@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from stages import imaging
-from stages.config import InputError, main_for, path
+from stages.config import main_for, path
+from stages.errors import InputError
 from stages.io import atomic_dir, read_csv, write_csv, write_json, write_text
 from stages.stats import format_table, split_stats, stats_rows
 from stages.tracking import stage_run

@@ -46,7 +46,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from stages import evaluation, models, optypes
-from stages.config import InputError, main_for, path
+from stages.config import main_for, path
+from stages.errors import InputError
 from stages.io import write_csv, write_json
 from stages.runtime import Runtime, eager_runtime, torch_runtime
 from stages.tracking import stage_run
@@ -266,7 +267,7 @@ def chart(result: dict, file: Path) -> None:
 def run(cfg: DictConfig) -> dict:
     """Profile the trained model per operator type; write profile.json, .csv and .png."""
     pc = cfg.profile
-    model, meta = models.load_trained(path(cfg, "models") / "model.pt")
+    model, meta = models.load_trained(path(cfg, "checkpoint"))
     images, _ = evaluation.images(path(cfg, "prepared"), cfg.optimize.eval_splits, meta)
     if len(images) == 0:
         raise InputError(f"{path(cfg, 'prepared')}: no held-out image to profile on")

@@ -44,7 +44,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from stages.config import InputError, main_for, path
+from stages.config import main_for, path
 from stages.document import (
     DASH,
     Block,
@@ -58,6 +58,7 @@ from stages.document import (
     render_html,
     render_markdown,
 )
+from stages.errors import InputError
 from stages.io import atomic_open, read_csv, write_text
 from stages.machine import machine_info
 from stages.tracking import stage_run

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.config import OPTIMIZE_VARIANTS, ConfigError, InputError
+from stages.config import OPTIMIZE_VARIANTS
+from stages.errors import ConfigError, InputError
 
 
 @dataclass

@@ -65,7 +65,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from stages.config import ConfigError, InputError, StageError
+from stages.errors import ConfigError, InputError, StageError
 
 log = logging.getLogger("stages.stream")
 

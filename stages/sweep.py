@@ -41,7 +41,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from stages import benchmark, download, export, optimize, prepare, profile, report, train
-from stages.config import ConfigError, path, validate
+from stages.config import path, validate
+from stages.errors import ConfigError
 from stages.io import write_json, write_text
 from stages.tracking import tracking_uri
 

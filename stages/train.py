@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from stages import models
-from stages.config import InputError, StageError, main_for, path
+from stages.config import main_for, path
 from stages.datasets import (
     PreparedImages,
     SeededSampler,
@@ -48,13 +48,13 @@ from stages.datasets import (
     read_classes,
     train_transform,
 )
+from stages.errors import InputError, StageError
 from stages.io import atomic_open, read_csv, write_csv, write_json
 from stages.statistics import wilson
 from stages.tracking import stage_run
 
 log = logging.getLogger("stages.train")
 
-CHECKPOINT = "model.pt"
 # The checkpoint kept and early stopping follow the validation loss (the module docstring says why)
 SELECTED_BY = "val_loss"
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
@@ -586,8 +586,8 @@ def finish(cfg, work, classes, test_loader, device, precision, history, wall, tr
                "train_images_per_s": round(train_images / train_seconds, 2) if train_seconds else 0,
                **{f"test.{k}": v for k, v in report.items() if k != "accuracy"}}
 
-    models_dir, plots = path(cfg, "models"), path(cfg, "plots")
-    save_checkpoint(models_dir / CHECKPOINT, **best)
+    plots = path(cfg, "plots")
+    save_checkpoint(path(cfg, "checkpoint"), **best)
     write_json(path(cfg, "metrics") / "train.json", metrics)
     write_csv(plots / "train_history.csv", HISTORY_FIELDS,
               [[h[k] for k in HISTORY_FIELDS] for h in history])

@@ -174,4 +174,4 @@ def trained(prepared, tmp_path_factory) -> Path:
                    "train.lr=0.01", "train.num_workers=0", "train.log_model=false",
                    "train.system_metrics=false", "tracking.enabled=false"])
     train.run(cfg)
-    return path(cfg, "models") / "model.pt"
+    return path(cfg, "checkpoint")

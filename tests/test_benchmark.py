@@ -17,7 +17,8 @@ import torch
 from conftest import serve_mlflow
 
 from stages import benchmark, export, models, optimize, pareto
-from stages.config import ConfigError, InputError, compose, path
+from stages.config import compose, path
+from stages.errors import ConfigError, InputError
 from stages.io import read_csv
 from stages.power import PowerSource
 from stages.runtime import Runtime, eager_runtime

@@ -15,7 +15,8 @@ import pytest
 from conftest import write_params
 
 from stages import compare, pareto
-from stages.config import InputError, compose
+from stages.config import compose
+from stages.errors import InputError
 
 SWEEP = "models"
 EXPERIMENT = "oi-pipeline"

@@ -8,15 +8,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from stages.config import (
-    CONF_DIR,
-    PROJECT_ROOT,
-    ConfigError,
-    compose,
-    load_params,
-    validate,
-    write_params,
-)
+from stages.config import CONF_DIR, PROJECT_ROOT, compose, load_params, validate, write_params
+from stages.errors import ConfigError
 
 
 def test_params_yaml_matches_a_fresh_composition_of_conf(tmp_path: Path) -> None:
@@ -68,6 +61,7 @@ def test_animals7_holds_the_seven_homework_classes() -> None:
     ("+data.colour=red", "colour"),                   # unknown key
     ("data.max_images_per_class=lots", "max_images_per_class"),   # wrong type
     ("data.multiclass_policy=keep", "data.multiclass_policy"),    # not a valid choice
+    ("paths.checkpoint=sub/model.pt", "paths.checkpoint"),         # must lie inside models
     ("data.classes=[]", "data.classes is empty"),
     ("data.split.ratios.train=0.5", "must sum to 1"),
     ("data.splits=[train,dev]", "data.splits"),

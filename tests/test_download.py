@@ -17,7 +17,8 @@ from conftest import stage_cmd, write_params
 from PIL import Image
 
 from stages import download
-from stages.config import PROJECT_ROOT, InputError, path, stage_main
+from stages.config import PROJECT_ROOT, path, stage_main
+from stages.errors import InputError
 from stages.http import Fetcher, FetchError
 from stages.io import read_csv
 from stages.mirror import MirrorServer, generate

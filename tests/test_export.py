@@ -12,7 +12,8 @@ import torch
 from conftest import logits_in_fresh_process
 
 from stages import export, models, runtime
-from stages.config import ConfigError, compose, path
+from stages.config import compose, path
+from stages.errors import ConfigError
 
 
 @pytest.fixture

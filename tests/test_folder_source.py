@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from stages import download, prepare
-from stages.config import CHOICES, PROJECT_ROOT, ConfigError, InputError, compose, path
+from stages.config import CHOICES, PROJECT_ROOT, compose, path
+from stages.errors import ConfigError, InputError
 from stages.io import read_csv
 
 REALDATA = PROJECT_ROOT.parent / "shared" / "realdata"

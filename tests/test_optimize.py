@@ -13,7 +13,8 @@ import torch
 from conftest import logits_in_fresh_process, run_stage, write_params
 
 from stages import evaluation, export, models, optimize, runtime
-from stages.config import OPTIMIZE_VARIANTS, ConfigError, InputError, compose, path
+from stages.config import OPTIMIZE_VARIANTS, compose, path
+from stages.errors import ConfigError, InputError
 from stages.io import read_csv
 from stages.machine import cpu_has_native_bf16
 

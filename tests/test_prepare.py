@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from stages import download, prepare
-from stages.config import InputError, path
+from stages.config import path
+from stages.errors import InputError
 from stages.io import read_csv
 
 

@@ -13,7 +13,8 @@ from conftest import write_params
 from PIL import Image
 
 from stages import document, report
-from stages.config import InputError, compose, path, stage_main
+from stages.config import compose, path, stage_main
+from stages.errors import InputError
 from stages.io import write_csv, write_json
 
 CLASSES = ["Zebra", "Sea turtle", "Blue jay"]

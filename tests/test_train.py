@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from stages import models, tracking, train
-from stages.config import CHOICES, PROJECT_ROOT, InputError, compose, path
+from stages.config import CHOICES, PROJECT_ROOT, compose, path
+from stages.errors import InputError
 from stages.io import read_csv
 from stages.statistics import wilson
 
@@ -67,7 +68,7 @@ def test_training_end_to_end_beats_chance_and_writes_everything(train_cfg, prepa
         fp32, bf16 = metrics["precision_fp32_images_per_s"], metrics["precision_bf16_images_per_s"]
         assert metrics["precision_chosen_by"] == "measured" and fp32 > 0 and bf16 > 0
         assert metrics["precision"] == train.choose_precision(fp32, bf16)
-    ck = torch.load(path(cfg, "models") / "model.pt", map_location="cpu", weights_only=True)
+    ck = torch.load(path(cfg, "checkpoint"), map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_val_loss", "selected_by",
             "config"} <= set(ck)
     assert ck["selected_by"] == metrics["selected_by"] == "val_loss"
@@ -140,7 +141,7 @@ def test_linear_probe_keeps_frozen_batchnorm_statistics(train_cfg) -> None:
     before, _ = models.build("efficientnet_lite0", 3, "bundled")
     metrics = train.run(cfg)
     assert metrics["test_acc"] >= 0.8  # ImageNet features separate the synthetic classes
-    after = torch.load(path(cfg, "models") / "model.pt", weights_only=True)["model"]
+    after = torch.load(path(cfg, "checkpoint"), weights_only=True)["model"]
     stem = "bn1.running_mean"
     assert torch.equal(before.state_dict()[stem], after[stem])
     assert not torch.equal(before.state_dict()["classifier.weight"], after["classifier.weight"])
@@ -192,7 +193,7 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(train_cfg, tmp
     work = path(cfg, "cache") / "train"
     (last,) = work.glob("*/last.pt")
     saved = torch.load(last, weights_only=True)
-    assert saved["epoch"] == 1 and not (path(cfg, "models") / "model.pt").exists()
+    assert saved["epoch"] == 1 and not (path(cfg, "checkpoint")).exists()
     assert [h["epoch"] for h in saved["history"]] == [1]
 
     # A deterministic restart from scratch ends with the same numbers as a resume, so the
@@ -234,7 +235,7 @@ def test_nan_loss_stops_with_epoch_and_step(train_cfg, tmp_path) -> None:
     cfg = train_cfg("model=mobilenet_v3_small", f"model.weights={tmp_path / 'nan.pth'}")
     with pytest.raises(train.TrainingDiverged, match=r"loss is nan at epoch 1, step 1"):
         train.run(cfg)
-    assert not (path(cfg, "models") / "model.pt").exists()
+    assert not (path(cfg, "checkpoint")).exists()
 
 
 def test_bad_weights_files_are_clear_errors(tmp_path) -> None:
@@ -457,7 +458,7 @@ def test_checkpoint_and_early_stopping_follow_the_validation_loss(train_cfg, pre
         history = list(csv.DictReader(f))
     losses = [float(h["val_loss"]) for h in history]
     assert losses == pytest.approx([0.9, 0.6, 0.2, 0.4, 0.3])
-    kept = torch.load(path(cfg, "models") / "model.pt", map_location="cpu", weights_only=True)
+    kept = torch.load(path(cfg, "checkpoint"), map_location="cpu", weights_only=True)
     assert kept["epoch"] == metrics["best_epoch"] == 1 + int(np.argmin(losses)) == 3
     assert metrics["selected_by"] == kept["selected_by"] == "val_loss"
     assert metrics["best_val_loss"] == pytest.approx(0.2) and metrics["best_val_acc"] == 0.75
