@@ -62,6 +62,7 @@ class FetchConf:
     retries: int = 5
     backoff: float = 0.5
     timeout: float = 30.0
+    max_image_mb: float = 50.0
 
 
 @dataclass
