@@ -1,43 +1,30 @@
-"""MLflow tracking shared by all stages.
+"""MLflow tracking shared by all stages (what the runs show, for users: README, Tracking).
 
 DVC runs each stage in its own process, yet the stages of one pipeline execution must log to one
-MLflow run. There is no execution id that DVC hands every stage, so the run is found by a key
-derived from what defines the execution: the whole resolved config (which includes the output
-root), the code's git commit and `DVC_EXP_NAME` when `dvc exp run` sets it. The first stage to
-start creates the run with that key as a tag; later stages (other processes, other machines
-sharing a tracking server) find it with a tag search and resume it. `MLFLOW_RUN_ID`, when set,
-names the run explicitly and wins.
+MLflow run, and DVC hands the stages no execution id. So the run is found by a key derived from
+what defines the execution: the whole resolved config (output root included), the code's git
+commit and `DVC_EXP_NAME`. The first stage creates the run with the key as a tag; later stages
+(other processes, other machines sharing a server) find it by tag and resume it;
+`MLFLOW_RUN_ID` wins when set. A forced rerun of the same config and commit therefore logs into
+the same run (histories grow by one step, artifacts are replaced).
 
-A forced rerun with the same config and commit (`dvc repro -f`) therefore logs into the same run:
-metric histories grow by one step, artifacts are replaced.
+Why the rules below are what they are:
 
-What the runs show, and the rules that keep them consistent with the report:
-
-- Units: every accuracy in MLflow is a percentage (0-100): top-1, agreement, train's
-  `train_acc`/`val_acc` per epoch, `test_acc`/`best_val_acc`, per-class precision/recall,
-  export's `top1_agreement` and every `_ci_low`/`_ci_high`. The JSON metric files keep their
-  documented units (`train.json` and `export.json` hold fractions, the optimize records and
-  `benchmark.json` percentages); a stage converts at its tracker call with
-  `log_metrics(..., fractions=...)`, never in the file it writes. (Class shares in the
-  download/prepare statistics are not accuracies and stay fractions.)
-- Verdicts are tags (`verdict`, `optimize.<variant>.verdict`, `benchmark.best_verdict`) and, so
-  that they can be charted and filtered numerically, `verdict_code` metrics: `VERDICT_CODES`.
-- The parent run is named `tracking.run_name`, else `DVC_EXP_NAME`, else
-  `<model.name>-<train.mode>-<first 8 characters of the key>`, and carries `tracking.tags`.
-- The experiment is tagged `mlflow.experimentKind = custom_model_development`, its kind in
-  MLflow's own terms. (MLflow 3.17's UI does not read it to pick a view: its global
-  "GenAI / Model training" switch, or `?workflowType=machine_learning` in the page's address,
-  decides; the README and the browser test in tests/test_sweep.py use the address.)
+- One unit per kind of figure: accuracies are percentages in MLflow while the JSON files keep
+  their documented units, so a stage converts at its tracker call
+  (`log_metrics(..., fractions=...)`), never in the file it writes.
+- Verdicts are tags and also `verdict_code` metrics (`VERDICT_CODES`), so that they can be
+  charted and filtered numerically.
 - A SQLite store is created and migrated once, under an exclusive lock on `<db file>.lock`:
-  MLflow's own migration is not safe against concurrent first use (4 `prepare` processes started
-  at once on a fresh file all failed with "table _alembic_tmp_tags already exists" and left it
-  unreadable). A cluster of jobs should share one `mlflow server` instead of one SQLite file.
-- The default store is `<DVC_ROOT>/<paths.root>/mlflow.db`: DVC sets `DVC_ROOT` for every stage
-  command, to the project root, and in a queued experiment (`dvc exp run --queue`) to the
-  *original* project's root although the stage runs in a temporary copy under `.dvc/tmp/exps/`
-  (dvc/repo/experiments/queue/base.py), so queued experiments land in the project's store rather
-  than in a copy deleted after the run. An absolute `paths.root`, `tracking.uri` or
-  `MLFLOW_TRACKING_URI` is used as given.
+  MLflow's own migration is not safe against concurrent first use (4 `prepare` processes on a
+  fresh file all failed with "table _alembic_tmp_tags already exists" and left it unreadable).
+- The default store is `<DVC_ROOT>/<paths.root>/mlflow.db`: in a queued experiment DVC runs the
+  stage in a temporary copy under `.dvc/tmp/exps/` but sets `DVC_ROOT` to the *original*
+  project's root (dvc/repo/experiments/queue/base.py), so queued runs land in the project's
+  store rather than in a copy deleted after the run.
+- The experiment is tagged `mlflow.experimentKind = custom_model_development`, its kind in
+  MLflow's own terms (MLflow 3.17's UI picks its view from its own switch or
+  `?workflowType=machine_learning`, not from the tag).
 """
 
 from __future__ import annotations
