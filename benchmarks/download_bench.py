@@ -25,8 +25,8 @@ from pathlib import Path
 
 from stages import download
 from stages.config import compose
-from stages.mirror import generate
 from stages.openimages import LABEL_FILES
+from testing.mirror import generate
 
 REAL_TRAIN_LABELS_BYTES = 376_764_810
 
@@ -38,7 +38,7 @@ def served(mirror: Path, latency: float) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "stages.mirror", "serve", str(mirror),
+    proc = subprocess.Popen([sys.executable, "-m", "testing.mirror", "serve", str(mirror),
                              "--port", str(port), "--latency", str(latency)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/"

@@ -35,7 +35,7 @@ from test_sweep import TINY  # noqa: E402  (the tests' tiny settings, one source
 
 from stages import machine  # noqa: E402
 from stages.io import write_json  # noqa: E402
-from stages.mirror import MirrorServer, generate  # noqa: E402
+from testing.mirror import MirrorServer, generate  # noqa: E402
 
 LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
              "submitit_local": ["hydra/launcher=submitit_local"]}

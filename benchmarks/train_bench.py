@@ -42,7 +42,7 @@ from torch import nn
 from stages import download, models, prepare, train
 from stages.config import compose, path
 from stages.datasets import PreparedImages, read_classes, train_transform
-from stages.mirror import MirrorServer, generate
+from testing.mirror import MirrorServer, generate
 
 TARGET_RATIO = 0.85
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stages import download, prepare, train
 from stages.config import PROJECT_ROOT, compose, path
-from stages.mirror import MirrorServer, generate
+from testing.mirror import MirrorServer, generate
 
 # Small, fast settings: tiny images, quick retries (the backoff sleeps add up across faults).
 FAST = ["data.image_size=48", "data.fetch.backoff=0.01", "data.fetch.retries=3",

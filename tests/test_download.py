@@ -21,8 +21,8 @@ from stages.config import PROJECT_ROOT, path, stage_main
 from stages.errors import InputError
 from stages.http import Fetcher, FetchError
 from stages.io import read_csv
-from stages.mirror import MirrorServer, generate
 from stages.openimages import IMAGE_ID_FILES, LABEL_FILES, scan_labels
+from testing.mirror import MirrorServer, generate
 
 
 def image_path(split: str, iid: str) -> str:

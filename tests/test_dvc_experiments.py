@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from stages.config import PROJECT_ROOT, compose, path
 from stages.config import write_params as compose_params
-from stages.mirror import MirrorServer
+from testing.mirror import MirrorServer
 
 BIN = Path(sys.executable).parent
 # DVC's daemons (the queue workers) start `dvc` by name: this venv's comes first on PATH.

@@ -1,8 +1,11 @@
-"""Tests for the synthetic Open Images mirror: generated layout and the fault-injecting server."""
+"""The Open Images mirror (testing/mirror/): generated layout, real photos laid out the same way,
+and the fault-injecting server."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import hashlib
 import http.client
 import importlib.resources
 import json
@@ -11,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +25,8 @@ import requests
 from conftest import free_port
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages import mirror
-from stages.mirror import (
+from stages import config, download
+from testing.mirror import (
     EXIF_ORIENTATION_TAG,
     IMAGE_ID_FILES,
     IMAGE_ID_HEADER,
@@ -31,7 +35,9 @@ from stages.mirror import (
     SPLITS,
     MirrorServer,
     generate,
+    generate_from_folders,
 )
+from testing.mirror.cli import main as mirror_main
 
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
 
@@ -269,11 +275,18 @@ def test_deterministic_and_padded(tmp_path: Path) -> None:
     assert all(HEX16.match(r[0]) and r[2] not in requested and r[3] == "1" for r in pad)
 
 
+def test_class_names_resolve_as_the_download_stage_resolves_them(tmp_path: Path) -> None:
+    # any case, as data.classes accepts it; the manifest holds the Open Images display name
+    m = generate(tmp_path / "any-case", classes=["sea TURTLE"], images_per_class=1,
+                 distractor_classes=())
+    assert m["classes"] == {"Sea turtle": "/m/0120dh"} and list(m["downloadable"]) == ["Sea turtle"]
+
+
 def test_bad_arguments(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="Sea turtle"):
-        generate(tmp_path, classes=["sea turtle"])
-    with pytest.raises(ValueError, match="unknown class"):
-        generate(tmp_path, classes=["Unicorn"])
+    with pytest.raises(ValueError, match=r"unknown class 'Zebr': did you mean 'Zebra'"):
+        generate(tmp_path, classes=["Zebr"])
+    with pytest.raises(ValueError, match=r"distractor classes: unknown class 'Unicorn'"):
+        generate(tmp_path, distractor_classes=["Unicorn"])
     with pytest.raises(ValueError, match="distractor"):
         generate(tmp_path, classes=["Apple"])
     (tmp_path / "openimages").mkdir()
@@ -288,7 +301,7 @@ def tree(root: Path) -> dict[str, bytes]:
 def test_cli_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     argv = ["generate", str(out), "--classes", "Zebra", "Sea turtle", "--images-per-class", "3"]
-    assert mirror.main([*argv, "--seed", "5", "--truncated", "1"]) == 0
+    assert mirror_main([*argv, "--seed", "5", "--truncated", "1"]) == 0
     printed = capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert list(manifest["classes"]) == ["Zebra", "Sea turtle"]
@@ -313,10 +326,18 @@ def test_cli_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     api = tmp_path / "api"
     generate(api, classes=["Zebra", "Sea turtle"], images_per_class=3, seed=5, truncated=1)
     assert tree(out) == tree(api)
-    with pytest.raises(SystemExit):
-        mirror.main(["generate", str(out), "--classes", "Personal flotation device"])
-    with pytest.raises(SystemExit):
-        mirror.main(["serve", str(tmp_path / "nothing")])
+    assert_one_line_error(capsys, ["generate", str(out), "--classes", "Personal flotation device"],
+                          r"unknown class 'Personal flotation device'")
+    assert_one_line_error(capsys, ["serve", str(tmp_path / "nothing")],
+                          r"has no openimages/ and open-images-dataset/: run .* generate")
+
+
+def assert_one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], match: str) -> None:
+    """The CLI exits 2 with one `python -m testing.mirror: error: ...` line and no traceback."""
+    assert mirror_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match(r"python -m testing\.mirror: error: ", err), err
+    assert re.search(match, err), err
 
 
 def test_cli_serve_serves_the_generated_mirror(
@@ -325,7 +346,7 @@ def test_cli_serve_serves_the_generated_mirror(
     root, manifest = generated
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.mirror", "serve", str(root), "--port", str(port)],
+        [sys.executable, "-m", "testing.mirror", "serve", str(root), "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -479,3 +500,144 @@ def test_delay_latency_and_close(generated: tuple[Path, dict[str, Any]]) -> None
         assert srv.requests[key] == 2
         start = time.perf_counter()
     assert time.perf_counter() - start < 2, "close() must not wait for hung handlers"
+
+
+# ---------------------------------------------------------------- real photos (--from-folders)
+
+REALDATA = config.PROJECT_ROOT.parent / "shared" / "realdata"
+
+
+def jpeg(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, "JPEG", quality=90)
+    return path.read_bytes()
+
+
+def md5_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def test_from_folders_lays_photos_out_as_open_images_serves_them(
+    tmp_path: Path, generated: tuple[Path, dict[str, Any]]
+) -> None:
+    photos = tmp_path / "photos"
+    # "zebra" in another case than Open Images' "Zebra"; a real 16-hex ImageID keeps its ID
+    for i in range(4):
+        jpeg(photos / "zebra" / f"z{i}.jpg", (40 * i, 200, 10))
+    jpeg(photos / "zebra" / "more" / "0123456789abcdef.jpg", (0, 0, 250))
+    cut = jpeg(photos / "zebra" / "broken.jpg", (9, 9, 9), (400, 300))
+    (photos / "zebra" / "broken.jpg").write_bytes(cut[: len(cut) // 2])
+    (photos / "zebra" / "notes.txt").write_text("shot at the zoo\n")
+    (photos / "zebra" / "zz-copy.jpg").write_bytes((photos / "zebra" / "z1.jpg").read_bytes())
+    (photos / "zebra" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden: never counted
+    for i in range(3):
+        jpeg(photos / "Sea turtle" / f"t{i}.jpg", (200, 40 * i, 90))
+    Image.new("RGB", (8, 8)).save(photos / "Sea turtle" / "png.jpg", "PNG")
+
+    out = tmp_path / "mirror"
+    manifest = generate_from_folders(out, photos, seed=1)
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["classes"] == {"Sea turtle": "/m/0120dh", "Zebra": "/m/0898b"}
+    assert manifest["folders"] == {"Sea turtle": "Sea turtle", "Zebra": "zebra"}
+    # the same metadata files, with the same class tables, as the synthetic mirror
+    synthetic = generated[0] / "openimages"
+    meta = out / "openimages"
+    assert tree(meta).keys() == tree(synthetic).keys()
+    for rel in ("v5/class-descriptions-boxable.csv", "v7/oidv7-class-descriptions-boxable.csv"):
+        assert (meta / rel).read_bytes() == (synthetic / rel).read_bytes()
+    for split in SPLITS:
+        assert tuple(read_csv(meta / LABEL_FILES[split])[0]) == LABEL_HEADER
+        assert tuple(read_csv(meta / IMAGE_ID_FILES[split])[0]) == IMAGE_ID_HEADER
+
+    labels = {s: read_csv(meta / LABEL_FILES[s])[1:] for s in SPLITS}
+    ids = {s: {r[0]: r for r in read_csv(meta / IMAGE_ID_FILES[s])[1:]} for s in SPLITS}
+    sources = {}
+    for name, entries in manifest["downloadable"].items():
+        for e in entries:
+            body = (photos / e["source"]).read_bytes()
+            assert image_path(out, e).read_bytes() == body  # the photo, byte for byte
+            assert [e["id"], "verification", manifest["classes"][name], "1"] in labels[e["split"]]
+            row = ids[e["split"]][e["id"]]
+            assert row[1] == e["split"] and row[7] == e["source"]
+            assert (row[8], row[9]) == (str(len(body)), md5_b64(body))
+            sources[e["source"]] = (name, e["id"])
+    assert sources["zebra/more/0123456789abcdef.jpg"] == ("Zebra", "0123456789abcdef")
+    assert {s: n for s, (n, _) in sources.items()} == {
+        **{f"zebra/z{i}.jpg": "Zebra" for i in range(4)},
+        "zebra/more/0123456789abcdef.jpg": "Zebra",
+        **{f"Sea turtle/t{i}.jpg": "Sea turtle" for i in range(3)}}
+    # every served image is listed, in exactly one split, and nothing else is in the bucket
+    served = {p.stem: p.parent.name for p in (out / "open-images-dataset").rglob("*.jpg")}
+    assert served == {e["id"]: e["split"] for v in manifest["downloadable"].values() for e in v}
+    assert {e["split"] for e in manifest["downloadable"]["Zebra"]} == set(SPLITS)  # 5 -> 3/1/1
+    assert sum(len(r) for r in labels.values()) == 8
+    skipped = {s["source"]: s["reason"].split(":")[0] for s in manifest["skipped"]}
+    assert skipped == {"zebra/broken.jpg": "unreadable", "zebra/notes.txt": "unreadable",
+                       "Sea turtle/png.jpg": "unreadable", "zebra/zz-copy.jpg": "duplicate"}
+    assert manifest["skip_reasons"] == {"unreadable": 3, "duplicate": 1}
+    # same photos and seed, same mirror
+    again = generate_from_folders(tmp_path / "again", photos, seed=1)
+    assert again["downloadable"] == manifest["downloadable"]
+    assert tree(tmp_path / "again" / "openimages") == tree(meta)
+
+
+def test_from_folders_cli_and_its_errors(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    photos = tmp_path / "photos"
+    for i in range(3):
+        jpeg(photos / "Zebra" / f"z{i}.jpg", (80 * i, 10, 10))
+        jpeg(photos / "Blue jay" / f"b{i}.jpg", (10, 10, 80 * i))
+    out = tmp_path / "mirror"
+    argv = ["generate", str(out), "--from-folders", str(photos)]
+    assert mirror_main([*argv, "--classes", "Zebra", "--images-per-class", "2"]) == 0
+    printed = capsys.readouterr().out
+    o = re.escape(str(out))
+    assert re.fullmatch(rf"wrote {o} in [\d.]+s: 2 photos \(Zebra 2\), 0 skipped; manifest "
+                        rf"{o}/manifest\.json\n", printed), printed
+    assert_one_line_error(capsys, [*argv, "--truncated", "1"], "synthetic mirror only")
+    assert_one_line_error(capsys, [*argv, "--classes", "Zebras"], r"no folder \['Zebras'\]")
+    (photos / "Zebras").mkdir()
+    assert_one_line_error(capsys, argv, r"must be named after an Open Images class: unknown "
+                                        r"class 'Zebras': did you mean 'Zebra'")
+    (photos / "Zebras").rmdir()
+    (photos / "Sea turtle").mkdir()
+    assert_one_line_error(capsys, argv, r"Sea turtle: empty class folder")
+    (photos / "Sea turtle" / "notes.txt").write_text("to do: add photos\n")
+    assert_one_line_error(capsys, argv, r"Sea turtle: no whole JPEG among its 1 file\(s\) "
+                                        r"\(first: unreadable: not a JPEG")
+    assert_one_line_error(capsys, ["generate", str(out), "--from-folders", str(tmp_path / "x")],
+                          "is not a folder")
+    # the failed runs checked before they wrote: the earlier mirror is as it was
+    kept = json.loads((out / "manifest.json").read_text())["downloadable"]
+    assert list(kept) == ["Zebra"] and all(image_path(out, e).is_file() for e in kept["Zebra"])
+
+
+def test_real_photos_through_the_mirror_and_the_download_stage(make_cfg, tmp_path: Path) -> None:
+    """../shared/realdata laid out as Open Images, served on 127.0.0.1 and fetched by the real
+    download stage: every image arrives byte for byte, under the class of its folder."""
+    if not (REALDATA / "Plastic bag").is_dir():
+        pytest.skip(f"real photos not found at {REALDATA} (the shared folder beside the clone)")
+    manifest = generate_from_folders(tmp_path / "mirror", REALDATA, images_per_class=4, seed=0)
+    assert list(manifest["classes"]) == ["Airplane", "Bird", "Plastic bag"]
+    source_of = {e["id"]: (name, e["source"]) for name, v in manifest["downloadable"].items()
+                 for e in v}
+    # Plastic bag's files are named by their real Open Images ImageIDs, and keep them
+    assert all(Path(s).stem == iid for iid, (n, s) in source_of.items() if n == "Plastic bag")
+    with MirrorServer(tmp_path / "mirror") as srv:
+        cfg = make_cfg("data.classes=[Airplane, Bird, Plastic bag]",
+                       "data.max_images_per_class=3", srv=srv)
+        metrics = download.run(cfg)
+    assert (metrics["selected"], metrics["downloaded"], metrics["missing"]) == (9, 9, 0)
+    raw = config.path(cfg, "raw")
+    rows = read_rows(raw / "labels.csv")
+    assert Counter(r["class"] for r in rows) == {"Airplane": 3, "Bird": 3, "Plastic bag": 3}
+    for r in rows:
+        name, source = source_of[r["ImageID"]]
+        assert r["class"] == name and r["label_name"] == manifest["classes"][name]
+        got = (raw / r["file"]).read_bytes()
+        assert got == (REALDATA / source).read_bytes(), source
+
+
+def read_rows(p: Path) -> list[dict[str, str]]:
+    with p.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))

@@ -123,3 +123,17 @@ def test_readers_do_not_import_torch(module: str) -> None:
     res = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_the_product_never_imports_the_test_mirror() -> None:
+    """testing/ (the Open Images mirror) may import stages/ (it reuses the class table and the
+    JPEG check), never the reverse: the pipeline must run from a package without its tests."""
+    offenders = []
+    for file in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text(), filename=str(file))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            offenders += [f"{file.relative_to(PROJECT_ROOT)}:{node.lineno} imports {n}"
+                          for n in names if n == "testing" or n.startswith("testing.")]
+    assert not offenders, offenders

@@ -34,7 +34,7 @@ from stages import download, prepare
 from stages import sweep as sweep_module
 from stages.config import CONF_DIR, PROJECT_ROOT, compose, path
 from stages.io import read_csv, write_json
-from stages.mirror import MirrorServer
+from testing.mirror import MirrorServer
 
 # test_pipeline.py's tiny settings, as command-line overrides.
 TINY = ["data.image_size=48", "data.fetch.backoff=0.01", "data.fetch.retries=3",

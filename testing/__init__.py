@@ -1,0 +1,1 @@
+"""Test and offline tools for the pipeline; never imported by a stage."""

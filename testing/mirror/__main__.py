@@ -1,0 +1,5 @@
+import sys
+
+from testing.mirror.cli import main
+
+sys.exit(main())
