@@ -25,7 +25,6 @@ before it is evaluated, the way every consumer loads it: `stages.runtime.load_va
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import json
@@ -45,8 +44,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from stages import evaluation, models, trt_layers
-from stages.config import OPTIMIZE_VARIANTS, path, stage_main
+from stages import evaluation, models, progress, trt_layers
+from stages.config import path, stage_main, stage_parser
+from stages.datasets import PreparedImages
 from stages.errors import ConfigError, InputError
 from stages.io import atomic_dir, write_json
 from stages.machine import cpu_flags, cpu_has_native_bf16
@@ -65,6 +65,7 @@ from stages.runtime import (
     VARIANTS as SPECS,
 )
 from stages.tracking import stage_run, verdict_code
+from stages.variants import OPTIMIZE_VARIANTS
 
 log = logging.getLogger("stages.optimize")
 
@@ -101,13 +102,14 @@ class BuildContext:
         """torch.export with the batch dimension dynamic up to export.max_batch."""
         x = self.example if example is None else example
         batch = torch.export.Dim("batch", min=1, max=self.cfg.export.max_batch)
-        return torch.export.export(module, (x,), dynamic_shapes=({0: batch},))
+        with progress.phase(log, "tracing the model with torch.export"):
+            return torch.export.export(module, (x,), dynamic_shapes=({0: batch},))
 
 
 def _aoti_package(ep, dst: Path) -> None:
     # freezing folds weights into constants (what makes int8 weight prepacking possible) and
     # must run under no_grad; the configs dict is mutated by the call, hence a fresh one.
-    with torch.no_grad():
+    with torch.no_grad(), progress.phase(log, "compiling the AOTInductor package (C++)"):
         torch._inductor.aoti_compile_and_package(ep, package_path=str(dst),
                                                  inductor_configs={"freezing": True})
 
@@ -233,7 +235,8 @@ def save_openvino(ctx: BuildContext, model: Any, dst: Path, precision: str) -> N
     import openvino.properties.hint as hints
 
     ov.save_model(model, str(dst), compress_to_fp16=False)
-    compiled, _ = openvino_compile(dst, precision)
+    with progress.phase(log, f"compiling the OpenVINO IR ({precision}) for the CPU plugin"):
+        compiled, _ = openvino_compile(dst, precision)
     ctx.notes["openvino_version"] = ov.__version__
     ctx.notes["performance_hint"] = str(compiled.get_property(hints.performance_mode))
     ctx.notes["streams"] = int(compiled.get_property(props.num_streams))
@@ -282,7 +285,9 @@ def build_openvino_int8(ctx: BuildContext, dst: Path) -> None:
 
     batches = [b.numpy() for b in ctx.calibration()]
     ctx.notes["calibration_images"] = sum(len(b) for b in batches)
-    # one dataset item is one model input (a batch), hence subset_size counts batches
+    # one dataset item is one model input (a batch), hence subset_size counts batches. NNCF
+    # draws its own progress bars (rich), so no clock of ours beside them.
+    log.info("NNCF: collecting statistics on %d batches and correcting biases", len(batches))
     quantized = nncf.quantize(openvino_ir(ctx), nncf.Dataset(batches),
                               subset_size=len(batches), **settings)
     ctx.notes["nncf_version"] = nncf.__version__
@@ -378,9 +383,10 @@ def build_trt(precision: str) -> Callable[[BuildContext, Path], None]:
         handlers, level = root.handlers[:], root.level
         with tempfile.TemporaryDirectory(prefix="trt_layers_") as logs:
             try:
-                with torch_tensorrt.dynamo.Debugger(log_level="info", logging_dir=logs,
-                                                    save_layer_info=True,
-                                                    engine_builder_monitor=False):
+                with progress.phase(log, "building the TensorRT engine"), \
+                        torch_tensorrt.dynamo.Debugger(log_level="info", logging_dir=logs,
+                                                       save_layer_info=True,
+                                                       engine_builder_monitor=False):
                     trt_gm = torch_tensorrt.dynamo.compile(ep, arg_inputs=spec, **s["kwargs"])
             finally:
                 root.handlers[:] = handlers
@@ -470,6 +476,9 @@ BUILDERS: dict[str, tuple[Callable[[BuildContext, Path], None], Callable[[], str
     "trt_fp32": (build_trt("fp32"), _needs_trt),
     "trt_fp16": (build_trt("fp16"), _needs_trt),
 }
+if set(BUILDERS) != set(OPTIMIZE_VARIANTS):  # the registry names them, each is built here
+    raise ImportError(f"optimize.BUILDERS {sorted(BUILDERS)} differs from the registry "
+                      f"stages.variants {sorted(OPTIMIZE_VARIANTS)}")
 VARIANTS: dict[str, Variant] = {
     name: Variant(name, SPECS[name], *BUILDERS[name]) for name in OPTIMIZE_VARIANTS}
 
@@ -504,8 +513,7 @@ def run(cfg: DictConfig, variant_name: str) -> dict:
     batches = evaluation.batches(images, cfg.optimize.eval_batch)
     calibration: Callable[[], Iterator[torch.Tensor]] = lambda: iter(())  # noqa: E731
     if variant.precision == "int8":
-        calibration = evaluation.calibration_batches(
-            prepared, meta, cfg.optimize.calibration_images, cfg.optimize.calibration_batch)
+        calibration = _counted_calibration(cfg, prepared, meta, variant.name)
 
     with stage_run(cfg, "optimize") as tracker, atomic_dir(folder) as tmp:
         tracker.log_params({f"optimize.{variant.name}.backend": variant.backend,
@@ -534,6 +542,17 @@ def run(cfg: DictConfig, variant_name: str) -> dict:
     return record
 
 
+def _counted_calibration(cfg: DictConfig, prepared: Path, meta: dict,
+                         name: str) -> Callable[[], Iterator[torch.Tensor]]:
+    """The calibration batches, counted on a bar as the quantizer pulls them."""
+    opt = cfg.optimize
+    batches = evaluation.calibration_batches(prepared, meta, opt.calibration_images,
+                                             opt.calibration_batch)
+    images = min(opt.calibration_images, len(PreparedImages(prepared, "train")))
+    total = -(-images // opt.calibration_batch)
+    return lambda: progress.counted(batches(), total, f"{name} calibration")
+
+
 def artifact_bytes(artifact: Path) -> int:
     """The artifact's size on disk; an OpenVINO IR's weights are in the .bin beside its .xml."""
     weights = artifact.with_suffix(".bin")
@@ -554,7 +573,12 @@ def _build_and_check(cfg: DictConfig, variant: Variant, ctx: BuildContext, tmp: 
         out["artifact"] = str(final)
         out["size_mb"] = round(artifact_bytes(artifact) / 2**20, 3)
         runtime = variant.load(artifact)  # from disk, as the benchmark will
-        got = np.concatenate([runtime(x) for x in batches])
+        outs = []
+        with progress.steps(len(batches), f"{variant.name} evaluation", "batch") as bar:
+            for x in batches:
+                outs.append(runtime(x))
+                bar.update(1)
+        got = np.concatenate(outs)
     except Exception as e:  # noqa: BLE001 - any build error is this variant's recorded result
         log.error("%s failed:\n%s", variant.name, traceback.format_exc())
         for leftover in tmp.iterdir():  # no half-built artifact beside a `failed` record
@@ -573,10 +597,15 @@ def _build_and_check(cfg: DictConfig, variant: Variant, ctx: BuildContext, tmp: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--variant", required=True, help=f"one of {sorted(OPTIMIZE_VARIANTS)}")
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    sys.exit(stage_main("optimize", lambda cfg: run(cfg, args.variant), rest))
+    parser = stage_parser("optimize", "Build one optimized variant of the trained model, load it "
+                          "back and measure its accuracy against fp32 (DVC runs one per entry "
+                          "of optimize.variants).")
+    # No argparse `choices`: run() names an unknown variant with "did you mean", exit code 2.
+    parser.add_argument("--variant", required=True, metavar="VARIANT",
+                        help="the variant to build, one of: " + ", ".join(
+                            f"{v.name} ({v.backend} {v.precision})" for v in VARIANTS.values()))
+    args = parser.parse_intermixed_args(argv)
+    sys.exit(stage_main("optimize", lambda cfg: run(cfg, args.variant), args=args))
 
 
 if __name__ == "__main__":

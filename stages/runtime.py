@@ -8,6 +8,7 @@ how each is built; the benchmark loads them with `load_variant(folder)` without 
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.config import OPTIMIZE_VARIANTS
 from stages.errors import ConfigError, InputError
+from stages.variants import OPTIMIZE_VARIANTS
 
 
 @dataclass
@@ -202,13 +203,15 @@ VARIANTS: dict[str, VariantSpec] = {
                             lambda f: _trt_runtime(f, torch.float16)),
 }
 if set(VARIANTS) != set(OPTIMIZE_VARIANTS):  # one list of names: config validates against it
-    raise ImportError(f"runtime.VARIANTS {sorted(VARIANTS)} differs from "
-                      f"config.OPTIMIZE_VARIANTS {sorted(OPTIMIZE_VARIANTS)}")
+    raise ImportError(f"runtime.VARIANTS {sorted(VARIANTS)} differs from the registry "
+                      f"stages.variants {sorted(OPTIMIZE_VARIANTS)}")
 
 
 def variant_spec(name: str) -> VariantSpec:
     if name not in VARIANTS:
-        raise ConfigError(f"unknown variant {name!r}; expected one of {sorted(VARIANTS)}")
+        close = difflib.get_close_matches(name, VARIANTS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown variant {name!r}; {hint}expected one of {sorted(VARIANTS)}")
     return VARIANTS[name]
 
 

@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from stages.config import CONF_DIR, PROJECT_ROOT, compose, load_params, validate, write_params
+from stages.config import (
+    CONF_DIR,
+    PROJECT_ROOT,
+    PipelineConf,
+    Schema,
+    compose,
+    load_params,
+    validate,
+    write_params,
+)
 from stages.errors import ConfigError
 
 
@@ -91,3 +100,12 @@ def test_validated_config_is_read_only() -> None:
     cfg = compose([])
     with pytest.raises(Exception, match="read-only"):
         cfg.data.seed = 3
+
+
+def test_the_schema_holds_no_values() -> None:
+    """conf/ is the one place values live: the schema gives types, ranges and allowed values, and
+    a key that conf/ (or params.yaml) lacks is an error, not a default from code."""
+    with_default = [f"{model.__name__}.{name}" for model in Schema.__subclasses__()
+                    for name, f in model.model_fields.items() if not f.is_required()]
+    assert not with_default, f"schema fields with a default: {with_default}"
+    assert PipelineConf in Schema.__subclasses__()

@@ -445,6 +445,8 @@ def test_entry_point_exit_codes(cfg, tmp_path) -> None:
     params = write_params(cfg, tmp_path / "params.yaml")
     res = run_stage("optimize", params, "--variant", "tflite")
     assert res.returncode == 2 and "unknown variant 'tflite'" in res.stderr
+    res = run_stage("optimize", params, "--variant", "onnxruntime_int")
+    assert res.returncode == 2 and "did you mean 'onnxruntime_int8'" in res.stderr
     res = run_stage("optimize", params, "--variant", "trt_fp16")
     assert res.returncode == 0, res.stderr
     rec = json.loads((path(cfg, "optimized") / "trt_fp16" / "record.json").read_text())

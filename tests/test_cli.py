@@ -1,0 +1,137 @@
+"""What a new user meets first: the entry points' help, and one clear line (exit code 2) for a
+malformed params file, a bad override or an unknown key, never a YAML or Hydra traceback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.config import PROJECT_ROOT, compose, stage_main
+from stages.errors import ConfigError
+from stages.variants import OPTIMIZE_VARIANTS
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m <args>` in a fresh process, from the project root of the code under test."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    return subprocess.run([sys.executable, "-m", *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got {len(lines)}:\n{stderr}"
+    return lines[0]
+
+
+def never_run(cfg) -> None:
+    raise AssertionError("the stage ran with a config that should have been refused")
+
+
+def entry_error(caplog, *argv: str) -> str:
+    """Exit code 2 from the shared stage entry point, and its one error line."""
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="stages"):
+        assert stage_main("check", never_run, list(argv)) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    return errors[0]
+
+
+@pytest.mark.parametrize(("content", "where", "says"), [
+    (b"data: [1, 2\n", "line 2, column 1", "flow sequence at line 1, column 7"),
+    (b"paths:\n\troot: .\n", "line 2, column 1", "spaces, never tabs"),
+    (b"paths:\n  root: .\x00\n", "line 2, column 10", "'\\x00'"),
+    (b"paths:\n  root: \xff\xfe\n", "line 2, column 9", "not UTF-8"),
+], ids=["unclosed-list", "tab", "nul-byte", "not-utf8"])
+def test_malformed_params_file_is_one_line_naming_file_line_and_column(
+        tmp_path: Path, caplog, content: bytes, where: str, says: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(content)
+    msg = entry_error(caplog, "--params", str(bad))
+    assert f"{bad}, {where}" in msg and says in msg
+
+
+def test_malformed_override_names_the_override(tmp_path: Path, caplog) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text((PROJECT_ROOT / "params.yaml").read_text())
+    msg = entry_error(caplog, "--params", str(params), "data.classes=[Cat")
+    assert "override 'data.classes=[Cat'" in msg and "column 5" in msg
+    assert "not KEY=VALUE" in entry_error(caplog, "--params", str(params), "data.classes")
+
+
+def test_unknown_key_in_params_or_override_suggests_the_known_one(tmp_path: Path,
+                                                                   caplog) -> None:
+    good = (PROJECT_ROOT / "params.yaml").read_text()
+    params = tmp_path / "params.yaml"
+    params.write_text(good)
+    msg = entry_error(caplog, "--params", str(params), "train.lrr=0.1")
+    assert "unknown key 'train.lrr'; did you mean 'train.lr'?" in msg
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(good.replace("\n  lr: 0.001\n", "\n  lrr: 0.001\n", 1))
+    assert "did you mean 'train.lr'" in entry_error(caplog, "--params", str(typo))
+    with pytest.raises(ConfigError, match="did you mean 'data.fetch.workers'"):
+        compose(["+data.fetch.worker=3"])
+
+
+def test_stage_entry_point_in_a_fresh_process_prints_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "params.yaml"
+    bad.write_text("data:\n  classes: [Cat\n")
+    res = cli("stages.report", "--params", str(bad))
+    assert res.returncode == 2, res.stderr
+    line = one_line(res.stderr)
+    assert f"{bad}, line 3, column 1: invalid YAML" in line and "Traceback" not in res.stderr
+
+
+def test_make_params_writes_only_a_valid_file(tmp_path: Path) -> None:
+    out = tmp_path / "params.yaml"
+    out.write_text("the previous file\n")
+    res = cli("stages.config", "--output", str(out), "train.epochs=abc")
+    assert res.returncode == 2
+    assert "train.epochs" in one_line(res.stderr) and "not written" in res.stderr
+    assert out.read_text() == "the previous file\n"
+
+    res = cli("stages.config", "--output", str(out), "train.lrr=0.1")
+    assert res.returncode == 2
+    assert "unknown key 'train.lrr'; did you mean 'train.lr'?" in one_line(res.stderr)
+
+    res = cli("stages.config", "--output", str(out), "data.classes=[Cat")
+    assert res.returncode == 2 and "override 'data.classes=[Cat'" in one_line(res.stderr)
+    assert out.read_text() == "the previous file\n"
+
+    res = cli("stages.config", "--output", str(out))  # what `make params` runs
+    assert res.returncode == 0, res.stderr
+    assert out.read_text() == (PROJECT_ROOT / "params.yaml").read_text()
+
+
+def test_config_help_explains_instead_of_composing() -> None:
+    res = cli("stages.config", "--help")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: python -m stages.config")
+    assert "--output" in res.stdout and "Hydra" in res.stdout
+
+
+def test_broken_conf_file_is_named_with_line_and_column(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    subprocess.run(["cp", "-r", str(PROJECT_ROOT / "conf"), str(conf)], check=True)
+    train = conf / "train" / "default.yaml"
+    lines = len(train.read_text().splitlines())
+    train.write_text(train.read_text() + "epochs: [1\n")
+    with pytest.raises(ConfigError, match=rf"train/default.yaml, line {lines + 2}, column 1"):
+        compose([], conf)
+    with pytest.raises(ConfigError, match=r"conf/model has no option 'resnet19'; did you mean "
+                                          r"'resnet18'\?"):
+        compose(["model=resnet19"])
+
+
+def test_optimize_help_lists_every_variant() -> None:
+    res = cli("stages.optimize", "--help")
+    assert res.returncode == 0, res.stderr
+    assert "--variant" in res.stdout and "--params" in res.stdout
+    missing = [v for v in OPTIMIZE_VARIANTS if v not in res.stdout]
+    assert not missing, f"--help does not name {missing}:\n{res.stdout}"
