@@ -37,12 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
-from stages import imaging, openimages
+from stages import imaging, openimages, progress
 from stages.config import main_for, path
 from stages.errors import ConfigError, InputError
-from stages.http import Fetcher, FetchError, NotFound
+from stages.http import Fetcher, FetchError, NotFound, TooLarge
 from stages.io import (
     atomic_dir,
     remove_stale_temps,
@@ -56,6 +55,7 @@ from stages.tracking import StageRun, stage_run
 
 log = logging.getLogger("stages.download")
 
+MB = 1 << 20  # data.fetch.max_image_mb's unit
 # What `prepare` reads, whatever the source: `file` is the image's path relative to paths.raw.
 LABELS_HEADER = ["ImageID", "split", "class", "label_name", "file"]
 
@@ -118,8 +118,8 @@ def select(scans: dict[str, openimages.LabelScan], classes: dict[str, str], cap:
 
 
 def fetch_images(sel: Selection, fetcher: Fetcher, images_url: str, cache: Path,
-                 workers: int) -> tuple[dict[str, str], int]:
-    """Fetch every selected image not in the cache.
+                 workers: int, max_bytes: int | None = None) -> tuple[dict[str, str], int]:
+    """Fetch every selected image not in the cache; a body over `max_bytes` is refused.
 
     Returns ImageID -> failure reason, and how many images were requested.
     """
@@ -132,12 +132,12 @@ def fetch_images(sel: Selection, fetcher: Fetcher, images_url: str, cache: Path,
              len(sel.images) - len(todo), workers)
 
     def one(iid: str, split: str) -> None:
-        data = fetcher.get_bytes(url_join(images_url, f"{split}/{iid}.jpg"))
+        data = fetcher.get_bytes(url_join(images_url, f"{split}/{iid}.jpg"), max_bytes)
         imaging.check_jpeg(data)  # raises ImageError on a non-JPEG or truncated body
         write_bytes(cache / split / f"{iid}.jpg", data)
 
     with ThreadPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=len(todo), unit="img", desc="images", smoothing=0.1) as bar:
+            progress.bar(total=len(todo), unit="img", desc="images", smoothing=0.1) as bar:
         pending = {pool.submit(one, iid, split): iid for iid, split in todo}
         try:
             while pending:
@@ -148,6 +148,8 @@ def fetch_images(sel: Selection, fetcher: Fetcher, images_url: str, cache: Path,
                         fut.result()
                     except NotFound as e:
                         failures[iid] = f"missing: {e}"
+                    except TooLarge as e:
+                        failures[iid] = f"invalid: {e} (the cap is data.fetch.max_image_mb)"
                     except imaging.ImageError as e:
                         failures[iid] = f"invalid: {e}"
                     except FetchError as e:
@@ -211,7 +213,8 @@ def from_openimages(cfg: DictConfig) -> dict:
 
         t0 = time.perf_counter()
         failures, requested = fetch_images(sel, fetcher, data.images_url, img_cache,
-                                           data.fetch.workers)
+                                           data.fetch.workers,
+                                           int(data.fetch.max_image_mb * MB))
         fetch_s = time.perf_counter() - t0
         metrics = write_outputs(cfg, sel, failures, attribution, classes, img_cache)
         metrics.update({
@@ -436,7 +439,7 @@ def from_folder(cfg: DictConfig) -> dict:
 def _import_photos(photos: list[Photo], root: Path, images: Path, workers: int) -> list[Photo]:
     # Threads: Pillow releases the GIL while it decodes (as in prepare). map keeps list order.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
-            tqdm(total=len(photos), unit="img", desc="import") as bar:
+            progress.bar(total=len(photos), unit="img", desc="import") as bar:
         out, failed = [], 0
         for ph in pool.map(lambda p: _check_and_store(p, root, images), photos):
             out.append(ph)

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
+import errno
+import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+log = logging.getLogger("stages.io")
 
 
 @contextlib.contextmanager
@@ -25,6 +31,7 @@ def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -35,6 +42,16 @@ def _umask() -> int:
     mask = os.umask(0)  # the only way to read it; set straight back
     os.umask(mask)
     return mask
+
+
+def fsync_dir(folder: Path) -> None:
+    """Put `folder`'s entries on disk: a rename survives a power cut only once its folder is
+    synced (fsyncing the file makes its bytes durable, not its new name)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -65,22 +82,100 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Build a directory under a temp name, then swap it into place whole."""
+    """Build a directory under a temp name, then swap it into place whole.
+
+    The final name holds a whole folder at every moment, the previous one or the new one. On
+    Linux the two are exchanged in one step (renameat2 RENAME_EXCHANGE). Where that is missing
+    (another OS, a file system without it) the previous folder is first moved aside to
+    `.<name>.old`; a process killed before the new one takes its place leaves only that, and
+    the next `atomic_dir` on the path (the stage's rerun) moves it back before anything else.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.with_name(f".{path.name}.old")
+    _restore_previous(path, old)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         yield tmp
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
+        _sync_tree(tmp)  # the new files are on disk before any of them has a final name
+        if not path.exists():
+            os.replace(tmp, path)
+        elif _exchange(tmp, path):
+            os.replace(tmp, old)  # the previous folder, under the one name a rerun clears
+        else:
             os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _restore_previous(path, old)
         raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore_previous(path: Path, old: Path) -> None:
+    """Undo a swap cut short: `.<name>.old` without `<name>` is the previous output, whole."""
+    if not old.exists():
+        return
+    if path.exists():  # the swap finished; only the clean-up was cut short
+        shutil.rmtree(old)
+        return
+    log.warning("%s: restoring the previous output from %s (a run was killed mid-swap)",
+                path, old.name)
+    os.replace(old, path)
+    fsync_dir(path.parent)
+
+
+# <linux/fs.h> and <fcntl.h>; errnos meaning "this kernel or file system cannot exchange"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+@functools.cache
+def _libc_call(name: str) -> Callable[..., int] | None:
+    """A libc function by name, or None where this C library lacks it (musl, macOS)."""
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step; False where the kernel or file system cannot."""
+    renameat2 = _libc_call("renameat2")
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_EXCHANGE:
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _sync_tree(root: Path) -> None:
+    """Flush every file and folder under `root` to disk. syncfs flushes the whole file system in
+    one call, far cheaper than one fsync per file for thousands of images; elsewhere, or if it
+    fails, each file and folder is fsynced."""
+    syncfs = _libc_call("syncfs")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if syncfs is not None and syncfs(fd) == 0:
+            return
+    finally:
+        os.close(fd)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            file = os.path.join(folder, name)
+            if os.path.islink(file):  # its target lives elsewhere, outside this output
+                continue
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
 
 
 def remove_stale_temps(folder: Path) -> int:

@@ -12,6 +12,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import stage_cmd, write_params
 from PIL import Image
@@ -150,6 +151,26 @@ def test_jpeg_cut_short_with_a_matching_content_length_is_invalid(make_cfg, tmp_
     assert not cut.keys() & {r["ImageID"] for r in read_csv(raw / "labels.csv")}
     cache = download.cache_dir(cfg, "images", cfg.data.images_url)
     assert not [p for p in cache.rglob("*") if p.stem in cut], "a cut JPEG reached the cache"
+
+
+def test_an_image_over_max_image_mb_is_invalid_and_never_written(make_cfg, private_mirror,
+                                                                 manifest) -> None:
+    # a real JPEG that decodes, just too big: only the size cap can reject it
+    big = manifest["downloadable"]["Zebra"][0]
+    noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(private_mirror / image_path(big["split"], big["id"]), quality=95)
+    assert (private_mirror / image_path(big["split"], big["id"])).stat().st_size > 100_000
+    with MirrorServer(private_mirror) as srv:
+        cfg = make_cfg("data.fetch.max_image_mb=0.05", srv=srv)  # 52 KB; the others are ~10
+        metrics = download.run(cfg)
+        assert srv.requests[image_path(big["split"], big["id"])] == 1  # refused, not retried
+    assert metrics["invalid"] == len(manifest["not_jpeg"]) + 1
+    assert metrics["downloaded"] == len(downloadable(manifest)) - 1 and metrics["failed"] == 0
+    missing = {r["ImageID"]: r["reason"] for r in read_csv(path(cfg, "raw") / "missing.csv")}
+    assert missing[big["id"]].startswith("invalid: ") and "max_image_mb" in missing[big["id"]]
+    cache = download.cache_dir(cfg, "images", cfg.data.images_url)
+    assert not [p for p in cache.rglob("*") if p.stem == big["id"]], "it reached the cache"
+    assert not list(path(cfg, "raw").rglob(f"{big['id']}*"))
 
 
 def test_multiclass_policy_first_assigns_the_first_requested_class(make_cfg, mirror,

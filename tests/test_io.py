@@ -4,6 +4,7 @@ leaves a partial file under the final name; the previous file stays whole."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,3 +90,90 @@ def test_a_process_killed_mid_write_leaves_the_old_file_whole(tmp_path: Path) ->
     assert temp.name.startswith(".labels.csv.") and temp.stat().st_size > 1 << 19
     assert remove_stale_temps(target.parent) == 1
     assert sorted(os.listdir(target.parent)) == ["labels.csv"]
+
+
+# Replaces a folder built by atomic_dir, dying (os._exit: no except, no finally, as SIGKILL) right
+# after its Nth step, a step being any os.replace or the one-step exchange. argv[3] "rename"
+# stands for a kernel or file system without renameat2's RENAME_EXCHANGE.
+DYING_SWAP = """
+import os, sys
+from pathlib import Path
+import stages.io as io
+
+target, die_after, swap = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if swap == "rename":
+    io._exchange = lambda a, b: False
+steps = 0
+
+def step(fn):
+    def run(*args):
+        global steps
+        result = fn(*args)
+        steps += 1
+        if steps == die_after:
+            os._exit(9)
+        return result
+    return run
+
+os.replace = step(os.replace)
+io._exchange = step(io._exchange)
+with io.atomic_dir(target) as d:
+    io.write_text(d / "labels.csv", "new")
+    (d / "images").mkdir()
+    io.write_bytes(d / "images" / "b.jpg", b"new image")
+print(steps)
+"""
+
+
+def tree(folder: Path) -> dict[str, bytes] | None:
+    """Every file under `folder` with its bytes; None if there is no such folder."""
+    if not folder.is_dir():
+        return None
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("swap", ["exchange", "rename"])
+def test_a_process_killed_at_any_step_of_a_folder_swap_loses_nothing(tmp_path: Path,
+                                                                      swap: str) -> None:
+    old = {"labels.csv": b"old", "images/a.jpg": b"old image"}
+    new = {"labels.csv": b"new", "images/b.jpg": b"new image"}
+    work, out = tmp_path / "work", tmp_path / "work" / "raw"
+
+    def previous_output() -> None:  # laid out by hand, independently of the code under test
+        shutil.rmtree(work, ignore_errors=True)
+        (out / "images").mkdir(parents=True)
+        for name, data in old.items():
+            (out / name).write_bytes(data)
+
+    def swap_dying_after(n: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", DYING_SWAP, str(out), str(n), swap],
+                              cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+
+    previous_output()
+    full = swap_dying_after(0)
+    assert full.returncode == 0, full.stderr
+    assert tree(out) == new and os.listdir(work) == ["raw"]
+    steps = int(full.stdout)
+    assert steps >= 4  # two file writes, then the swap's own steps
+    gaps = 0
+    for n in range(1, steps + 1):
+        previous_output()
+        killed = swap_dying_after(n)
+        assert killed.returncode == 9, killed.stderr
+        now = tree(out)
+        if now is None:
+            gaps += 1
+            assert swap == "rename", f"killed after step {n}: no folder under the final name"
+        else:
+            assert now in (old, new), f"killed after step {n}: a mixed folder {sorted(now)}"
+        # the next run of the stage first puts the previous output back, before it builds
+        # anything; and a rerun that fails leaves it there
+        expected = old if now is None else now
+        with pytest.raises(RuntimeError, match="rerun failed"), atomic_dir(out):
+            assert tree(out) == expected, f"killed after step {n}: not restored on entry"
+            raise RuntimeError("rerun failed")
+        assert tree(out) == expected, f"killed after step {n}"
+        assert not (work / ".raw.old").exists()
+    # the rename fallback has a moment with no folder under the final name; exchange has none
+    assert (gaps > 0) == (swap == "rename")
