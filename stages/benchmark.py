@@ -43,20 +43,23 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
-from stages import evaluation, machine, models
+from stages import evaluation, machine, models, progress
 from stages.config import load_params, main_for, path
 from stages.errors import InputError
 from stages.io import write_csv, write_json
 from stages.pareto import PARETO_COLUMNS, fastest_shippable, pareto_chart, pareto_points
+from stages.plots import figure
 from stages.power import (
     PowerReadError,
     PowerSampler,
@@ -72,6 +75,7 @@ log = logging.getLogger("stages.benchmark")
 
 BASELINE = "eager_fp32"            # channels_last on CPU, inference_mode: the best plain PyTorch
 NCHW = "eager_fp32_nchw"            # the same in the default NCHW layout, as its own row (CPU)
+PROGRESS = "benchmark-progress"     # a worker's stdout lines that the parent's bar follows
 COLUMNS = ["variant", "backend", "precision", "batch", "status", "error", "throughput",
            "throughput_min", "throughput_max", "throughput_std", "latency_p50_ms",
            "latency_mean_ms", "latency_p90_ms", "latency_p99_ms", "speedup", "top1",
@@ -322,6 +326,7 @@ def measure_variant(cfg: DictConfig, variant: str, rows_file: Path) -> None:
     reference_model, _ = models.load_trained(path(cfg, "checkpoint"))
     images, _ = evaluation.images(path(cfg, "prepared"), cfg.optimize.eval_splits, meta)
     for batch in protocol["batch_sizes"]:
+        print(PROGRESS, "start", batch, flush=True)  # for the parent's bar (see _follow)
         row: dict[str, Any] = {"variant": variant, "batch": batch, "device": runtime.device,
                                "threads": torch.get_num_threads()}
         try:
@@ -352,6 +357,7 @@ def measure_variant(cfg: DictConfig, variant: str, rows_file: Path) -> None:
         row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         with open(rows_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        print(PROGRESS, "done", batch, flush=True)
         log.info("%s b%d: %s", variant, batch, _summary(row))
     if power is not None:
         power.close()
@@ -416,8 +422,9 @@ def variants_to_measure(cfg: DictConfig) -> tuple[list[str], dict[str, dict]]:
     return [n for n in wanted if records[n]["status"] == "ok"], records
 
 
-def run_worker(cfg: DictConfig, variant: str, work: Path) -> list[dict]:
-    """One variant in a fresh process; rows it did not write (a crash) become failed rows."""
+def run_worker(cfg: DictConfig, variant: str, work: Path, bar: tqdm | None = None) -> list[dict]:
+    """One variant in a fresh process; rows it did not write (a crash) become failed rows.
+    `bar` follows the worker's progress lines: the batch it is on, a step per finished row."""
     params = work / "params.yaml"
     if not params.is_file():  # one config for every worker of this benchmark
         params.write_text(OmegaConf.to_yaml(cfg))
@@ -425,12 +432,22 @@ def run_worker(cfg: DictConfig, variant: str, work: Path) -> list[dict]:
     rows_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "stages.benchmark", "--worker", variant, "--rows", str(rows_file),
            "--params", str(params)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True,
-                              timeout=cfg.benchmark.worker_timeout)
-        why = f"worker exited with code {proc.returncode}: {_tail(proc.stderr)}"
-    except subprocess.TimeoutExpired:
-        why = f"worker timed out after {cfg.benchmark.worker_timeout:.0f} s"
+    with open(work / f"{variant}.stderr", "w+", encoding="utf-8") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        follower = threading.Thread(target=_follow, args=(proc.stdout, variant, bar), daemon=True)
+        follower.start()
+        try:
+            proc.wait(timeout=cfg.benchmark.worker_timeout)
+            err.seek(0)
+            why = f"worker exited with code {proc.returncode}: {_tail(err.read())}"
+        except subprocess.TimeoutExpired:
+            why = f"worker timed out after {cfg.benchmark.worker_timeout:.0f} s"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            # not waited for beyond this: a process the worker spawned may hold the pipe open
+            follower.join(timeout=5)
     rows = []
     if rows_file.is_file():
         rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
@@ -439,6 +456,20 @@ def run_worker(cfg: DictConfig, variant: str, work: Path) -> list[dict]:
         if batch not in done:
             rows.append({"variant": variant, "batch": batch, "status": "failed", "error": why})
     return rows
+
+
+def _follow(stdout: IO[str], variant: str, bar: tqdm | None) -> None:
+    # Reads every line (an unread pipe would stall the worker once full); only ours count. The
+    # worker writes them before a row's checks and after its timing, so a redraw here never
+    # falls inside a timed call.
+    for line in stdout:
+        word = line.split()
+        if bar is None or len(word) != 3 or word[0] != PROGRESS:
+            continue
+        if word[1] == "start":
+            bar.set_description(f"{variant} b{word[2]}")
+        else:
+            bar.update(1)
 
 
 def _tail(text: str, lines: int = 3) -> str:
@@ -459,11 +490,18 @@ def run(cfg: DictConfig) -> dict:
     baseline_size = sum(t.numel() * t.element_size()
                         for t in [*model.parameters(), *model.buffers()]) / 2**20
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp:
-        for variant in [*baselines(cfg), *to_time]:
+    variants, sizes = [*baselines(cfg), *to_time], len(protocol["batch_sizes"])
+    # No clock (tick=None) and a redraw per update only (miniters=1: tqdm's monitor thread then
+    # never redraws): the bar moves between measurements, never while a worker times a call.
+    with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp, \
+            progress.steps(len(variants) * sizes, "benchmark", "row", tick=None, miniters=1,
+                           mininterval=0) as bar:
+        for k, variant in enumerate(variants, start=1):
             log.info("timing %s at batch sizes %s in a fresh process", variant,
                      protocol["batch_sizes"])
-            done = run_worker(cfg, variant, Path(tmp))
+            bar.set_description(variant)
+            done = run_worker(cfg, variant, Path(tmp), bar)
+            bar.update(k * sizes - bar.n)  # the rows a crashed worker did not report
             for r in done:
                 log.info("  %s b%d: %s", variant, r["batch"], _summary(r))
             rows += done
@@ -639,11 +677,6 @@ def log_child_runs(tracker, rows: list[dict], cfg: DictConfig) -> None:
 
 def charts(rows: list[dict], out: Path) -> None:
     """Throughput, latency percentiles and speed-up per variant, one bar group per batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = [r for r in rows if r["status"] == "ok"]
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     sizes = sorted({r["batch"] for r in rows})
@@ -651,34 +684,28 @@ def charts(rows: list[dict], out: Path) -> None:
              ("latency", "ms per batch", "benchmark_latency.png",
               ["latency_p50_ms", "latency_p90_ms", "latency_p99_ms"]),
              ("speed-up vs eager fp32", "x", "benchmark_speedup.png", ["speedup"])]
-    out.mkdir(parents=True, exist_ok=True)
     for title, unit, name, keys in specs:
-        fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 0.5 + 0.4 * len(variants)),
-                                 dpi=110, squeeze=False)
-        for ax, b in zip(axes[0], sizes, strict=True):
-            ys = np.arange(len(variants))
-            h = 0.8 / len(keys)
-            for k, key in enumerate(keys):
-                vals = [next((r[key] for r in ok if r["variant"] == v and r["batch"] == b
-                              and r.get(key) is not None), 0.0) for v in variants]
-                ax.barh(ys + k * h, vals, height=h, label=key.replace("latency_", ""))
-            for y, v in zip(ys, variants, strict=True):  # say why a bar is missing
-                status = next((r["status"] for r in rows if r["variant"] == v and r["batch"] == b),
-                              "not run")
-                if status != "ok":
-                    ax.text(0, y + h * (len(keys) - 1) / 2, f" {status}", va="center",
-                            fontsize=8, color="gray")
-            ax.set_yticks(ys + h * (len(keys) - 1) / 2, variants)
-            ax.invert_yaxis()
-            ax.set_title(f"{title}, batch {b}")
-            ax.set_xlabel(unit)
-            if len(keys) > 1:
-                ax.legend(fontsize=7)
-        fig.tight_layout()
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, out / name)
+        with figure(out / name, 1, len(sizes), squeeze=False,
+                          figsize=(5 * len(sizes), 0.5 + 0.4 * len(variants))) as axes:
+            for ax, b in zip(axes[0], sizes, strict=True):
+                ys = np.arange(len(variants))
+                h = 0.8 / len(keys)
+                for k, key in enumerate(keys):
+                    vals = [next((r[key] for r in ok if r["variant"] == v and r["batch"] == b
+                                  and r.get(key) is not None), 0.0) for v in variants]
+                    ax.barh(ys + k * h, vals, height=h, label=key.replace("latency_", ""))
+                for y, v in zip(ys, variants, strict=True):  # say why a bar is missing
+                    status = next((r["status"] for r in rows
+                                   if r["variant"] == v and r["batch"] == b), "not run")
+                    if status != "ok":
+                        ax.text(0, y + h * (len(keys) - 1) / 2, f" {status}", va="center",
+                                fontsize=8, color="gray")
+                ax.set_yticks(ys + h * (len(keys) - 1) / 2, variants)
+                ax.invert_yaxis()
+                ax.set_title(f"{title}, batch {b}")
+                ax.set_xlabel(unit)
+                if len(keys) > 1:
+                    ax.legend(fontsize=7)
 
 
 def main() -> None:

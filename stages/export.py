@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from stages import models
+from stages import models, progress
 from stages.config import main_for, path
 from stages.datasets import PreparedImages, eval_transform
 from stages.errors import InputError, StageError
@@ -128,27 +128,33 @@ def run(cfg: DictConfig) -> dict:
     with stage_run(cfg, "export") as tracker:
         tracker.log_params({"export.formats": list(ex.formats), "export.onnx_opset": ex.onnx_opset,
                             "export.rtol": ex.rtol})
-        for fmt in ex.formats:
-            dst = out_dir / FILES[fmt]
-            t0 = time.perf_counter()
-            writers[fmt](dst)
-            report[f"{fmt}.export_seconds"] = round(time.perf_counter() - t0, 2)
-            report[f"{fmt}.size_mb"] = round(dst.stat().st_size / 2**20, 3)
-            runner, loaded_meta = load_artifact(dst)  # as every consumer loads it
-            ok = loaded_meta == meta
-            if not ok:
-                failures.append(f"{fmt}: metadata did not survive the round trip")
-            for b, x in batches.items():
-                res = compare(eager[b], runner(x))
-                report.update({f"{fmt}.batch{b}.{k}": v for k, v in res.items()})
-                if res["max_rel_diff"] > ex.rtol or res["top1_agreement"] < 1.0:
-                    ok = False
-                    failures.append(f"{fmt} at batch {b}: relative logit difference "
-                                    f"{res['max_rel_diff']:.2e} (allowed {ex.rtol:.0e}), top-1 "
-                                    f"agreement {res['top1_agreement']:.1%}")
-            report[f"{fmt}.ok"] = ok
-            log.info("%s: %s, %.1f MB, %s", fmt, dst.name, report[f"{fmt}.size_mb"],
-                     "verified" if ok else "FAILED verification")
+        # per format: the export (one call, seconds to a minute), then a check per batch size
+        with progress.steps(len(ex.formats) * (1 + len(batches)), "export") as bar:
+            for fmt in ex.formats:
+                dst = out_dir / FILES[fmt]
+                bar.set_description(f"export {fmt}")
+                t0 = time.perf_counter()
+                writers[fmt](dst)
+                report[f"{fmt}.export_seconds"] = round(time.perf_counter() - t0, 2)
+                report[f"{fmt}.size_mb"] = round(dst.stat().st_size / 2**20, 3)
+                bar.update(1)
+                runner, loaded_meta = load_artifact(dst)  # as every consumer loads it
+                ok = loaded_meta == meta
+                if not ok:
+                    failures.append(f"{fmt}: metadata did not survive the round trip")
+                for b, x in batches.items():
+                    bar.set_description(f"verify {fmt} b{b}")
+                    res = compare(eager[b], runner(x))
+                    bar.update(1)
+                    report.update({f"{fmt}.batch{b}.{k}": v for k, v in res.items()})
+                    if res["max_rel_diff"] > ex.rtol or res["top1_agreement"] < 1.0:
+                        ok = False
+                        failures.append(f"{fmt} at batch {b}: relative logit difference "
+                                        f"{res['max_rel_diff']:.2e} (allowed {ex.rtol:.0e}), top-1 "
+                                        f"agreement {res['top1_agreement']:.1%}")
+                report[f"{fmt}.ok"] = ok
+                log.info("%s: %s, %.1f MB, %s", fmt, dst.name, report[f"{fmt}.size_mb"],
+                         "verified" if ok else "FAILED verification")
         write_json(out_dir / META_FILE, meta)
         write_json(path(cfg, "metrics") / "export.json", report)
         # agreement is a fraction in export.json and a percentage in MLflow (stages.tracking)

@@ -24,9 +24,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
-from stages import imaging
+from stages import imaging, progress
 from stages.config import main_for, path
 from stages.errors import InputError
 from stages.io import atomic_dir, read_csv, write_csv, write_json, write_text
@@ -161,7 +160,7 @@ def _run_jobs(jobs: list[tuple[str, str, int]], workers: int) -> list[str | None
     # Threads, not processes: Pillow releases the GIL while it decodes, resizes and encodes, so
     # threads use every core without pickling, spawn start-up or fork-with-threads hazards.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
-            tqdm(total=len(jobs), unit="img", desc="prepare") as bar:
+            progress.bar(total=len(jobs), unit="img", desc="prepare") as bar:
         results = []
         for res in pool.map(_process, jobs):
             results.append(res)
