@@ -33,7 +33,6 @@ argument (the message says why), 130 interrupted.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Sequence
@@ -44,7 +43,7 @@ from urllib.parse import unquote
 
 from omegaconf import DictConfig
 
-from stages.config import path, stage_main
+from stages.config import path, stage_main, stage_parser
 from stages.document import (
     DASH,
     Block,
@@ -343,7 +342,9 @@ def run(cfg: DictConfig, sweep: str | None = None, filter_string: str | None = N
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Its own options, then the shared entry point (params, overrides, exit codes)."""
-    parser = argparse.ArgumentParser(prog="python -m stages.compare", add_help=False)
+    parser = stage_parser("compare", "One comparison across the MLflow runs of a sweep, or of "
+                          "an experiment: COMPARE.md/html and the Pareto chart under "
+                          "paths.compare.")
     parser.add_argument("--sweep", help="compare the parent runs tagged sweep_name=SWEEP")
     parser.add_argument("--filter", dest="filter_string",
                         help="an MLflow search filter on the parent runs, e.g. \"tags.x = 'y'\"")
@@ -351,11 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--experiment", help="default: tracking.experiment")
     parser.add_argument("--out", type=Path, help="folder for COMPARE.md/html (paths.compare)")
     parser.add_argument("--batch", type=int, help="reference batch (default: the largest)")
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     return stage_main("compare", lambda cfg: run(
         cfg, sweep=args.sweep, filter_string=args.filter_string, uri=args.tracking_uri,
-        out=args.out, batch=args.batch, experiment=args.experiment), rest)
-
+        out=args.out, batch=args.batch, experiment=args.experiment), args=args)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -135,3 +135,13 @@ def test_optimize_help_lists_every_variant() -> None:
     assert "--variant" in res.stdout and "--params" in res.stdout
     missing = [v for v in OPTIMIZE_VARIANTS if v not in res.stdout]
     assert not missing, f"--help does not name {missing}:\n{res.stdout}"
+
+
+@pytest.mark.parametrize("module, own_option", [
+    ("stages.download", "--params"), ("stages.train", "--params"),
+    ("stages.benchmark", "--params"), ("stages.compare", "--sweep"),
+])
+def test_every_entry_point_helps_with_its_own_options(module: str, own_option: str) -> None:
+    res = cli(module, "--help")
+    assert res.returncode == 0 and own_option in res.stdout and "Exit codes" in res.stdout, \
+        res.stdout + res.stderr
