@@ -179,9 +179,9 @@ def build_ort_fp32(ctx: BuildContext, dst: Path) -> None:
 def build_ort_int8(ctx: BuildContext, dst: Path) -> None:
     """Static QDQ quantization: int8 weights per channel, uint8 activations (U8S8).
 
-    U8S8 is what ORT's x86 kernels are fastest at on VNNI CPUs (274 vs 138 img/s for S8S8 on
-    this machine, docs/optimize-research.md); on x86 without VNNI it can saturate, hence the
-    note in the record.
+    U8S8 is what ORT's x86 kernels are fastest at on VNNI CPUs (about 2x S8S8: figures in
+    benchmarks/results/design_figures.md); on x86 without VNNI it can saturate, hence the note
+    in the record.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -262,20 +262,19 @@ def build_openvino(precision: str) -> Callable[[BuildContext, Path], None]:
     return build
 
 
-# Measured on efficientnet_lite0 fine-tuned on the real photos (108 calibration images, 72
-# held-out, fp32 top-1 100%), NNCF 3.4 / OpenVINO 2026.4: every setting kept top-1 at 100% and
-# agreement at 100% (verdict pass), so the choice is by the largest logit error against fp32:
-# preset MIXED or PERFORMANCE with fast bias correction 0.89 (identical: the activations are
-# ReLU6, never negative), PERFORMANCE or MIXED with full bias correction 0.39, for about the same
-# build time (12-25 s on 2 busy cores). model_type=TRANSFORMER is for transformer blocks (it
-# keeps their softmax/layer norms in float) and was not used on these CNNs.
+# Every setting tried kept top-1 and agreement with fp32 on the real photos; the choice is the
+# smallest logit error against fp32, which full bias correction gave at about the same build time
+# (figures: benchmarks/results/design_figures.md). Fast and full bias correction differ, presets
+# MIXED and PERFORMANCE do not here: the activations are ReLU6, never negative.
+# model_type=TRANSFORMER is for transformer blocks (it keeps their softmax/layer norms in float)
+# and is not used on these CNNs.
 OPENVINO_INT8_SETTINGS: dict[str, Any] = {"preset": "performance", "fast_bias_correction": False}
 
 
 def build_openvino_int8(ctx: BuildContext, dst: Path) -> None:
     """NNCF post-training quantization of the IR, calibrated on the training images.
 
-    The settings (OPENVINO_INT8_SETTINGS, measured where it is defined) are NNCF's defaults
+    The settings (OPENVINO_INT8_SETTINGS, chosen where it is defined) are NNCF's defaults
     but for the full bias correction; the record keeps the calibration images and int8 layers.
     """
     import nncf

@@ -144,7 +144,7 @@ def eager_runtime(model: torch.nn.Module, device: str = "cpu",
                   channels_last: bool | None = None) -> Runtime:
     """The model as a competent PyTorch user runs it: `inference_mode`, and on CPU the
     channels_last memory format for weights and inputs (PyTorch's own CPU inference advice:
-    oneDNN's convolutions are fastest in NHWC; measured 1.5-1.7x at batch 32 on a Xeon)."""
+    oneDNN's convolutions are fastest in NHWC; benchmarks/results/design_figures.md)."""
     if channels_last is None:
         channels_last = device == "cpu"
     model = model.to(device)
