@@ -1,34 +1,25 @@
-"""Entry point `compare`: one comparison across the MLflow runs of a sweep, or of an experiment.
-
-    python -m stages.compare --sweep lr-grid                 # the parent runs tagged sweep_name
-    python -m stages.compare --filter "tags.x = 'y'"         # the experiment's runs, filtered
-    python -m stages.compare --sweep lr-grid --batch 1 --out /tmp/cmp --tracking-uri http://...
+"""Entry point `compare`: one comparison across the MLflow runs of a sweep, or of an experiment
+(usage and what it writes: README, "Comparing runs", and `--help`).
 
 Not a DVC stage (it reads MLflow, which DVC does not track) but a peer of the stages
 (CONVENTIONS 11): it imports no stage module, only the libraries `document` (blocks and their
-Markdown/HTML renderers) and `pareto` (the rule that picks what to ship, the frontier and its
-chart). It reads the tracking store; it never imports torch.
+renderers) and `pareto` (the rule that picks what to ship, the frontier and its chart), and never
+torch.
 
-What it reads, from the store at `stages.tracking.tracking_uri(cfg)` (`--tracking-uri` wins), in
-the experiment `tracking.experiment` (`--experiment` wins):
+What it reads from the store (`--tracking-uri` wins over the configured one):
 
 - parent runs, one per job: the pipeline runs (no `mlflow.parentRunId` tag) tagged
-  `sweep_name=<--sweep>`, or every top-level run of the experiment; `--filter` (an MLflow
-  search filter) narrows them further. From each: tags `sweep_job` and `sweep_overrides` (else
-  the run name), param (or tag) `model.name`, metrics `train.test_acc`, `train.test_acc_ci_low`,
-  `train.test_acc_ci_high`, `train.test_images`, tags `machine.*` (set by the benchmark);
-- child runs, the nested runs of each parent (one per variant and batch size, as the benchmark
-  logs them): params `variant`, `backend`, `precision`, `batch_size`; metrics `throughput`,
-  `latency_p99_ms`, `speedup`, `top1`, `top1_ci_low`, `top1_ci_high`, `eval_images`, `size_mb`;
-  tags `status`, `verdict`, `error`.
+  `sweep_name=<--sweep>`, or every top-level run of the experiment, narrowed by `--filter`. From
+  each: tags `sweep_job` and `sweep_overrides` (else the run name), param (or tag) `model.name`,
+  metrics `train.test_acc` with its `_ci_low`/`_ci_high` and `train.test_images`, tags
+  `machine.*` (set by the benchmark);
+- child runs, one per variant and batch size as the benchmark logs them: params `variant`,
+  `backend`, `precision`, `batch_size`; metrics `throughput`, `latency_p99_ms`, `speedup`,
+  `top1` with its interval, `eval_images`, `size_mb`; tags `status`, `verdict`, `error`.
 
-What it writes, under `paths.compare` (`--out` wins; not the report stage's DVC output
-`paths.reports`, which `dvc repro` empties before it runs): `COMPARE.md` (the chart linked),
-`COMPARE.html` (self-contained, the chart inlined) and `compare_pareto.png`. The first line says
-which job and variant to ship at the reference batch (the largest measured, or `--batch`): the
-fastest (job, variant) whose accuracy verdict is not `fail`, the rule the benchmark applies
-within one job. Exit codes as for the stages: 0 written, 2 nothing to compare or a bad
-argument (the message says why), 130 interrupted.
+It writes under `paths.compare`, not under the report stage's DVC output `paths.reports`, which
+`dvc repro` empties before it runs. What to ship is the benchmark's rule applied across jobs: the
+fastest (job, variant) whose accuracy verdict is not `fail`.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
-"""Entry point `stream`: classify a live video stream with any artifact of the pipeline.
-
-    python -m stages.stream SOURCE --model ARTIFACT [--display] [--out annotated.avi] [--json]
-        [--batch 1] [--drop auto|yes|no] [--topk 3] [--transform gray|flip|vflip|edges ...]
-        [--stall-timeout 10] [--max-frames N] [--stats stats.json] [--mlflow]
+"""Entry point `stream`: classify a live video stream with any artifact of the pipeline (usage,
+options and exit codes: README, "Live inference on a GStreamer stream", and `--help`).
 
 Not a DVC stage (a stream is no versioned input) but a peer of the stages: it imports no stage
-module, only `runtime` (how every artifact is loaded and run), `config` (errors, exit codes) and,
-when `--mlflow` asks for it, `tracking`. It never imports torchvision: an edge box running an ONNX
-file needs onnxruntime, numpy, OpenCV and Pillow (torch comes with `stages.runtime`).
-
-SOURCE is a GStreamer pipeline description (`udpsrc port=5000 caps=... ! rtph264depay !
-avdec_h264 ! videoconvert`, `videotestsrc`), a video file, a camera (`/dev/video0` or `0`) or an
-RTSP/HTTP(S) URL; each becomes the head of a GStreamer pipeline whose tail converts to BGR.
+module, only `runtime` (how every artifact is loaded and run), `config`/`errors` and, with
+`--mlflow`, `tracking`. It never imports torchvision: an edge box running an ONNX file needs
+onnxruntime, numpy, OpenCV and Pillow (torch comes with `stages.runtime`).
 
 Frames: OpenCV's GStreamer backend (an `appsink`) when the installed OpenCV was built with it
 (`cv2.getBuildInformation()`: "GStreamer: YES"; the PyPI wheels are not), otherwise a
@@ -21,18 +14,8 @@ from it. Width, height and frame rate come from the caps the sink negotiated, wh
 a BGR row is padded to a multiple of 4 bytes (GStreamer's default stride), so a frame is
 `height * round_up_4(3 * width)` bytes.
 
-Per frame: the preprocessing of the artifact's metadata (resize the shorter side to
-round(input_size / crop_pct) with antialiased bilinear, centre crop, scale, normalise: what
-`stages.datasets.eval_transform` does, in numpy and Pillow), the model through
-`stages.runtime.load_artifact` (micro-batched with `--batch`), the top-k labels, scores and
-running FPS drawn on the frame after the display transformations; then a window, an annotated
-video file and/or one JSON line on stdout. Logging goes to stderr.
-
-Exit codes, as for the stages: 0 end of stream, `--max-frames` reached, or stopped (Ctrl-C,
-SIGTERM, `q`/Esc or the window closed); 2 a user error (no such file or camera, a malformed
-pipeline, a missing GStreamer element, an unreadable artifact, a bad option); 1 a failure of the
-stream (it stalled for `--stall-timeout` seconds, GStreamer reported an error); 130 interrupted
-before the stream started.
+Per frame, the preprocessing of the artifact's metadata is what `stages.datasets.eval_transform`
+does, in numpy and Pillow (no torchvision), so a frame is classified as the test images were.
 """
 
 from __future__ import annotations
