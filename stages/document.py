@@ -1,163 +1,132 @@
-"""Documents built from blocks (heading, paragraph, list, table, image) that render themselves
-to Markdown and to self-contained HTML, and the cell formatting they share.
+"""Documents built from blocks (heading, paragraph, list, table, image), rendered to Markdown and
+to self-contained HTML by one Jinja2 template each (`stages/templates/`), and the cell formatting
+they share.
 
 A library module (CONVENTIONS 11): the `report` stage and the `compare` entry point both build
-their documents here, so the two render alike and neither imports the other. No Markdown library:
-the blocks emit the little inline Markdown they use (`code`, **bold**, [text](url)) and convert
-it to escaped HTML themselves. Images are linked by relative path in Markdown and inlined as
-base64 PNGs in HTML, so an HTML file can be mailed on its own. Nothing here imports torch.
+their documents here, so the two render alike and neither imports the other. Headings, paragraphs
+and list items hold the little inline Markdown the stages write (`code`, **bold**,
+[text](https://...)), which `inline_html` turns into HTML; table cells and captions are plain
+text. The HTML template escapes every value (autoescape); the Markdown one escapes table cells so
+that a `|` in a class name or an error keeps its row. Images are linked by relative path in
+Markdown and inlined as base64 PNGs in HTML, so an HTML file can be mailed on its own. Nothing here
+imports torch.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+import jinja2
+from markupsafe import Markup, escape
 
 from stages.statistics import wilson
 
 DASH = "—"  # an empty cell: the value was not recorded
 
 
-# --- document blocks: each renders to Markdown (relative to the document's folder) and HTML ----
-
-
-_INLINE = re.compile(r"`([^`]+)`|\*\*(.+?)\*\*|\[([^\]]+)\]\(([^)\s]+)\)")
-
-
-def inline_html(text: str) -> str:
-    """The inline Markdown this module emits (`code`, **bold**, [text](url)) as escaped HTML."""
-    out, pos = [], 0
-    for m in _INLINE.finditer(text):
-        out.append(html.escape(text[pos:m.start()]))
-        code, bold, label, url = m.groups()
-        if code is not None:
-            out.append(f"<code>{html.escape(code)}</code>")
-        elif bold is not None:
-            out.append(f"<strong>{inline_html(bold)}</strong>")  # may hold `code`
-        else:
-            out.append(f'<a href="{html.escape(url)}">{html.escape(label)}</a>')
-        pos = m.end()
-    out.append(html.escape(text[pos:]))
-    return "".join(out)
-
-
-def md_cell(text: str) -> str:
-    """Plain text made safe for one Markdown table cell.
-
-    GFM splits a row on every `|` not escaped by a backslash, and reads `\\\\` as one escaped
-    backslash, so backslashes are doubled first, then pipes escaped; a newline would end the row.
-    """
-    text = " ".join(str(text).split())
-    return text.replace("\\", "\\\\").replace("|", "\\|")
+# --- document blocks: data only; the templates say how each kind looks ------------------------
 
 
 @dataclass
 class Heading:
+    kind: ClassVar[str] = "heading"
     level: int
-    text: str
-
-    def md(self, base: Path) -> str:
-        return f"{'#' * self.level} {self.text}"
-
-    def html(self) -> str:
-        return f"<h{self.level}>{inline_html(self.text)}</h{self.level}>"
+    text: str  # inline Markdown
 
 
 @dataclass
 class Para:
+    kind: ClassVar[str] = "para"
     text: str  # inline Markdown
-
-    def md(self, base: Path) -> str:
-        return self.text
-
-    def html(self) -> str:
-        return f"<p>{inline_html(self.text)}</p>"
 
 
 @dataclass
 class Bullets:
+    kind: ClassVar[str] = "bullets"
     items: list[str]  # inline Markdown
-
-    def md(self, base: Path) -> str:
-        return "\n".join(f"- {item}" for item in self.items)
-
-    def html(self) -> str:
-        return "<ul>" + "".join(f"<li>{inline_html(i)}</li>" for i in self.items) + "</ul>"
 
 
 @dataclass
 class Table:
+    kind: ClassVar[str] = "table"
     header: list[str]
     rows: list[list[str]]  # plain text cells, escaped by the renderer
     numeric: set[int] = field(default_factory=set)  # right-aligned column indices
     row_class: list[str] = field(default_factory=list)  # per row, e.g. the status (HTML only)
 
-    def md(self, base: Path) -> str:
-        def line(cells: list[str]) -> str:
-            return "| " + " | ".join(cells) + " |"
-
-        align = ["---:" if i in self.numeric else "---" for i in range(len(self.header))]
-        return "\n".join([line([md_cell(c) for c in self.header]), line(align),
-                          *(line([md_cell(c) for c in row]) for row in self.rows)])
-
-    def html(self) -> str:
-        def cells(row: list[str], tag: str) -> str:
-            return "".join(f'<{tag}{" class=num" if i in self.numeric else ""}>'
-                           f"{html.escape(str(c))}</{tag}>" for i, c in enumerate(row))
-
-        classes = self.row_class or [""] * len(self.rows)
-        body = "".join(f'<tr class="{html.escape(k)}">{cells(r, "td")}</tr>' if k
-                       else f"<tr>{cells(r, 'td')}</tr>" for r, k in zip(self.rows, classes,
-                                                                          strict=True))
-        return (f"<table><thead><tr>{cells(self.header, 'th')}</tr></thead>"
-                f"<tbody>{body}</tbody></table>")
-
 
 @dataclass
 class Image:
+    kind: ClassVar[str] = "image"
     file: Path
     alt: str
-
-    def md(self, base: Path) -> str:
-        return f"![{self.alt}]({Path(os.path.relpath(self.file, base)).as_posix()})"
-
-    def html(self) -> str:
-        data = base64.b64encode(self.file.read_bytes()).decode("ascii")
-        return (f'<figure><img alt="{html.escape(self.alt)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{html.escape(self.alt)}</figcaption></figure>")
 
 
 Block = Heading | Para | Bullets | Table | Image
 
-CSS = """
-body { font: 15px/1.5 system-ui, sans-serif; color: #222; max-width: 72rem; margin: 2rem auto;
-       padding: 0 1rem; }
-h1, h2, h3 { line-height: 1.2; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; }
-table { border-collapse: collapse; margin: .8rem 0; font-size: 13px; }
-th, td { border: 1px solid #ccc; padding: .25rem .5rem; text-align: left; vertical-align: top; }
-th { background: #f3f3f3; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.failed td { background: #fdecec; } tr.skipped td { background: #f6f6f6; color: #666; }
-tr.verdict-fail td { background: #fdecec; } tr.verdict-undecided td { background: #fff8e1; }
-code { background: #f3f3f3; padding: 0 .2rem; border-radius: 3px; }
-figure { margin: 1rem 0; } img { max-width: 100%; } figcaption { color: #666; font-size: 13px; }
-"""
+
+# --- rendering ---------------------------------------------------------------------------------
+
+
+_INLINE = re.compile(r"`([^`]+)`|\*\*(.+?)\*\*|\[([^\]]+)\]\((https?://[^)\s]+)\)")
+
+
+def inline_html(text: str) -> Markup:
+    """The inline Markdown this module's users write (`code`, **bold**, [text](https://...)) as
+    HTML, everything else escaped."""
+    out, pos = [], 0
+    for m in _INLINE.finditer(text):
+        out.append(escape(text[pos:m.start()]))
+        code, bold, label, url = m.groups()
+        if code is not None:
+            out.append(Markup("<code>%s</code>") % code)
+        elif bold is not None:
+            out.append(Markup("<strong>%s</strong>") % inline_html(bold))  # may hold `code`
+        else:
+            out.append(Markup('<a href="%s">%s</a>') % (url, label))
+        pos = m.end()
+    out.append(escape(text[pos:]))
+    return Markup("").join(out)
+
+
+_HTML_START = re.compile(r"<(?=[A-Za-z/!?])")  # where raw HTML would begin
+
+
+def md_cell(text: Any) -> str:
+    """Plain text made safe for one Markdown table cell.
+
+    GFM splits a row on every `|` not escaped by a backslash, and reads `\\\\` as one escaped
+    backslash, so backslashes are doubled first, then pipes escaped; a newline would end the row,
+    and `<` before a letter, `/`, `!` or `?` opens raw HTML (a class named `<script>` would vanish
+    from the rendered page), so it is escaped too; `<0.001` stays as it is.
+    """
+    text = " ".join(str(text).split())
+    return _HTML_START.sub(r"\\<", text.replace("\\", "\\\\").replace("|", "\\|"))
+
+
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("stages"),
+    autoescape=jinja2.select_autoescape(["html.j2"], default=False),
+    undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+    keep_trailing_newline=True)
+_TEMPLATES.filters.update(
+    inline=inline_html, md_cell=md_cell,
+    relpath=lambda file, base: Path(os.path.relpath(file, base)).as_posix(),
+    base64=lambda file: base64.b64encode(file.read_bytes()).decode("ascii"))
 
 
 def render_markdown(blocks: list[Block], base: Path) -> str:
-    return "\n\n".join(b.md(base) for b in blocks) + "\n"
+    """Markdown; images linked relative to `base`, the folder the document is written to."""
+    return _TEMPLATES.get_template("document.md.j2").render(blocks=blocks, base=base)
 
 
 def render_html(blocks: list[Block], title: str) -> str:
-    body = "\n".join(b.html() for b in blocks)
-    return (f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n"
-            f"<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n")
+    return _TEMPLATES.get_template("document.html.j2").render(blocks=blocks, title=title)
 
 
 # --- cell formatting ---------------------------------------------------------------------------

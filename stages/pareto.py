@@ -9,8 +9,9 @@ imported only when a chart is drawn.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from stages.plots import figure
 
 # The accuracy verdicts a variant may ship with: `undecided` is kept (and labelled by whoever
 # reports it), `fail` never ships however fast it is.
@@ -51,39 +52,28 @@ def pareto_chart(points: list[dict], batch: int, baseline: str, file: Path,
 
     `label` is the key each point is annotated with (`compare` passes `job/variant`); points whose
     `variant` is `baseline` are drawn hollow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
-    colour = {"pass": "tab:blue", "undecided": "tab:orange", "fail": "tab:red"}
-    for p in points:
-        err = [[p["top1"] - p["top1_ci_low"]], [p["top1_ci_high"] - p["top1"]]]
-        ax.errorbar(p["throughput"], p["top1"], yerr=err, fmt="o", capsize=3,
-                    color=colour.get(p["verdict"], "grey"),
-                    mfc="white" if p["variant"] == baseline else None)
-        # labels run down beside each point's interval: variants of equal accuracy sit on one
-        # horizontal line, where horizontal labels would overlap
-        ax.annotate(p[label], (p["throughput"], p["top1"]), textcoords="offset points",
-                    xytext=(4, -4), fontsize=7, rotation=-90, ha="left", va="top")
-    front = [p for p in points if p["on_frontier"]]
-    if front:
-        ax.plot([p["throughput"] for p in front], [p["top1"] for p in front], "--o",
-                color="grey", mfc="none", ms=11, lw=1, label="Pareto frontier")
-        ax.legend(fontsize=8, loc="lower left")
-    ax.margins(x=0.12, y=0.15)
-    sizes = sorted({p["eval_images"] or 0 for p in points})
-    n = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"  # jobs may differ
-    ax.set_xlabel(f"throughput at batch {batch} (images/s)")
-    ax.set_ylabel(f"top-1 (%), 95% Wilson interval, {n if points else 0} images")
-    ax.set_title("speed against accuracy (blue pass, orange undecided, red fail)")
-    ax.grid(alpha=0.3)
-    if not points:
-        ax.text(0.5, 0.5, "no variant measured", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, file)
+    with figure(file, figsize=(7.5, 4.8)) as ax:
+        colour = {"pass": "tab:blue", "undecided": "tab:orange", "fail": "tab:red"}
+        for p in points:
+            err = [[p["top1"] - p["top1_ci_low"]], [p["top1_ci_high"] - p["top1"]]]
+            ax.errorbar(p["throughput"], p["top1"], yerr=err, fmt="o", capsize=3,
+                        color=colour.get(p["verdict"], "grey"),
+                        mfc="white" if p["variant"] == baseline else None)
+            # labels run down beside each point's interval: variants of equal accuracy sit on one
+            # horizontal line, where horizontal labels would overlap
+            ax.annotate(p[label], (p["throughput"], p["top1"]), textcoords="offset points",
+                        xytext=(4, -4), fontsize=7, rotation=-90, ha="left", va="top")
+        front = [p for p in points if p["on_frontier"]]
+        if front:
+            ax.plot([p["throughput"] for p in front], [p["top1"] for p in front], "--o",
+                    color="grey", mfc="none", ms=11, lw=1, label="Pareto frontier")
+            ax.legend(fontsize=8, loc="lower left")
+        ax.margins(x=0.12, y=0.15)
+        sizes = sorted({p["eval_images"] or 0 for p in points})
+        n = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"  # jobs may differ
+        ax.set_xlabel(f"throughput at batch {batch} (images/s)")
+        ax.set_ylabel(f"top-1 (%), 95% Wilson interval, {n if points else 0} images")
+        ax.set_title("speed against accuracy (blue pass, orange undecided, red fail)")
+        ax.grid(alpha=0.3)
+        if not points:
+            ax.text(0.5, 0.5, "no variant measured", ha="center", transform=ax.transAxes)

@@ -33,7 +33,6 @@ and `paths.plots/profile.png` (time share against FLOP share per type).
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from stages import evaluation, models, optypes
 from stages.config import main_for, path
 from stages.errors import InputError
 from stages.io import write_csv, write_json
+from stages.plots import figure
 from stages.runtime import Runtime, eager_runtime, torch_runtime
 from stages.tracking import stage_run
 
@@ -235,33 +235,22 @@ def csv_rows(result: dict) -> list[list]:
 
 def chart(result: dict, file: Path) -> None:
     """Time share against FLOP share per type, one panel per mode and batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     profiles = list(result["profiles"].values())
     kinds = [k for k in optypes.TYPES if any(k in p["types"] for p in profiles)]
-    fig, axes = plt.subplots(1, len(profiles), figsize=(4.5 * len(profiles),
-                                                        1 + 0.45 * len(kinds)),
-                             dpi=110, squeeze=False, sharey=True)
-    ys = np.arange(len(kinds))
-    for ax, p in zip(axes[0], profiles, strict=True):
-        for shift, key in ((-0.2, "time_share"), (0.2, "flop_share")):
-            ax.barh(ys + shift, [p["types"].get(k, {}).get(key, 0.0) * 100 for k in kinds],
-                    height=0.4, label=key.replace("_", " ").replace("flop", "FLOP"))
-        ax.set_yticks(ys, kinds)
-        ax.invert_yaxis()
-        ax.set_xlabel("%")
-        ax.set_title(f"{p['mode']}, batch {p['batch']} ({p['total_ms']:.1f} ms)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.parent / f".{file.name}.tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, file)
+    with figure(file, 1, len(profiles), squeeze=False, sharey=True,
+                figsize=(4.5 * len(profiles), 1 + 0.45 * len(kinds))) as axes:
+        ys = np.arange(len(kinds))
+        for ax, p in zip(axes[0], profiles, strict=True):
+            for shift, key in ((-0.2, "time_share"), (0.2, "flop_share")):
+                ax.barh(ys + shift, [p["types"].get(k, {}).get(key, 0.0) * 100 for k in kinds],
+                        height=0.4, label=key.replace("_", " ").replace("flop", "FLOP"))
+            ax.set_yticks(ys, kinds)
+            ax.invert_yaxis()
+            ax.set_xlabel("%")
+            ax.set_title(f"{p['mode']}, batch {p['batch']} ({p['total_ms']:.1f} ms)")
+            ax.legend(fontsize=7)
 
 
 def run(cfg: DictConfig) -> dict:

@@ -28,10 +28,9 @@ An input a later stage has not produced yet (no benchmark, no optimize record) g
 says "not run" and which stage to run; only a missing `train.json` is an error, since a report
 without a trained model has nothing to say.
 
-Both documents are built from one list of blocks (heading, paragraph, list, table, image; in
-`stages.document`, shared with `stages.compare`), each of which renders itself to Markdown and to
-HTML, so the two never drift and no Markdown library is needed. Nothing here imports torch
-(machine facts come from `stages.machine`): the report reads files.
+Both documents are rendered from one list of blocks (heading, paragraph, list, table, image; in
+`stages.document`, shared with `stages.compare`), by one template each, so the two never drift.
+Nothing here imports torch (machine facts come from `stages.machine`): the report reads files.
 """
 
 from __future__ import annotations
@@ -59,8 +58,9 @@ from stages.document import (
     render_markdown,
 )
 from stages.errors import InputError
-from stages.io import atomic_open, read_csv, write_text
+from stages.io import read_csv, write_text
 from stages.machine import machine_info
+from stages.plots import figure
 from stages.tracking import stage_run
 
 log = logging.getLogger("stages.report")
@@ -192,19 +192,64 @@ def dataset_section(cfg: DictConfig) -> tuple[list[Block], dict, dict[str, Count
     else:
         blocks.append(not_run("attribution manifest", "download"))
 
-    download = read_json(metrics / "download.json", "download")
-    if download is not None:
-        figures = [[k, num(v)] for k, v in download.items()
-                   if isinstance(v, int | float) and not isinstance(v, bool)]
-        blocks += [Heading(3, "Download"),
-                   Para(f"From `{rel(cfg, metrics / 'download.json')}` (per official split "
-                        "and overall):"),
-                   Table(["figure", "value"], figures, numeric={1})]
-    else:
-        blocks += [Heading(3, "Download"), not_run("download metrics", "download")]
+    blocks += download_blocks(cfg, read_json(metrics / "download.json", "download"))
     return blocks, {"classes": len(classes), "images": {s: sum(c.values())
                                                          for s, c in counts.items()},
                     "attribution_rows": n_attr}, counts
+
+
+def download_counts(download: dict) -> dict[str, dict[str, int]]:
+    """Images per class of each split (`train`, `validation`, `test`, `all`; a photo folder has
+    only `all`), from download.json's flat `<split>.images` and `<split>.<class>.count` keys."""
+    counts: dict[str, dict[str, int]] = {k.removesuffix(".images"): {} for k in download
+                                         if k.endswith(".images") and k.count(".") == 1}
+    for key, v in download.items():
+        split, _, rest = key.partition(".")
+        if split in counts and rest.endswith(".count"):
+            counts[split][rest.removesuffix(".count")] = v
+    return counts
+
+
+# download.json's figures on the report's one fetch (or, for a photo folder, import) line.
+FETCH_FIGURES = {"selected": "selected", "downloaded": "downloaded", "missing": "missing",
+                 "invalid": "invalid", "failed": "failed", "http_retries": "HTTP retries"}
+IMPORT_FIGURES = {"found": "files found", "imported": "imported", "undecodable": "undecodable",
+                  "not_an_image": "not an image", "duplicates": "duplicates"}
+
+
+def download_blocks(cfg: DictConfig, download: dict | None) -> list[Block]:
+    """What the download stage fetched: images per class and official split, then one line of
+    fetch figures. Every figure stays in download.json; the table shows its counts, not shares."""
+    blocks: list[Block] = [Heading(3, "Download")]
+    if download is None:
+        return [*blocks, not_run("download metrics", "download")]
+    file = rel(cfg, path(cfg, "metrics") / "download.json")
+    counts = download_counts(download)
+    splits = [s for s in counts if s != "all"]
+    if counts:
+        names = list(dict.fromkeys(c for per_class in counts.values() for c in per_class))
+        columns = {**{s: s for s in splits}, **({"all": "total" if splits else "images"}
+                                                 if "all" in counts else {})}
+        rows = [[c, *(num(counts[s].get(c, 0)) for s in columns)] for c in names]
+        rows.append(["all classes", *(num(download[f"{s}.images"]) for s in columns)])
+        blocks += [Para(f"Images per {'official Open Images split' if splits else 'class folder'}"
+                        f" (`{file}` keeps every figure the stage recorded):"),
+                   Table(["class", *columns.values()], rows,
+                         numeric=set(range(1, len(columns) + 1)))]
+    missing = rel(cfg, path(cfg, "raw") / "missing.csv")
+    if "found" in download:  # data.source=folder: photos imported, nothing fetched
+        line = ", ".join(f"{num(download[k])} {w}" for k, w in IMPORT_FIGURES.items()
+                         if k in download)
+        seconds = download.get("import_seconds")
+        return [*blocks, Para(f"**Import:** {line}"
+                              + (f", in {num(seconds)} s" if seconds is not None else "")
+                              + f" (each file skipped is listed in `{missing}`).")]
+    line = ", ".join(f"{num(download[k])} {w}" for k, w in FETCH_FIGURES.items() if k in download)
+    rate = (f"; {num(download.get('images_requested'))} requested in "
+            f"{num(download.get('fetch_seconds'))} s, {num(download['fetch_images_per_s'], 1)} "
+            "images/s" if "fetch_images_per_s" in download else "")
+    return [*blocks, Para(f"**Fetch:** {line}{rate} (each image left out is listed in "
+                          f"`{missing}`).")]
 
 
 def source_text(cfg: DictConfig) -> str:
@@ -222,10 +267,6 @@ def source_text(cfg: DictConfig) -> str:
 
 def training_curves(history: list[dict[str, str]], best_epoch: int | None, file: Path) -> None:
     """Loss and accuracy per epoch, train beside val, the best epoch marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     def col(name: str) -> list[float]:
@@ -233,21 +274,18 @@ def training_curves(history: list[dict[str, str]], best_epoch: int | None, file:
                 for h in history]
 
     epochs = col("epoch")
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
-    for ax, what in ((loss_ax, "loss"), (acc_ax, "acc")):
-        ax.plot(epochs, col(f"train_{what}"), "o-", label="train")
-        ax.plot(epochs, col(f"val_{what}"), "o-", label="val")
-        if best_epoch:
-            ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title("loss" if what == "loss" else "accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    with atomic_open(file, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    with figure(file, 1, 2, figsize=(10, 3.6)) as (loss_ax, acc_ax):
+        for ax, what in ((loss_ax, "loss"), (acc_ax, "acc")):
+            ax.plot(epochs, col(f"train_{what}"), "o-", label="train")
+            ax.plot(epochs, col(f"val_{what}"), "o-", label="val")
+            if best_epoch:
+                ax.axvline(best_epoch, color="grey", linestyle=":",
+                           label=f"best (epoch {best_epoch})")
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title("loss" if what == "loss" else "accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend()
 
 
 SELECTED_BY = {"val_loss": "lowest validation loss", "val_acc": "highest validation accuracy"}

@@ -37,9 +37,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from stages import models
+from stages import models, progress
 from stages.config import main_for, path
 from stages.datasets import (
     PreparedImages,
@@ -50,6 +49,7 @@ from stages.datasets import (
 )
 from stages.errors import InputError, StageError
 from stages.io import atomic_open, read_csv, write_csv, write_json
+from stages.plots import figure
 from stages.statistics import wilson
 from stages.tracking import stage_run
 
@@ -279,7 +279,7 @@ def train_epoch(model, loader, opt, sched, scaler, loss_fn, device, precision, t
     model.train()
     freeze_frozen_norms(model)
     loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False)
+    bar = progress.bar(loader, desc=f"epoch {epoch}", unit="batch", leave=False)
     for step, (x, y) in enumerate(bar, start=1):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
@@ -618,27 +618,18 @@ def finish(cfg, work, classes, test_loader, device, precision, history, wall, tr
 
 
 def confusion_png(cm: np.ndarray, classes: list[str], file: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * k, 1.0 + 0.6 * k), dpi=120)
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(k), classes, rotation=45, ha="right")
-    ax.set_yticks(range(k), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_title("test confusion matrix")
-    fig.tight_layout()
-    with atomic_open(file, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    with figure(file, figsize=(1.2 + 0.6 * k, 1.0 + 0.6 * k), dpi=120) as ax:
+        ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(k), classes, rotation=45, ha="right")
+        ax.set_yticks(range(k), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+        ax.set_title("test confusion matrix")
 
 
 def main() -> None:

@@ -19,6 +19,17 @@ from stages.io import write_csv, write_json
 
 CLASSES = ["Zebra", "Sea turtle", "Blue jay"]
 SPLIT_COUNTS = {"train": (6, 5, 4), "val": (2, 2, 1), "test": (3, 2, 2)}
+# What the download stage fetched per official Open Images split (prepare re-splits it).
+OFFICIAL_COUNTS = {"train": (5, 4, 4), "validation": (2, 1, 2), "test": (3, 2, 2)}
+FETCH = {"selected": 28, "downloaded": 25, "missing": 1, "invalid": 1, "failed": 1,
+         "multiclass_images": 3, "multiclass_dropped": 2, "empty_classes": 0,
+         "cross_split_duplicates": 0, "no_attribution": 0, "images_requested": 26,
+         "fetch_seconds": 6.96, "fetch_images_per_s": 3.736, "label_rows": 103,
+         "malformed_rows": 1, "bad_image_ids": 0, "http_retries": 4}
+# What the download stage imported from a photo folder (data.source=folder): no official splits.
+FOLDER_COUNTS = {"all": (12, 7, 5)}
+IMPORT = {"found": 29, "imported": 24, "undecodable": 2, "not_an_image": 1, "duplicates": 2,
+          "empty_classes": 0, "import_seconds": 1.131}
 FAILED_ERROR = "RuntimeError: lowering failed | node aten.conv2d\nTraceback (most recent call last)"
 
 
@@ -134,28 +145,43 @@ OPTIMIZE = {
 }
 
 
-def write_inputs(cfg, benchmark: bool = True, optimize: bool = True) -> None:
+def download_metrics(classes: list[str], source: str) -> dict:
+    """download.json as the download stage lays it out: per official split and `all` (a photo
+    folder: `all` only), the images, each class's count and share, then the fetch figures."""
+    table = {**OFFICIAL_COUNTS,
+             "all": tuple(map(sum, zip(*OFFICIAL_COUNTS.values(), strict=True)))}
+    if source == "folder":
+        table = FOLDER_COUNTS
+    metrics = {}
+    for split, counts in table.items():
+        metrics[f"{split}.images"] = sum(counts)
+        for c, n in zip(classes, counts, strict=True):
+            metrics.update({f"{split}.{c}.count": n, f"{split}.{c}.share": round(n / sum(counts),
+                                                                                  4)})
+    return {**metrics, **(IMPORT if source == "folder" else FETCH)}
+
+
+def write_inputs(cfg, benchmark: bool = True, optimize: bool = True,
+                 classes: list[str] = CLASSES) -> None:
     """What download, prepare, train, optimize and benchmark write, in their shapes."""
     prepared, metrics, plots = path(cfg, "prepared"), path(cfg, "metrics"), path(cfg, "plots")
     prepared.mkdir(parents=True)
-    (prepared / "labels.txt").write_text("".join(f"{c}\n" for c in CLASSES))
+    (prepared / "labels.txt").write_text("".join(f"{c}\n" for c in classes))
     prep = {"classes": 3, "skipped_undecodable": 1}
     for split, counts in SPLIT_COUNTS.items():
         rows = [(f"images/{split}{label}{i}.jpg", label, name, f"{split}{label}{i}", "train")
-                for label, (name, n) in enumerate(zip(CLASSES, counts, strict=True))
+                for label, (name, n) in enumerate(zip(classes, counts, strict=True))
                 for i in range(n)]
         write_csv(prepared / f"{split}.csv",
                   ["file", "label", "class", "image_id", "official_split"], rows)
         prep[f"{split}.images"] = sum(counts)
-        prep.update({f"{split}.{c}.count": n for c, n in zip(CLASSES, counts, strict=True)})
+        prep.update({f"{split}.{c}.count": n for c, n in zip(classes, counts, strict=True)})
     prep["test.images"] = 99  # a stale summary: the CSVs must win
     write_json(metrics / "prepare.json", prep)
     lic = "https://creativecommons.org/licenses/by/2.0/"
     write_csv(path(cfg, "raw") / "attribution.csv", ["ImageID", "split", "class", "License"],
-              [(f"id{i}", "train", CLASSES[i % 3], lic) for i in range(25)])
-    write_json(metrics / "download.json", {"selected": 27, "downloaded": 25, "missing": 1,
-                                           "invalid": 1, "failed": 0, "fetch_seconds": 6.96,
-                                           "train.images": 25})
+              [(f"id{i}", "train", classes[i % 3], lic) for i in range(25)])
+    write_json(metrics / "download.json", download_metrics(classes, cfg.data.source))
     write_json(metrics / "train.json", {
         "best_val_acc": 0.8, "val_acc_ci_low": 0.37553, "val_acc_ci_high": 0.96378,
         "precision": "bf16", "precision_chosen_by": "measured",
@@ -164,8 +190,8 @@ def write_inputs(cfg, benchmark: bool = True, optimize: bool = True) -> None:
         "test_images": 7, "epochs_run": 3, "epochs_configured": 3, "batch_size": 16,
         "wall_time_s": 12.345, "train_images_per_s": 33.21,
         # 6 of the 7 test images right: one Sea turtle taken for a Blue jay.
-        **{f"test.{c}.precision": v for c, v in zip(CLASSES, (1.0, 1.0, 0.6667), strict=True)},
-        **{f"test.{c}.recall": v for c, v in zip(CLASSES, (1.0, 0.5, 1.0), strict=True)}})
+        **{f"test.{c}.precision": v for c, v in zip(classes, (1.0, 1.0, 0.6667), strict=True)},
+        **{f"test.{c}.recall": v for c, v in zip(classes, (1.0, 0.5, 1.0), strict=True)}})
     write_csv(plots / "train_history.csv",
               ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_images",
                "train_images_per_s", "epoch_seconds"],
@@ -241,8 +267,6 @@ def test_report_tables_hold_the_numbers(cfg) -> None:
     assert "`prepare.json` says 99 test images, `test.csv` has 7 rows" in s["Dataset"]
     assert "CC BY 4.0" in s["Dataset"] and "CC BY 2.0" in s["Dataset"]
     assert "lists 25 image(s)" in s["Dataset"]
-    assert table_row(s["Dataset"], "downloaded") == ["downloaded", "25"]
-    assert table_row(s["Dataset"], "fetch_seconds") == ["fetch_seconds", "6.96"]
     assert out["dataset"] == {"classes": 3, "images": {"train": 15, "val": 5, "test": 7},
                               "attribution_rows": 25}
 
@@ -524,3 +548,70 @@ def test_profile_section_shows_the_paragraph_and_a_table_per_mode(cfg) -> None:
     assert table_row(section, "depthwise convolution") == [
         "depthwise convolution", "31.0%", "4.0%", "2.790", "2.1", "3.0"]
     assert table_row(section, "convolution")[-1] == document.DASH
+
+
+def download_part(md: str) -> str:
+    return sections(md)["Dataset"].split("### Download", 1)[1]
+
+
+def test_download_is_one_table_of_official_splits_and_one_line_of_fetch_figures(cfg) -> None:
+    write_inputs(cfg)
+    report.run(cfg)
+    md = (path(cfg, "reports") / "REPORT.md").read_text()
+    part = download_part(md)
+    # Counts per class and official split, as download.json has them (not prepare's re-split).
+    assert header_of(part, "Zebra") == ["class", "train", "validation", "test", "total"]
+    assert table_row(part, "Zebra") == ["Zebra", "5", "2", "3", "10"]
+    assert table_row(part, "Sea turtle") == ["Sea turtle", "4", "1", "2", "7"]
+    assert table_row(part, "all classes") == ["all classes", "13", "5", "7", "25"]
+    assert len([ln for ln in part.splitlines() if ln.startswith("| ")]) == 2 + 4  # one table
+    assert ("**Fetch:** 28 selected, 25 downloaded, 1 missing, 1 invalid, 1 failed, 4 HTTP "
+            "retries; 26 requested in 6.96 s, 3.7 images/s (each image left out is listed in "
+            "`data/raw/missing.csv`).") in part
+    # The raw keys stay in the JSON, out of the report.
+    assert "share" not in part and "train.images" not in md and "http_retries" not in md
+    page = (path(cfg, "reports") / "REPORT.html").read_text()
+    assert ("<tr><td>Zebra</td><td class=num>5</td><td class=num>2</td><td class=num>3</td>"
+            "<td class=num>10</td></tr>") in page
+    assert "<strong>Fetch:</strong> 28 selected, 25 downloaded" in page
+
+
+def test_download_of_a_photo_folder_says_what_was_imported(tmp_path) -> None:
+    cfg = compose([f"paths.root={tmp_path}", "tracking.enabled=false", "data=realdata",
+                   "data.folder=my/photos"])
+    write_inputs(cfg)
+    report.run(cfg)
+    part = download_part((path(cfg, "reports") / "REPORT.md").read_text())
+    assert header_of(part, "Zebra") == ["class", "images"]
+    assert [table_row(part, c)[1] for c in (*CLASSES, "all classes")] == ["12", "7", "5", "24"]
+    assert ("**Import:** 29 files found, 24 imported, 2 undecodable, 1 not an image, 2 "
+            "duplicates, in 1.131 s (each file skipped is listed in `data/raw/missing.csv`)."
+            ) in part
+
+
+SCRIPT = "<script>alert(1)</script>"
+
+
+def test_class_names_are_text_in_html_and_keep_their_markdown_cell(tmp_path) -> None:
+    """A class name is data: in HTML it is escaped wherever it appears (table cells, code spans),
+    in Markdown a `|` does not split its cell and a `<` opens no tag."""
+    cfg = compose([f"paths.root={tmp_path}", "tracking.enabled=false", "data=mirror"])
+    classes = [SCRIPT, "a|b", "Blue jay"]
+    write_inputs(cfg, classes=classes)
+    report.run(cfg)
+    md = (path(cfg, "reports") / "REPORT.md").read_text()
+    s = sections(md)
+    prepared = s["Dataset"].split("### Source", 1)[0]
+    assert table_row(prepared, SCRIPT) == [SCRIPT, "6", "2", "3", "11"]
+    assert table_row(prepared, "a|b") == ["a|b", "5", "2", "2", "9"]
+    assert table_row(download_part(md), "a|b") == ["a|b", "4", "1", "2", "7"]
+    assert table_row(s["Training"], "a|b") == ["a|b", "2", "100.0%", "50.0% [9.5, 90.5], n=2"]
+    # outside code spans, the Markdown holds the name only with its `<` escaped
+    assert not re.search(r"(?<![\\`])<script>", md), md
+    assert "| \\<script>alert(1)\\</script> |" in md
+
+    page = (path(cfg, "reports") / "REPORT.html").read_text()
+    assert "<script" not in page
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert f"<td>{escaped}</td>" in page and "<td>a|b</td>" in page
+    assert f"<code>{escaped}</code>" in page  # the class list, in a paragraph
