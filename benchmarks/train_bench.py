@@ -42,6 +42,7 @@ from torch import nn
 from stages import download, models, prepare, train
 from stages.config import compose, path
 from stages.datasets import PreparedImages, read_classes, train_transform
+from stages.machine import cpu_flags, cpuinfo
 from testing.mirror import MirrorServer, generate
 
 TARGET_RATIO = 0.85
@@ -53,18 +54,8 @@ Step = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 def machine() -> dict:
-    info = {"cpu_model": platform.processor() or platform.machine(), "flags": set()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                info["cpu_model"] = value.strip()
-            elif key.strip() == "flags":
-                info["flags"] = set(value.split())
-    except OSError:
-        pass
-    flags = info.pop("flags")
-    return {**info,
+    flags = cpu_flags()
+    return {"cpu_model": cpuinfo().get("model name") or platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count(),

@@ -1,10 +1,10 @@
 """Facts about the machine a stage runs on, gathered without importing torch.
 
 The benchmark records them beside its rows; the report shows them, and gathers them live when no
-benchmark has run; training and optimize ask whether bf16 is native. None of that needs a
-deep-learning stack: the CPU comes from /proc/cpuinfo, the GPU from `nvidia-smi`, library
-versions from the installed packages' metadata (importing torch to read its version would cost the
-report seconds and gigabytes of libraries).
+benchmark has run; optimize asks whether bf16 is native (training does not: it times bf16 against
+fp32, see `train.BF16_MIN_SPEEDUP`). None of that needs a deep-learning stack: the CPU comes from
+/proc/cpuinfo, the GPU from `nvidia-smi`, library versions from the installed packages' metadata
+(importing torch to read its version would cost the report seconds and gigabytes of libraries).
 """
 
 from __future__ import annotations
@@ -46,7 +46,12 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AMX-BF16 or AVX512-BF16: without either, bf16 is emulated and slower than fp32."""
+    """AMX-BF16 or AVX512-BF16: without either, bf16 is emulated and slower than fp32.
+
+    The project's one answer to the question, from the kernel's flags, not from torch's private
+    `torch.cpu._is_avx512_bf16_supported`/`_is_amx_tile_supported` (no stable API, needs torch,
+    and asks about AMX tiles rather than AMX-BF16): the same flags `machine_info` records, so the
+    `native_bf16` a benchmark shows is the one optimize decided by."""
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 

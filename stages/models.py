@@ -2,8 +2,8 @@
 lite1 and lite2), pretrained weights from torchvision, a local file or the bundled packages, and
 a new head.
 
-Loading never surfaces a traceback from deep inside `load_state_dict`: a missing, truncated or
-foreign weights file is a `WeightsError` that names the file and what was expected.
+Loading never surfaces torch's own error: a missing, empty, truncated, foreign or unsafe (pickled
+objects) file is a one-line `WeightsError` that names the file, what is wrong and the fix.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import logging
 import pickle
+import re
+import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -107,28 +109,90 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 # --- weights -----------------------------------------------------------------------------------
 
 
-def _load(file: Path, what: str, if_missing: str) -> object:
-    """`torch.load(weights_only=True)`, with a missing or unreadable file as a WeightsError."""
+# What a file that torch.save wrote begins with: a zip archive (the format since torch 1.6), or a
+# pickle stream (protocol 2, the legacy format torch.load still reads).
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_MAGIC = b"\x80"
+WEIGHTS_FIX = ("set model.weights to a file written by torch.save, a torchvision weights name "
+               "(DEFAULT, IMAGENET1K_V1...) or none")
+CHECKPOINT_FIX = "run the train stage to write it again (`dvc repro train`)"
+
+
+def load_file(file: Path, what: str, fix: str, if_missing: str | None = None) -> object:
+    """`torch.load(weights_only=True)` of `file`; every way it can fail is a one-line WeightsError
+    in our words, naming `what` and `file` and ending with `fix` (`if_missing` when the file does
+    not exist). Torch's own messages run to several lines, and for pickled objects advise loading
+    with weights_only=False, which would run code from the file: not advice to repeat."""
+    if file.is_dir():
+        raise WeightsError(f"{what} {file} is a folder, not a file; {fix}")
     if not file.is_file():
-        raise WeightsError(f"{what} {file} does not exist{if_missing}")
+        raise WeightsError(f"{what} {file} does not exist: {if_missing or fix}")
+    try:
+        with open(file, "rb") as f:
+            head = f.read(len(ZIP_MAGIC))
+    except OSError as e:
+        raise WeightsError(f"{what} {file} cannot be read ({e.strerror or e}); {fix}") from e
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
-            ValueError) as e:
-        raise WeightsError(f"{what} {file} cannot be read ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]}); is it truncated or not a "
-                           "PyTorch file?") from e
+    except pickle.UnpicklingError as e:
+        # torch raises this for pickled objects it refuses and for bytes that are no pickle alike
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused and (head == ZIP_MAGIC or head.startswith(PICKLE_MAGIC)):
+            raise WeightsError(
+                f"{what} {file} was not loaded: it holds pickled Python objects "
+                f"({refused.group(1)}) besides tensors, and unpickling them would run code from "
+                "the file; save only tensors (`torch.save(model.state_dict(), file)`), or "
+                f"{fix}") from e
+        raise WeightsError(f"{what} {file} cannot be read: {_damage(file, head)}; {fix}") from e
+    # what torch.load raises on a damaged file depends on where the damage is: an empty file is
+    # an EOFError, a zip archive cut short an OSError, a pickle cut short a struct.error...
+    except (OSError, RuntimeError, EOFError, KeyError, IndexError, ValueError, struct.error,
+            zipfile.BadZipFile) as e:
+        raise WeightsError(f"{what} {file} cannot be read: {_damage(file, head)}; {fix}") from e
+
+
+def _damage(file: Path, head: bytes) -> str:
+    """What is wrong with a file torch.load refused, judged from the file itself (torch's
+    exceptions say little about it)."""
+    size = file.stat().st_size
+    if size == 0:
+        return "it is empty (0 bytes), as an interrupted save or copy leaves it"
+    if head == ZIP_MAGIC and not zipfile.is_zipfile(file):
+        return f"it is truncated or damaged (a zip archive of {size} bytes without its end)"
+    if head == ZIP_MAGIC:
+        return "it is a zip archive, but not one torch.save wrote"
+    if head.startswith(PICKLE_MAGIC):
+        return f"it is truncated or damaged (torch's legacy format, {size} bytes)"
+    return f"it is not a PyTorch file (torch.save writes a zip archive; this begins {head!r})"
+
+
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    obj = _load(file, "weights file", "; set model.weights to an existing file, a torchvision "
-                "weights name (DEFAULT, IMAGENET1K_V1...) or none")
+    obj = load_file(file, "weights file", WEIGHTS_FIX)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # one of our checkpoints
         obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not _is_state_dict(obj):
         raise WeightsError(f"weights file {file} holds a {type(obj).__name__}, not a state dict "
-                           "of tensors")
+                           f"of tensors; {WEIGHTS_FIX}")
     return obj
+
+
+def _misfit(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+           skip: str | None = None) -> str | None:
+    """How the tensors of `state` fail to fit `expected` (a model's state dict), in one line;
+    None when they fit. A shape difference under the prefix `skip` (a head to be replaced) does
+    not count."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and state[k].shape != v.shape
+                  and not (skip and k.startswith(skip + "."))]
+    kinds = (("missing", missing), ("unexpected", unexpected), ("with other shapes", mismatched))
+    parts = [f"{len(keys)} {kind} (e.g. {keys[:3]})" for kind, keys in kinds if keys]
+    return ", ".join(parts) or None
 
 
 def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
@@ -207,17 +271,10 @@ def load_weights(model: nn.Module, name: str, weights: str) -> str:
     else:
         state, source = _torchvision_state_dict(name, weights), f"torchvision {weights}"
     expected = model.state_dict()
-    head = head_name(model)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                  if k in state and state[k].shape != v.shape and not k.startswith(head + ".")]
-    if missing or unexpected or mismatched:
-        raise WeightsError(
-            f"weights {source} do not fit {name}: {len(missing)} missing "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-            f"{len(mismatched)} with other shapes (e.g. {mismatched[:3]}); is it a checkpoint "
-            "of another architecture?")
+    wrong = _misfit(expected, state, skip=head_name(model))
+    if wrong:
+        raise WeightsError(f"weights {source} do not fit {name}: {wrong}; is it a checkpoint "
+                           "of another architecture?")
     usable = {k: v for k, v in state.items() if v.shape == expected[k].shape}
     model.load_state_dict(usable, strict=False)
     skipped = sorted(set(state) - set(usable))
@@ -234,16 +291,37 @@ def build(name: str, num_classes: int, weights: str) -> tuple[nn.Module, str]:
     return model, source
 
 
+# What inference reads from a checkpoint's meta (export, optimize, benchmark, profile, runtime).
+REQUIRED_META = ("arch", "classes", "mean", "std", "input_size", "crop_pct")
+
+
 def load_trained(file: Path) -> tuple[nn.Module, dict]:
     """A checkpoint written by the train stage: the eval-mode model and its metadata."""
-    ck = _load(file, "checkpoint", ": run the train stage first (`dvc repro train`)")
-    if not isinstance(ck, dict) or not {"model", "meta"} <= set(ck):
-        raise WeightsError(f"{file} is not a checkpoint of the train stage (no model/meta)")
+    ck = load_file(file, "checkpoint", CHECKPOINT_FIX,
+                   if_missing="run the train stage first (`dvc repro train`)")
+    if _is_state_dict(ck):
+        holds = f"a bare state dict of {len(ck)} tensors"
+    elif isinstance(ck, dict):
+        holds = f"keys {sorted(map(str, ck))[:8]}"
+    else:
+        holds = f"a {type(ck).__name__}"
+    if not isinstance(ck, dict) or not _is_state_dict(ck.get("model")) or not isinstance(
+            ck.get("meta"), dict):
+        raise WeightsError(f"checkpoint {file} is not a checkpoint of the train stage (it holds "
+                           f"{holds}, not model and meta); {CHECKPOINT_FIX}")
     meta = ck["meta"]
-    model = replace_head(create(meta["arch"]), len(meta["classes"]))
+    lacking = [k for k in REQUIRED_META if k not in meta]
+    if lacking:
+        raise WeightsError(f"checkpoint {file} is not a checkpoint of the train stage as this "
+                           f"version writes it: its meta lacks {lacking}; {CHECKPOINT_FIX}")
     try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise WeightsError(f"checkpoint {file} does not fit {meta['arch']} with "
-                           f"{len(meta['classes'])} classes: {str(e).splitlines()[0]}") from e
+        model = replace_head(create(meta["arch"]), len(meta["classes"]))
+    except ValueError as e:
+        raise WeightsError(f"checkpoint {file} was trained as {meta['arch']!r}, an architecture "
+                           f"this installation does not have; {CHECKPOINT_FIX}") from e
+    wrong = _misfit(model.state_dict(), ck["model"])
+    if wrong:
+        raise WeightsError(f"checkpoint {file} does not fit its own meta ({meta['arch']} with "
+                           f"{len(meta['classes'])} classes): {wrong}; {CHECKPOINT_FIX}")
+    model.load_state_dict(ck["model"])
     return model.eval(), meta

@@ -1,6 +1,6 @@
 """Stage `train`: fine-tune a pretrained model on the prepared subset (transfer learning).
 
-Writes the checkpoint of the epoch with the lowest validation loss to `paths.models/model.pt`
+Writes the checkpoint of the epoch with the lowest validation loss to `paths.checkpoint`
 (weights, optimiser, scheduler, scaler, epoch, best metric, resolved config, and what inference
 needs: architecture, class names, normalisation, input size), `paths.metrics/train.json`, and the
 DVC plots `paths.plots/train_history.csv`, `confusion.csv` and `confusion.png`.
@@ -29,6 +29,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from stages.errors import InputError, StageError
 from stages.io import atomic_open, read_csv, write_csv, write_json
 from stages.plots import figure
 from stages.statistics import wilson
-from stages.tracking import stage_run
+from stages.tracking import StageRun, stage_run
 
 log = logging.getLogger("stages.train")
 
@@ -69,15 +70,15 @@ class TrainingDiverged(StageError):
 
 
 # train.precision=auto on CPU times the real model before training and takes bf16 autocast only
-# when it is this much faster than fp32. CPU flags do not predict it: on an AMX Xeon bf16 trained
-# efficientnet_lite0 slower than fp32 (13.6 vs 16 images/s); without AVX512-BF16 or AMX bf16 is
-# emulated (1024^2 matmul 47 ms bf16 vs 14 ms fp32). 10%: a smaller gain is within the noise of
-# a few timed steps on a shared machine and not worth bf16's coarser gradients.
+# when it is this much faster than fp32. CPU flags (`stages.machine.cpu_has_native_bf16`) do not
+# predict it: bf16 has trained slower than fp32 on a CPU with AMX, and without AVX512-BF16 or AMX
+# it is emulated (benchmarks/results/design_figures.md has the figures). 10%: a smaller gain is
+# within the noise of a few timed steps on a shared machine and not worth bf16's coarser
+# gradients.
 BF16_MIN_SPEEDUP = 1.10
-# Timed steps per precision, after one warm-up step each, on one training batch: a smaller batch
-# misjudges it (this 2-core AVX512-BF16 CPU, lite0 at 224 px: bf16/fp32 0.84-1.29 at 8 images,
-# 1.21-1.40 at 32, where fp32 slows per image). About 9 s at 224 px and batch 32 on 2 cores,
-# under 1 s at the tests' 64 px.
+# Timed steps per precision, after one warm-up step each, on one whole training batch: on a
+# smaller batch the ratio comes out different, and fp32 slows per image as the batch grows
+# (design_figures.md). The probe costs seconds at 224 px, and less than one at the tests' 64 px.
 PRECISION_PROBE_ROUNDS = 2
 
 
@@ -274,20 +275,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_epoch(model, loader, opt, sched, scaler, loss_fn, device, precision, train, epoch,
-                channels_last) -> dict:
+def train_epoch(state: TrainState, epoch: int) -> dict:
+    """One pass over the training split; the mean loss and accuracy, images and seconds."""
+    model, opt, sched, scaler = state.fwd, state.opt, state.sched, state.scaler
+    device, precision, train = state.device, state.precision, state.train
     model.train()
     freeze_frozen_norms(model)
     loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
-    bar = progress.bar(loader, desc=f"epoch {epoch}", unit="batch", leave=False)
+    bar = progress.bar(state.train_loader, desc=f"epoch {epoch}", unit="batch", leave=False)
     for step, (x, y) in enumerate(bar, start=1):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        if channels_last:
+        if train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(x)
-            loss = loss_fn(logits.float(), y)
+            loss = state.loss_fn(logits.float(), y)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"loss is {loss.item()} at epoch {epoch}, step {step}: training diverged. Lower "
@@ -351,7 +354,7 @@ def make_train_loader(ds: PreparedImages, batch_size: int, num_workers: int, see
     Each epoch's order and augmentation are a function of (seed, epoch) alone, so a resumed run
     replays exactly what an uninterrupted one does, and the workers can live across epochs:
     re-forking them every epoch from a multi-GB training process costs seconds of
-    copy-on-write faults on the next step (measured: ratio to in-memory 0.81 instead of 0.94).
+    copy-on-write faults on the next step.
     """
     sampler = SeededSampler(len(ds), seed)
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler,
@@ -369,7 +372,8 @@ def save_checkpoint(file: Path, **state: Any) -> None:
 
 
 def load_checkpoint(file: Path) -> dict:
-    return torch.load(file, map_location="cpu", weights_only=True)
+    """A checkpoint of the work folder (last.pt, best.pt), which only this stage writes."""
+    return models.load_file(file, "checkpoint", f"delete {file.parent} to start the run over")
 
 
 # Knobs that change how a run goes or what MLflow receives, not its result.
@@ -397,6 +401,59 @@ def run_key(cfg: DictConfig, prepared: Path) -> str:
 # --- the stage ---------------------------------------------------------------------------------
 
 
+@dataclass
+class TrainState:
+    """One training run between its named steps: what `build` makes, and the progress that
+    `fit` advances, each epoch's checkpoint saves and `resume` restores."""
+
+    cfg: DictConfig
+    work: Path  # the run's folder under paths.cache (last.pt to resume, best.pt to keep)
+    classes: list[str]
+    device: torch.device
+    model: nn.Module
+    fwd: nn.Module  # what runs forward in training and validation: `model` or its torch.compile
+    train_loader: DataLoader
+    sampler: SeededSampler
+    val_loader: DataLoader
+    test_loader: DataLoader
+    precision: str
+    precision_choice: dict  # how `precision` was chosen (flat, into train.json)
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    meta: dict  # what inference needs: architecture, classes, normalisation, input size
+    config: dict  # the resolved config, saved in every checkpoint
+    history: list[dict] = field(default_factory=list)  # one row per epoch (HISTORY_FIELDS)
+    start: int = 1  # the first epoch `fit` trains: after those a resumed run has done
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    stale: int = 0  # epochs since the validation loss last fell (early stopping)
+
+    @property
+    def train(self) -> DictConfig:
+        return self.cfg.train
+
+    def record(self, row: dict) -> bool:
+        """Add an epoch's row; True when its validation loss is the lowest so far."""
+        self.history.append(row)
+        if row["val_loss"] < self.best_loss:
+            self.best_loss, self.best_epoch, self.stale = row["val_loss"], row["epoch"], 0
+            return True
+        if row["epoch"] > probe_epochs(self.train):  # early stopping never fires in the probe
+            self.stale += 1
+        return False
+
+    def checkpoint(self, epoch: int) -> dict:
+        """Everything `resume` needs to go on after `epoch`, and what inference needs."""
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": epoch, "selected_by": SELECTED_BY, "best_val_loss": self.best_loss,
+                "best_epoch": self.best_epoch, "stale_epochs": self.stale,
+                "history": self.history, "precision_choice": self.precision_choice,
+                "config": self.config, "meta": self.meta}
+
+
 def run(cfg: DictConfig) -> dict:
     """Fine-tune `model.name` on the prepared data; returns the metrics it wrote."""
     was_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -407,6 +464,27 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _run(cfg: DictConfig) -> dict:
+    state, last = build(cfg)
+    resume(state, last)
+    del last  # the resumed optimiser state and history are in `state` now
+    announce(state)
+    wall0 = time.perf_counter()
+    with stage_run(cfg, "train", system_metrics=cfg.train.system_metrics) as tracker:
+        tracker.log_params({"model": OmegaConf.to_container(cfg.model),
+                            "train": OmegaConf.to_container(cfg.train),
+                            "train.resolved_precision": state.precision,
+                            "train.device_resolved": str(state.device),
+                            "train.trainable_params": count_params(state.model, trainable=True)})
+        fit(state, tracker)
+        result = evaluate(state, wall=time.perf_counter() - wall0)
+        write(state, result, tracker)
+    shutil.rmtree(state.work, ignore_errors=True)
+    return result.metrics
+
+
+def build(cfg: DictConfig) -> tuple[TrainState, dict | None]:
+    """Data, model, loaders, precision, optimiser and schedule of a run; and the last checkpoint
+    of a killed run with the same config and data, when there is one (for `resume`)."""
     train, mcfg = cfg.train, cfg.model
     prepared = path(cfg, "prepared")
     classes = read_classes(prepared)
@@ -416,27 +494,16 @@ def _run(cfg: DictConfig) -> dict:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     seed_everything(train.seed)
-
-    train_ds = PreparedImages(prepared, "train",
-                              train_transform(mcfg.input_size, mcfg.mean, mcfg.std))
-    eval_tf = eval_transform(mcfg.input_size, mcfg.mean, mcfg.std, mcfg.crop_pct)
-    val_ds = PreparedImages(prepared, "val", eval_tf)
-    test_ds = PreparedImages(prepared, "test", eval_tf)
-    if len(train_ds) == 0:
-        raise InputError(f"{prepared}/train.csv has no image")
-    if len(val_ds) == 0:
-        raise InputError(f"{prepared}/val.csv has no image: raise data.split.ratios.val or "
-                         "data.max_images_per_class")
+    train_ds, val_ds, test_ds = splits(prepared, mcfg)
 
     model, source = models.build(mcfg.name, len(classes), mcfg.weights)
     # As in the last phase, which trains the most: the optimiser gets every parameter that
-    # trains in some phase, and the precision is timed on what trains longest (the epoch loop
-    # sets each phase's requires_grad).
+    # trains in some phase, and the precision is timed on what trains longest (`fit` sets each
+    # phase's requires_grad).
     apply_recipe(model, layers_at(train, train.epochs), train.unfreeze_blocks)
     model.to(device)
     if train.channels_last:
         model.to(memory_format=torch.channels_last)
-    total = sum(p.numel() for p in model.parameters())
     train_loader, sampler = make_train_loader(train_ds, train.batch_size, train.num_workers,
                                               train.seed, device)
     # persistent for the reason make_train_loader gives: validation runs every epoch
@@ -446,9 +513,9 @@ def _run(cfg: DictConfig) -> dict:
 
     work = path(cfg, "cache") / "train" / run_key(cfg, prepared)
     work.mkdir(parents=True, exist_ok=True)
-    ck = load_checkpoint(work / "last.pt") if (work / "last.pt").is_file() else None
-    if ck is not None:  # the precision the run started with, not a new measurement
-        precision, chosen = ck["meta"]["precision"], ck["precision_choice"]
+    last = load_checkpoint(work / "last.pt") if (work / "last.pt").is_file() else None
+    if last is not None:  # the precision the run started with, not a new measurement
+        precision, chosen = last["meta"]["precision"], last["precision_choice"]
     else:
         precision, chosen = select_precision(
             train.precision, device,
@@ -462,89 +529,101 @@ def _run(cfg: DictConfig) -> dict:
                  chosen["precision_bf16_speedup"], BF16_MIN_SPEEDUP)
 
     opt = make_optimizer(param_groups(model, train), train)
-    sched = make_scheduler(opt, train, len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
-    fwd = torch.compile(model) if train.compile else model
+    state = TrainState(
+        cfg=cfg, work=work, classes=classes, device=device, model=model,
+        fwd=torch.compile(model) if train.compile else model, train_loader=train_loader,
+        sampler=sampler, val_loader=val_loader, test_loader=test_loader, precision=precision,
+        precision_choice=chosen, opt=opt, sched=make_scheduler(opt, train, len(train_loader)),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=train.label_smoothing),
+        meta={"arch": mcfg.name, "classes": classes, "mean": list(mcfg.mean),
+              "std": list(mcfg.std), "input_size": mcfg.input_size, "crop_pct": mcfg.crop_pct,
+              "weights_source": source, "precision": precision},
+        config=OmegaConf.to_container(cfg, resolve=True))
+    return state, last
 
-    meta = {"arch": mcfg.name, "classes": classes, "mean": list(mcfg.mean),
-            "std": list(mcfg.std), "input_size": mcfg.input_size, "crop_pct": mcfg.crop_pct,
-            "weights_source": source, "precision": precision}
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    history: list[dict] = []
-    start, best_loss, best_epoch, stale = 1, math.inf, 0, 0
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        history, best_loss, best_epoch = ck["history"], ck["best_val_loss"], ck["best_epoch"]
-        stale, start = ck["stale_epochs"], ck["epoch"] + 1
-        log.info("resuming from %s at epoch %d (best val loss %.4f at epoch %d)",
-                 work / "last.pt", start, best_loss, best_epoch)
-        del ck
 
-    n_probe = probe_epochs(train)
-    log.info("%s (%s weights) on %s, %s, mode=%s%s: %d parameters", mcfg.name, source, device,
-             precision, train.mode,
+def splits(prepared: Path, mcfg: DictConfig) -> tuple[PreparedImages, ...]:
+    """The train (augmented), val and test splits; train and val must not be empty."""
+    train_ds = PreparedImages(prepared, "train",
+                              train_transform(mcfg.input_size, mcfg.mean, mcfg.std))
+    eval_tf = eval_transform(mcfg.input_size, mcfg.mean, mcfg.std, mcfg.crop_pct)
+    val_ds = PreparedImages(prepared, "val", eval_tf)
+    test_ds = PreparedImages(prepared, "test", eval_tf)
+    if len(train_ds) == 0:
+        raise InputError(f"{prepared}/train.csv has no image")
+    if len(val_ds) == 0:
+        raise InputError(f"{prepared}/val.csv has no image: raise data.split.ratios.val or "
+                         "data.max_images_per_class")
+    return train_ds, val_ds, test_ds
+
+
+def resume(state: TrainState, last: dict | None) -> None:
+    """Go on where the checkpoint `last` of a killed run left off: weights, optimiser,
+    schedule, scaler, history, best so far and early-stopping count. Nothing without one."""
+    if last is None:
+        return
+    state.model.load_state_dict(last["model"])
+    state.opt.load_state_dict(last["optimizer"])
+    state.sched.load_state_dict(last["scheduler"])
+    state.scaler.load_state_dict(last["scaler"])
+    state.history, state.best_loss = last["history"], last["best_val_loss"]
+    state.best_epoch, state.stale = last["best_epoch"], last["stale_epochs"]
+    state.start = last["epoch"] + 1
+    log.info("resuming from %s at epoch %d (best val loss %.4f at epoch %d)",
+             state.work / "last.pt", state.start, state.best_loss, state.best_epoch)
+
+
+def count_params(model: nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def announce(state: TrainState) -> None:
+    train, n_probe = state.train, probe_epochs(state.train)
+    log.info("%s (%s weights) on %s, %s, mode=%s%s: %d parameters", state.meta["arch"],
+             state.meta["weights_source"], state.device, state.precision, train.mode,
              f" ({n_probe} probe epochs at lr {train.probe_lr:g}, then all layers)"
-             if n_probe else "", total)
-    wall0 = time.perf_counter()
-    with stage_run(cfg, "train", system_metrics=train.system_metrics) as tracker:
-        tracker.log_params({"model": OmegaConf.to_container(mcfg),
-                            "train": OmegaConf.to_container(train),
-                            "train.resolved_precision": precision,
-                            "train.device_resolved": str(device),
-                            "train.trainable_params": sum(
-                                p.numel() for p in model.parameters() if p.requires_grad)})
-        layers = None
-        for epoch in range(start, train.epochs + 1):
-            if train.patience and stale >= train.patience:
-                break
-            if layers_at(train, epoch) != layers:
-                layers = layers_at(train, epoch)
-                apply_recipe(model, layers, train.unfreeze_blocks)
-                log.info("epoch %d: %s, %d of %d parameters train", epoch, layers,
-                         sum(p.numel() for p in model.parameters() if p.requires_grad), total)
-            sampler.set_epoch(epoch)
-            torch.manual_seed(train.seed * 1_000_003 + epoch)  # dropout, stochastic depth
-            stats = train_epoch(fwd, train_loader, opt, sched, scaler, loss_fn, device,
-                                precision, train, epoch, train.channels_last)
-            vloss, vpred, vtrue = predict(fwd, val_loader, device, precision,
-                                          train.channels_last)
-            # lr: the head's (param_groups puts its groups first)
-            row = {"epoch": epoch, "train_loss": stats["train_loss"],
-                   "train_acc": stats["train_acc"], "val_loss": float(vloss.mean()),
-                   "val_acc": float((vpred == vtrue).mean()), "lr": sched.get_last_lr()[0],
-                   "train_images": stats["train_images"],
-                   "train_images_per_s": stats["train_images"] / stats["train_seconds"],
-                   "epoch_seconds": stats["train_seconds"]}
-            history.append(row)
-            improved = row["val_loss"] < best_loss
-            if improved:
-                best_loss, best_epoch, stale = row["val_loss"], epoch, 0
-            elif epoch > n_probe:  # early stopping never fires in the probe phase
-                stale += 1
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "selected_by": SELECTED_BY, "best_val_loss": best_loss,
-                     "best_epoch": best_epoch, "stale_epochs": stale, "history": history,
-                     "precision_choice": chosen, "config": resolved, "meta": meta}
-            if improved:
-                save_checkpoint(work / "best.pt", **state)
-            save_checkpoint(work / "last.pt", **state)
-            # `lr_head`: `train.lr` is the configured param; accuracies in percent (tracking)
-            tracker.log_metrics({("lr_head" if k == "lr" else k): v for k, v in row.items()
-                                 if k != "epoch"}, step=epoch, fractions=("train_acc", "val_acc"))
-            log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f%s | "
-                     "%.1f img/s", epoch, train.epochs, row["train_loss"], row["train_acc"],
-                     row["val_loss"], row["val_acc"], " (best)" if improved else "",
-                     row["train_images_per_s"])
-        wall = time.perf_counter() - wall0
-        metrics = finish(cfg, work, classes, test_loader, device, precision, history, wall,
-                         tracker, model, chosen, len(val_ds))
-    shutil.rmtree(work, ignore_errors=True)
-    return metrics
+             if n_probe else "", count_params(state.model))
+
+
+def fit(state: TrainState, tracker: StageRun) -> None:
+    """Train from epoch `state.start` to `train.epochs`, or until `train.patience` epochs pass
+    without a lower validation loss; after each epoch, validate, save last.pt (and best.pt when
+    the loss fell) in the work folder, and log the epoch."""
+    train = state.train
+    layers = None
+    for epoch in range(state.start, train.epochs + 1):
+        if train.patience and state.stale >= train.patience:
+            break
+        if layers_at(train, epoch) != layers:
+            layers = layers_at(train, epoch)
+            apply_recipe(state.model, layers, train.unfreeze_blocks)
+            log.info("epoch %d: %s, %d of %d parameters train", epoch, layers,
+                     count_params(state.model, trainable=True), count_params(state.model))
+        state.sampler.set_epoch(epoch)
+        torch.manual_seed(train.seed * 1_000_003 + epoch)  # dropout, stochastic depth
+        stats = train_epoch(state, epoch)
+        vloss, vpred, vtrue = predict(state.fwd, state.val_loader, state.device, state.precision,
+                                      train.channels_last)
+        # lr: the head's (param_groups puts its groups first)
+        row = {"epoch": epoch, "train_loss": stats["train_loss"],
+               "train_acc": stats["train_acc"], "val_loss": float(vloss.mean()),
+               "val_acc": float((vpred == vtrue).mean()), "lr": state.sched.get_last_lr()[0],
+               "train_images": stats["train_images"],
+               "train_images_per_s": stats["train_images"] / stats["train_seconds"],
+               "epoch_seconds": stats["train_seconds"]}
+        improved = state.record(row)
+        ck = state.checkpoint(epoch)
+        if improved:
+            save_checkpoint(state.work / "best.pt", **ck)
+        save_checkpoint(state.work / "last.pt", **ck)
+        # `lr_head`: `train.lr` is the configured param; accuracies in percent (tracking)
+        tracker.log_metrics({("lr_head" if k == "lr" else k): v for k, v in row.items()
+                             if k != "epoch"}, step=epoch, fractions=("train_acc", "val_acc"))
+        log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f%s | "
+                 "%.1f img/s", epoch, train.epochs, row["train_loss"], row["train_acc"],
+                 row["val_loss"], row["val_acc"], " (best)" if improved else "",
+                 row["train_images_per_s"])
 
 
 def probe_batch(ds: PreparedImages, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -560,17 +639,29 @@ def with_interval(prefix: str, correct: int, n: int) -> dict:
     return {f"{prefix}_ci_low": round(low, 4), f"{prefix}_ci_high": round(high, 4)}
 
 
-def finish(cfg, work, classes, test_loader, device, precision, history, wall, tracker,
-           model, chosen, val_n) -> dict:
-    """Evaluate the best checkpoint on test; write checkpoint, metrics, plots; log to MLflow."""
-    best = load_checkpoint(work / "best.pt")
-    model.load_state_dict(best["model"])
-    _, pred, true = predict(model, test_loader, device, precision)
-    report, cm = classification_report(pred, true, classes)
+@dataclass
+class Evaluation:
+    """The kept checkpoint, its test predictions and the run's metrics (train.json)."""
+
+    best: dict
+    pred: np.ndarray
+    true: np.ndarray
+    cm: np.ndarray
+    metrics: dict
+
+
+def evaluate(state: TrainState, wall: float) -> Evaluation:
+    """Load the checkpoint of the lowest validation loss into the model and test it."""
+    cfg, history = state.cfg, state.history
+    best = load_checkpoint(state.work / "best.pt")
+    state.model.load_state_dict(best["model"])
+    _, pred, true = predict(state.model, state.test_loader, state.device, state.precision)
+    report, cm = classification_report(pred, true, state.classes)
     epochs_run = history[-1]["epoch"] if history else 0
     train_images = sum(h["train_images"] for h in history)
     train_seconds = sum(h["epoch_seconds"] for h in history)
     at_best = next(h for h in history if h["epoch"] == best["best_epoch"])
+    val_n = len(state.val_loader.dataset)
     val_correct = round(at_best["val_acc"] * val_n)
     test_n, test_correct = int(len(true)), int(np.trace(cm))
     metrics = {"selected_by": best["selected_by"], "best_epoch": best["best_epoch"],
@@ -581,24 +672,29 @@ def finish(cfg, work, classes, test_loader, device, precision, history, wall, tr
                **with_interval("test_acc", test_correct, test_n),
                "mode": cfg.train.mode, "probe_epochs": probe_epochs(cfg.train),
                "epochs_run": epochs_run, "epochs_configured": cfg.train.epochs,
-               "batch_size": cfg.train.batch_size, "precision": precision, **chosen,
-               "wall_time_s": round(wall, 2),
+               "batch_size": cfg.train.batch_size, "precision": state.precision,
+               **state.precision_choice, "wall_time_s": round(wall, 2),
                "train_images_per_s": round(train_images / train_seconds, 2) if train_seconds else 0,
                **{f"test.{k}": v for k, v in report.items() if k != "accuracy"}}
-
-    plots = path(cfg, "plots")
-    save_checkpoint(path(cfg, "checkpoint"), **best)
-    write_json(path(cfg, "metrics") / "train.json", metrics)
-    write_csv(plots / "train_history.csv", HISTORY_FIELDS,
-              [[h[k] for k in HISTORY_FIELDS] for h in history])
-    write_csv(plots / "confusion.csv", ["actual", "predicted"],
-              [(classes[t], classes[p]) for t, p in zip(true, pred, strict=True)])
-    confusion_png(cm, classes, plots / "confusion.png")
     log.info("test accuracy %.4f (%d of %d, 95%% interval %.3f-%.3f); checkpoint of epoch %d of "
              "%d run, by val loss %.4f (val accuracy %.4f, %d images)", metrics["test_acc"],
              test_correct, test_n, metrics["test_acc_ci_low"], metrics["test_acc_ci_high"],
              metrics["best_epoch"], epochs_run, metrics["best_val_loss"], metrics["best_val_acc"],
              val_n)
+    return Evaluation(best, pred, true, cm, metrics)
+
+
+def write(state: TrainState, result: Evaluation, tracker: StageRun) -> None:
+    """Write the kept checkpoint, train.json and the plots; log them (and the model) to MLflow."""
+    cfg, classes, metrics = state.cfg, state.classes, result.metrics
+    plots = path(cfg, "plots")
+    save_checkpoint(path(cfg, "checkpoint"), **result.best)
+    write_json(path(cfg, "metrics") / "train.json", metrics)
+    write_csv(plots / "train_history.csv", HISTORY_FIELDS,
+              [[h[k] for k in HISTORY_FIELDS] for h in state.history])
+    write_csv(plots / "confusion.csv", ["actual", "predicted"],
+              [(classes[t], classes[p]) for t, p in zip(result.true, result.pred, strict=True)])
+    confusion_png(result.cm, classes, plots / "confusion.png")
 
     # train.json keeps fractions (the report reads them); MLflow gets percentages (tracking)
     tracker.log_metrics(metrics, fractions={
@@ -613,8 +709,7 @@ def finish(cfg, work, classes, test_loader, device, precision, history, wall, tr
         # Batch 2, not 1: MLflow exports the model with torch.export, which would specialise a
         # batch dimension of 1 (the 0/1 specialisation) and refuse every other batch size.
         example = torch.zeros(2, 3, size, size).normal_(generator=torch.Generator().manual_seed(0))
-        tracker.log_model(model.cpu().eval(), example)
-    return metrics
+        tracker.log_model(state.model.cpu().eval(), example)
 
 
 def confusion_png(cm: np.ndarray, classes: list[str], file: Path) -> None:

@@ -100,3 +100,16 @@ def test_machine_facts_do_not_import_torch() -> None:
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == metadata.version("torch")
+
+
+def test_one_answer_to_whether_the_cpu_has_native_bf16() -> None:
+    # Training once asked torch's private probes (torch.cpu._is_avx512_bf16_supported,
+    # _is_amx_tile_supported) while optimize read /proc/cpuinfo: two answers that could
+    # disagree. machine.cpu_has_native_bf16 is the one; nothing else asks the CPU itself.
+    probes = ("/proc/cpuinfo", "torch.cpu._is_", "_is_avx512_bf16_supported",
+              "_is_amx_tile_supported")
+    files = [f for folder in ("stages", "testing", "benchmarks") for f in (PROJECT_ROOT / folder).rglob("*.py")
+             if f != PROJECT_ROOT / "stages" / "machine.py"]
+    askers = [f"{f.relative_to(PROJECT_ROOT)}: {p}" for f in sorted(files) for p in probes
+              if p in f.read_text()]
+    assert not askers, askers

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import logging
+import re
 import signal
 import subprocess
 import sys
@@ -18,8 +20,8 @@ from conftest import write_params
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from stages import models, tracking, train
-from stages.config import CHOICES, PROJECT_ROOT, compose, path
+from stages import export, models, tracking, train
+from stages.config import CHOICES, PROJECT_ROOT, compose, path, stage_main
 from stages.errors import InputError
 from stages.io import read_csv
 from stages.statistics import wilson
@@ -511,3 +513,99 @@ def test_resume_key_tells_prepared_images_of_another_size_apart(prepared, tmp_pa
     with Image.open(first) as im:
         im.resize((im.width // 2, im.height // 2)).save(first, "JPEG", quality=90)
     assert train.run_key(cfg, copy) != before
+
+
+# --- checkpoint and weights errors through the entry points: exit code 2, one line, our words --
+
+
+def entry_point_error(caplog, stage: str, run, cfg, tmp_path: Path) -> str:
+    """Run a stage's real entry point on `cfg`: exit code 2 and one error line, no traceback."""
+    params = write_params(cfg, tmp_path / "params.yaml")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert stage_main(stage, run, ["--params", str(params)]) == 2
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    msg = record.getMessage()
+    assert "\n" not in msg and record.exc_info is None, msg
+    assert "weights_only" not in msg, "torch's advice to load unsafely is not repeated"
+    return msg
+
+
+def _edited(trained: Path, edit) -> dict:
+    ck = torch.load(trained, map_location="cpu", weights_only=True)
+    edit(ck)
+    return ck
+
+
+# What is written at paths.checkpoint -> what the one line must say about it
+BAD_CHECKPOINTS = {
+    "empty": (lambda trained: b"", r"cannot be read: it is empty \(0 bytes\)"),
+    "truncated": (lambda trained: trained.read_bytes()[:5000],
+                  r"cannot be read: it is truncated or damaged \(a zip archive of 5000 bytes"),
+    "text": (lambda trained: b"model: efficientnet_lite0\n",
+             r"cannot be read: it is not a PyTorch file"),
+    "whole pickled model": (lambda trained: models.create("resnet18"),
+                            r"holds pickled Python objects \(torchvision\.models\.resnet\.ResNet\)"
+                            r".*would run code from the file; save only tensors"),
+    "foreign state dict": (lambda trained: models.create("resnet18").state_dict(),
+                           r"is not a checkpoint of the train stage \(it holds a bare state dict "
+                           r"of 122 tensors"),
+    "meta without crop_pct": (lambda trained: _edited(trained, lambda c: c["meta"].pop("crop_pct")),
+                              r"its meta lacks \['crop_pct'\]"),
+    "other classes": (
+        lambda trained: _edited(trained, lambda c: c["meta"].update(classes=["Zebra", "Bee"])),
+        r"does not fit its own meta \(efficientnet_lite0 with 2 classes\): 2 with other shapes "
+        r"\(e\.g\. \['classifier\.weight \(3, 1280\) vs \(2, 1280\)'"),
+    "other architecture": (
+        lambda trained: _edited(trained, lambda c: c["meta"].update(arch="resnet18")),
+        r"does not fit its own meta \(resnet18 with 3 classes\): \d+ missing \(e\.g\. \['conv1\."),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_bad_checkpoint_is_one_line_exit_2_naming_the_file(case, trained, tmp_path,
+                                                          caplog) -> None:
+    cfg = compose(["data=mirror", f"paths.root={tmp_path}", "tracking.enabled=false"])
+    file = path(cfg, "checkpoint")
+    file.parent.mkdir(parents=True)
+    make, says = BAD_CHECKPOINTS[case]
+    content = make(trained)
+    if isinstance(content, bytes):
+        file.write_bytes(content)
+    else:
+        torch.save(content, file)
+    msg = entry_point_error(caplog, "export", export.run, cfg, tmp_path)
+    assert msg.startswith(f"export: checkpoint {file} "), msg
+    assert re.search(says, msg), msg
+    assert msg.endswith("run the train stage to write it again (`dvc repro train`)"), msg
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    (b"", r"cannot be read: it is empty \(0 bytes\)"),
+    (b"\x80\x02}q\x00(X", r"cannot be read: it is truncated or damaged \(torch's legacy format"),
+    (None, r"holds pickled Python objects \(torchvision\.models\.resnet\.ResNet\)"),
+])
+def test_bad_weights_file_is_one_line_exit_2_naming_the_file(content, says, train_cfg, tmp_path,
+                                                             caplog) -> None:
+    weights = tmp_path / "weights.pth"
+    if content is None:
+        torch.save(models.create("resnet18"), weights)  # the whole model, not its state dict
+    else:
+        weights.write_bytes(content)
+    cfg = train_cfg("model=resnet18", f"model.weights={weights}")
+    msg = entry_point_error(caplog, "train", train.run, cfg, tmp_path)
+    assert msg.startswith(f"train: weights file {weights} "), msg
+    assert re.search(says, msg), msg
+    assert msg.endswith("a torchvision weights name (DEFAULT, IMAGENET1K_V1...) or none"), msg
+
+
+def test_damaged_checkpoint_of_an_interrupted_run_says_how_to_start_over(train_cfg, prepared,
+                                                                         tmp_path, caplog) -> None:
+    cfg = train_cfg()
+    work = path(cfg, "cache") / "train" / train.run_key(cfg, prepared)
+    work.mkdir(parents=True)
+    (work / "last.pt").write_bytes(b"")  # say, a disk that filled up
+    msg = entry_point_error(caplog, "train", train.run, cfg, tmp_path)
+    assert msg == (f"train: checkpoint {work / 'last.pt'} cannot be read: it is empty (0 bytes), "
+                   f"as an interrupted save or copy leaves it; delete {work} to start the run "
+                   "over"), msg
