@@ -108,7 +108,8 @@ def test_one_answer_to_whether_the_cpu_has_native_bf16() -> None:
     # disagree. machine.cpu_has_native_bf16 is the one; nothing else asks the CPU itself.
     probes = ("/proc/cpuinfo", "torch.cpu._is_", "_is_avx512_bf16_supported",
               "_is_amx_tile_supported")
-    files = [f for folder in ("stages", "testing", "benchmarks") for f in (PROJECT_ROOT / folder).rglob("*.py")
+    files = [f for folder in ("stages", "testing", "benchmarks")
+             for f in (PROJECT_ROOT / folder).rglob("*.py")
              if f != PROJECT_ROOT / "stages" / "machine.py"]
     askers = [f"{f.relative_to(PROJECT_ROOT)}: {p}" for f in sorted(files) for p in probes
               if p in f.read_text()]
