@@ -11,6 +11,7 @@ import functools
 import http.server
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -94,9 +95,18 @@ def _alive(p: psutil.Process) -> bool:
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A UDP port free on every address, below the kernel's ephemeral range: a port that bind(0)
+    hands out is ephemeral, so between closing it here and udpsrc binding 0.0.0.0 any process's
+    DNS query or connection can take it (CI saw "Address already in use")."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random().sample(range(max(1024, low - 8000), low), 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free UDP port below the ephemeral range")
 
 
 class Lines:
@@ -288,8 +298,6 @@ def test_file_of_real_photos_gets_the_artifacts_labels(gst, onnx_model, photos, 
             assert stats["end"] == "eos" and stats["live"] is False
             assert stats["frames_received"] == stats["frames_processed"] == len(frames)
             assert stats["frames_dropped"] == 0 and all(g["batch"] <= 4 for g in got)
-            if source == str(video):  # decoding outruns the model: the queue fills, batches form
-                assert stats["model_calls"] < len(frames)
             written = video_frames(out)
             assert len(written) == len(frames)
             spread = np.stack(written).astype(int)
@@ -457,3 +465,16 @@ def test_server_streams_the_test_pattern_without_a_camera(capsys) -> None:
     assert stream_server.main(["--source", "camera", "--device", "/dev/no-such-camera",
                                "--dry-run"]) == 2
     assert "no camera at /dev/no-such-camera" in capsys.readouterr().err
+
+
+def test_queued_frames_form_batches_up_to_the_limit_in_order() -> None:
+    """What the model loop gets when the decoder is ahead (the end-to-end tests cannot force
+    that: on a fast enough machine the model keeps up and every call is one frame)."""
+    queue, stop = stream.FrameQueue(capacity=8, drop=False), threading.Event()
+    for i in range(6):
+        queue.put(stream.Frame(i, np.zeros((2, 2, 3), np.uint8), 0.0, 0.0), stop)
+    assert [f.seq for f in queue.get(4, timeout=0)] == [0, 1, 2, 3]
+    assert [f.seq for f in queue.get(4, timeout=0)] == [4, 5]
+    assert queue.get(4, timeout=0) == []
+    queue.close()
+    assert queue.get(4, timeout=0) is None
