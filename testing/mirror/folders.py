@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from stages import imaging, openimages
+from stages.download import folder_classes
 from stages.errors import InputError
 from stages.openimages import IMAGE_ID_FILES, LABEL_FILES
 from testing.mirror.generate import split_counts
@@ -53,19 +54,7 @@ def class_folders(photos: Path, classes: Sequence[str] | None) -> dict[str, str]
     Raises InputError naming the folder (and the closest class names) when a folder is not an
     Open Images class, or the photo folder has no class folders.
     """
-    if not photos.is_dir():
-        raise InputError(f"--from-folders: {photos} is not a folder; expected "
-                         "PHOTOS/<class>/<image>.jpg")
-    found = sorted(e.name for e in os.scandir(photos) if e.is_dir() and not e.name.startswith("."))
-    if not found:
-        raise InputError(f"--from-folders: {photos} has no class sub-folders; expected "
-                         "PHOTOS/<class>/<image>.jpg")
-    if classes:
-        unknown = [c for c in classes if c not in found]
-        if unknown:
-            raise InputError(f"--classes: no folder {unknown} in {photos}; its class folders are "
-                             f"{found}")
-        found = list(dict.fromkeys(classes))
+    found = folder_classes(photos, classes or ())  # the download stage's own rule
     try:
         names = openimages.resolve_classes(found)
     except InputError as e:
