@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check stages testing tests benchmarks
+	$(BIN)/ruff check stages oipipe oitools oimirror tests benchmarks
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest
@@ -29,17 +29,17 @@ pipeline: $(STAMP)
 
 # Recompose params.yaml after editing conf/ (tests fail when the two drift).
 params: $(STAMP)
-	$(BIN)/python -m stages.config
+	$(BIN)/python -m oipipe.core.config
 
-# A synthetic Open Images mirror in the real layout, for offline runs (testing/mirror/).
+# A synthetic Open Images mirror in the real layout, for offline runs (oimirror/).
 mirror: $(STAMP)
-	test -f $(MIRROR)/manifest.json || $(BIN)/python -m testing.mirror generate $(MIRROR) \
+	test -f $(MIRROR)/manifest.json || $(BIN)/python -m oimirror generate $(MIRROR) \
 	    --classes Zebra "Sea turtle" "Blue jay" --images-per-class 100
 
 # The whole pipeline with no network: serve the mirror on 127.0.0.1 and run against it as a DVC
 # experiment (data=mirror; conf/data/mirror.yaml holds its URLs).
 offline: mirror
-	$(BIN)/python -m testing.mirror serve $(MIRROR) --port $(PORT) & pid=$$!; \
+	$(BIN)/python -m oimirror serve $(MIRROR) --port $(PORT) & pid=$$!; \
 	trap "kill $$pid" EXIT; sleep 1; \
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc exp run -S data=mirror
 

@@ -42,10 +42,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from stages import evaluation, machine, optimize  # noqa: E402
-from stages.config import load_params, path  # noqa: E402
-from stages.io import write_json  # noqa: E402
-from stages.runtime import EXPORT_FILES, load_variant  # noqa: E402
+from oipipe.core.config import load_params, path  # noqa: E402
+from oipipe.core.files import write_json  # noqa: E402
+from oipipe.deploy.runtime import EXPORT_FILES, load_variant  # noqa: E402
+from oipipe.measure import evaluation, machine  # noqa: E402
+from stages import optimize  # noqa: E402
 
 # Every variant that runs on a CPU, built where missing.
 CPU_VARIANTS = ("cpu_bf16", "inductor_fp32", "inductor_bf16", "int8", "onnxruntime_fp32",

@@ -63,9 +63,9 @@ def main() -> int:
     args = ap.parse_args()
 
 
-    from stages import evaluation
+    from oipipe.core.config import load_params
+    from oipipe.measure import evaluation
     from stages.benchmark import rotated_batches
-    from stages.config import load_params
 
     cfg = load_params(args.params or args.root / "params.yaml", [f"paths.root={args.root}"])
     bench = json.loads((args.root / cfg.paths.metrics / "benchmark.json").read_text())

@@ -23,10 +23,10 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from oimirror import generate
+from oipipe.core.config import compose
+from oipipe.data.openimages import LABEL_FILES
 from stages import download
-from stages.config import compose
-from stages.openimages import LABEL_FILES
-from testing.mirror import generate
 
 REAL_TRAIN_LABELS_BYTES = 376_764_810
 
@@ -38,7 +38,7 @@ def served(mirror: Path, latency: float) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "testing.mirror", "serve", str(mirror),
+    proc = subprocess.Popen([sys.executable, "-m", "oimirror", "serve", str(mirror),
                              "--port", str(port), "--latency", str(latency)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/"
@@ -80,7 +80,7 @@ def filter_peak_rss(label_file: Path, label: str) -> dict:
     # the parent's peak across fork+exec.
     code = (
         "import pathlib, re, time\n"
-        "from stages.openimages import scan_labels\n"
+        "from oipipe.data.openimages import scan_labels\n"
         "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
         "base = hwm()\n"
         "t = time.perf_counter()\n"

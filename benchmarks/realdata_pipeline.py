@@ -51,7 +51,7 @@ def copy_project(dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
-    for name in ("conf", "stages", "photos"):
+    for name in ("conf", "stages", "oipipe", "photos"):
         shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, dst / name)
@@ -77,8 +77,8 @@ def main() -> int:
         sys.exit(f"{photos}: no such photo folder (class-per-folder images); pass --photos")
 
     sys.path.insert(0, str(ROOT))
-    from stages.config import write_params
-    from stages.machine import machine_info
+    from oipipe.core.config import write_params
+    from oipipe.measure.machine import machine_info
 
     work = args.workdir.resolve()
     copy_project(work)

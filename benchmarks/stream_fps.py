@@ -4,7 +4,7 @@
         [--batch 1 4] [--inputs testsrc h264 h264-unpaced]
         [--out benchmarks/results/stream_fps.json]
 
-640x480 video at 30 FPS goes through the real client (`python -m stages.stream`, a fresh process
+640x480 video at 30 FPS goes through the real client (`python -m oitools.stream`, a fresh process
 per row; its figures are the summary it writes with --stats):
 
 - `testsrc`: `videotestsrc is-live=true` (a live source: raw frames made at 30 FPS, so "decode"
@@ -36,8 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stages.io import write_json  # noqa: E402
-from stages.machine import machine_info  # noqa: E402
+from oipipe.core.files import write_json  # noqa: E402
+from oipipe.measure.machine import machine_info  # noqa: E402
 
 WIDTH, HEIGHT, FPS = 640, 480, 30
 INPUTS = ("testsrc", "h264", "h264-unpaced")
@@ -75,7 +75,7 @@ def measure(model: Path, kind: str, batch: int, frames: int, folder: Path) -> di
     stats = folder / f"stats_{kind}_{batch}.json"
     try:
         src, extra = source(kind, frames, folder)
-        res = subprocess.run([sys.executable, "-m", "stages.stream", src, "--model", str(model),
+        res = subprocess.run([sys.executable, "-m", "oitools.stream", src, "--model", str(model),
                               "--batch", str(batch), "--stats", str(stats), *extra],
                              cwd=ROOT, capture_output=True, text=True,
                              timeout=120 + 3 * frames / FPS)

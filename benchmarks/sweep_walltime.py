@@ -4,7 +4,7 @@
                                         [--out benchmarks/results/sweep_walltime.json]
 
 Generates the loopback Open Images mirror the tests use (3 classes, 10 images each), serves it
-on 127.0.0.1, and runs `python -m stages.sweep -m train.mode=linear_probe,full` at the tests' tiny
+on 127.0.0.1, and runs `python -m oitools.sweep -m train.mode=linear_probe,full` at the tests' tiny
 settings (tests/test_sweep.py: TINY) once per launcher, each sweep in a fresh folder (so each
 downloads its data once), one after the other:
 
@@ -33,9 +33,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from test_sweep import TINY  # noqa: E402  (the tests' tiny settings, one source)
 
-from stages import machine  # noqa: E402
-from stages.io import write_json  # noqa: E402
-from testing.mirror import MirrorServer, generate  # noqa: E402
+from oimirror import MirrorServer, generate  # noqa: E402
+from oipipe.core.files import write_json  # noqa: E402
+from oipipe.measure import machine  # noqa: E402
 
 LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
              "submitit_local": ["hydra/launcher=submitit_local"]}
@@ -57,7 +57,7 @@ def main() -> int:
                 load = os.getloadavg()[0]
                 t0 = time.perf_counter()
                 out = subprocess.run(
-                    [sys.executable, "-m", "stages.sweep", "-m", f"hydra.sweep.dir={root}",
+                    [sys.executable, "-m", "oitools.sweep", "-m", f"hydra.sweep.dir={root}",
                      *LAUNCHERS[name], "data=mirror", f"data.metadata_url={srv.metadata_url}",
                      f"data.images_url={srv.images_url}", *TINY,
                      "train.mode=linear_probe,full"],

@@ -39,11 +39,12 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from stages import download, models, prepare, train
-from stages.config import compose, path
-from stages.datasets import PreparedImages, read_classes, train_transform
-from stages.machine import cpu_flags, cpuinfo
-from testing.mirror import MirrorServer, generate
+from oimirror import MirrorServer, generate
+from oipipe.core.config import compose, path
+from oipipe.data.datasets import PreparedImages, read_classes, train_transform
+from oipipe.measure.machine import cpu_flags, cpuinfo
+from oipipe.training import models
+from stages import download, prepare, train
 
 TARGET_RATIO = 0.85
 Batch = tuple[torch.Tensor, torch.Tensor]

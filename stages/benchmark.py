@@ -54,13 +54,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from stages import evaluation, machine, models, progress
-from stages.config import load_params, main_for, path
-from stages.errors import InputError
-from stages.io import write_csv, write_json
-from stages.pareto import PARETO_COLUMNS, fastest_shippable, pareto_chart, pareto_points
-from stages.plots import figure
-from stages.power import (
+from oipipe.core import progress
+from oipipe.core.config import load_params, main_for, path
+from oipipe.core.errors import InputError
+from oipipe.core.files import write_csv, write_json
+from oipipe.core.tracking import DVC_EXP_TAG, KEY_TAG, stage_run, verdict_code
+from oipipe.deploy.runtime import RECORD, Runtime, load_artifact
+from oipipe.measure import evaluation, machine
+from oipipe.measure.pareto import PARETO_COLUMNS, fastest_shippable, pareto_chart, pareto_points
+from oipipe.measure.power import (
     PowerReadError,
     PowerSampler,
     PowerSource,
@@ -68,8 +70,8 @@ from stages.power import (
     energy_per_image,
     nvml_sampler,
 )
-from stages.runtime import RECORD, Runtime, load_artifact
-from stages.tracking import DVC_EXP_TAG, KEY_TAG, stage_run, verdict_code
+from oipipe.reporting.plots import figure
+from oipipe.training import models
 
 log = logging.getLogger("stages.benchmark")
 
@@ -262,7 +264,7 @@ def time_openvino_async(folder: Path, record: dict, batches: list[torch.Tensor],
     import openvino as ov
     import openvino.properties as props
 
-    from stages.runtime import openvino_compile, variant_spec
+    from oipipe.deploy.runtime import openvino_compile, variant_spec
 
     file = folder / variant_spec(record["variant"]).file
     compiled, _ = openvino_compile(file, record["precision"], threads, hint="THROUGHPUT",

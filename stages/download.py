@@ -31,18 +31,17 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from stages import imaging, openimages, progress
-from stages.config import main_for, path
-from stages.errors import ConfigError, InputError
-from stages.http import Fetcher, FetchError, NotFound, TooLarge
-from stages.io import (
+from oipipe.core import progress
+from oipipe.core.config import main_for, path
+from oipipe.core.errors import ConfigError, InputError
+from oipipe.core.files import (
     atomic_dir,
     remove_stale_temps,
     write_bytes,
@@ -50,8 +49,10 @@ from stages.io import (
     write_json,
     write_text,
 )
-from stages.stats import format_table, split_stats, stats_rows
-from stages.tracking import StageRun, stage_run
+from oipipe.core.tracking import StageRun, stage_run
+from oipipe.data import imaging, openimages, photos
+from oipipe.data.fetch import Fetcher, FetchError, NotFound, TooLarge
+from oipipe.data.split_counts import format_table, split_stats, stats_rows
 
 log = logging.getLogger("stages.download")
 
@@ -303,92 +304,26 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 # --- source `folder`: your own photos ----------------------------------------------------------
 
 
-@dataclass
-class Photo:
-    """One file under a class folder, and what checking it found."""
-
-    source: str  # path relative to data.folder, with "/"
-    cls: str
-    digest: str = ""  # sha256 of the bytes
-    ext: str = ""  # of the decoded format, not of the file name
-    error: str = ""  # "undecodable: ..." or "not an image: ..."
-
-
 def photo_folder(cfg: DictConfig) -> Path:
     """`data.folder`, relative to `paths.root` unless absolute."""
     return path(cfg, "root") / cfg.data.folder
-
-
-def folder_classes(root: Path, wanted: Sequence[str]) -> list[str]:
-    """The class sub-folders to import, in label order: `wanted`, or every one sorted by name
-    (as ImageFolder does). Hidden folders (`.ipynb_checkpoints`, `.git`) are never classes."""
-    if not root.is_dir():
-        raise InputError(f"data.folder: {root} is not a folder; point data.folder at a "
-                         "class-per-folder photo set (DIR/<class>/<image>)")
-    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not found:
-        raise InputError(f"data.folder: {root} has no class sub-folders; expected "
-                         "DIR/<class>/<image> (torchvision's ImageFolder layout)")
-    if not wanted:
-        return found
-    unknown = [c for c in wanted if c not in found]
-    twice = sorted(c for c, n in Counter(wanted).items() if n > 1)
-    if unknown or twice:
-        problems = [f"no folder {c!r}" for c in unknown] + [f"{c!r} listed twice" for c in twice]
-        raise InputError(f"data.classes: {'; '.join(problems)} in {root}; its class folders "
-                         f"are {found} (or leave data.classes empty for all of them)")
-    return list(wanted)
-
-
-def list_photos(root: Path, classes: Sequence[str]) -> Iterator[Photo]:
-    """Every file under each class folder, recursively, in a stable order. Hidden files and
-    folders (`.DS_Store`) are skipped; anything else is counted (`Thumbs.db` as not an image)."""
-    for cls in classes:
-        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(f for f in filenames if not f.startswith(".")):
-                yield Photo(Path(dirpath, name).relative_to(root).as_posix(), cls)
-
-
-def _check_and_store(photo: Photo, root: Path, images: Path) -> Photo:
-    """Decode one file as `prepare` will; store the very bytes that decoded under their hash."""
-    try:
-        data = (root / photo.source).read_bytes()
-    except OSError as e:
-        photo.error = f"undecodable: cannot read ({e.strerror})"
-        return photo
-    try:
-        photo.ext = imaging.check_image(data)
-    except imaging.NotAnImage as e:
-        photo.error = f"not an image: {e}"
-        return photo
-    except imaging.ImageError as e:
-        photo.error = f"undecodable: {e}"
-        return photo
-    photo.digest = hashlib.sha256(data).hexdigest()
-    # Written, not hard-linked: what is stored is exactly the bytes that decoded and were hashed
-    # (a photo edited after the check cannot slip in), and editing a photo in place later cannot
-    # change this DVC output behind DVC's back. Identical bytes (a duplicate) name the same file;
-    # the atomic replace makes that race benign.
-    write_bytes(images / f"{photo.digest[:16]}{photo.ext}", data)
-    return photo
 
 
 def from_folder(cfg: DictConfig) -> dict:
     """Import a class-per-folder photo set; returns the metrics it wrote."""
     data = cfg.data
     root = photo_folder(cfg)
-    classes = folder_classes(root, list(data.classes))
-    photos = list(list_photos(root, classes))
-    log.info("%s: %d file(s) in %d class folder(s) %s", root, len(photos), len(classes), classes)
+    classes = photos.folder_classes(root, list(data.classes))
+    found = list(photos.list_photos(root, classes))
+    log.info("%s: %d file(s) in %d class folder(s) %s", root, len(found), len(classes), classes)
 
     with stage_run(cfg, "download") as tracker:
         tracker.log_params({"data": OmegaConf.to_container(data, resolve=True)})
         t0 = time.perf_counter()
         with atomic_dir(path(cfg, "raw")) as out:
             (out / "images").mkdir()
-            checked = _import_photos(photos, root, out / "images", data.prepare_workers)
-            kept: dict[str, Photo] = {}  # digest -> the first file with these bytes
+            checked = photos.import_photos(found, root, out / "images", data.prepare_workers)
+            kept: dict[str, photos.Photo] = {}  # digest -> the first file with these bytes
             skipped: list[tuple[str, str, str]] = []
             for ph in checked:  # in list order, so "the first" is stable
                 if not ph.error and ph.digest in kept:
@@ -419,7 +354,7 @@ def from_folder(cfg: DictConfig) -> dict:
         kinds = Counter(why.split(":", 1)[0] for _, _, why in skipped)
         metrics = {f"all.{k}": v for k, v in _flat(table["all"]).items()}
         metrics.update({
-            "found": len(photos),
+            "found": len(found),
             "imported": len(ok),
             "undecodable": kinds["undecodable"],
             "not_an_image": kinds["not an image"],
@@ -429,27 +364,14 @@ def from_folder(cfg: DictConfig) -> dict:
         })
         if skipped:
             log.warning("skipped %d of %d file(s) (%s); see missing.csv", len(skipped),
-                        len(photos), dict(kinds))
+                        len(found), dict(kinds))
         if empty:
             log.warning("skipped class folders with no decodable image: %s", empty)
         _finish(cfg, tracker, metrics)
     return metrics
 
 
-def _import_photos(photos: list[Photo], root: Path, images: Path, workers: int) -> list[Photo]:
-    # Threads: Pillow releases the GIL while it decodes (as in prepare). map keeps list order.
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
-            progress.bar(total=len(photos), unit="img", desc="import") as bar:
-        out, failed = [], 0
-        for ph in pool.map(lambda p: _check_and_store(p, root, images), photos):
-            out.append(ph)
-            failed += bool(ph.error)
-            bar.update(1)
-            bar.set_postfix(skipped=failed, refresh=False)
-        return out
-
-
-# The registry of sources (`data.source`; stages.config.CHOICES names the same keys).
+# The registry of sources (`data.source`; oipipe.core.config.CHOICES names the same keys).
 SOURCES: dict[str, Callable[[DictConfig], dict]] = {
     "openimages": from_openimages,
     "folder": from_folder,

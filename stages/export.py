@@ -25,13 +25,14 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from stages import models, progress
-from stages.config import main_for, path
-from stages.datasets import PreparedImages, eval_transform
-from stages.errors import InputError, StageError
-from stages.io import atomic_open, write_json
-from stages.runtime import EXPORT_FILES, load_artifact
-from stages.tracking import stage_run
+from oipipe.core import progress
+from oipipe.core.config import main_for, path
+from oipipe.core.errors import InputError, StageError
+from oipipe.core.files import atomic_open, write_json
+from oipipe.core.tracking import stage_run
+from oipipe.data.datasets import PreparedImages, eval_transform
+from oipipe.deploy.runtime import EXPORT_FILES, load_artifact
+from oipipe.training import models
 
 log = logging.getLogger("stages.export")
 
@@ -157,7 +158,7 @@ def run(cfg: DictConfig) -> dict:
                          "verified" if ok else "FAILED verification")
         write_json(out_dir / META_FILE, meta)
         write_json(path(cfg, "metrics") / "export.json", report)
-        # agreement is a fraction in export.json and a percentage in MLflow (stages.tracking)
+        # agreement is a fraction in export.json and a percentage in MLflow (oipipe.core.tracking)
         tracker.log_metrics(report, fractions={k for k in report if k.endswith("agreement")})
         tracker.log_artifact(path(cfg, "metrics") / "export.json")
     if failures:

@@ -11,16 +11,18 @@ others. Each instance writes, under `paths.optimized/<variant>/`:
                   the held-out images (`optimize.eval_splits`, by default val + test): top-1
                   with its Wilson interval, the paired difference with its interval, agreement,
                   exact McNemar, and the verdict against the precision's bar: pass, fail or
-                  undecided (with how many images would decide it), see stages/statistics.py
+                  undecided (with how many images would decide it), see oipipe/measure/intervals.py
 
 and the same record, flat, as `paths.metrics/optimize/<variant>.json` (DVC metrics). An expected
 failure (the compiler raised, TensorRT built FP32 when FP16 was asked for) is recorded as `failed`
 and the stage exits 0 so the benchmark can show the row; bad input (no checkpoint, unknown variant,
 empty training split to calibrate on) is an error before any work.
 
-What a variant is and how it loads lives in `stages.runtime.VARIANTS` (shared with the benchmark
+What a variant is and how it loads lives in `oipipe.deploy.runtime.VARIANTS` (shared with the
+benchmark
 and the stream client); this module adds how each is built. Every variant is loaded back from disk
-before it is evaluated, the way every consumer loads it: `stages.runtime.load_variant(folder)`.
+before it is evaluated, the way every consumer loads it:
+`oipipe.deploy.runtime.load_variant(folder)`.
 """
 
 from __future__ import annotations
@@ -44,13 +46,15 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from stages import evaluation, models, progress, trt_layers
-from stages.config import path, stage_main, stage_parser
-from stages.datasets import PreparedImages
-from stages.errors import ConfigError, InputError
-from stages.io import atomic_dir, write_json
-from stages.machine import cpu_flags, cpu_has_native_bf16
-from stages.runtime import (
+from oipipe.core import progress
+from oipipe.core.config import path, stage_main, stage_parser
+from oipipe.core.errors import ConfigError, InputError
+from oipipe.core.files import atomic_dir, write_json
+from oipipe.core.tracking import stage_run, verdict_code
+from oipipe.core.variants import OPTIMIZE_VARIANTS
+from oipipe.data.datasets import PreparedImages
+from oipipe.deploy import trt_layers
+from oipipe.deploy.runtime import (
     EXPORT_FILES,
     META,
     OPENVINO_META,
@@ -61,11 +65,12 @@ from stages.runtime import (
     openvino_compile,
     variant_spec,
 )
-from stages.runtime import (
+from oipipe.deploy.runtime import (
     VARIANTS as SPECS,
 )
-from stages.tracking import stage_run, verdict_code
-from stages.variants import OPTIMIZE_VARIANTS
+from oipipe.measure import evaluation
+from oipipe.measure.machine import cpu_flags, cpu_has_native_bf16
+from oipipe.training import models
 
 log = logging.getLogger("stages.optimize")
 
@@ -331,7 +336,7 @@ def trt_compile_settings(precision: str, input_size: int, trt: DictConfig | dict
     FP16 is built by casting the model and its inputs to half (explicit typing). Since
     Torch-TensorRT 2.13 the dynamo path ignores `enabled_precisions={torch.half}` without a
     word and builds FP32, so it is never passed; the build then checks the engine's layers
-    (`stages.trt_layers`) and the output dtype.
+    (`oipipe.deploy.trt_layers`) and the output dtype.
     """
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"unknown TensorRT precision {precision!r}; expected 'fp32' or 'fp16'")
@@ -375,7 +380,8 @@ def build_trt(precision: str) -> Callable[[BuildContext, Path], None]:
         # The output dtype cannot tell FP16 from FP32 under strong typing; the engine's layers
         # can. Their details exist only at ProfilingVerbosity.DETAILED, which Torch-TensorRT sets
         # only inside its Debugger; save_layer_info writes them to engine_layer_info.json there
-        # (Torch-TensorRT 2.9 to 2.14, see stages/trt_layers.py). The Debugger replaces the root
+        # (Torch-TensorRT 2.9 to 2.14, see oipipe/deploy/trt_layers.py). The Debugger replaces the
+        # root
         # logger's handlers on entry and on exit (logging.config.dictConfig); the stage's are
         # put back after it.
         root = logging.getLogger()
@@ -436,7 +442,8 @@ def _needs_trt() -> str | None:
 
 @dataclass(frozen=True)
 class Variant:
-    """A variant as this stage sees it: what it is and how it loads (`stages.runtime.VARIANTS`,
+    """A variant as this stage sees it: what it is and how it loads
+    (`oipipe.deploy.runtime.VARIANTS`,
     shared with every consumer), how it is built, and why it cannot be built here."""
 
     name: str
@@ -477,7 +484,7 @@ BUILDERS: dict[str, tuple[Callable[[BuildContext, Path], None], Callable[[], str
 }
 if set(BUILDERS) != set(OPTIMIZE_VARIANTS):  # the registry names them, each is built here
     raise ImportError(f"optimize.BUILDERS {sorted(BUILDERS)} differs from the registry "
-                      f"stages.variants {sorted(OPTIMIZE_VARIANTS)}")
+                      f"oipipe.core.variants {sorted(OPTIMIZE_VARIANTS)}")
 VARIANTS: dict[str, Variant] = {
     name: Variant(name, SPECS[name], *BUILDERS[name]) for name in OPTIMIZE_VARIANTS}
 

@@ -25,12 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from omegaconf import DictConfig, OmegaConf
 
-from stages import imaging, progress
-from stages.config import main_for, path
-from stages.errors import InputError
-from stages.io import atomic_dir, read_csv, write_csv, write_json, write_text
-from stages.stats import format_table, split_stats, stats_rows
-from stages.tracking import stage_run
+from oipipe.core import progress
+from oipipe.core.config import main_for, path
+from oipipe.core.errors import InputError
+from oipipe.core.files import atomic_dir, read_csv, write_csv, write_json, write_text
+from oipipe.core.tracking import stage_run
+from oipipe.data import imaging
+from oipipe.data.split_counts import format_table, split_stats, stats_rows
 
 log = logging.getLogger("stages.prepare")
 

@@ -11,7 +11,7 @@ held-out images (`optimize.eval_splits`, repeated to fill a batch):
   Inductor code generation, and it needs no optimize run.
 
 `torch.profiler` (CPU, `record_shapes=True`) records `profile.iterations` calls after
-`profile.warmup`. Each recorded event's self CPU time goes to the type (`stages.optypes`) of its
+`profile.warmup`. Each recorded event's self CPU time goes to the type (`measure.optypes`) of its
 outermost ancestor that the registry knows, so the children of `aten::conv2d` (`mkldnn_convolution`,
 `empty`...) count as convolution; a depthwise convolution is told apart by its weight's shape.
 Time in no known op goes to `fused (compiled kernels)` inside a compiled graph (Inductor's C++
@@ -44,13 +44,14 @@ from omegaconf import DictConfig
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from stages import evaluation, models, optypes
-from stages.config import main_for, path
-from stages.errors import InputError
-from stages.io import write_csv, write_json
-from stages.plots import figure
-from stages.runtime import Runtime, eager_runtime, torch_runtime
-from stages.tracking import stage_run
+from oipipe.core.config import main_for, path
+from oipipe.core.errors import InputError
+from oipipe.core.files import write_csv, write_json
+from oipipe.core.tracking import stage_run
+from oipipe.deploy.runtime import Runtime, eager_runtime, torch_runtime
+from oipipe.measure import evaluation, optypes
+from oipipe.reporting.plots import figure
+from oipipe.training import models
 
 log = logging.getLogger("stages.profile")
 

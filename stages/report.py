@@ -29,8 +29,10 @@ says "not run" and which stage to run; only a missing `train.json` is an error, 
 without a trained model has nothing to say.
 
 Both documents are rendered from one list of blocks (heading, paragraph, list, table, image; in
-`stages.document`, shared with `stages.compare`), by one template each, so the two never drift.
-Nothing here imports torch (machine facts come from `stages.machine`): the report reads files.
+`oipipe.reporting.document`, shared with `oitools.compare`), by one template each, so the two
+never drift.
+Nothing here imports torch (machine facts come from `oipipe.measure.machine`): the report reads
+files.
 """
 
 from __future__ import annotations
@@ -43,8 +45,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from stages.config import main_for, path
-from stages.document import (
+from oipipe.core.config import main_for, path
+from oipipe.core.errors import InputError
+from oipipe.core.files import read_csv, write_text
+from oipipe.core.tracking import stage_run
+from oipipe.measure.machine import machine_info
+from oipipe.reporting.document import (
     DASH,
     Block,
     Bullets,
@@ -57,11 +63,7 @@ from stages.document import (
     render_html,
     render_markdown,
 )
-from stages.errors import InputError
-from stages.io import read_csv, write_text
-from stages.machine import machine_info
-from stages.plots import figure
-from stages.tracking import stage_run
+from oipipe.reporting.plots import figure
 
 log = logging.getLogger("stages.report")
 

@@ -39,20 +39,21 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from stages import models, progress
-from stages.config import main_for, path
-from stages.datasets import (
+from oipipe.core import progress
+from oipipe.core.config import main_for, path
+from oipipe.core.errors import InputError, StageError
+from oipipe.core.files import atomic_open, read_csv, write_csv, write_json
+from oipipe.core.tracking import StageRun, stage_run
+from oipipe.data.datasets import (
     PreparedImages,
     SeededSampler,
     eval_transform,
     read_classes,
     train_transform,
 )
-from stages.errors import InputError, StageError
-from stages.io import atomic_open, read_csv, write_csv, write_json
-from stages.plots import figure
-from stages.statistics import wilson
-from stages.tracking import StageRun, stage_run
+from oipipe.measure.intervals import wilson
+from oipipe.reporting.plots import figure
+from oipipe.training import models
 
 log = logging.getLogger("stages.train")
 
@@ -70,7 +71,7 @@ class TrainingDiverged(StageError):
 
 
 # train.precision=auto on CPU times the real model before training and takes bf16 autocast only
-# when it is this much faster than fp32. CPU flags (`stages.machine.cpu_has_native_bf16`) do not
+# when it is this much faster than fp32. CPU flags (`machine.cpu_has_native_bf16`) do not
 # predict it: bf16 has trained slower than fp32 on a CPU with AMX, and without AVX512-BF16 or AMX
 # it is emulated (benchmarks/results/design_figures.md has the figures). 10%: a smaller gain is
 # within the noise of a few timed steps on a shared machine and not worth bf16's coarser
@@ -169,7 +170,7 @@ def autocast(device: torch.device, precision: str):
 # phase (`train.probe_epochs` long): LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort
 # Pretrained Features and Underperform Out-of-Distribution") first fits the new head on frozen
 # features, so that unfreezing the backbone does not send a random head's large gradients into
-# it. The names are `stages.config.CHOICES["train.mode"]` (a test keeps the two equal).
+# it. The names are `oipipe.core.config.CHOICES["train.mode"]` (a test keeps the two equal).
 RECIPES: dict[str, tuple[str | None, str]] = {
     "linear_probe": (None, "linear_probe"),
     "full": (None, "full"),

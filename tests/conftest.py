@@ -20,9 +20,9 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from oimirror import MirrorServer, generate
+from oipipe.core.config import PROJECT_ROOT, compose, path
 from stages import download, prepare, train
-from stages.config import PROJECT_ROOT, compose, path
-from testing.mirror import MirrorServer, generate
 
 # Small, fast settings: tiny images, quick retries (the backoff sleeps add up across faults).
 FAST = ["data.image_size=48", "data.fetch.backoff=0.01", "data.fetch.retries=3",

@@ -16,12 +16,14 @@ import pytest
 import torch
 from conftest import serve_mlflow
 
-from stages import benchmark, export, models, optimize, pareto
-from stages.config import compose, path
-from stages.errors import ConfigError, InputError
-from stages.io import read_csv
-from stages.power import PowerSource
-from stages.runtime import Runtime, eager_runtime
+from oipipe.core.config import compose, path
+from oipipe.core.errors import ConfigError, InputError
+from oipipe.core.files import read_csv
+from oipipe.deploy.runtime import Runtime, eager_runtime
+from oipipe.measure import pareto
+from oipipe.measure.power import PowerSource
+from oipipe.training import models
+from stages import benchmark, export, optimize
 
 VARIANTS = ["onnxruntime_fp32", "onnxruntime_int8", "cpu_bf16", "trt_fp16"]
 TINY = ["benchmark.protocols.default.batch_sizes=[1,8]", "benchmark.protocols.default.trials=2",

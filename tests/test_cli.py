@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import PROJECT_ROOT, compose, stage_main
-from stages.errors import ConfigError
-from stages.variants import OPTIMIZE_VARIANTS
+from oipipe.core.config import PROJECT_ROOT, compose, stage_main
+from oipipe.core.errors import ConfigError
+from oipipe.core.variants import OPTIMIZE_VARIANTS
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -91,28 +91,28 @@ def test_stage_entry_point_in_a_fresh_process_prints_one_line(tmp_path: Path) ->
 def test_make_params_writes_only_a_valid_file(tmp_path: Path) -> None:
     out = tmp_path / "params.yaml"
     out.write_text("the previous file\n")
-    res = cli("stages.config", "--output", str(out), "train.epochs=abc")
+    res = cli("oipipe.core.config", "--output", str(out), "train.epochs=abc")
     assert res.returncode == 2
     assert "train.epochs" in one_line(res.stderr) and "not written" in res.stderr
     assert out.read_text() == "the previous file\n"
 
-    res = cli("stages.config", "--output", str(out), "train.lrr=0.1")
+    res = cli("oipipe.core.config", "--output", str(out), "train.lrr=0.1")
     assert res.returncode == 2
     assert "unknown key 'train.lrr'; did you mean 'train.lr'?" in one_line(res.stderr)
 
-    res = cli("stages.config", "--output", str(out), "data.classes=[Cat")
+    res = cli("oipipe.core.config", "--output", str(out), "data.classes=[Cat")
     assert res.returncode == 2 and "override 'data.classes=[Cat'" in one_line(res.stderr)
     assert out.read_text() == "the previous file\n"
 
-    res = cli("stages.config", "--output", str(out))  # what `make params` runs
+    res = cli("oipipe.core.config", "--output", str(out))  # what `make params` runs
     assert res.returncode == 0, res.stderr
     assert out.read_text() == (PROJECT_ROOT / "params.yaml").read_text()
 
 
 def test_config_help_explains_instead_of_composing() -> None:
-    res = cli("stages.config", "--help")
+    res = cli("oipipe.core.config", "--help")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("usage: python -m stages.config")
+    assert res.stdout.startswith("usage: python -m oipipe.core.config")
     assert "--output" in res.stdout and "Hydra" in res.stdout
 
 
@@ -140,7 +140,7 @@ def test_optimize_help_lists_every_variant() -> None:
 # Every stage builds its help with config.stage_parser: one plain stage and one with options of
 # its own stand for them (a stage module that imports torch takes ~5 s to start).
 @pytest.mark.parametrize("module, own_option", [
-    ("stages.download", "--params"), ("stages.compare", "--sweep"),
+    ("stages.download", "--params"), ("oitools.compare", "--sweep"),
 ])
 def test_every_entry_point_helps_with_its_own_options(module: str, own_option: str) -> None:
     res = cli(module, "--help")

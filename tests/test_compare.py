@@ -1,4 +1,4 @@
-"""`python -m stages.compare`: one comparison across the MLflow runs of a sweep.
+"""`python -m oitools.compare`: one comparison across the MLflow runs of a sweep.
 
 The store is a real MLflow SQLite store under tmp_path, filled with runs in the shapes the stages
 log (a parent per job with the sweep tags, `model.name` and `train.*` metrics; a nested child per
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import write_params
 
-from stages import compare, pareto
-from stages.config import compose
-from stages.errors import InputError
+from oipipe.core.config import compose
+from oipipe.core.errors import InputError
+from oipipe.measure import pareto
+from oitools import compare
 
 SWEEP = "models"
 EXPERIMENT = "oi-pipeline"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from stages.config import (
+from oipipe.core.config import (
     CONF_DIR,
     PROJECT_ROOT,
     PipelineConf,
@@ -18,7 +18,7 @@ from stages.config import (
     validate,
     write_params,
 )
-from stages.errors import ConfigError
+from oipipe.core.errors import ConfigError
 
 
 def test_params_yaml_matches_a_fresh_composition_of_conf(tmp_path: Path) -> None:

@@ -17,13 +17,13 @@ import pytest
 from conftest import stage_cmd, write_params
 from PIL import Image
 
+from oimirror import MirrorServer, generate
+from oipipe.core.config import PROJECT_ROOT, path, stage_main
+from oipipe.core.errors import InputError
+from oipipe.core.files import read_csv
+from oipipe.data.fetch import Fetcher, FetchError
+from oipipe.data.openimages import IMAGE_ID_FILES, LABEL_FILES, scan_labels
 from stages import download
-from stages.config import PROJECT_ROOT, path, stage_main
-from stages.errors import InputError
-from stages.http import Fetcher, FetchError
-from stages.io import read_csv
-from stages.openimages import IMAGE_ID_FILES, LABEL_FILES, scan_labels
-from testing.mirror import MirrorServer, generate
 
 
 def image_path(split: str, iid: str) -> str:

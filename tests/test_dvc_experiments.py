@@ -25,9 +25,9 @@ import pytest
 from conftest import git_dvc_init
 from mlflow.tracking import MlflowClient
 
-from stages.config import PROJECT_ROOT, compose, path
-from stages.config import write_params as compose_params
-from testing.mirror import MirrorServer
+from oimirror import MirrorServer
+from oipipe.core.config import PROJECT_ROOT, compose, path
+from oipipe.core.config import write_params as compose_params
 
 BIN = Path(sys.executable).parent
 # DVC's daemons (the queue workers) start `dvc` by name: this venv's comes first on PATH.
@@ -50,10 +50,11 @@ def tree_hashes(root: Path, folders: tuple[str, ...] = OUTPUTS) -> dict[str, str
 def make_project(dst: Path, srv: MirrorServer) -> Path:
     """A git+DVC copy of the project with tiny settings whose data come from `srv`."""
     dst.mkdir()
-    for name in ("conf", "stages", "photos"):  # photos/: data.folder, a download dependency
+    # the stages, the library they import, and photos/ (data.folder, a download dependency)
+    for name in ("conf", "stages", "oipipe", "photos"):
         shutil.copytree(PROJECT_ROOT / name, dst / name,
                         ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(PROJECT_ROOT / name, dst / name)
     tiny = {
         "data": f"defaults: [mirror, _self_]\nmetadata_url: {srv.metadata_url}\n"

@@ -11,9 +11,11 @@ import pytest
 import torch
 from conftest import logits_in_fresh_process
 
-from stages import export, models, runtime
-from stages.config import compose, path
-from stages.errors import ConfigError
+from oipipe.core.config import compose, path
+from oipipe.core.errors import ConfigError
+from oipipe.deploy import runtime
+from oipipe.training import models
+from stages import export
 
 
 @pytest.fixture
@@ -73,7 +75,7 @@ def test_artifacts_round_trip_in_a_fresh_process(exported, trained, tmp_path) ->
         want = model(x).numpy()
     got = logits_in_fresh_process(x, path(cfg, "exported"), tmp_path, (
         "from stages.export import FILES\n"
-        "from stages.runtime import load_artifact\n"
+        "from oipipe.deploy.runtime import load_artifact\n"
         "for f, n in FILES.items():\n"
         "    out[f] = load_artifact(d / n)[0](x)"))
     for fmt in export.FILES:

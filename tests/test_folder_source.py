@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from oipipe.core.config import CHOICES, PROJECT_ROOT, compose, path
+from oipipe.core.errors import ConfigError, InputError
+from oipipe.core.files import read_csv
 from stages import download, prepare
-from stages.config import CHOICES, PROJECT_ROOT, compose, path
-from stages.errors import ConfigError, InputError
-from stages.io import read_csv
 
 REALDATA = PROJECT_ROOT.parent / "shared" / "realdata"
 SPLITS = ("train", "val", "test")

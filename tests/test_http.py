@@ -1,4 +1,4 @@
-"""stages.http against a small real server on 127.0.0.1 that answers what each test scripts:
+"""oipipe.data.fetch against a small real server on 127.0.0.1 that answers what each test scripts:
 Retry-After on 429 and 503, one retry budget across urllib3 and the resume loop, capped bodies."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
-from stages.http import Fetcher, FetchError, TooLarge
+from oipipe.data.fetch import Fetcher, FetchError, TooLarge
 
 BODY = bytes(range(256)) * 400  # 100 KiB
 MiB = 1 << 20

@@ -1,4 +1,4 @@
-"""Atomic writes (stages/io.py): a writer that fails, or a process killed while it writes, never
+"""Atomic writes (core.files): a writer that fails, or a process killed while it writes, never
 leaves a partial file under the final name; the previous file stays whole."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import PROJECT_ROOT
-from stages.io import atomic_dir, atomic_open, remove_stale_temps, write_csv, write_text
+from oipipe.core.config import PROJECT_ROOT
+from oipipe.core.files import atomic_dir, atomic_open, remove_stale_temps, write_csv, write_text
 
 OLD = "ImageID,split\nold,train\n"
 
@@ -49,13 +49,13 @@ def test_an_error_while_building_a_folder_keeps_the_old_folder(tmp_path: Path) -
     assert sorted(os.listdir(tmp_path)) == ["raw"], "a temp folder was left behind"
 
 
-# Writes a CSV of 1 KiB rows through stages.io, slowly: it says "writing" on stdout once 1 MiB
+# Writes a CSV of 1 KiB rows through core.files, slowly: it says "writing" on stdout once 1 MiB
 # has gone to the file (all but the last 8 KiB buffer of it is on disk), then goes on at
 # 100 rows a second, for minutes unless it is killed.
 SLOW_WRITER = """
 import sys, time
 from pathlib import Path
-from stages.io import write_csv
+from oipipe.core.files import write_csv
 
 def rows():
     for i in range(100_000):
@@ -98,7 +98,7 @@ def test_a_process_killed_mid_write_leaves_the_old_file_whole(tmp_path: Path) ->
 DYING_SWAP = """
 import os, sys
 from pathlib import Path
-import stages.io as io
+import oipipe.core.files as io
 
 target, die_after, swap = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 if swap == "rename":

@@ -1,4 +1,4 @@
-"""stages.machine: CPU, GPU and library facts, gathered without importing torch."""
+"""oipipe.measure.machine: CPU, GPU and library facts, gathered without importing torch."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import machine
-from stages.config import PROJECT_ROOT
+from oipipe.core.config import PROJECT_ROOT
+from oipipe.measure import machine
 
 KEYS = ["cpu", "cores", "native_bf16", "cpu_flags_relevant", "gpu", "gpu_driver", "cuda",
         "python", "platform", "torch", "torchvision", "onnxruntime", "torchao", "torch_tensorrt",
@@ -94,7 +94,7 @@ def test_library_versions_from_package_metadata() -> None:
 
 
 def test_machine_facts_do_not_import_torch() -> None:
-    code = ("import sys, stages.machine as m; info = m.machine_info(); "
+    code = ("import sys, oipipe.measure.machine as m; info = m.machine_info(); "
             "assert 'torch' not in sys.modules, 'torch imported'; print(info['torch'])")
     res = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True,
                          text=True, timeout=120)
@@ -108,9 +108,9 @@ def test_one_answer_to_whether_the_cpu_has_native_bf16() -> None:
     # disagree. machine.cpu_has_native_bf16 is the one; nothing else asks the CPU itself.
     probes = ("/proc/cpuinfo", "torch.cpu._is_", "_is_avx512_bf16_supported",
               "_is_amx_tile_supported")
-    files = [f for folder in ("stages", "testing", "benchmarks")
+    files = [f for folder in ("stages", "oipipe", "oitools", "oimirror", "benchmarks")
              for f in (PROJECT_ROOT / folder).rglob("*.py")
-             if f != PROJECT_ROOT / "stages" / "machine.py"]
+             if f != PROJECT_ROOT / "oipipe" / "measure" / "machine.py"]
     askers = [f"{f.relative_to(PROJECT_ROOT)}: {p}" for f in sorted(files) for p in probes
               if p in f.read_text()]
     assert not askers, askers

@@ -1,4 +1,4 @@
-"""The Open Images mirror (testing/mirror/): generated layout, real photos laid out the same way,
+"""The Open Images mirror (oimirror/): generated layout, real photos laid out the same way,
 and the fault-injecting server."""
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ import requests
 from conftest import free_port
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages import config, download
-from testing.mirror import (
+from oimirror import (
     EXIF_ORIENTATION_TAG,
     IMAGE_ID_FILES,
     IMAGE_ID_HEADER,
@@ -37,7 +36,9 @@ from testing.mirror import (
     generate,
     generate_from_folders,
 )
-from testing.mirror.cli import main as mirror_main
+from oimirror.cli import main as mirror_main
+from oipipe.core import config
+from stages import download
 
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
 
@@ -88,7 +89,7 @@ def test_layout_and_headers(generated: tuple[Path, dict[str, Any]]) -> None:
     root, _ = generated
     meta = root / "openimages"
     bundled = (
-        importlib.resources.files("stages") / "resources" / "class-descriptions-boxable.csv"
+        importlib.resources.files("oipipe.data") / "resources" / "class-descriptions-boxable.csv"
     ).read_bytes()
     assert (meta / "v5/class-descriptions-boxable.csv").read_bytes() == bundled
     v7 = (meta / "v7/oidv7-class-descriptions-boxable.csv").read_bytes()
@@ -333,7 +334,7 @@ def test_cli_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def assert_one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], match: str) -> None:
-    """The CLI exits 2 with one `python -m testing.mirror: error: ...` line and no traceback."""
+    """The CLI exits 2 with one `python -m oimirror: error: ...` line and no traceback."""
     assert mirror_main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.match(r"python -m testing\.mirror: error: ", err), err
@@ -346,7 +347,7 @@ def test_cli_serve_serves_the_generated_mirror(
     root, manifest = generated
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "testing.mirror", "serve", str(root), "--port", str(port)],
+        [sys.executable, "-m", "oimirror", "serve", str(root), "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

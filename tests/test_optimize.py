@@ -12,11 +12,14 @@ import pytest
 import torch
 from conftest import logits_in_fresh_process, run_stage, write_params
 
-from stages import evaluation, export, models, optimize, runtime
-from stages.config import OPTIMIZE_VARIANTS, compose, path
-from stages.errors import ConfigError, InputError
-from stages.io import read_csv
-from stages.machine import cpu_has_native_bf16
+from oipipe.core.config import OPTIMIZE_VARIANTS, compose, path
+from oipipe.core.errors import ConfigError, InputError
+from oipipe.core.files import read_csv
+from oipipe.deploy import runtime
+from oipipe.measure import evaluation
+from oipipe.measure.machine import cpu_has_native_bf16
+from oipipe.training import models
+from stages import export, optimize
 
 # OpenVINO does not emulate bf16: on a CPU without AVX512-BF16 or AMX, openvino_bf16 is skipped
 # (test_openvino_bf16_is_skipped_without_native_bf16); these machines differ, so ask this one.
@@ -164,7 +167,7 @@ def test_openvino_variants_compile_what_their_name_says(built, cfg, trained, tmp
         fp32 = model(images[:5]).numpy()
     got = logits_in_fresh_process(images[:5], folder, tmp_path, """
 import openvino.properties.hint as hints
-from stages import runtime
+from oipipe.deploy import runtime
 rt, meta, record = runtime.load_variant(d)
 assert json.loads(rt.extra["meta.json"]) == meta, rt.extra
 compiled, _ = runtime.openvino_compile(d / "model.xml", record["precision"])
@@ -221,7 +224,7 @@ def test_variants_reload_alone_in_a_fresh_process(built, cfg, trained, tmp_path)
     with torch.no_grad():
         fp32 = model(x).numpy()
     got = logits_in_fresh_process(x, path(cfg, "optimized"), tmp_path, (
-        "from stages.runtime import load_artifact\n"
+        "from oipipe.deploy.runtime import load_artifact\n"
         "for v in sorted(d.iterdir()):\n"
         "    if json.loads((v / 'record.json').read_text())['status'] == 'ok':\n"
         "        out[v.name] = load_artifact(v)[0](x)"))
@@ -247,10 +250,11 @@ def test_load_artifact_takes_any_artifact_and_imports_only_what_it_needs(built, 
     with torch.no_grad():
         fp32 = model(x).numpy()
     got = logits_in_fresh_process(x, opt, tmp_path, f"""
-from stages.runtime import load_artifact
+from oipipe.deploy.runtime import load_artifact
 rt, meta = load_artifact(Path({str(exported / "model.onnx")!r}))
 out["onnx"] = rt(x)
-out["heavy"] = [m in sys.modules for m in ("torchvision", "timm", "torchao", "stages.models",
+out["heavy"] = [m in sys.modules for m in ("torchvision", "timm", "torchao",
+                                   "oipipe.training.models",
                                            "stages.optimize", "stages.export", "onnx")]
 out["folder"] = load_artifact(d / "onnxruntime_int8")[0](x)
 out["file"] = load_artifact(d / "onnxruntime_int8" / "model.onnx")[0](x)

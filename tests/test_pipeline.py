@@ -15,9 +15,9 @@ import torch
 from conftest import git_dvc_init, run_stage, write_params
 from mlflow.tracking import MlflowClient
 
-from stages.config import PROJECT_ROOT, compose, path
-from stages.config import write_params as compose_params
-from stages.io import read_csv
+from oipipe.core.config import PROJECT_ROOT, compose, path
+from oipipe.core.config import write_params as compose_params
+from oipipe.core.files import read_csv
 
 BIN = Path(sys.executable).parent
 # What each GPU variant lacks on this machine (None: nothing, it builds), asked of the machine
@@ -53,10 +53,11 @@ def project(tmp_path: Path, mirror) -> Path:
     """A git+DVC copy of the project whose `data` default is the test mirror."""
     dst = tmp_path / "project"
     dst.mkdir()
-    for name in ("conf", "stages", "photos"):  # photos/: data.folder, a download dependency
+    # the stages, the library they import, and photos/ (data.folder, a download dependency)
+    for name in ("conf", "stages", "oipipe", "photos"):
         shutil.copytree(PROJECT_ROOT / name, dst / name,
                         ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(PROJECT_ROOT / name, dst / name)
     (dst / "conf" / "data" / "test.yaml").write_text(f"""
 defaults: [mirror, _self_]

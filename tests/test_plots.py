@@ -1,4 +1,4 @@
-"""`stages.plots.figure`: every chart the stages draw is written through it, atomically."""
+"""`oipipe.reporting.plots.figure`: every chart is written through it, atomically."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from matplotlib.artist import Artist
 from PIL import Image
 
-from stages.plots import figure
+from oipipe.reporting.plots import figure
 
 
 def test_a_chart_is_a_png_of_its_size_and_leaves_no_temp_file(tmp_path) -> None:

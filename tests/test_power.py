@@ -1,4 +1,4 @@
-"""stages.power: power and energy over a timed window, with real threads and fake sources.
+"""oipipe.measure.power: power and energy over a timed window, with real threads and fake sources.
 
 The sources are functions of `time.perf_counter`, so the energy they deliver over the window is
 known in closed form; NVML itself is replaced by a fake `pynvml` module where its units matter.
@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from stages import machine
-from stages.power import (
+from oipipe.measure import machine
+from oipipe.measure.power import (
     ENERGY_COUNTER,
     POWER_SAMPLES,
     PowerReadError,

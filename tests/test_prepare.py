@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 from PIL import Image
 
+from oipipe.core.config import path
+from oipipe.core.errors import InputError
+from oipipe.core.files import read_csv
 from stages import download, prepare
-from stages.config import path
-from stages.errors import InputError
-from stages.io import read_csv
 
 
 @pytest.fixture

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from stages import optypes, profile
-from stages.config import PROFILE_MODES, compose, path
-from stages.errors import ConfigError
+from oipipe.core.config import PROFILE_MODES, compose, path
+from oipipe.core.errors import ConfigError
+from oipipe.measure import optypes
+from stages import profile
 
 N, FEATURES, OUT = 256, 1024, 768  # the matmul: 256 x 1024 @ 1024 x 768 (not square: the
 C, HW = 64, 28                   # the depthwise conv: 64 channels of 28 x 28, 3 x 3 kernel

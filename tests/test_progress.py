@@ -20,8 +20,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from stages import benchmark, export, optimize, progress
-from stages.config import compose
+from oipipe.core import progress
+from oipipe.core.config import compose
+from stages import benchmark, export, optimize
 
 # tqdm's bar with a total: "desc:  50%|█████     | 1/2 [00:01<00:01, ...]"
 BAR = r"{}: +\d+%\|"

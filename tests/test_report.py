@@ -12,10 +12,11 @@ import pytest
 from conftest import write_params
 from PIL import Image
 
-from stages import document, report
-from stages.config import compose, path, stage_main
-from stages.errors import InputError
-from stages.io import write_csv, write_json
+from oipipe.core.config import compose, path, stage_main
+from oipipe.core.errors import InputError
+from oipipe.core.files import write_csv, write_json
+from oipipe.reporting import document
+from stages import report
 
 CLASSES = ["Zebra", "Sea turtle", "Blue jay"]
 SPLIT_COUNTS = {"train": (6, 5, 4), "val": (2, 2, 1), "test": (3, 2, 2)}
@@ -50,7 +51,7 @@ def bench_row(variant: str, batch: int, status: str = "ok", **values) -> dict:
     return row
 
 
-# Accuracy on the 12 val + test images, with Wilson intervals (stages.statistics.wilson).
+# Accuracy on the 12 val + test images, with Wilson intervals (oipipe.measure.intervals.wilson).
 FP32_ACC = {"top1": 91.667, "top1_ci_low": 64.612, "top1_ci_high": 98.513, "eval_images": 12}
 INT8_ACC = {"top1": 83.333, "top1_ci_low": 55.197, "top1_ci_high": 95.303, "eval_images": 12}
 ORT_FP32_ACC = {"top1": 41.667, "top1_ci_low": 19.326, "top1_ci_high": 68.049, "eval_images": 12}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages.statistics import (
+from oipipe.measure.intervals import (
     mcnemar_exact,
     paired_counts,
     paired_difference,

@@ -1,4 +1,5 @@
-"""The stream client (`python -m stages.stream`) and its sender (`stages.stream_server`), with real
+"""The stream client (`python -m oitools.stream`) and its sender (`oitools.stream_sender`), with
+real
 GStreamer (gst-launch-1.0), real processes, a real X server (Xvfb) and an exported ONNX model.
 
 Without GStreamer or Xvfb these tests skip, except where OI_REQUIRE_GSTREAMER is set (.ci/run
@@ -30,11 +31,13 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from stages import export, stream, stream_server
-from stages.config import PROJECT_ROOT, compose, path
-from stages.datasets import eval_transform
-from stages.io import read_csv
-from stages.runtime import load_artifact
+from oipipe.core.config import PROJECT_ROOT, compose, path
+from oipipe.core.files import read_csv
+from oipipe.data.datasets import eval_transform
+from oipipe.deploy.runtime import load_artifact
+from oitools import stream
+from oitools import stream_sender as stream_server
+from stages import export
 
 REALDATA = PROJECT_ROOT.parent / "shared" / "realdata"
 RTP_CAPS = "application/x-rtp,media=video,encoding-name=H264,payload=96,clock-rate=90000"
@@ -134,7 +137,7 @@ class Lines:
 
 
 def client(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, Lines, Lines]:
-    proc = subprocess.Popen([sys.executable, "-m", "stages.stream", *args], cwd=PROJECT_ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "oitools.stream", *args], cwd=PROJECT_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, **(env or {})})
     return proc, Lines(proc.stdout), Lines(proc.stderr)
@@ -229,7 +232,7 @@ def test_loopback_rtp_h264_from_the_server(gst, onnx_model, tmp_path) -> None:
         kids = gst_children(proc.pid)
         assert len(kids) == 1
         server = subprocess.run(
-            [sys.executable, "-m", "stages.stream_server", "--source", "test", "--port",
+            [sys.executable, "-m", "oitools.stream_sender", "--source", "test", "--port",
              str(port), "--num-buffers", str(n), "--width", "320", "--height", "240"],
             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
         assert server.returncode == 0, server.stderr

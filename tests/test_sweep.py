@@ -1,4 +1,4 @@
-"""`python -m stages.sweep -m ...`: a Hydra multirun of the whole pipeline, in a subprocess.
+"""`python -m oitools.sweep -m ...`: a Hydra multirun of the whole pipeline, in a subprocess.
 
 One sweep covers the end-to-end promises, because each full job costs ~50 s on 2 cores: 3 jobs
 (`train.mode=linear_probe,full,bogus`) through `hydra/launcher=submitit_local`, so they run at the
@@ -30,11 +30,11 @@ from hydra import initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from oimirror import MirrorServer
+from oipipe.core.config import CONF_DIR, PROJECT_ROOT, compose, path
+from oipipe.core.files import read_csv, write_json
+from oitools import sweep as sweep_module
 from stages import download, prepare
-from stages import sweep as sweep_module
-from stages.config import CONF_DIR, PROJECT_ROOT, compose, path
-from stages.io import read_csv, write_json
-from testing.mirror import MirrorServer
 
 # test_pipeline.py's tiny settings, as command-line overrides.
 TINY = ["data.image_size=48", "data.fetch.backoff=0.01", "data.fetch.retries=3",
@@ -106,7 +106,7 @@ def test_jobs_at_the_same_time_download_and_prepare_a_data_config_once(tmp_path:
 
 def sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([sys.executable, "-m", "stages.sweep", "-m",
+    return subprocess.run([sys.executable, "-m", "oitools.sweep", "-m",
                            f"hydra.sweep.dir={sweep_dir}", *overrides],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=540, env=env)
 

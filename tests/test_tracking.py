@@ -13,9 +13,10 @@ import pytest
 from conftest import stage_cmd, write_params
 from mlflow.tracking import MlflowClient
 
-from stages import download, tracking
-from stages.config import PROJECT_ROOT, path
-from stages.tracking import KEY_TAG, stage_run
+from oipipe.core import tracking
+from oipipe.core.config import PROJECT_ROOT, path
+from oipipe.core.tracking import KEY_TAG, stage_run
+from stages import download
 
 
 @pytest.fixture(scope="module")

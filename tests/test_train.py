@@ -20,11 +20,13 @@ from conftest import write_params
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from stages import export, models, tracking, train
-from stages.config import CHOICES, PROJECT_ROOT, compose, path, stage_main
-from stages.errors import InputError
-from stages.io import read_csv
-from stages.statistics import wilson
+from oipipe.core import tracking
+from oipipe.core.config import CHOICES, PROJECT_ROOT, compose, path, stage_main
+from oipipe.core.errors import InputError
+from oipipe.core.files import read_csv
+from oipipe.measure.intervals import wilson
+from oipipe.training import models
+from stages import export, train
 
 # 64 px inputs and two epochs keep a run to seconds on 2 cores.
 TINY = ["data.image_size=72", "model.input_size=64", "train.epochs=2", "train.batch_size=16",
@@ -270,7 +272,7 @@ def test_bundled_weights_classify_real_photographs(name: str) -> None:
     """The key-by-key mapping is right only if ImageNet classes come out right on real photos,
     preprocessed as the model's config says (lite0/1/2: 224/240/260 px, crop_pct
     0.875/0.882/0.89 as timm's pretrained_cfg, mean = std = 0.5)."""
-    from stages.datasets import eval_transform
+    from oipipe.data.datasets import eval_transform
 
     skimage_data = pytest.importorskip("skimage.data")
     mcfg = compose([f"model={name}"]).model
@@ -298,7 +300,7 @@ def test_bundled_weights_classify_real_photographs(name: str) -> None:
 
 
 def test_pretrained_predictions_on_prepared_images_are_confident_and_stable(prepared) -> None:
-    from stages.datasets import PreparedImages, eval_transform
+    from oipipe.data.datasets import PreparedImages, eval_transform
 
     ds = PreparedImages(prepared, "val", eval_transform(224, [0.5] * 3, [0.5] * 3))
     x = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -374,7 +376,7 @@ def test_train_without_prepared_data_is_a_clear_error(tmp_path) -> None:
 def test_augmentation_depends_on_seed_and_epoch_not_on_workers(prepared) -> None:
     from torch.utils.data import DataLoader
 
-    from stages.datasets import PreparedImages, SeededSampler, train_transform
+    from oipipe.data.datasets import PreparedImages, SeededSampler, train_transform
 
     ds = PreparedImages(prepared, "train", train_transform(32, [0.5] * 3, [0.5] * 3))
 
@@ -503,7 +505,7 @@ def test_resume_key_tells_prepared_images_of_another_size_apart(prepared, tmp_pa
 
     from PIL import Image
 
-    from stages.config import compose
+    from oipipe.core.config import compose
 
     copy = tmp_path / "prepared"
     shutil.copytree(prepared, copy)

@@ -1,4 +1,4 @@
-"""stages/trt_layers.py: TensorRT engine-inspector layer information parsed from saved samples
+"""oipipe.deploy.trt_layers: TensorRT engine-inspector layer information parsed from saved samples
 (tests/data/README.md says what each stands for), and the PyTorch-fallback check. No GPU needed."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from stages import trt_layers
+from oipipe.deploy import trt_layers
 
 DATA = Path(__file__).parent / "data"
 FP16 = (DATA / "trt_layer_info_fp16.json").read_text(encoding="utf-8")

@@ -1,0 +1,5 @@
+import sys
+
+from oimirror.cli import main
+
+sys.exit(main())

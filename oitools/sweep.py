@@ -1,0 +1,233 @@
+"""Hydra multirun over the whole pipeline: one job = download -> ... -> report in its own folder.
+
+    python -m oitools.sweep -m model=resnet18,mobilenet_v3_small train.mode=linear_probe,full
+    python -m oitools.sweep -m hydra/launcher=joblib hydra.launcher.n_jobs=2 model=a,b
+
+This module is the orchestrator, like `dvc.yaml`: it calls the same `run(cfg)` functions DVC runs,
+in the same order, and is not a stage itself (no stage imports it). Per job:
+
+- `paths.root` is the job's folder (`hydra.sweep.dir`/`hydra.sweep.subdir`, conf/hydra/output/).
+- `paths.cache`, `paths.raw` and `paths.prepared` point to `<sweep>/shared/data-<hash>/`, keyed by
+  the data config: jobs with the same data share one download and one prepare. A file lock in
+  that folder makes the first job do both while the others wait, then find `complete.json`.
+- The benchmark runs under a file lock in the sweep folder, one job at a time, while the other
+  jobs train, export and optimize: timings are not taken on cores another job is using. Each job
+  records `benchmark_serialized: true` (and the time it waited) in `metrics/sweep.json` and as a
+  tag of its MLflow run.
+- A failing job appends its overrides and error to `<sweep>/sweep_failures.jsonl`, logs the
+  traceback, and re-raises: Hydra's sweepers read every job's result only after the whole batch
+  ran, so the other jobs finish and the sweep exits with 1.
+- The return value is the job's best validation accuracy (`hydra/sweeper=optuna` maximises it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from oipipe.core.config import path, validate
+from oipipe.core.errors import ConfigError
+from oipipe.core.files import write_json, write_text
+from oipipe.core.tracking import tracking_uri
+from stages import benchmark, download, export, optimize, prepare, profile, report, train
+
+log = logging.getLogger("oitools.sweep")
+
+FAILURES = "sweep_failures.jsonl"
+# Data keys that change how fast the data arrives, never which data: jobs differing only in them
+# still share one download.
+NOT_DATA_KEYS = ("fetch", "prepare_workers")
+DATA_STAGES = ("download", "prepare")
+
+
+@contextlib.contextmanager
+def file_lock(file: Path) -> Iterator[float]:
+    """Hold an exclusive `flock` on `file` (created if missing); yields the seconds waited.
+
+    `flock` works across processes on one machine and, on Linux, on NFS (emulated with POSIX
+    locks), which is where a SLURM sweep folder lives. The lock dies with its process, so a killed
+    job never leaves it held.
+    """
+    file.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(file, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield time.perf_counter() - started
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def data_key(data: DictConfig) -> str:
+    """What defines a job's downloaded and prepared data: its data config, minus NOT_DATA_KEYS."""
+    blob = {k: v for k, v in OmegaConf.to_container(data, resolve=True).items()
+            if k not in NOT_DATA_KEYS}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def job_config(cfg: DictConfig, job_dir: Path, sweep_dir: Path, launch_dir: Path,
+               tags: dict[str, str]) -> DictConfig:
+    """The composed config with the sweep's paths and tags, validated like every stage's."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw.pop("hydra", None)  # Hydra's own node, when a caller passes the full composed config
+    cfg = OmegaConf.create(raw)
+    # A relative photo folder is relative to the project root the config names (`paths.root`, as
+    # seen from where the sweep started), not to the job's folder.
+    folder = Path(cfg.data.folder)
+    if not folder.is_absolute():
+        cfg.data.folder = str((launch_dir / cfg.paths.root / folder).resolve())
+    shared = sweep_dir / "shared" / f"data-{data_key(validate(cfg).data)}"
+    cfg.paths.root = str(job_dir)
+    for key in ("cache", "raw", "prepared"):
+        cfg.paths[key] = str(shared / key)
+    if cfg.tracking.enabled and not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # One database for the whole sweep instead of one per job folder.
+        cfg.tracking.uri = "sqlite:///" + str(sweep_dir / "mlflow.db")
+    cfg.tracking.tags = {**(cfg.tracking.get("tags") or {}), **tags}
+    return validate(cfg)
+
+
+def ensure_experiment(cfg: DictConfig, sweep_dir: Path) -> None:
+    """Create the sweep's MLflow database and experiment once, under a lock: parallel jobs that
+    each found neither would race to create them, and the loser would fail."""
+    if not cfg.tracking.enabled:
+        return
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    with file_lock(sweep_dir / ".mlflow.lock"):
+        client = MlflowClient(uri)
+        if client.get_experiment_by_name(cfg.tracking.experiment) is None:
+            location = None
+            if uri.startswith("sqlite:"):  # artifacts beside the database, not in a job folder
+                location = (sweep_dir / "mlartifacts").resolve().as_uri()
+            client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+
+
+def shared_data(cfg: DictConfig, timings: dict[str, float]) -> bool:
+    """Download and prepare into the shared data folder once; True when this job reused them.
+
+    The first job of a data config holds the lock while it works; the others wait on it and then
+    find `complete.json`. A job that failed half-way leaves no `complete.json`, so the next one
+    tries again (the download cache keeps what was fetched).
+    """
+    shared = path(cfg, "prepared").parent
+    done = shared / "complete.json"
+    metrics = path(cfg, "metrics")
+    with file_lock(shared / ".lock") as waited:
+        timings["data_lock_wait_s"] = round(waited, 3)
+        if done.is_file():
+            for stage in DATA_STAGES:  # the job's metrics folder is complete either way
+                src = shared / "metrics" / f"{stage}.json"
+                if src.is_file():
+                    metrics.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, metrics / f"{stage}.json")
+            log.info("data: reusing %s (made by %s)", shared,
+                     json.loads(done.read_text()).get("job_dir"))
+            return True
+        for stage, fn in (("download", download.run), ("prepare", prepare.run)):
+            timed(stage, fn, cfg, timings=timings)
+            (shared / "metrics").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(metrics / f"{stage}.json", shared / "metrics" / f"{stage}.json")
+        write_json(done, {"job_dir": str(path(cfg, "root")),
+                          "data": OmegaConf.to_container(cfg.data)})
+        return False
+
+
+def timed(stage: str, fn: Any, cfg: DictConfig, *args: Any, timings: dict[str, float]) -> Any:
+    log.info("sweep job: %s", stage if not args else f"{stage} {' '.join(map(str, args))}")
+    started = time.perf_counter()
+    out = fn(cfg, *args)
+    name = stage if not args else f"{stage}.{args[0]}"
+    timings[f"{name}_s"] = round(time.perf_counter() - started, 3)
+    return out
+
+
+def run_pipeline(cfg: DictConfig, sweep_dir: Path, record: dict[str, Any]) -> dict:
+    """Every stage in `dvc.yaml`'s order, data shared, benchmark under the sweep's lock."""
+    timings: dict[str, float] = record["seconds"]
+    ensure_experiment(cfg, sweep_dir)
+    record["data_reused"] = shared_data(cfg, timings)
+    metrics = timed("train", train.run, cfg, timings=timings)
+    timed("export", export.run, cfg, timings=timings)
+    for variant in cfg.optimize.variants:
+        timed("optimize", optimize.run, cfg, variant, timings=timings)
+    with file_lock(sweep_dir / ".benchmark.lock") as waited:
+        timings["benchmark_lock_wait_s"] = round(waited, 3)
+        record["benchmark_started"] = time.time()  # wall clock: comparable across jobs
+        timed("benchmark", benchmark.run, cfg, timings=timings)
+        timed("profile", profile.run, cfg, timings=timings)  # timings too: under the lock
+        record["benchmark_ended"] = time.time()
+    timed("report", report.run, cfg, timings=timings)
+    return metrics
+
+
+def record_failure(sweep_dir: Path, entry: dict[str, Any]) -> None:
+    line = json.dumps(entry) + "\n"
+    with file_lock(sweep_dir / ".failures.lock"), open(sweep_dir / FAILURES, "a") as fh:
+        fh.write(line)
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """One sweep job; Hydra calls it with the job's composed config."""
+    hc = HydraConfig.get()
+    launch_dir = Path(hc.runtime.cwd)
+    job_dir = Path(hc.runtime.output_dir).resolve()
+    # Without -m a single job runs in `hydra.run.dir`, which is then its own sweep folder.
+    sweep_dir = job_dir if hc.mode == RunMode.RUN else (launch_dir / hc.sweep.dir).resolve()
+    overrides = list(hc.overrides.task)
+    # `++tracking.tags.sweep_name=lr-grid` names the sweep (what oitools.compare --sweep takes);
+    # by default it is the sweep folder's name.
+    name = str((cfg.tracking.get("tags") or {}).get("sweep_name") or sweep_dir.name)
+    record: dict[str, Any] = {
+        "sweep": name, "job": hc.job.num, "overrides": overrides,
+        "job_dir": str(job_dir), "status": "failed", "benchmark_serialized": True,
+        "seconds": {}}
+    started = time.perf_counter()
+    tags = {"sweep_name": name, "sweep_job": str(hc.job.num),
+            "sweep_overrides": " ".join(overrides), "sweep_benchmark_serialized": "true"}
+    try:
+        job = job_config(cfg, job_dir, sweep_dir, launch_dir, tags)
+        record["data_dir"] = str(path(job, "prepared").parent)
+        write_text(job_dir / "job_config.yaml", OmegaConf.to_yaml(job))
+        metrics = run_pipeline(job, sweep_dir, record)
+    except Exception as e:
+        kind = "config" if isinstance(e, ConfigError) else type(e).__name__
+        log.error("sweep job %d (%s) failed: %s: %s\n%s", hc.job.num, " ".join(overrides), kind,
+                  e, traceback.format_exc())
+        record_failure(sweep_dir, {"job": hc.job.num, "overrides": overrides,
+                                   "job_dir": str(job_dir), "error": f"{kind}: {e}"})
+        record["error"] = f"{kind}: {e}"
+        write_json(job_dir / "metrics" / "sweep.json", record)
+        raise
+    record["status"] = "ok"
+    record["seconds"]["total_s"] = round(time.perf_counter() - started, 3)
+    record["best_val_acc"] = metrics.get("best_val_acc")
+    write_json(path(job, "metrics") / "sweep.json", record)
+    log.info("sweep job %d done in %.1f s: %s", hc.job.num, record["seconds"]["total_s"],
+             path(job, "reports"))
+    return metrics.get("best_val_acc")
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    return run_job(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,1 +1,0 @@
-"""Test and offline tools for the pipeline; never imported by a stage."""

@@ -1,5 +1,0 @@
-import sys
-
-from testing.mirror.cli import main
-
-sys.exit(main())
