@@ -29,7 +29,7 @@ pipeline: $(STAMP)
 
 # Recompose params.yaml after editing conf/ (tests fail when the two drift).
 params: $(STAMP)
-	$(BIN)/python -m oipipe.core.config
+	$(BIN)/python -m oitools.params
 
 # A synthetic Open Images mirror in the real layout, for offline runs (oimirror/).
 mirror: $(STAMP)

@@ -34,7 +34,8 @@ from urllib.parse import unquote
 
 from omegaconf import DictConfig
 
-from oipipe.core.config import path, stage_main, stage_parser
+from oipipe.core import cli
+from oipipe.core.config import path
 from oipipe.core.errors import InputError
 from oipipe.core.files import write_text
 from oipipe.core.tracking import tracking_uri
@@ -333,9 +334,9 @@ def run(cfg: DictConfig, sweep: str | None = None, filter_string: str | None = N
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Its own options, then the shared entry point (params, overrides, exit codes)."""
-    parser = stage_parser("compare", "One comparison across the MLflow runs of a sweep, or of "
-                          "an experiment: COMPARE.md/html and the Pareto chart under "
-                          "paths.compare.")
+    parser = cli.stage_parser("compare", "One comparison across the MLflow runs of a sweep, or "
+                              "of an experiment: COMPARE.md/html and the Pareto chart under "
+                              "paths.compare.", module="oitools.compare")
     parser.add_argument("--sweep", help="compare the parent runs tagged sweep_name=SWEEP")
     parser.add_argument("--filter", dest="filter_string",
                         help="an MLflow search filter on the parent runs, e.g. \"tags.x = 'y'\"")
@@ -344,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for COMPARE.md/html (paths.compare)")
     parser.add_argument("--batch", type=int, help="reference batch (default: the largest)")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    return stage_main("compare", lambda cfg: run(
+    return cli.run_stage("compare", lambda cfg: run(
         cfg, sweep=args.sweep, filter_string=args.filter_string, uri=args.tracking_uri,
         out=args.out, batch=args.batch, experiment=args.experiment), args=args)
 

@@ -48,7 +48,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from oipipe.core.errors import ConfigError, InputError, StageError
+from oipipe.core import cli
+from oipipe.core.errors import InputError, StageError
 
 log = logging.getLogger("oitools.stream")
 
@@ -1011,9 +1012,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--params", type=Path, default=Path("params.yaml"),
                    help="composed config for the MLflow store (default ./params.yaml)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
+
+    def work() -> None:
         opts = StreamOptions(
             source=args.source, model=args.model, backend=args.backend, batch=args.batch,
             drop=args.drop, topk=args.topk, transforms=args.transform, display=args.display,
@@ -1023,16 +1023,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             opts.mlflow_uri, opts.mlflow_experiment = mlflow_target(
                 args.params, args.tracking_uri, args.experiment)
         run(opts)
-    except (ConfigError, InputError) as e:
-        log.error("stream: %s", e)
-        return 2
-    except StageError as e:
-        log.error("stream failed: %s", e)
-        return 1
-    except KeyboardInterrupt:
-        log.error("stream: interrupted")
-        return 130
-    return 0
+
+    return cli.guarded("stream", work, interrupted="interrupted")
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from oipipe.core import progress
-from oipipe.core.config import load_params, main_for, path
+from oipipe.core import cli, progress
+from oipipe.core.config import load_params, path
 from oipipe.core.errors import InputError
 from oipipe.core.files import write_csv, write_json
 from oipipe.core.tracking import DVC_EXP_TAG, KEY_TAG, stage_run, verdict_code
@@ -724,7 +724,7 @@ def main() -> None:
         measure_variant(cfg, args.worker, args.rows)
         return
     sys.argv = [sys.argv[0], *rest]
-    main_for("benchmark", run)
+    cli.main("benchmark", run)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from oipipe.core import progress
-from oipipe.core.config import main_for, path
+from oipipe.core import cli, progress
+from oipipe.core.config import path
 from oipipe.core.errors import ConfigError, InputError
 from oipipe.core.files import (
     atomic_dir,
@@ -379,7 +379,7 @@ SOURCES: dict[str, Callable[[DictConfig], dict]] = {
 
 
 def main() -> None:
-    main_for("download", run)
+    cli.main("download", run)
 
 
 if __name__ == "__main__":

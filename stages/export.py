@@ -25,8 +25,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from oipipe.core import progress
-from oipipe.core.config import main_for, path
+from oipipe.core import cli, progress
+from oipipe.core.config import path
 from oipipe.core.errors import InputError, StageError
 from oipipe.core.files import atomic_open, write_json
 from oipipe.core.tracking import stage_run
@@ -167,7 +167,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def main() -> None:
-    main_for("export", run)
+    cli.main("export", run)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from oipipe.core import progress
-from oipipe.core.config import path, stage_main, stage_parser
+from oipipe.core import cli, progress
+from oipipe.core.config import path
 from oipipe.core.errors import ConfigError, InputError
 from oipipe.core.files import atomic_dir, write_json
 from oipipe.core.tracking import stage_run, verdict_code
@@ -603,15 +603,15 @@ def _build_and_check(cfg: DictConfig, variant: Variant, ctx: BuildContext, tmp: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser("optimize", "Build one optimized variant of the trained model, load it "
-                          "back and measure its accuracy against fp32 (DVC runs one per entry "
-                          "of optimize.variants).")
+    parser = cli.stage_parser("optimize", "Build one optimized variant of the trained model, "
+                              "load it back and measure its accuracy against fp32 (DVC runs one "
+                              "per entry of optimize.variants).")
     # No argparse `choices`: run() names an unknown variant with "did you mean", exit code 2.
     parser.add_argument("--variant", required=True, metavar="VARIANT",
                         help="the variant to build, one of: " + ", ".join(
                             f"{v.name} ({v.backend} {v.precision})" for v in VARIANTS.values()))
     args = parser.parse_intermixed_args(argv)
-    sys.exit(stage_main("optimize", lambda cfg: run(cfg, args.variant), args=args))
+    sys.exit(cli.run_stage("optimize", lambda cfg: run(cfg, args.variant), args=args))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from omegaconf import DictConfig, OmegaConf
 
-from oipipe.core import progress
-from oipipe.core.config import main_for, path
+from oipipe.core import cli, progress
+from oipipe.core.config import path
 from oipipe.core.errors import InputError
 from oipipe.core.files import atomic_dir, read_csv, write_csv, write_json, write_text
 from oipipe.core.tracking import stage_run
@@ -170,7 +170,7 @@ def _run_jobs(jobs: list[tuple[str, str, int]], workers: int) -> list[str | None
 
 
 def main() -> None:
-    main_for("prepare", run)
+    cli.main("prepare", run)
 
 
 if __name__ == "__main__":

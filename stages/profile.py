@@ -44,7 +44,8 @@ from omegaconf import DictConfig
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from oipipe.core.config import main_for, path
+from oipipe.core import cli
+from oipipe.core.config import path
 from oipipe.core.errors import InputError
 from oipipe.core.files import write_csv, write_json
 from oipipe.core.tracking import stage_run
@@ -285,7 +286,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def main() -> None:
-    main_for("profile", run)
+    cli.main("profile", run)
 
 
 if __name__ == "__main__":

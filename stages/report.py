@@ -45,7 +45,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from oipipe.core.config import main_for, path
+from oipipe.core import cli
+from oipipe.core.config import path
 from oipipe.core.errors import InputError
 from oipipe.core.files import read_csv, write_text
 from oipipe.core.tracking import stage_run
@@ -673,7 +674,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def main() -> None:
-    main_for("report", run)
+    cli.main("report", run)
 
 
 if __name__ == "__main__":

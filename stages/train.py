@@ -39,8 +39,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from oipipe.core import progress
-from oipipe.core.config import main_for, path
+from oipipe.core import cli, progress
+from oipipe.core.config import path
 from oipipe.core.errors import InputError, StageError
 from oipipe.core.files import atomic_open, read_csv, write_csv, write_json
 from oipipe.core.tracking import StageRun, stage_run
@@ -729,7 +729,7 @@ def confusion_png(cm: np.ndarray, classes: list[str], file: Path) -> None:
 
 
 def main() -> None:
-    main_for("train", run)
+    cli.main("train", run)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from oipipe.core.config import PROJECT_ROOT, compose, stage_main
+from oipipe.core.cli import run_stage
+from oipipe.core.config import PROJECT_ROOT, compose
 from oipipe.core.errors import ConfigError
 from oipipe.core.variants import OPTIMIZE_VARIANTS
 
@@ -36,8 +37,8 @@ def never_run(cfg) -> None:
 def entry_error(caplog, *argv: str) -> str:
     """Exit code 2 from the shared stage entry point, and its one error line."""
     caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="stages"):
-        assert stage_main("check", never_run, list(argv)) == 2
+    with caplog.at_level(logging.ERROR, logger="oipipe"):
+        assert run_stage("check", never_run, list(argv)) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "\n" not in errors[0], errors
     return errors[0]
@@ -91,28 +92,28 @@ def test_stage_entry_point_in_a_fresh_process_prints_one_line(tmp_path: Path) ->
 def test_make_params_writes_only_a_valid_file(tmp_path: Path) -> None:
     out = tmp_path / "params.yaml"
     out.write_text("the previous file\n")
-    res = cli("oipipe.core.config", "--output", str(out), "train.epochs=abc")
+    res = cli("oitools.params", "--output", str(out), "train.epochs=abc")
     assert res.returncode == 2
     assert "train.epochs" in one_line(res.stderr) and "not written" in res.stderr
     assert out.read_text() == "the previous file\n"
 
-    res = cli("oipipe.core.config", "--output", str(out), "train.lrr=0.1")
+    res = cli("oitools.params", "--output", str(out), "train.lrr=0.1")
     assert res.returncode == 2
     assert "unknown key 'train.lrr'; did you mean 'train.lr'?" in one_line(res.stderr)
 
-    res = cli("oipipe.core.config", "--output", str(out), "data.classes=[Cat")
+    res = cli("oitools.params", "--output", str(out), "data.classes=[Cat")
     assert res.returncode == 2 and "override 'data.classes=[Cat'" in one_line(res.stderr)
     assert out.read_text() == "the previous file\n"
 
-    res = cli("oipipe.core.config", "--output", str(out))  # what `make params` runs
+    res = cli("oitools.params", "--output", str(out))  # what `make params` runs
     assert res.returncode == 0, res.stderr
     assert out.read_text() == (PROJECT_ROOT / "params.yaml").read_text()
 
 
 def test_config_help_explains_instead_of_composing() -> None:
-    res = cli("oipipe.core.config", "--help")
+    res = cli("oitools.params", "--help")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("usage: python -m oipipe.core.config")
+    assert res.stdout.startswith("usage: python -m oitools.params")
     assert "--output" in res.stdout and "Hydra" in res.stdout
 
 
@@ -137,7 +138,7 @@ def test_optimize_help_lists_every_variant() -> None:
     assert not missing, f"--help does not name {missing}:\n{res.stdout}"
 
 
-# Every stage builds its help with config.stage_parser: one plain stage and one with options of
+# Every stage builds its help with cli.stage_parser: one plain stage and one with options of
 # its own stand for them (a stage module that imports torch takes ~5 s to start).
 @pytest.mark.parametrize("module, own_option", [
     ("stages.download", "--params"), ("oitools.compare", "--sweep"),

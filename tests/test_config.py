@@ -11,14 +11,13 @@ from omegaconf import OmegaConf
 from oipipe.core.config import (
     CONF_DIR,
     PROJECT_ROOT,
-    PipelineConf,
-    Schema,
     compose,
     load_params,
     validate,
     write_params,
 )
 from oipipe.core.errors import ConfigError
+from oipipe.core.schema import PipelineConf, Schema
 
 
 def test_params_yaml_matches_a_fresh_composition_of_conf(tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ from conftest import stage_cmd, write_params
 from PIL import Image
 
 from oimirror import MirrorServer, generate
-from oipipe.core.config import PROJECT_ROOT, path, stage_main
+from oipipe.core import cli
+from oipipe.core.config import PROJECT_ROOT, path
 from oipipe.core.errors import InputError
 from oipipe.core.files import read_csv
 from oipipe.data.fetch import Fetcher, FetchError
@@ -274,7 +275,7 @@ def test_unknown_and_miscased_class_names(make_cfg, mirror, caplog) -> None:
     # the entry point turns it into exit code 2 before anything is fetched
     params = write_params(make_cfg("data.classes=[Zebra, Whael]", srv=mirror),
                           Path(cfg.paths.root).parent / "bad.yaml")
-    assert stage_main("download", download.run, ["--params", str(params)]) == 2
+    assert cli.run_stage("download", download.run, ["--params", str(params)]) == 2
     assert "unknown class 'Whael': did you mean" in caplog.text and "'Whale'" in caplog.text
     assert not mirror.requests
 

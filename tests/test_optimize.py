@@ -12,9 +12,10 @@ import pytest
 import torch
 from conftest import logits_in_fresh_process, run_stage, write_params
 
-from oipipe.core.config import OPTIMIZE_VARIANTS, compose, path
+from oipipe.core.config import compose, path
 from oipipe.core.errors import ConfigError, InputError
 from oipipe.core.files import read_csv
+from oipipe.core.variants import OPTIMIZE_VARIANTS
 from oipipe.deploy import runtime
 from oipipe.measure import evaluation
 from oipipe.measure.machine import cpu_has_native_bf16

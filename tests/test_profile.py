@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from oipipe.core.config import PROFILE_MODES, compose, path
+from oipipe.core.config import compose, path
 from oipipe.core.errors import ConfigError
+from oipipe.core.schema import PROFILE_MODES
 from oipipe.measure import optypes
 from stages import profile
 

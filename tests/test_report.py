@@ -12,7 +12,8 @@ import pytest
 from conftest import write_params
 from PIL import Image
 
-from oipipe.core.config import compose, path, stage_main
+from oipipe.core import cli
+from oipipe.core.config import compose, path
 from oipipe.core.errors import InputError
 from oipipe.core.files import write_csv, write_json
 from oipipe.reporting import document
@@ -510,9 +511,10 @@ def test_missing_train_metrics_is_an_input_error(cfg) -> None:
 
 def test_entry_point_exit_codes(cfg, tmp_path) -> None:
     params = write_params(cfg, tmp_path / "params.yaml")
-    assert stage_main("report", report.run, ["--params", str(params)]) == 2  # no train.json
+    # no train.json
+    assert cli.run_stage("report", report.run, ["--params", str(params)]) == 2
     write_inputs(cfg, benchmark=False)
-    assert stage_main("report", report.run, ["--params", str(params)]) == 0
+    assert cli.run_stage("report", report.run, ["--params", str(params)]) == 0
     assert (path(cfg, "reports") / "REPORT.html").is_file()
 
 

@@ -20,8 +20,8 @@ from conftest import write_params
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from oipipe.core import tracking
-from oipipe.core.config import CHOICES, PROJECT_ROOT, compose, path, stage_main
+from oipipe.core import cli, tracking
+from oipipe.core.config import CHOICES, PROJECT_ROOT, compose, path
 from oipipe.core.errors import InputError
 from oipipe.core.files import read_csv
 from oipipe.measure.intervals import wilson
@@ -525,7 +525,7 @@ def entry_point_error(caplog, stage: str, run, cfg, tmp_path: Path) -> str:
     params = write_params(cfg, tmp_path / "params.yaml")
     caplog.clear()
     with caplog.at_level(logging.ERROR):
-        assert stage_main(stage, run, ["--params", str(params)]) == 2
+        assert cli.run_stage(stage, run, ["--params", str(params)]) == 2
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
     msg = record.getMessage()
     assert "\n" not in msg and record.exc_info is None, msg
