@@ -62,7 +62,7 @@ def throughput(mirror: Path, root: Path, latency: float, workers: int) -> dict:
         cfg = compose([f"paths.root={root}", "tracking.enabled=false", "data=mirror",
                        f"data.metadata_url={base}openimages/",
                        f"data.images_url={base}open-images-dataset/",
-                       f"data.fetch.workers={workers}"])
+                       f"runtime.fetch.workers={workers}"])
         # the metadata CSVs are cached by a first run, so only image fetching is timed
         shutil.rmtree(download.cache_dir(cfg, "images", cfg.data.images_url), ignore_errors=True)
         t0 = time.perf_counter()

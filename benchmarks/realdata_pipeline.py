@@ -7,7 +7,7 @@ whether its verdicts are right.
 Copies the project (its working tree: conf, stages, photos, dvc.yaml) into `--workdir`, composes
 `params.yaml` with `data=realdata data.folder=<photos>` and nothing else changed, runs the real
 `dvc repro` there (download, prepare, train, export, every optimize variant, benchmark, report),
-then trains the linear probe the issue compared against (`train.mode=linear_probe
+then trains the linear probe the issue compared against (`train.recipe=linear_probe
 train.lr=0.01`) on the same prepared split, and writes to `--out`:
 
 - the machine (CPU model and the flags that decide bf16/int8 kernels);
@@ -90,7 +90,7 @@ def main() -> int:
     sh("dvc", "repro", cwd=work)
     pipeline_seconds = time.perf_counter() - t0
     # the issue's comparison: the linear probe at lr 0.01 on the same prepared split
-    sh(sys.executable, "-m", "stages.train", "train.mode=linear_probe", "train.lr=0.01",
+    sh(sys.executable, "-m", "stages.train", "train.recipe=linear_probe", "train.lr=0.01",
        "paths.models=lp/models", "paths.metrics=lp/metrics", "paths.plots=lp/plots",
        "tracking.enabled=false", cwd=work)
 

@@ -4,8 +4,8 @@
                                         [--out benchmarks/results/sweep_walltime.json]
 
 Generates the loopback Open Images mirror the tests use (3 classes, 10 images each), serves it
-on 127.0.0.1, and runs `python -m oitools.sweep -m train.mode=linear_probe,full` at the tests' tiny
-settings (tests/test_sweep.py: TINY) once per launcher, each sweep in a fresh folder (so each
+on 127.0.0.1, and runs `python -m oitools.sweep -m train.recipe=linear_probe,full` at the tests'
+tiny settings (tests/test_sweep.py: TINY) once per launcher, each sweep in a fresh folder (so each
 downloads its data once), one after the other:
 
 - `basic`: Hydra's default launcher, the jobs one after another in one process;
@@ -47,7 +47,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/sweep_walltime.json")
     args = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    result = {"what": "2-job sweep (train.mode=linear_probe,full) at the tests' tiny settings",
+    result = {"what": "2-job sweep (train.recipe=linear_probe,full) at the tests' tiny settings",
               "overrides": TINY, "machine": machine.machine_info(), "sweeps": {}}
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp) / "mirror", images_per_class=10, seed=0)
@@ -60,7 +60,7 @@ def main() -> int:
                     [sys.executable, "-m", "oitools.sweep", "-m", f"hydra.sweep.dir={root}",
                      *LAUNCHERS[name], "data=mirror", f"data.metadata_url={srv.metadata_url}",
                      f"data.images_url={srv.images_url}", *TINY,
-                     "train.mode=linear_probe,full"],
+                     "train.recipe=linear_probe,full"],
                     cwd=ROOT, capture_output=True, text=True, env=env)
                 wall = time.perf_counter() - t0
                 if out.returncode != 0:

@@ -1,23 +1,25 @@
 """Hydra multirun over the whole pipeline: one job = download -> ... -> report in its own folder.
 
-    python -m oitools.sweep -m model=resnet18,mobilenet_v3_small train.mode=linear_probe,full
+    python -m oitools.sweep -m model=resnet18,mobilenet_v3_small train.recipe=linear_probe,full
     python -m oitools.sweep -m hydra/launcher=joblib hydra.launcher.n_jobs=2 model=a,b
 
 This module is the orchestrator, like `dvc.yaml`: it calls the same `run(cfg)` functions DVC runs,
-in the same order, and is not a stage itself (no stage imports it). Per job:
+in the order `dvc.yaml` lists them (read by `oipipe.core.pipeline`), and is not a stage itself (no
+stage imports it). Per job:
 
 - `paths.root` is the job's folder (`hydra.sweep.dir`/`hydra.sweep.subdir`, conf/hydra/output/).
 - `paths.cache`, `paths.raw` and `paths.prepared` point to `<sweep>/shared/data-<hash>/`, keyed by
   the data config: jobs with the same data share one download and one prepare. A file lock in
   that folder makes the first job do both while the others wait, then find `complete.json`.
-- The benchmark runs under a file lock in the sweep folder, one job at a time, while the other
-  jobs train, export and optimize: timings are not taken on cores another job is using. Each job
-  records `benchmark_serialized: true` (and the time it waited) in `metrics/sweep.json` and as a
-  tag of its MLflow run.
+- The benchmark and profile (the stages that time the machine) run under a file lock in the
+  sweep folder, one job at a time, while the other jobs train, export and optimize: timings are
+  not taken on cores another job is using. Each job records `benchmark_serialized: true` (and
+  the time it waited) in `metrics/sweep.json` and as a tag of its MLflow run.
 - A failing job appends its overrides and error to `<sweep>/sweep_failures.jsonl`, logs the
   traceback, and re-raises: Hydra's sweepers read every job's result only after the whole batch
   ran, so the other jobs finish and the sweep exits with 1.
-- The return value is the job's best validation accuracy (`hydra/sweeper=optuna` maximises it).
+- The return value is `sweep.objective` (conf/sweep: `<stage>.<key>` of `metrics/<stage>.json`,
+  by default train's best validation accuracy), which `hydra/sweeper=optuna` optimises.
 """
 
 from __future__ import annotations
@@ -25,34 +27,69 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from oipipe.core.config import path, validate
+from oipipe.core.config import PROJECT_ROOT, path, validate
 from oipipe.core.errors import ConfigError
 from oipipe.core.files import write_json, write_text
 from oipipe.core.tracking import tracking_uri
-from stages import benchmark, download, export, optimize, prepare, profile, report, train
 
 log = logging.getLogger("oitools.sweep")
 
 FAILURES = "sweep_failures.jsonl"
-# Data keys that change how fast the data arrives, never which data: jobs differing only in them
-# still share one download.
-NOT_DATA_KEYS = ("fetch", "prepare_workers")
-DATA_STAGES = ("download", "prepare")
+DATA_STAGES = ("download", "prepare")  # shared by every job of one data config
+TIMED_STAGES = ("benchmark", "profile")  # they time the machine: one job at a time (a lock)
+
+
+# --- the stage order: dvc.yaml's, read, not copied --------------------------------------------
+
+_CMD = re.compile(r"^python -m (?P<module>[\w.]+)(?: --variant \$\{item\})?$")
+_FOREACH = re.compile(r"^\$\{(?P<key>[\w.]+)\}$")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str  # what `python -m` runs
+    foreach: str | None  # the config list a foreach stage runs over, e.g. "optimize.variants"
+
+
+def stage_order(dvc_yaml: Path = PROJECT_ROOT / "dvc.yaml") -> list[Stage]:
+    """The stages of `dvc_yaml` in the order written (DVC's own order runs dependencies first;
+    the file lists them so, and `tests/test_stages_are_peers.py` holds that)."""
+    stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]
+    out = []
+    for name, body in stages.items():
+        foreach = None
+        if "foreach" in body:
+            m = _FOREACH.match(str(body["foreach"]))
+            if not m:
+                raise ValueError(f"{dvc_yaml}: stage {name}: foreach {body['foreach']!r} is not "
+                                 "a config list (${group.key})")
+            foreach, body = m["key"], body["do"]
+        m = _CMD.match(body["cmd"])
+        if not m:
+            raise ValueError(f"{dvc_yaml}: stage {name}: cmd {body['cmd']!r} is not "
+                             "`python -m <module>`")
+        out.append(Stage(name, m["module"], foreach))
+    return out
 
 
 @contextlib.contextmanager
@@ -74,9 +111,9 @@ def file_lock(file: Path) -> Iterator[float]:
 
 
 def data_key(data: DictConfig) -> str:
-    """What defines a job's downloaded and prepared data: its data config, minus NOT_DATA_KEYS."""
-    blob = {k: v for k, v in OmegaConf.to_container(data, resolve=True).items()
-            if k not in NOT_DATA_KEYS}
+    """What defines a job's downloaded and prepared data: its whole data config (how fast the
+    data arrives is `runtime`'s, so jobs differing only there share one download)."""
+    blob = OmegaConf.to_container(data, resolve=True)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -119,6 +156,14 @@ def ensure_experiment(cfg: DictConfig, sweep_dir: Path) -> None:
             client.create_experiment(cfg.tracking.experiment, artifact_location=location)
 
 
+def run_stage(stage: Stage, cfg: DictConfig, timings: dict[str, float]) -> None:
+    """One stage of the order, each item of a foreach stage in turn."""
+    run = importlib.import_module(stage.module).run
+    items = list(OmegaConf.select(cfg, stage.foreach)) if stage.foreach else [None]
+    for item in items:
+        timed(stage.name, run, cfg, *([] if item is None else [item]), timings=timings)
+
+
 def shared_data(cfg: DictConfig, timings: dict[str, float]) -> bool:
     """Download and prepare into the shared data folder once; True when this job reused them.
 
@@ -140,10 +185,11 @@ def shared_data(cfg: DictConfig, timings: dict[str, float]) -> bool:
             log.info("data: reusing %s (made by %s)", shared,
                      json.loads(done.read_text()).get("job_dir"))
             return True
-        for stage, fn in (("download", download.run), ("prepare", prepare.run)):
-            timed(stage, fn, cfg, timings=timings)
+        for stage in (s for s in stage_order() if s.name in DATA_STAGES):
+            run_stage(stage, cfg, timings)
             (shared / "metrics").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(metrics / f"{stage}.json", shared / "metrics" / f"{stage}.json")
+            shutil.copyfile(metrics / f"{stage.name}.json",
+                            shared / "metrics" / f"{stage.name}.json")
         write_json(done, {"job_dir": str(path(cfg, "root")),
                           "data": OmegaConf.to_container(cfg.data)})
         return False
@@ -158,23 +204,36 @@ def timed(stage: str, fn: Any, cfg: DictConfig, *args: Any, timings: dict[str, f
     return out
 
 
-def run_pipeline(cfg: DictConfig, sweep_dir: Path, record: dict[str, Any]) -> dict:
-    """Every stage in `dvc.yaml`'s order, data shared, benchmark under the sweep's lock."""
+def run_pipeline(cfg: DictConfig, sweep_dir: Path, record: dict[str, Any]) -> None:
+    """Every stage in `dvc.yaml`'s order, data shared, the timed stages under the sweep's lock."""
     timings: dict[str, float] = record["seconds"]
     ensure_experiment(cfg, sweep_dir)
     record["data_reused"] = shared_data(cfg, timings)
-    metrics = timed("train", train.run, cfg, timings=timings)
-    timed("export", export.run, cfg, timings=timings)
-    for variant in cfg.optimize.variants:
-        timed("optimize", optimize.run, cfg, variant, timings=timings)
-    with file_lock(sweep_dir / ".benchmark.lock") as waited:
-        timings["benchmark_lock_wait_s"] = round(waited, 3)
-        record["benchmark_started"] = time.time()  # wall clock: comparable across jobs
-        timed("benchmark", benchmark.run, cfg, timings=timings)
-        timed("profile", profile.run, cfg, timings=timings)  # timings too: under the lock
-        record["benchmark_ended"] = time.time()
-    timed("report", report.run, cfg, timings=timings)
-    return metrics
+    with contextlib.ExitStack() as lock:
+        for stage in stage_order():
+            if stage.name in DATA_STAGES:
+                continue
+            if stage.name in TIMED_STAGES and "benchmark_started" not in record:
+                waited = lock.enter_context(file_lock(sweep_dir / ".benchmark.lock"))
+                timings["benchmark_lock_wait_s"] = round(waited, 3)
+                record["benchmark_started"] = time.time()  # wall clock: comparable across jobs
+            elif stage.name not in TIMED_STAGES and "benchmark_started" in record:
+                lock.close()
+                record.setdefault("benchmark_ended", time.time())
+            run_stage(stage, cfg, timings)
+    record.setdefault("benchmark_ended", time.time())
+
+
+def objective(cfg: DictConfig) -> float | None:
+    """`sweep.objective` (`<stage>.<key>`) read from the job's `metrics/<stage>.json`: what a
+    sweeper (Optuna) optimises."""
+    stage, _, key = cfg.sweep.objective.partition(".")
+    metrics = json.loads((path(cfg, "metrics") / f"{stage}.json").read_text())
+    value = OmegaConf.select(OmegaConf.create(metrics), key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError(f"sweep.objective={cfg.sweep.objective}: metrics/{stage}.json has no "
+                         f"number at {key!r} (found {value!r})")
+    return float(value)
 
 
 def record_failure(sweep_dir: Path, entry: dict[str, Any]) -> None:
@@ -205,7 +264,8 @@ def run_job(cfg: DictConfig) -> float | None:
         job = job_config(cfg, job_dir, sweep_dir, launch_dir, tags)
         record["data_dir"] = str(path(job, "prepared").parent)
         write_text(job_dir / "job_config.yaml", OmegaConf.to_yaml(job))
-        metrics = run_pipeline(job, sweep_dir, record)
+        run_pipeline(job, sweep_dir, record)
+        value = objective(job)
     except Exception as e:
         kind = "config" if isinstance(e, ConfigError) else type(e).__name__
         log.error("sweep job %d (%s) failed: %s: %s\n%s", hc.job.num, " ".join(overrides), kind,
@@ -217,11 +277,11 @@ def run_job(cfg: DictConfig) -> float | None:
         raise
     record["status"] = "ok"
     record["seconds"]["total_s"] = round(time.perf_counter() - started, 3)
-    record["best_val_acc"] = metrics.get("best_val_acc")
+    record["objective"] = {"key": job.sweep.objective, "value": value}
     write_json(path(job, "metrics") / "sweep.json", record)
     log.info("sweep job %d done in %.1f s: %s", hc.job.num, record["seconds"]["total_s"],
              path(job, "reports"))
-    return metrics.get("best_val_acc")
+    return value
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

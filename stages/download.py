@@ -56,7 +56,7 @@ from oipipe.data.split_counts import format_table, split_stats, stats_rows
 
 log = logging.getLogger("stages.download")
 
-MB = 1 << 20  # data.fetch.max_image_mb's unit
+MB = 1 << 20  # runtime.fetch.max_image_mb's unit
 # What `prepare` reads, whatever the source: `file` is the image's path relative to paths.raw.
 LABELS_HEADER = ["ImageID", "split", "class", "label_name", "file"]
 
@@ -150,7 +150,7 @@ def fetch_images(sel: Selection, fetcher: Fetcher, images_url: str, cache: Path,
                     except NotFound as e:
                         failures[iid] = f"missing: {e}"
                     except TooLarge as e:
-                        failures[iid] = f"invalid: {e} (the cap is data.fetch.max_image_mb)"
+                        failures[iid] = f"invalid: {e} (the cap is runtime.fetch.max_image_mb)"
                     except imaging.ImageError as e:
                         failures[iid] = f"invalid: {e}"
                     except FetchError as e:
@@ -175,10 +175,10 @@ def run(cfg: DictConfig) -> dict:
 
 def from_openimages(cfg: DictConfig) -> dict:
     """Download the configured Open Images subset; returns the metrics it wrote."""
-    data = cfg.data
+    data, runtime = cfg.data, cfg.runtime
     classes = openimages.resolve_classes(list(data.classes))  # fails before any fetch
-    fetcher = Fetcher(data.fetch.retries, data.fetch.backoff, data.fetch.timeout,
-                      pool=data.fetch.workers)
+    fetcher = Fetcher(runtime.fetch.retries, runtime.fetch.backoff, runtime.fetch.timeout,
+                      pool=runtime.fetch.workers)
     meta_cache = cache_dir(cfg, "metadata", data.metadata_url)
     img_cache = cache_dir(cfg, "images", data.images_url)
     stale = remove_stale_temps(img_cache)
@@ -189,7 +189,7 @@ def from_openimages(cfg: DictConfig) -> dict:
         tracker.log_params({"data": OmegaConf.to_container(data, resolve=True)})
 
         scans: dict[str, openimages.LabelScan] = {}
-        for split in data.splits:
+        for split in data.official_splits:
             rel = openimages.LABEL_FILES[split]
             f = fetcher.download_file(url_join(data.metadata_url, rel), meta_cache / rel)
             scans[split] = openimages.scan_labels(f, classes.values())
@@ -200,7 +200,7 @@ def from_openimages(cfg: DictConfig) -> dict:
         if sel.empty_classes and data.on_empty_class == "error":
             raise InputError(
                 f"no verified image of class(es) {sel.empty_classes} in splits "
-                f"{list(data.splits)}; remove them from data.classes or set "
+                f"{list(data.official_splits)}; remove them from data.classes or set "
                 f"data.on_empty_class=skip")
         if len(sel.empty_classes) == len(classes):
             raise InputError(f"none of the classes {list(classes)} has any verified image")
@@ -214,8 +214,8 @@ def from_openimages(cfg: DictConfig) -> dict:
 
         t0 = time.perf_counter()
         failures, requested = fetch_images(sel, fetcher, data.images_url, img_cache,
-                                           data.fetch.workers,
-                                           int(data.fetch.max_image_mb * MB))
+                                           runtime.fetch.workers,
+                                           int(runtime.fetch.max_image_mb * MB))
         fetch_s = time.perf_counter() - t0
         metrics = write_outputs(cfg, sel, failures, attribution, classes, img_cache)
         metrics.update({
@@ -311,7 +311,7 @@ def photo_folder(cfg: DictConfig) -> Path:
 
 def from_folder(cfg: DictConfig) -> dict:
     """Import a class-per-folder photo set; returns the metrics it wrote."""
-    data = cfg.data
+    data, runtime = cfg.data, cfg.runtime
     root = photo_folder(cfg)
     classes = photos.folder_classes(root, list(data.classes))
     found = list(photos.list_photos(root, classes))
@@ -322,7 +322,7 @@ def from_folder(cfg: DictConfig) -> dict:
         t0 = time.perf_counter()
         with atomic_dir(path(cfg, "raw")) as out:
             (out / "images").mkdir()
-            checked = photos.import_photos(found, root, out / "images", data.prepare_workers)
+            checked = photos.import_photos(found, root, out / "images", runtime.prepare_workers)
             kept: dict[str, photos.Photo] = {}  # digest -> the first file with these bytes
             skipped: list[tuple[str, str, str]] = []
             for ph in checked:  # in list order, so "the first" is stable

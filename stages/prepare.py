@@ -93,7 +93,7 @@ def _process(args: tuple[str, str, int]) -> str | None:
 
 def run(cfg: DictConfig) -> dict:
     """Split, decode and resize the downloaded subset; returns the metrics it wrote."""
-    data = cfg.data
+    data, runtime = cfg.data, cfg.runtime
     raw = path(cfg, "raw")
     labels_csv = raw / "labels.csv"
     if not labels_csv.is_file():
@@ -124,7 +124,7 @@ def run(cfg: DictConfig) -> dict:
             (out / "images").mkdir()
             jobs = [(str(raw / r["file"]), str(out / "images" / f"{r['ImageID']}.jpg"),
                      data.image_size) for r in rows]
-            errors = _run_jobs(jobs, data.prepare_workers)
+            errors = _run_jobs(jobs, runtime.prepare_workers)
             skipped = {r["ImageID"]: e for r, e in zip(rows, errors, strict=True) if e}
             good = [r for r in rows if r["ImageID"] not in skipped]
             split_of = assign_splits(good, classes, data.split.mode,

@@ -311,7 +311,7 @@ def training_section(cfg: DictConfig, train: dict,
         selected += f", epoch {num(train.get('best_epoch'))}"
     rows = [
         ["model", str(cfg.model.name)],
-        ["recipe", f"{t.mode}, {t.optimizer}, lr {t.lr:g}, precision "
+        ["recipe", f"{t.recipe}, {t.optimizer}, lr {t.lr:g}, precision "
                    + (f"{train['precision']} ({t.precision}: {train.get('precision_chosen_by')})"
                       if train.get("precision") and train["precision"] != t.precision
                       else str(t.precision))],

@@ -166,11 +166,11 @@ def autocast(device: torch.device, precision: str):
 # --- recipes -----------------------------------------------------------------------------------
 
 
-# train.mode -> (what trains in the probe phase, what trains after it). Only lp_ft has a probe
+# train.recipe -> (what trains in the probe phase, what trains after it). Only lp_ft has a probe
 # phase (`train.probe_epochs` long): LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort
 # Pretrained Features and Underperform Out-of-Distribution") first fits the new head on frozen
 # features, so that unfreezing the backbone does not send a random head's large gradients into
-# it. The names are `oipipe.core.config.CHOICES["train.mode"]` (a test keeps the two equal).
+# it. The names are `oipipe.core.config.CHOICES["train.recipe"]` (a test keeps the two equal).
 RECIPES: dict[str, tuple[str | None, str]] = {
     "linear_probe": (None, "linear_probe"),
     "full": (None, "full"),
@@ -182,12 +182,12 @@ RECIPES: dict[str, tuple[str | None, str]] = {
 def probe_epochs(train: DictConfig) -> int:
     """Epochs of the probe phase: `train.probe_epochs` for lp_ft (never more than the run), else
     0."""
-    return min(train.probe_epochs, train.epochs) if RECIPES[train.mode][0] else 0
+    return min(train.probe_epochs, train.epochs) if RECIPES[train.recipe][0] else 0
 
 
 def layers_at(train: DictConfig, epoch: int) -> str:
     """What trains in `epoch` (1-based): linear_probe, full or partial."""
-    probe, main = RECIPES[train.mode]
+    probe, main = RECIPES[train.recipe]
     return probe if epoch <= probe_epochs(train) else main
 
 
@@ -377,15 +377,11 @@ def load_checkpoint(file: Path) -> dict:
     return models.load_file(file, "checkpoint", f"delete {file.parent} to start the run over")
 
 
-# Knobs that change how a run goes or what MLflow receives, not its result.
-NOT_RESULT_KEYS = ("num_workers", "system_metrics", "log_model")
-
-
 def run_key(cfg: DictConfig, prepared: Path) -> str:
     """What defines a training run: model, recipe and the exact prepared data."""
-    recipe = {k: v for k, v in OmegaConf.to_container(cfg.train).items()
-              if k not in NOT_RESULT_KEYS}
-    blob = json.dumps({"model": OmegaConf.to_container(cfg.model), "train": recipe},
+    # the whole train group: what only changes how a run goes lives in `runtime` (not hashed)
+    blob = json.dumps({"model": OmegaConf.to_container(cfg.model),
+                       "train": OmegaConf.to_container(cfg.train)},
                       sort_keys=True).encode()
     h = hashlib.sha256(blob)
     for split in ("train", "val", "labels"):
@@ -470,7 +466,7 @@ def _run(cfg: DictConfig) -> dict:
     del last  # the resumed optimiser state and history are in `state` now
     announce(state)
     wall0 = time.perf_counter()
-    with stage_run(cfg, "train", system_metrics=cfg.train.system_metrics) as tracker:
+    with stage_run(cfg, "train", system_metrics=cfg.runtime.system_metrics) as tracker:
         tracker.log_params({"model": OmegaConf.to_container(cfg.model),
                             "train": OmegaConf.to_container(cfg.train),
                             "train.resolved_precision": state.precision,
@@ -486,7 +482,7 @@ def _run(cfg: DictConfig) -> dict:
 def build(cfg: DictConfig) -> tuple[TrainState, dict | None]:
     """Data, model, loaders, precision, optimiser and schedule of a run; and the last checkpoint
     of a killed run with the same config and data, when there is one (for `resume`)."""
-    train, mcfg = cfg.train, cfg.model
+    train, mcfg, runtime = cfg.train, cfg.model, cfg.runtime
     prepared = path(cfg, "prepared")
     classes = read_classes(prepared)
     device = select_device(train.device)
@@ -505,12 +501,13 @@ def build(cfg: DictConfig) -> tuple[TrainState, dict | None]:
     model.to(device)
     if train.channels_last:
         model.to(memory_format=torch.channels_last)
-    train_loader, sampler = make_train_loader(train_ds, train.batch_size, train.num_workers,
+    train_loader, sampler = make_train_loader(train_ds, train.batch_size, runtime.train_workers,
                                               train.seed, device)
     # persistent for the reason make_train_loader gives: validation runs every epoch
-    val_loader = DataLoader(val_ds, batch_size=train.batch_size, num_workers=train.num_workers,
-                            persistent_workers=train.num_workers > 0)
-    test_loader = DataLoader(test_ds, batch_size=train.batch_size, num_workers=train.num_workers)
+    val_loader = DataLoader(val_ds, batch_size=train.batch_size, num_workers=runtime.train_workers,
+                            persistent_workers=runtime.train_workers > 0)
+    test_loader = DataLoader(test_ds, batch_size=train.batch_size,
+                             num_workers=runtime.train_workers)
 
     work = path(cfg, "cache") / "train" / run_key(cfg, prepared)
     work.mkdir(parents=True, exist_ok=True)
@@ -582,7 +579,7 @@ def count_params(model: nn.Module, trainable: bool = False) -> int:
 def announce(state: TrainState) -> None:
     train, n_probe = state.train, probe_epochs(state.train)
     log.info("%s (%s weights) on %s, %s, mode=%s%s: %d parameters", state.meta["arch"],
-             state.meta["weights_source"], state.device, state.precision, train.mode,
+             state.meta["weights_source"], state.device, state.precision, train.recipe,
              f" ({n_probe} probe epochs at lr {train.probe_lr:g}, then all layers)"
              if n_probe else "", count_params(state.model))
 
@@ -671,7 +668,7 @@ def evaluate(state: TrainState, wall: float) -> Evaluation:
                **with_interval("val_acc", val_correct, val_n),
                "test_acc": report["accuracy"], "test_images": test_n,
                **with_interval("test_acc", test_correct, test_n),
-               "mode": cfg.train.mode, "probe_epochs": probe_epochs(cfg.train),
+               "recipe": cfg.train.recipe, "probe_epochs": probe_epochs(cfg.train),
                "epochs_run": epochs_run, "epochs_configured": cfg.train.epochs,
                "batch_size": cfg.train.batch_size, "precision": state.precision,
                **state.precision_choice, "wall_time_s": round(wall, 2),
@@ -705,7 +702,7 @@ def write(state: TrainState, result: Evaluation, tracker: StageRun) -> None:
     for f in (path(cfg, "metrics") / "train.json", plots / "train_history.csv",
               plots / "confusion.csv", plots / "confusion.png"):
         tracker.log_artifact(f)
-    if cfg.train.log_model:
+    if cfg.runtime.log_model:
         size = cfg.model.input_size
         # Batch 2, not 1: MLflow exports the model with torch.export, which would specialise a
         # batch dimension of 1 (the 0/1 specialisation) and refuse every other batch size.

@@ -25,8 +25,8 @@ from oipipe.core.config import PROJECT_ROOT, compose, path
 from stages import download, prepare, train
 
 # Small, fast settings: tiny images, quick retries (the backoff sleeps add up across faults).
-FAST = ["data.image_size=48", "data.fetch.backoff=0.01", "data.fetch.retries=3",
-        "data.fetch.timeout=5", "data.fetch.workers=4", "tracking.enabled=false"]
+FAST = ["data.image_size=48", "runtime.fetch.backoff=0.01", "runtime.fetch.retries=3",
+        "runtime.fetch.timeout=5", "runtime.fetch.workers=4", "tracking.enabled=false"]
 
 
 @pytest.fixture(scope="session")
@@ -158,7 +158,7 @@ def prepared(tmp_path_factory) -> Path:
     with MirrorServer(tmp / "mirror") as srv:
         cfg = compose([f"paths.root={tmp}", "data=mirror", f"data.metadata_url={srv.metadata_url}",
                        f"data.images_url={srv.images_url}", "data.image_size=72",
-                       "tracking.enabled=false", "data.fetch.backoff=0.01",
+                       "tracking.enabled=false", "runtime.fetch.backoff=0.01",
                        "data.split.ratios={train: 0.5, val: 0.25, test: 0.25}"])
         download.run(cfg)
         prepare.run(cfg)
@@ -170,8 +170,8 @@ def trained(prepared, tmp_path_factory) -> Path:
     """A quickly trained checkpoint (linear probe, one epoch, 64 px) on `prepared`."""
     root = tmp_path_factory.mktemp("trained")
     cfg = compose(["data=mirror", f"paths.root={root}", f"paths.prepared={prepared}",
-                   "model.input_size=64", "train.epochs=1", "train.mode=linear_probe",
-                   "train.lr=0.01", "train.num_workers=0", "train.log_model=false",
-                   "train.system_metrics=false", "tracking.enabled=false"])
+                   "model.input_size=64", "train.epochs=1", "train.recipe=linear_probe",
+                   "train.lr=0.01", "runtime.train_workers=0", "runtime.log_model=false",
+                   "runtime.system_metrics=false", "tracking.enabled=false"])
     train.run(cfg)
     return path(cfg, "checkpoint")

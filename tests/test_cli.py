@@ -76,8 +76,8 @@ def test_unknown_key_in_params_or_override_suggests_the_known_one(tmp_path: Path
     typo = tmp_path / "typo.yaml"
     typo.write_text(good.replace("\n  lr: 0.001\n", "\n  lrr: 0.001\n", 1))
     assert "did you mean 'train.lr'" in entry_error(caplog, "--params", str(typo))
-    with pytest.raises(ConfigError, match="did you mean 'data.fetch.workers'"):
-        compose(["+data.fetch.worker=3"])
+    with pytest.raises(ConfigError, match="did you mean 'runtime.fetch.workers'"):
+        compose(["+runtime.fetch.worker=3"])
 
 
 def test_stage_entry_point_in_a_fresh_process_prints_one_line(tmp_path: Path) -> None:

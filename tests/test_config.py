@@ -72,7 +72,7 @@ def test_animals7_holds_the_seven_homework_classes() -> None:
     ("paths.checkpoint=sub/model.pt", "paths.checkpoint"),         # must lie inside models
     ("data.classes=[]", "data.classes is empty"),
     ("data.split.ratios.train=0.5", "must sum to 1"),
-    ("data.splits=[train,dev]", "data.splits"),
+    ("data.official_splits=[train,dev]", "data.official_splits"),
 ])
 def test_bad_config_fails_before_any_work_naming_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

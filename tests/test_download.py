@@ -162,7 +162,7 @@ def test_an_image_over_max_image_mb_is_invalid_and_never_written(make_cfg, priva
     Image.fromarray(noise).save(private_mirror / image_path(big["split"], big["id"]), quality=95)
     assert (private_mirror / image_path(big["split"], big["id"])).stat().st_size > 100_000
     with MirrorServer(private_mirror) as srv:
-        cfg = make_cfg("data.fetch.max_image_mb=0.05", srv=srv)  # 52 KB; the others are ~10
+        cfg = make_cfg("runtime.fetch.max_image_mb=0.05", srv=srv)  # 52 KB; the others are ~10
         metrics = download.run(cfg)
         assert srv.requests[image_path(big["split"], big["id"])] == 1  # refused, not retried
     assert metrics["invalid"] == len(manifest["not_jpeg"]) + 1
@@ -236,7 +236,7 @@ def test_resumed_download_of_a_changed_file_restarts_with_the_new_file(private_m
 def test_killed_download_resumes_without_refetching_completed_images(make_cfg, mirror_dir,
                                                                      tmp_path) -> None:
     with MirrorServer(mirror_dir, latency=0.15) as srv:
-        cfg = make_cfg("data.fetch.workers=2", srv=srv)
+        cfg = make_cfg("runtime.fetch.workers=2", srv=srv)
         params = write_params(cfg, tmp_path / "params.yaml")
         proc = subprocess.Popen(stage_cmd("download", params), cwd=PROJECT_ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

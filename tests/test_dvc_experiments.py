@@ -58,11 +58,9 @@ def make_project(dst: Path, srv: MirrorServer) -> Path:
         shutil.copy(PROJECT_ROOT / name, dst / name)
     tiny = {
         "data": f"defaults: [mirror, _self_]\nmetadata_url: {srv.metadata_url}\n"
-                f"images_url: {srv.images_url}\nimage_size: 48\n"
-                "fetch: {backoff: 0.01, retries: 3, timeout: 5, workers: 4}\n",
+                f"images_url: {srv.images_url}\nimage_size: 48\n",
         "model": "defaults: [efficientnet_lite0, _self_]\ninput_size: 48\n",
-        "train": "defaults: [default, _self_]\nepochs: 1\nnum_workers: 0\n"
-                 "system_metrics: false\nlog_model: false\nprecision: fp32\n",
+        "train": "defaults: [default, _self_]\nepochs: 1\nprecision: fp32\n",
         "export": "defaults: [default, _self_]\nformats: [onnx]\nverify_batch_sizes: [1, 2]\n",
         "optimize": "defaults: [default, _self_]\nvariants: [onnxruntime_fp32]\n"
                     "calibration_images: 8\n",
@@ -70,6 +68,8 @@ def make_project(dst: Path, srv: MirrorServer) -> Path:
                      "    batch_sizes: [2]\n    warmup_iters: 1\n    warmup_seconds: 0\n"
                      "    min_iters: 2\n    min_seconds: 0\n    trials: 2\n",
         "tracking": "defaults: [default, _self_]\nenabled: false\n",
+        "runtime": "defaults: [default, _self_]\ntrain_workers: 0\nsystem_metrics: false\n"
+                   "log_model: false\nfetch: {backoff: 0.01, retries: 3, timeout: 5, workers: 4}\n",
     }
     config = dst / "conf" / "config.yaml"
     text = config.read_text()

@@ -337,7 +337,7 @@ def assert_one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], m
     """The CLI exits 2 with one `python -m oimirror: error: ...` line and no traceback."""
     assert mirror_main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and re.match(r"python -m testing\.mirror: error: ", err), err
+    assert err.count("\n") == 1 and re.match(r"python -m oimirror: error: ", err), err
     assert re.search(match, err), err
 
 

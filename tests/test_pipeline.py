@@ -64,13 +64,13 @@ defaults: [mirror, _self_]
 metadata_url: {mirror.metadata_url}
 images_url: {mirror.images_url}
 image_size: 48
-fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
 """)
+    (dst / "conf" / "runtime" / "test.yaml").write_text(
+        "defaults: [default, _self_]\ntrain_workers: 0\nsystem_metrics: false\nlog_model: false\n"
+        "fetch: {backoff: 0.01, retries: 3, timeout: 5, workers: 4}\n")
     (dst / "conf" / "model" / "test.yaml").write_text(
         "defaults: [efficientnet_lite0, _self_]\ninput_size: 48\n")
-    (dst / "conf" / "train" / "test.yaml").write_text(
-        "defaults: [default, _self_]\nepochs: 1\nnum_workers: 0\nsystem_metrics: false\n"
-        "log_model: false\n")
+    (dst / "conf" / "train" / "test.yaml").write_text("defaults: [default, _self_]\nepochs: 1\n")
     # every format and variant is covered by test_export and test_optimize; the cheapest ones
     # (ONNX, which the ORT variants read) keep this DVC run short, and the two GPU variants
     # (TensorRT and plain CUDA) run or record their skip through DVC as on any machine
@@ -93,7 +93,8 @@ fetch: {{backoff: 0.01, retries: 3, timeout: 5, workers: 4}}
                       .replace("optimize: default", "optimize: test")
                       .replace("benchmark: default", "benchmark: test")
                       .replace("model: efficientnet_lite0", "model: test")
-                      .replace("train: default", "train: test"))
+                      .replace("train: default", "train: test")
+                      .replace("runtime: default", "runtime: test"))
     compose_params(dst / "params.yaml", config_dir=dst / "conf")
     git_dvc_init(dst)
     return dst
@@ -216,7 +217,7 @@ def test_entry_point_exit_codes(tmp_path: Path, mirror) -> None:
     assert not mirror.requests
     # nothing listens on port 1: the network gives up with one clear line, not a traceback
     offline = run_stage("download", params, "data.metadata_url=http://127.0.0.1:1/",
-                        "data.fetch.retries=1", "data.fetch.backoff=0.01")
+                        "runtime.fetch.retries=1", "runtime.fetch.backoff=0.01")
     assert offline.returncode == 1
     assert "download failed:" in offline.stderr and "gave up after 1 retries" in offline.stderr
     assert "Traceback" not in offline.stderr

@@ -190,7 +190,7 @@ def test_preprocessing_matches_eval_transform_on_real_photos(photos, onnx_model)
 
 
 def test_the_client_runs_an_onnx_file_without_torchvision(onnx_model, photos) -> None:
-    code = ("import sys, numpy as np, torch\nfrom stages import stream\n"
+    code = ("import sys, numpy as np, torch\nfrom oitools import stream\n"
             "rt, meta = stream.load_model(sys.argv[1])\n"
             "x = stream.Preprocess.from_meta(meta)(np.zeros((48, 64, 3), np.uint8))\n"
             "rt(torch.from_numpy(x[None]))\n"

@@ -1,7 +1,7 @@
 """`python -m oitools.sweep -m ...`: a Hydra multirun of the whole pipeline, in a subprocess.
 
 One sweep covers the end-to-end promises, because each full job costs ~50 s on 2 cores: 3 jobs
-(`train.mode=linear_probe,full,bogus`) through `hydra/launcher=submitit_local`, so they run at the
+(`train.recipe=linear_probe,full,bogus`) through `hydra/launcher=submitit_local`, so they run at the
 same time: `bogus` fails validation, the other two run every stage and contend for the shared
 data and the benchmark lock. The default (basic, sequential) launcher runs the same job code; the
 README gives its timing and joblib's.
@@ -32,16 +32,17 @@ from omegaconf import OmegaConf
 
 from oimirror import MirrorServer
 from oipipe.core.config import CONF_DIR, PROJECT_ROOT, compose, path
+from oipipe.core.errors import ConfigError
 from oipipe.core.files import read_csv, write_json
 from oitools import sweep as sweep_module
 from stages import download, prepare
 
 # test_pipeline.py's tiny settings, as command-line overrides.
-TINY = ["data.image_size=48", "data.fetch.backoff=0.01", "data.fetch.retries=3",
-        "data.fetch.timeout=5", "data.fetch.workers=4",
+TINY = ["data.image_size=48", "runtime.fetch.backoff=0.01", "runtime.fetch.retries=3",
+        "runtime.fetch.timeout=5", "runtime.fetch.workers=4",
         "model=mobilenet_v3_small", "model.weights=none", "model.input_size=48",
-        "train.epochs=1", "train.num_workers=0", "train.precision=fp32",
-        "train.system_metrics=false", "train.log_model=false",
+        "train.epochs=1", "runtime.train_workers=0", "train.precision=fp32",
+        "runtime.system_metrics=false", "runtime.log_model=false",
         "export.formats=[onnx]", "export.verify_batch_sizes=[1,2]",
         "optimize.variants=[onnxruntime_fp32]", "optimize.calibration_images=8",
         "benchmark.threads=1", "benchmark.protocols.default.batch_sizes=[2]",
@@ -62,7 +63,7 @@ def test_hydra_options_compose_and_jobs_get_their_paths(option: str, tmp_path: P
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfgs = [hydra_compose("config", [option, *extra], return_hydra_config=True)
-                for extra in ([], ["data.image_size=64"], ["data.fetch.workers=2"])]
+                for extra in ([], ["data.image_size=64"], ["runtime.fetch.workers=2"])]
     output = OmegaConf.to_container(cfgs[0].hydra, resolve=False)
     assert output["sweep"]["subdir"] == "job${hydra.job.num}" and not output["job"]["chdir"]
     jobs = [sweep_module.job_config(c, tmp_path / f"job{i}", tmp_path, PROJECT_ROOT,
@@ -131,7 +132,7 @@ def parallel_sweep(tmp_path_factory: pytest.TempPathFactory, mirror_dir: Path) -
     root, db = tmp / "sweep", tmp / "mlflow.db"
     with MirrorServer(mirror_dir) as srv:
         out = sweep(root, "hydra/launcher=submitit_local", *mirror_overrides(srv), *TINY,
-                    f"tracking.uri=sqlite:///{db}", "train.mode=linear_probe,full,bogus")
+                    f"tracking.uri=sqlite:///{db}", "train.recipe=linear_probe,full,bogus")
         return Sweep(root, db, out, Counter(srv.requests))
 
 
@@ -145,11 +146,11 @@ def test_parallel_sweep_shares_data_serialises_benchmarks_and_reports_failures(
     failures = [json.loads(line) for line in (root / "sweep_failures.jsonl").read_text()
                 .splitlines()]
     assert [f["job"] for f in failures] == [2], failures
-    assert "train.mode=bogus" in failures[0]["overrides"]
-    assert "invalid value 'bogus' for 'train.mode'" in failures[0]["error"]
+    assert "train.recipe=bogus" in failures[0]["overrides"]
+    assert "invalid value 'bogus' for 'train.recipe'" in failures[0]["error"]
     assert not (root / "job2" / "reports").exists()
     assert json.loads((root / "job2" / "metrics" / "sweep.json").read_text())["status"] == "failed"
-    assert "invalid value 'bogus' for 'train.mode'" in logs
+    assert "invalid value 'bogus' for 'train.recipe'" in logs
 
     # the two others ran every stage, each in its own folder
     jobs = {}
@@ -158,9 +159,9 @@ def test_parallel_sweep_shares_data_serialises_benchmarks_and_reports_failures(
         assert (job / "reports" / "REPORT.md").is_file(), logs
         record = json.loads((job / "metrics" / "sweep.json").read_text())
         assert record["status"] == "ok" and record["job"] == num
-        assert f"train.mode={mode}" in record["overrides"]
-        assert yaml.safe_load((job / "job_config.yaml").read_text())["train"]["mode"] == mode
-        assert f"train.mode={mode}" in (job / ".hydra" / "overrides.yaml").read_text()
+        assert f"train.recipe={mode}" in record["overrides"]
+        assert yaml.safe_load((job / "job_config.yaml").read_text())["train"]["recipe"] == mode
+        assert f"train.recipe={mode}" in (job / ".hydra" / "overrides.yaml").read_text()
         assert json.loads((job / "metrics" / "benchmark.json").read_text())["rows"]
         assert (job / "metrics" / "profile.json").is_file() and "profile_s" in record["seconds"]
         assert record["benchmark_serialized"] is True
@@ -192,20 +193,20 @@ def test_parallel_sweep_shares_data_serialises_benchmarks_and_reports_failures(
     assert set(tags) == {"0", "1"}, tags
     for num, mode in ((0, "linear_probe"), (1, "full")):
         assert tags[str(num)]["sweep_name"] == "sweep"
-        assert f"train.mode={mode}" in tags[str(num)]["sweep_overrides"]
+        assert f"train.recipe={mode}" in tags[str(num)]["sweep_overrides"]
         assert tags[str(num)]["sweep_benchmark_serialized"] == "true"
 
 
 def test_the_default_launcher_runs_on_after_a_failing_job(tmp_path: Path) -> None:
     """One after another in one process: job 0 fails, job 1 still runs (and fails its own way)."""
     root = tmp_path / "sweep"
-    out = sweep(root, "tracking.enabled=false", "train.mode=bogus,also_bogus")
+    out = sweep(root, "tracking.enabled=false", "train.recipe=bogus,also_bogus")
     assert out.returncode == 1, out.stdout + out.stderr
     failures = [json.loads(line) for line in (root / "sweep_failures.jsonl").read_text()
                 .splitlines()]
     assert [(f["job"], f["overrides"][-1]) for f in failures] == [
-        (0, "train.mode=bogus"), (1, "train.mode=also_bogus")]
-    assert "invalid value 'also_bogus' for 'train.mode'" in failures[1]["error"]
+        (0, "train.recipe=bogus"), (1, "train.recipe=also_bogus")]
+    assert "invalid value 'also_bogus' for 'train.recipe'" in failures[1]["error"]
 
 
 # --- The MLflow UI, looked at in a real browser --------------------------------------------------
@@ -354,3 +355,42 @@ def test_mlflow_ui_shows_each_jobs_accuracy_and_throughput(parallel_sweep: Sweep
     print(f"screenshots: {shots}")
     assert all((shots / f).stat().st_size > 10_000
                for f in ("experiment_runs.png", "compare_jobs.png"))
+
+
+def test_the_stage_order_is_dvc_yamls_and_each_stage_follows_what_it_reads() -> None:
+    """The sweep reads the order from dvc.yaml; that order must run producers first."""
+    order = sweep_module.stage_order()
+    dvc = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    assert [s.name for s in order] == list(dvc)
+    assert {s.module for s in order} == {
+        f"stages.{p.stem}" for p in (PROJECT_ROOT / "stages").glob("*.py") if p.stem != "__init__"}
+    assert [s.foreach for s in order if s.foreach] == ["optimize.variants"]
+
+    def entries(body: dict, key: str) -> list[str]:
+        body = body.get("do", body)
+        return [e if isinstance(e, str) else next(iter(e)) for e in body.get(key, [])]
+
+    made_by = {out.replace("/${item}", ""): name
+               for name, body in dvc.items() for out in entries(body, "outs")}
+    position = {s.name: i for i, s in enumerate(order)}
+    checked = 0
+    for name, body in dvc.items():
+        for dep in entries(body, "deps"):
+            producer = next((p for out, p in made_by.items() if dep.startswith(out)), None)
+            if producer is not None and producer != name:
+                assert position[producer] < position[name], (name, dep, producer)
+                checked += 1
+    assert checked >= 10, "the stages read each other's outputs: the check must have run"
+
+
+def test_the_objective_is_the_configured_metric(tmp_path: Path) -> None:
+    cfg = compose([f"paths.root={tmp_path}"])
+    assert cfg.sweep.objective == "train.best_val_acc"
+    write_json(path(cfg, "metrics") / "train.json", {"best_val_acc": 0.75, "nested": {"x": 3}})
+    assert sweep_module.objective(cfg) == 0.75
+    assert sweep_module.objective(compose([f"paths.root={tmp_path}",
+                                           "sweep.objective=train.nested.x"])) == 3.0
+    with pytest.raises(ValueError, match="metrics/train.json has no number at 'nested'"):
+        sweep_module.objective(compose([f"paths.root={tmp_path}", "sweep.objective=train.nested"]))
+    with pytest.raises(ConfigError, match="sweep.objective"):
+        compose(["sweep.objective=nodot"])

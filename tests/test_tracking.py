@@ -57,7 +57,7 @@ def test_run_name_tags_and_experiment_kind(make_cfg, new_store: Path, tmp_path: 
     assert child.info.status == "KILLED"  # later stages resumed the parent, not the child
     (run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     key = run.data.tags[KEY_TAG]
-    assert run.info.run_name == f"{cfg.model.name}-{cfg.train.mode}-{key[:8]}"
+    assert run.info.run_name == f"{cfg.model.name}-{cfg.train.recipe}-{key[:8]}"
     assert run.data.tags["sweep_name"] == "grid" and run.data.tags["sweep_job"] == "3"
     assert run.data.tags["model.name"] == cfg.model.name
     assert run.data.metrics == {"download.acc": 50.0, "prepare.acc": 50.0}

@@ -30,8 +30,8 @@ from stages import export, train
 
 # 64 px inputs and two epochs keep a run to seconds on 2 cores.
 TINY = ["data.image_size=72", "model.input_size=64", "train.epochs=2", "train.batch_size=16",
-        "train.num_workers=0", "train.warmup_epochs=0", "train.log_model=false",
-        "train.system_metrics=false", "tracking.enabled=false"]
+        "runtime.train_workers=0", "train.warmup_epochs=0", "runtime.log_model=false",
+        "runtime.system_metrics=false", "tracking.enabled=false"]
 
 
 @pytest.fixture
@@ -47,9 +47,9 @@ def test_training_end_to_end_beats_chance_and_writes_everything(train_cfg, prepa
                                                                  tmp_path) -> None:
     # the default recipe (lp_ft), with a one-epoch probe so that both phases run
     cfg = train_cfg("train.epochs=3", "train.probe_epochs=1", "train.lr=0.003",
-                    "train.num_workers=2", "tracking.enabled=true", "train.log_model=true",
-                    "train.system_metrics=true")
-    assert cfg.train.mode == "lp_ft" and cfg.train.precision == "auto"
+                    "runtime.train_workers=2", "tracking.enabled=true", "runtime.log_model=true",
+                    "runtime.system_metrics=true")
+    assert cfg.train.recipe == "lp_ft" and cfg.train.precision == "auto"
     metrics = train.run(cfg)
 
     chance = 1 / 3  # three balanced classes; measured here: test accuracy 0.8 after 2 epochs
@@ -58,7 +58,7 @@ def test_training_end_to_end_beats_chance_and_writes_everything(train_cfg, prepa
     assert metrics["epochs_run"] == 3 and metrics["batch_size"] == 16
     assert metrics["train_images_per_s"] > 0 and metrics["wall_time_s"] > 0
     assert json.loads((path(cfg, "metrics") / "train.json").read_text()) == metrics
-    assert metrics["mode"] == "lp_ft" and metrics["probe_epochs"] == 1
+    assert metrics["recipe"] == "lp_ft" and metrics["probe_epochs"] == 1
     # accuracies carry their number of images and a 95% Wilson interval
     assert metrics["val_images"] == len(read_csv(prepared / "val.csv"))
     for acc, n, prefix in (("test_acc", "test_images", "test_acc"),
@@ -141,7 +141,7 @@ def test_each_recipe_freezes_exactly_what_it_should(name: str, n_blocks: int) ->
 
 
 def test_linear_probe_keeps_frozen_batchnorm_statistics(train_cfg) -> None:
-    cfg = train_cfg("train.mode=linear_probe", "train.lr=0.01")
+    cfg = train_cfg("train.recipe=linear_probe", "train.lr=0.01")
     before, _ = models.build("efficientnet_lite0", 3, "bundled")
     metrics = train.run(cfg)
     assert metrics["test_acc"] >= 0.8  # ImageNet features separate the synthetic classes
@@ -400,18 +400,18 @@ def test_augmentation_depends_on_seed_and_epoch_not_on_workers(prepared) -> None
 def test_early_stopping_after_patience_epochs_without_improvement(train_cfg) -> None:
     # a learning rate this small leaves the val loss exactly where epoch 1 put it
     cfg = train_cfg("train.epochs=6", "train.patience=2", "train.lr=1e-12",
-                    "train.mode=linear_probe")
+                    "train.recipe=linear_probe")
     metrics = train.run(cfg)
     assert metrics["best_epoch"] == 1
     assert metrics["epochs_run"] == 3 and metrics["epochs_configured"] == 6
 
 
 def test_lp_ft_probes_the_head_then_trains_everything_across_one_schedule() -> None:
-    assert set(train.RECIPES) == set(CHOICES["train.mode"])
+    assert set(train.RECIPES) == set(CHOICES["train.recipe"])
     # constant rates within a phase (no warmup, no decay) to read them off
     cfg = compose(["train.epochs=4", "train.probe_epochs=2", "train.warmup_epochs=0",
                    "train.min_lr_ratio=1.0"]).train
-    assert cfg.mode == "lp_ft", "lp_ft is the default recipe"
+    assert cfg.recipe == "lp_ft", "lp_ft is the default recipe"
     assert [train.layers_at(cfg, e) for e in (1, 2, 3, 4)] == ["linear_probe"] * 2 + ["full"] * 2
     model = models.replace_head(models.create("mobilenet_v3_small"), 3)
     train.apply_recipe(model, train.layers_at(cfg, cfg.epochs), cfg.unfreeze_blocks)
@@ -454,7 +454,7 @@ def test_checkpoint_and_early_stopping_follow_the_validation_loss(train_cfg, pre
                 targets)
 
     monkeypatch.setattr(train, "predict", predict)
-    cfg = train_cfg("train.mode=linear_probe", "train.lr=0.01", "train.epochs=6",
+    cfg = train_cfg("train.recipe=linear_probe", "train.lr=0.01", "train.epochs=6",
                     "train.patience=2")
     metrics = train.run(cfg)
 
@@ -490,11 +490,11 @@ def test_early_stopping_never_fires_in_the_probe_phase(train_cfg) -> None:
 
 def test_default_recipe_is_at_least_as_good_as_a_linear_probe(train_cfg, tmp_path) -> None:
     # fp32 for both: a timed precision choice could differ between the two runs
-    probe = train.run(train_cfg("train.mode=linear_probe", "train.lr=0.01", "train.epochs=4",
+    probe = train.run(train_cfg("train.recipe=linear_probe", "train.lr=0.01", "train.epochs=4",
                                 "train.precision=fp32", root=tmp_path / "linear_probe"))
     default = train.run(train_cfg("train.epochs=4", "train.probe_epochs=2",
                                   "train.precision=fp32", root=tmp_path / "lp_ft"))
-    assert default["mode"] == "lp_ft"
+    assert default["recipe"] == "lp_ft"
     assert default["test_acc"] >= probe["test_acc"], (default, probe)
 
 

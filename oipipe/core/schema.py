@@ -127,13 +127,11 @@ class DataConf(Schema):
     seed: int
     metadata_url: str
     images_url: str
-    splits: Annotated[list[OfficialSplit], Field(min_length=1)]
+    official_splits: Annotated[list[OfficialSplit], Field(min_length=1)]
     multiclass_policy: Literal["drop", "first"]
     on_empty_class: Literal["error", "skip"]
     image_size: Annotated[int, Field(ge=8)]
     split: SplitConf
-    fetch: FetchConf
-    prepare_workers: PositiveInt
 
     @model_validator(mode="after")
     def _source_needs(self) -> DataConf:
@@ -160,7 +158,7 @@ class ModelConf(Schema):
 
 
 class TrainConf(Schema):
-    mode: Literal["linear_probe", "full", "partial", "lp_ft"]  # stages.train.RECIPES
+    recipe: Literal["linear_probe", "full", "partial", "lp_ft"]  # stages.train.RECIPES
     unfreeze_blocks: PositiveInt
     probe_epochs: NonNegativeInt
     probe_lr: PositiveFloat
@@ -179,12 +177,9 @@ class TrainConf(Schema):
     channels_last: bool
     compile: bool
     device: Device
-    num_workers: NonNegativeInt
     seed: int
     deterministic: bool
     patience: NonNegativeInt
-    system_metrics: bool
-    log_model: bool
 
 
 class ExportConf(Schema):
@@ -287,6 +282,19 @@ class TrackingConf(Schema):
     tags: dict[str, str]
 
 
+class RuntimeConf(Schema):
+    """How the stages run, not what they produce: no DVC param, no part of a resume key."""
+    fetch: FetchConf
+    prepare_workers: PositiveInt
+    train_workers: NonNegativeInt
+    system_metrics: bool
+    log_model: bool
+
+
+class SweepConf(Schema):
+    objective: Annotated[str, Field(pattern=r"^[a-z_]+\.[\w.]+$")]  # <stage>.<metrics key>
+
+
 class PipelineConf(Schema):
     paths: PathsConf
     data: DataConf
@@ -297,6 +305,8 @@ class PipelineConf(Schema):
     benchmark: BenchmarkConf
     profile: ProfileConf
     tracking: TrackingConf
+    runtime: RuntimeConf
+    sweep: SweepConf
 
     @model_validator(mode="after")
     def _batches_fit_the_artifacts(self) -> PipelineConf:
@@ -362,5 +372,5 @@ def _keys(t: Any = PipelineConf, prefix: str = "") -> list[str]:
     return out
 
 
-CHOICES: dict[str, tuple[str, ...]] = _choices()  # e.g. CHOICES["train.mode"]
+CHOICES: dict[str, tuple[str, ...]] = _choices()  # e.g. CHOICES["train.recipe"]
 ALL_KEYS: list[str] = _keys()

@@ -123,9 +123,9 @@ def _experiment_id(uri: str, name: str, artifact_location: str | None) -> str:
 
 
 def run_name(cfg: DictConfig, key: str) -> str:
-    """`tracking.run_name` > `DVC_EXP_NAME` > `<model.name>-<train.mode>-<short key>`."""
+    """`tracking.run_name` > `DVC_EXP_NAME` > `<model.name>-<train.recipe>-<short key>`."""
     return (cfg.tracking.run_name or os.environ.get("DVC_EXP_NAME")
-            or f"{cfg.model.name}-{cfg.train.mode}-{key[:8]}")
+            or f"{cfg.model.name}-{cfg.train.recipe}-{key[:8]}")
 
 
 def dataset_digest(prepared: Path, splits: Collection[str] = ("train", "val", "test")) -> str:

@@ -95,15 +95,15 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    """The backbone's stages in forward order, for `train.mode=partial` (unfreeze the last N)."""
+    """The backbone's stages in forward order, for `train.recipe=partial` (unfreeze the last N)."""
     if hasattr(model, "layer4"):  # resnet, resnext, wide_resnet, regnet-like
         return [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
     if hasattr(model, "blocks") and hasattr(model, "conv_head"):  # timm efficientnet(-lite)
         return [*model.blocks.children(), nn.ModuleList([model.conv_head, model.bn2])]
     if isinstance(getattr(model, "features", None), nn.Sequential):  # mobilenet, efficientnet...
         return list(model.features.children())
-    raise ValueError(f"train.mode=partial does not know the blocks of {type(model).__name__}; "
-                     "use train.mode=linear_probe or full")
+    raise ValueError(f"train.recipe=partial does not know the blocks of {type(model).__name__}; "
+                     "use train.recipe=linear_probe or full")
 
 
 # --- weights -----------------------------------------------------------------------------------
