@@ -79,7 +79,8 @@ def main() -> int:
     results: dict = {"machine": bench["machine"], "threads": bench["threads"],
                      "batch": args.batch, "eager_fp32_throughput": base["throughput"],
                      "ranking": [{k: r[k] for k in ("variant", "verdict", "throughput", "speedup",
-                                                    "top1", "top1_ci_low", "top1_ci_high",
+                                                    "top1_pct", "top1_ci_low_pct",
+                                                    "top1_ci_high_pct",
                                                     "latency_p50_ms", "latency_p99_ms")}
                                  for r in ranked]}
     targets = {}
@@ -90,7 +91,8 @@ def main() -> int:
         rec = json.loads(f.read_text())
         if rec["precision"] == "int8" and rec["status"] == "ok":
             int8[rec["variant"]] = {k: rec[k] for k in (
-                "top1", "fp32_top1", "top1_delta", "delta_ci_low", "delta_ci_high", "agreement",
+                "top1_pct", "fp32_top1_pct", "top1_delta_pct", "top1_delta_ci_low_pct",
+                "top1_delta_ci_high_pct", "agreement_pct",
                 "eval_images", "verdict", "verdict_reason")}
             int8[rec["variant"]]["ok"] = rec["verdict"] != "fail"
     targets["int8_within_1.5_points"] = {"variants": int8,

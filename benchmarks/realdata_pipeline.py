@@ -96,16 +96,17 @@ def main() -> int:
 
     m = work / "metrics"
     train, probe = load(m / "train.json"), load(work / "lp" / "metrics" / "train.json")
-    keep = ("test_acc", "test_acc_ci_low", "test_acc_ci_high", "test_images", "best_epoch",
-            "epochs_run", "selected_by", "best_val_loss", "best_val_acc", "val_images",
-            "precision", "wall_time_s", "train_images_per_s")
+    keep = ("test_acc_pct", "test_acc_ci_low_pct", "test_acc_ci_high_pct", "test_images",
+            "best_epoch", "epochs_run", "selected_by", "best_val_loss", "best_val_acc_pct",
+            "val_images", "precision", "wall_time_s", "train_images_per_s")
     variants = {}
     for f in sorted((m / "optimize").glob("*.json")):
         rec = load(f)
         variants[rec["variant"]] = {k: rec.get(k) for k in (
-            "status", "reason", "top1", "top1_ci_low", "top1_ci_high", "top1_delta",
-            "delta_ci_low", "delta_ci_high", "discordant_worse", "discordant_better",
-            "agreement", "verdict", "images_to_decide", "eval_images", "eval_splits")}
+            "status", "reason", "top1_pct", "top1_ci_low_pct", "top1_ci_high_pct",
+            "top1_delta_pct", "top1_delta_ci_low_pct", "top1_delta_ci_high_pct",
+            "discordant_worse", "discordant_better",
+            "agreement_pct", "verdict", "images_to_decide", "eval_images", "eval_splits")}
     bench = load(m / "benchmark.json")
     rows = bench["rows"]
     baselines = {k: {c: r.get(c) for c in ("throughput", "latency_p50_ms", "latency_p99_ms",
@@ -123,7 +124,7 @@ def main() -> int:
         "winners": bench["winners"],
         "winners_throughput_mode": bench.get("winners_throughput_mode"),
         "benchmark_rows": {k: {c: r.get(c) for c in ("status", "throughput", "latency_p99_ms",
-                                                      "speedup", "verdict", "top1",
+                                                      "speedup", "verdict", "top1_pct",
                                                       "throughput_streams", "streams",
                                                       "streams_method", "speedup_streams")}
                            for k, r in rows.items()},
@@ -132,9 +133,9 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(result["report"])
-    ok = train["test_acc"] >= probe["test_acc"]
-    print(f"default recipe test accuracy {train['test_acc']:.3f} vs linear probe "
-          f"{probe['test_acc']:.3f}: {'ok' if ok else 'BELOW'}")
+    ok = train["test_acc_pct"] >= probe["test_acc_pct"]
+    print(f"default recipe test accuracy {train['test_acc_pct']:.3f} vs linear probe "
+          f"{probe['test_acc_pct']:.3f}: {'ok' if ok else 'BELOW'}")
     return 0 if ok else 1
 
 

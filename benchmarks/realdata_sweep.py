@@ -68,7 +68,7 @@ def main() -> int:
         "what": f"python -m oitools.sweep -m {' '.join(overrides)}", "photos": str(args.photos),
         "wall_s": round(wall, 1), "machine": machine.machine_info(),
         "jobs": [{k: j.get(k) for k in ("job", "overrides", "status", "seconds",
-                                         "best_val_acc")} for j in jobs]})
+                                         "best_val_acc_pct")} for j in jobs]})
     print((args.out / "COMPARE.md").read_text()[:3000])
     return 0
 

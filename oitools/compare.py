@@ -11,11 +11,15 @@ What it reads from the store (`--tracking-uri` wins over the configured one):
 - parent runs, one per job: the pipeline runs (no `mlflow.parentRunId` tag) tagged
   `sweep_name=<--sweep>`, or every top-level run of the experiment, narrowed by `--filter`. From
   each: tags `sweep_job` and `sweep_overrides` (else the run name), param (or tag) `model.name`,
-  metrics `train.test_acc` with its `_ci_low`/`_ci_high` and `train.test_images`, tags
+  metrics `train.test_acc_pct` with its `_ci_low_pct`/`_ci_high_pct` and `train.test_images`, tags
   `machine.*` (set by the benchmark);
 - child runs, one per variant and batch size as the benchmark logs them: params `variant`,
   `backend`, `precision`, `batch_size`; metrics `throughput`, `latency_p99_ms`, `speedup`,
-  `top1` with its interval, `eval_images`, `size_mb`; tags `status`, `verdict`, `error`.
+  `top1_pct` with its interval, `eval_images`, `size_mb`; tags `status`, `verdict`, `error`.
+
+Every accuracy is read in the unit its name carries (`_pct`). Runs logged before the names
+carried a unit (`top1`, `train.test_acc`, ...: `LEGACY_KEYS`) are read as they were logged, never
+rescaled by a guess, and COMPARE.md names them.
 
 It writes under `paths.compare`, not under the report stage's DVC output `paths.reports`, which
 `dvc repro` empties before it runs. What to ship is the benchmark's rule applied across jobs: the
@@ -48,7 +52,7 @@ from oipipe.reporting.document import (
     Image,
     Para,
     Table,
-    accuracy,
+    accuracy_text,
     num,
     render_html,
     render_markdown,
@@ -61,19 +65,25 @@ PAGE = 1000              # runs per search request (MLflow's SQL stores serve at
 MACHINE_TAGS = ("machine.cpu", "machine.gpu")  # what makes two jobs' throughputs comparable
 
 
-def as_percent(value: Any, low: Any = None, high: Any = None) -> tuple[float | None, ...]:
-    """(value, low, high) in percent, whichever unit they were logged in.
+# The names these metrics had before every accuracy's name carried its unit. A run that has only
+# the old name is read as it was logged (benchmark rows were percent; train.test_acc was a fraction
+# in the oldest runs, percent later) and listed in COMPARE.md, not rescaled by a guess.
+LEGACY_KEYS = {
+    "top1_pct": "top1", "top1_ci_low_pct": "top1_ci_low", "top1_ci_high_pct": "top1_ci_high",
+    "train.test_acc_pct": "train.test_acc", "train.test_acc_ci_low_pct": "train.test_acc_ci_low",
+    "train.test_acc_ci_high_pct": "train.test_acc_ci_high",
+}
 
-    Accuracies went to MLflow as fractions (train.json's 0..1) and are being switched to percent,
-    so the unit is read from the values: all of them <= 1.0 is a fraction. In percent, that would
-    take an interval whose upper end is at most 1%, i.e. 0 right out of more than ~380 images,
-    and 0 is 0 in either unit. A lone value without its interval is read the same way; it is
-    ambiguous only for a percent in (0, 1], an accuracy no trained classifier reports (and with
-    one test image a percent is 0 or 100, so 1.0 there is a fraction anyway).
-    """
-    known = [float(x) for x in (value, low, high) if x is not None]
-    scale = 100.0 if known and max(known) <= 1.0 else 1.0
-    return tuple(None if x is None else float(x) * scale for x in (value, low, high))
+
+def metric(metrics: dict, key: str, legacy: set[str]) -> float | None:
+    """`metrics[key]`, else its legacy name's value as logged (and the name added to `legacy`)."""
+    if key in metrics:
+        return float(metrics[key])
+    old = LEGACY_KEYS.get(key)
+    if old is not None and old in metrics:
+        legacy.add(old)
+        return float(metrics[old])
+    return None
 
 
 @dataclass
@@ -88,10 +98,11 @@ class Job:
     test_images: int | None
     machine: tuple
     rows: list[dict] = field(default_factory=list)
+    legacy_keys: set[str] = field(default_factory=set)  # old metric names it was read by
 
     @property
     def test_text(self) -> str:
-        return accuracy(*self.test_acc, self.test_images)
+        return accuracy_text(*self.test_acc, self.test_images)
 
 
 # --- reading the store ---------------------------------------------------------------------------
@@ -123,7 +134,7 @@ def _int(v: Any) -> int | None:
     return None if v is None else int(v)
 
 
-def child_row(run) -> dict:
+def child_row(run, legacy: set[str]) -> dict:
     """A child run as the benchmark row it was logged from."""
     p, m, t = run.data.params, run.data.metrics, run.data.tags
     return {"run_id": run.info.run_id, "variant": p.get("variant", run.info.run_name),
@@ -133,23 +144,23 @@ def child_row(run) -> dict:
             "throughput": m.get("throughput"), "latency_p99_ms": m.get("latency_p99_ms"),
             "speedup": m.get("speedup"), "size_mb": m.get("size_mb"),
             "eval_images": _int(m.get("eval_images")),
-            **dict(zip(("top1", "top1_ci_low", "top1_ci_high"),
-                       as_percent(m.get("top1"), m.get("top1_ci_low"), m.get("top1_ci_high")),
-                       strict=True))}
+            **{k: metric(m, k, legacy) for k in ("top1_pct", "top1_ci_low_pct",
+                                                 "top1_ci_high_pct")}}
 
 
 def job_of(run, client, experiment_id: str) -> Job:
     p, m, t = run.data.params, run.data.metrics, run.data.tags
     name = t.get("sweep_job") or run.info.run_name or run.info.run_id[:8]
     children = search(client, experiment_id, f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    legacy: set[str] = set()
     job = Job(run_id=run.info.run_id, name=str(name),
               overrides=t.get("sweep_overrides") or run.info.run_name or DASH,
               model=p.get("model.name") or t.get("model.name") or DASH,
-              test_acc=as_percent(m.get("train.test_acc"), m.get("train.test_acc_ci_low"),
-                                  m.get("train.test_acc_ci_high")),
+              test_acc=tuple(metric(m, f"train.test_acc{k}_pct", legacy)
+                             for k in ("", "_ci_low", "_ci_high")),
               test_images=_int(m.get("train.test_images")),
-              machine=tuple(t.get(k) for k in MACHINE_TAGS))
-    job.rows = [{**child_row(c), "job": job.name} for c in children]
+              machine=tuple(t.get(k) for k in MACHINE_TAGS), legacy_keys=legacy)
+    job.rows = [{**child_row(c, legacy), "job": job.name} for c in children]
     return job
 
 
@@ -205,7 +216,7 @@ def label(row: dict) -> str:
 
 def measured(row: dict) -> bool:
     """A row with a speed and an accuracy: a point of the Pareto chart."""
-    return row["status"] == "ok" and row.get("top1") is not None and bool(row.get("throughput"))
+    return row["status"] == "ok" and row.get("top1_pct") is not None and bool(row.get("throughput"))
 
 
 def ship_text(w: dict | None, batch: int, jobs: dict[str, Job], lead: bool = True) -> str:
@@ -218,7 +229,7 @@ def ship_text(w: dict | None, batch: int, jobs: dict[str, Job], lead: bool = Tru
     sp = w.get("speedup")
     speed = (f", {sp:.2f}× the throughput of its own job's `{BASELINE}` at batch {batch}"
              if sp is not None and w["variant"] != BASELINE else "")
-    acc = accuracy(w.get("top1"), w.get("top1_ci_low"), w.get("top1_ci_high"),
+    acc = accuracy_text(w.get("top1_pct"), w.get("top1_ci_low_pct"), w.get("top1_ci_high_pct"),
                    w.get("eval_images"))
     what = f"`{w['variant']}` of job `{job.name}`{undecided}"
     return (f"**Ship {what} at batch {batch}**: " if lead else f"At batch {batch}: {what}, ") + (
@@ -236,8 +247,8 @@ def batch_table(rows: list[dict], jobs: dict[str, Job], frontier: set[str] | Non
         sp = r.get("speedup")
         cells.append([job.name, job.overrides, job.model, job.test_text, str(r["variant"]),
                       f"{r.get('backend') or DASH} {r.get('precision') or ''}".strip(), status,
-                      accuracy(r.get("top1"), r.get("top1_ci_low"), r.get("top1_ci_high"),
-                               r.get("eval_images")),
+                      accuracy_text(r.get("top1_pct"), r.get("top1_ci_low_pct"),
+                               r.get("top1_ci_high_pct"), r.get("eval_images")),
                       str(r.get("verdict") or DASH), num(r.get("throughput"), 1),
                       num(r.get("latency_p99_ms"), 2), f"{sp:.2f}×" if sp is not None else DASH,
                       num(r.get("size_mb"), 1),
@@ -301,6 +312,14 @@ def run(cfg: DictConfig, sweep: str | None = None, filter_string: str | None = N
         + (f" **The jobs ran on {len(machines)} different machines** "
            f"({'; '.join(', '.join(str(x) for x in m if x) for m in sorted(machines, key=str))}):"
            " their throughputs do not compare." if len(machines) > 1 else "")))
+    old = [j for j in jobs if j.legacy_keys]
+    if old:
+        blocks.append(Para(
+            f"{len(old)} job(s) were logged before metric names carried their unit and are read "
+            "by the old names, as logged, not rescaled: "
+            + "; ".join(f"{j.name} ({', '.join(f'`{k}`' for k in sorted(j.legacy_keys))})"
+                        for j in old)
+            + ". A `train.test_acc` below 1 there is a fraction of the test images."))
 
     blocks.append(Heading(2, "Jobs"))
     blocks.append(Table(["job", "overrides", "model", "test accuracy (trained)",

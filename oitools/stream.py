@@ -720,7 +720,7 @@ class Stats:
 
 
 @contextlib.contextmanager
-def timed(stats: Stats, part: str) -> Iterator[None]:
+def cpu_and_wall(stats: Stats, part: str) -> Iterator[None]:
     """Wall and process CPU seconds of one part of the loop. Process CPU counts every thread:
     inference's own pool during the model, the reader thread (a copy per frame) throughout."""
     w0, c0 = time.perf_counter(), time.process_time()
@@ -729,7 +729,7 @@ def timed(stats: Stats, part: str) -> Iterator[None]:
     stats.cpu[part] += time.process_time() - c0
 
 
-def pct(values: Sequence[float], q: float) -> float | None:
+def percentile(values: Sequence[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if len(values) else None
 
 
@@ -758,15 +758,15 @@ def summary(stats: Stats, queue: FrameQueue | None, src: Any, decode_cpu: float,
         "fps": round((stats.processed - 1) / span, 3) if span > 0 else None,
     }
     for q in (50, 90, 99):
-        out[f"latency_p{q}_ms"] = pct(stats.latency_ms, q)
+        out[f"latency_p{q}_ms"] = percentile(stats.latency_ms, q)
     for q in (50, 90, 99):
-        out[f"model_p{q}_ms"] = pct(stats.model_ms, q)
+        out[f"model_p{q}_ms"] = percentile(stats.model_ms, q)
     for part, v in cpu.items():
         out[f"{part}_cpu_s"] = round(v, 4)
     for part, v in stats.wall.items():
         out[f"{part}_wall_s"] = round(v, 4)
     for part, v in cpu.items():
-        out[f"{part}_share"] = round(v / total, 4) if total > 0 else None
+        out[f"{part}_share_pct"] = round(100 * v / total, 2) if total > 0 else None
     return out
 
 
@@ -904,16 +904,16 @@ def classify(opts: StreamOptions, runtime: Any, meta: dict, src: Any, queue: Fra
                     "(--stall-timeout): nothing arrives (is the sender running, the address "
                     "and port right?)")
             continue
-        with timed(stats, "preprocess"):
+        with cpu_and_wall(stats, "preprocess"):
             x = runtime.prepare(torch.from_numpy(np.stack([pre(f.image) for f in batch])))
-        with timed(stats, "model"):
+        with cpu_and_wall(stats, "model"):
             t0 = time.perf_counter()
             y = runtime.call(x)
             runtime.sync()
             model_ms = (time.perf_counter() - t0) * 1000
         stats.model_ms.append(model_ms)
         stats.batches += 1
-        with timed(stats, "postprocess"):
+        with cpu_and_wall(stats, "postprocess"):
             probs = softmax(runtime.logits(y))
             for f, p in zip(batch, probs, strict=True):
                 top = [(classes[i], float(p[i])) for i in np.argsort(-p)[:k]]
@@ -951,10 +951,10 @@ def classify(opts: StreamOptions, runtime: Any, meta: dict, src: Any, queue: Fra
 
 def _report(result: dict[str, Any], opts: StreamOptions) -> None:
     log.info("%s: %d frames received, %d processed, %d dropped; %s FPS; latency p50/p99 %s/%s "
-             "ms, model p50 %s ms; CPU share decode %s, model %s", result["end"],
+             "ms, model p50 %s ms; CPU share decode %s%%, model %s%%", result["end"],
              result["frames_received"], result["frames_processed"], result["frames_dropped"],
              result["fps"], result["latency_p50_ms"], result["latency_p99_ms"],
-             result["model_p50_ms"], result["decode_share"], result["model_share"])
+             result["model_p50_ms"], result["decode_share_pct"], result["model_share_pct"])
     if opts.stats is not None:
         from oipipe.core.files import write_json
 

@@ -161,7 +161,7 @@ def run_stage(stage: Stage, cfg: DictConfig, timings: dict[str, float]) -> None:
     run = importlib.import_module(stage.module).run
     items = list(OmegaConf.select(cfg, stage.foreach)) if stage.foreach else [None]
     for item in items:
-        timed(stage.name, run, cfg, *([] if item is None else [item]), timings=timings)
+        timed_stage(stage.name, run, cfg, *([] if item is None else [item]), timings=timings)
 
 
 def shared_data(cfg: DictConfig, timings: dict[str, float]) -> bool:
@@ -195,7 +195,7 @@ def shared_data(cfg: DictConfig, timings: dict[str, float]) -> bool:
         return False
 
 
-def timed(stage: str, fn: Any, cfg: DictConfig, *args: Any, timings: dict[str, float]) -> Any:
+def timed_stage(stage: str, fn: Any, cfg: DictConfig, *args: Any, timings: dict[str, float]) -> Any:
     log.info("sweep job: %s", stage if not args else f"{stage} {' '.join(map(str, args))}")
     started = time.perf_counter()
     out = fn(cfg, *args)

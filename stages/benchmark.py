@@ -14,7 +14,7 @@ Timing discipline, per (variant, batch size):
   `benchmark.input_batches` different batches used in rotation, checked to be non-constant and
   distinct;
 - before any timing the variant's outputs on those inputs are compared with the fp32 model's:
-  top-1 agreement below `benchmark.min_agreement` (or a non-finite logit) fails the row, since a
+  top-1 agreement below `benchmark.min_agreement_pct` (or a non-finite logit) fails the row, since a
   variant that returns garbage fast is not a win;
 - warm-up runs until both `warmup_iters` calls and `warmup_seconds` have passed (compilation,
   autotuning and allocation stay out); each trial then times single calls with
@@ -80,10 +80,11 @@ NCHW = "eager_fp32_nchw"            # the same in the default NCHW layout, as it
 PROGRESS = "benchmark-progress"     # a worker's stdout lines that the parent's bar follows
 COLUMNS = ["variant", "backend", "precision", "batch", "status", "error", "throughput",
            "throughput_min", "throughput_max", "throughput_std", "latency_p50_ms",
-           "latency_mean_ms", "latency_p90_ms", "latency_p99_ms", "speedup", "top1",
-           "top1_ci_low", "top1_ci_high", "eval_images", "agreement", "verdict", "size_mb",
+           "latency_mean_ms", "latency_p90_ms", "latency_p99_ms", "speedup", "top1_pct",
+           "top1_ci_low_pct", "top1_ci_high_pct", "eval_images", "agreement_pct", "verdict",
+           "size_mb",
            "build_seconds", "peak_rss_mb", "cuda_max_allocated_mb", "gflops_per_s", "iterations",
-           "trials", "threads", "device", "check_agreement", "streams",
+           "trials", "threads", "device", "check_agreement_pct", "streams",
            "throughput_streams", "throughput_streams_min", "throughput_streams_max",
            "streams_method", "speedup_streams", "power_avg_w", "energy_per_image_j",
            "power_source", "power_error"]
@@ -108,8 +109,9 @@ def check_inputs(batches: list[torch.Tensor]) -> None:
 
 
 def check_outputs(runtime: Runtime, batches: list[torch.Tensor], reference: list[np.ndarray],
-                  min_agreement: float) -> float:
-    """Top-1 agreement of the variant with fp32 on the benchmark inputs; raises below the bar."""
+                  min_agreement_pct: float) -> float:
+    """Top-1 agreement of the variant with fp32 on the benchmark inputs, in percent; raises
+    below the bar."""
     agree, total = 0, 0
     for x, ref in zip(batches, reference, strict=True):
         got = runtime(x)
@@ -119,10 +121,10 @@ def check_outputs(runtime: Runtime, batches: list[torch.Tensor], reference: list
             raise CheckFailed("non-finite logits")
         agree += int((got.argmax(1) == ref.argmax(1)).sum())
         total += len(ref)
-    rate = agree / total
-    if rate < min_agreement:
-        raise CheckFailed(f"top-1 agreement with fp32 on the benchmark inputs is {rate:.1%}, "
-                          f"below benchmark.min_agreement={min_agreement:.0%}")
+    rate = 100 * agree / total
+    if rate < min_agreement_pct:
+        raise CheckFailed(f"top-1 agreement with fp32 on the benchmark inputs is {rate:.1f}%, "
+                          f"below benchmark.min_agreement_pct={min_agreement_pct:g}")
     return rate
 
 
@@ -336,8 +338,8 @@ def measure_variant(cfg: DictConfig, variant: str, rows_file: Path) -> None:
             check_inputs(batches)
             with torch.no_grad():
                 reference = [reference_model(x).numpy() for x in batches]
-            row["check_agreement"] = check_outputs(runtime, batches, reference,
-                                                   cfg.benchmark.min_agreement)
+            row["check_agreement_pct"] = check_outputs(runtime, batches, reference,
+                                                   cfg.benchmark.min_agreement_pct)
             if runtime.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             try:
@@ -487,7 +489,7 @@ def run(cfg: DictConfig) -> dict:
     with torch.no_grad():
         fp32 = np.concatenate([model(x).numpy()
                                for x in evaluation.batches(images, cfg.optimize.eval_batch)])
-    baseline_acc = evaluation.accuracy(fp32, labels)
+    baseline_acc = evaluation.top1_with_interval(fp32, labels)
     flops = flops_per_image(model, meta["input_size"])
     baseline_size = sum(t.numel() * t.element_size()
                         for t in [*model.parameters(), *model.buffers()]) / 2**20
@@ -584,30 +586,31 @@ def _winner_line(w: dict) -> str:
     if not w.get("variant"):
         return "none (no variant finished with a verdict other than fail)"
     return (f"{w['variant']} ({w['verdict']}), {w['throughput']:.1f} img/s, p99 "
-            f"{w['latency_p99_ms']:.1f} ms, {w['speedup']:.2f}x {BASELINE}, top-1 {w['top1']:.1f}% "
-            f"[{w['top1_ci_low']:.1f}, {w['top1_ci_high']:.1f}] on {w['eval_images']} images")
+            f"{w['latency_p99_ms']:.1f} ms, {w['speedup']:.2f}x {BASELINE}, "
+            f"top-1 {w['top1_pct']:.1f}% [{w['top1_ci_low_pct']:.1f}, "
+            f"{w['top1_ci_high_pct']:.1f}] on {w['eval_images']} images")
 
 
 def _complete(row: dict, records: dict, baseline_acc: dict, baseline_size: float,
               flops: float) -> dict:
     out = {c: row.get(c) for c in COLUMNS}
     if row["variant"] in (BASELINE, NCHW):
-        out.update(backend="torch_eager", precision="fp32", agreement=100.0, verdict="pass",
+        out.update(backend="torch_eager", precision="fp32", agreement_pct=100.0, verdict="pass",
                    size_mb=round(baseline_size, 3), build_seconds=0.0,
-                   **{k: baseline_acc[k] for k in ("top1", "top1_ci_low", "top1_ci_high",
-                                                   "eval_images")})
+                   **{k: baseline_acc[k] for k in ("top1_pct", "top1_ci_low_pct",
+                                                   "top1_ci_high_pct", "eval_images")})
     else:
         rec = records[row["variant"]]
-        out.update({k: rec.get(k) for k in ("backend", "precision", "top1", "top1_ci_low",
-                                            "top1_ci_high", "eval_images", "agreement",
+        out.update({k: rec.get(k) for k in ("backend", "precision", "top1_pct", "top1_ci_low_pct",
+                                            "top1_ci_high_pct", "eval_images", "agreement_pct",
                                             "verdict", "size_mb", "build_seconds")})
     if out["status"] == "ok":
         out["gflops_per_s"] = round(flops * out["throughput"] / 1e9, 3)
     return out
 
 
-WINNER_KEYS = ("variant", "verdict", "batch", "throughput", "latency_p99_ms", "speedup", "top1",
-               "top1_ci_low", "top1_ci_high", "eval_images")
+WINNER_KEYS = ("variant", "verdict", "batch", "throughput", "latency_p99_ms", "speedup", "top1_pct",
+               "top1_ci_low_pct", "top1_ci_high_pct", "eval_images")
 STREAM_KEYS = ("throughput_streams", "speedup_streams", "streams", "streams_method")
 
 
@@ -659,7 +662,8 @@ def log_child_runs(tracker, rows: list[dict], cfg: DictConfig) -> None:
                                "precision": r["precision"], "batch_size": r["batch"]})
             mlflow.log_metrics({k: float(r[k]) for k in (
                 "throughput", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "speedup",
-                "top1", "top1_ci_low", "top1_ci_high", "eval_images", "agreement", "size_mb",
+                "top1_pct", "top1_ci_low_pct", "top1_ci_high_pct", "eval_images", "agreement_pct",
+                "size_mb",
                 "build_seconds", "peak_rss_mb", "gflops_per_s", "throughput_streams",
                 "speedup_streams", "streams", "power_avg_w", "energy_per_image_j")
                 if isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool)

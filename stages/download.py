@@ -18,7 +18,7 @@ Either writes, under `paths.raw`, what `prepare` reads:
     classes.txt                    the classes in label order, one a line
     attribution.csv                openimages: license, author and URLs; folder: source path
     missing.csv                    what could not be fetched or imported, and why
-    stats.csv                      split, class, count, share
+    stats.csv                      split, class, count, share_pct
 
 and the flat metrics file `paths.metrics/download.json`.
 """
@@ -52,7 +52,7 @@ from oipipe.core.files import (
 from oipipe.core.tracking import StageRun, stage_run
 from oipipe.data import imaging, openimages, photos
 from oipipe.data.fetch import Fetcher, FetchError, NotFound, TooLarge
-from oipipe.data.split_counts import format_table, split_stats, stats_rows
+from oipipe.data.split_counts import STATS_COLUMNS, format_table, split_stats, stats_rows
 
 log = logging.getLogger("stages.download")
 
@@ -260,7 +260,7 @@ def write_outputs(cfg: DictConfig, sel: Selection, failures: dict[str, str],
                   [(iid, *sel.images[iid], why) for iid, why in sorted(failures.items())])
         table = split_stats([(s, n) for s, n in ok.values()], list(classes))
         table = {s: table[s] for s in (*openimages.IMAGE_ID_FILES, "all") if s in table}
-        write_csv(out / "stats.csv", ["split", "class", "count", "share"], stats_rows(table))
+        write_csv(out / "stats.csv", STATS_COLUMNS, stats_rows(table))
     print(format_table(table, title="download: images per official split"))
     reasons = Counter(why.split(":", 1)[0] for why in failures.values())
     metrics = {f"{split}.{k}": v for split, row in table.items() for k, v in _flat(row).items()}
@@ -289,7 +289,7 @@ def _flat(row: dict) -> dict:
     out = {"images": row["images"]}
     for name, (count, share) in row["classes"].items():
         out[f"{name}.count"] = count
-        out[f"{name}.share"] = share
+        out[f"{name}.share_pct"] = share
     return out
 
 
@@ -348,7 +348,7 @@ def from_folder(cfg: DictConfig) -> dict:
             write_csv(out / "missing.csv", ["source", "class", "reason"], skipped)
             # one row: a photo folder has no official splits (prepare splits it)
             table = {"all": split_stats([("folder", ph.cls) for ph in ok], classes)["all"]}
-            write_csv(out / "stats.csv", ["split", "class", "count", "share"], stats_rows(table))
+            write_csv(out / "stats.csv", STATS_COLUMNS, stats_rows(table))
         import_s = time.perf_counter() - t0
         print(format_table(table, title=f"download: images per class in {root}"))
         kinds = Counter(why.split(":", 1)[0] for _, _, why in skipped)

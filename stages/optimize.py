@@ -593,12 +593,12 @@ def _build_and_check(cfg: DictConfig, variant: Variant, ctx: BuildContext, tmp: 
                 "artifact": None, "size_mb": None}
     with torch.no_grad():
         fp32 = np.concatenate([ctx.model(x).numpy() for x in batches])
-    acc = evaluation.compare(fp32, got, labels, cfg.optimize.accuracy_bars[variant.precision])
+    acc = evaluation.against_fp32(fp32, got, labels, cfg.optimize.accuracy_bars[variant.precision])
     log.info("%s: %.1f MB, built in %.1f s, top-1 %.1f%% [%.1f, %.1f] (fp32 %.1f%%) on %d "
              "images of %s, agreement %.1f%%: %s, %s", variant.name, out["size_mb"],
-             out["build_seconds"], acc["top1"], acc["top1_ci_low"], acc["top1_ci_high"],
-             acc["fp32_top1"], acc["eval_images"], "+".join(cfg.optimize.eval_splits),
-             acc["agreement"], acc["verdict"].upper(), acc["verdict_reason"])
+             out["build_seconds"], acc["top1_pct"], acc["top1_ci_low_pct"], acc["top1_ci_high_pct"],
+             acc["fp32_top1_pct"], acc["eval_images"], "+".join(cfg.optimize.eval_splits),
+             acc["agreement_pct"], acc["verdict"].upper(), acc["verdict_reason"])
     return {"status": "ok", **out, "eval_splits": list(cfg.optimize.eval_splits), **acc}
 
 

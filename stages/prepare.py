@@ -31,7 +31,7 @@ from oipipe.core.errors import InputError
 from oipipe.core.files import atomic_dir, read_csv, write_csv, write_json, write_text
 from oipipe.core.tracking import stage_run
 from oipipe.data import imaging
-from oipipe.data.split_counts import format_table, split_stats, stats_rows
+from oipipe.data.split_counts import STATS_COLUMNS, format_table, split_stats, stats_rows
 
 log = logging.getLogger("stages.prepare")
 
@@ -140,7 +140,7 @@ def run(cfg: DictConfig) -> dict:
             write_csv(out / "skipped.csv", ["ImageID", "reason"], sorted(skipped.items()))
             table = split_stats([(split_of[r["ImageID"]], r["class"]) for r in good], classes)
             table = {s: table[s] for s in (*SPLITS, "all") if s in table}
-            write_csv(out / "stats.csv", ["split", "class", "count", "share"], stats_rows(table))
+            write_csv(out / "stats.csv", STATS_COLUMNS, stats_rows(table))
         print(format_table(table, title=f"prepare: images per split ({data.split.mode})"))
         if skipped:
             log.warning("skipped %d undecodable image(s); see skipped.csv", len(skipped))
@@ -148,7 +148,7 @@ def run(cfg: DictConfig) -> dict:
         metrics.update({f"{s}.{name}.{k}": v
                         for s, row in table.items()
                         for name, (count, share) in row["classes"].items()
-                        for k, v in (("count", count), ("share", share))})
+                        for k, v in (("count", count), ("share_pct", share))})
         metrics.update({"classes": len(classes), "skipped_undecodable": len(skipped)})
         write_json(path(cfg, "metrics") / "prepare.json", metrics)
         tracker.log_metrics(metrics)

@@ -57,7 +57,7 @@ from oipipe.training import models
 log = logging.getLogger("stages.profile")
 
 MARKER = "profile::forward"
-CSV_COLUMNS = ["mode", "batch", "type", "time_ms", "time_share", "flops", "flop_share",
+CSV_COLUMNS = ["mode", "batch", "type", "time_ms", "time_share_pct", "flops", "flop_share_pct",
                "gflops_per_s", "bytes", "intensity"]
 
 
@@ -245,9 +245,10 @@ def chart(result: dict, file: Path) -> None:
                 figsize=(4.5 * len(profiles), 1 + 0.45 * len(kinds))) as axes:
         ys = np.arange(len(kinds))
         for ax, p in zip(axes[0], profiles, strict=True):
-            for shift, key in ((-0.2, "time_share"), (0.2, "flop_share")):
-                ax.barh(ys + shift, [p["types"].get(k, {}).get(key, 0.0) * 100 for k in kinds],
-                        height=0.4, label=key.replace("_", " ").replace("flop", "FLOP"))
+            for shift, key in ((-0.2, "time_share_pct"), (0.2, "flop_share_pct")):
+                ax.barh(ys + shift, [p["types"].get(k, {}).get(key, 0.0) for k in kinds],
+                        height=0.4, label=key.removesuffix("_pct").replace("_", " ")
+                        .replace("flop", "FLOP"))
             ax.set_yticks(ys, kinds)
             ax.invert_yaxis()
             ax.set_xlabel("%")
@@ -277,7 +278,8 @@ def run(cfg: DictConfig) -> dict:
         tracker.log_params({"profile": {k: str(v) for k, v in pc.items()}})
         # MLflow metric names allow letters, digits, _-. / and spaces: no "@" or "()"
         slug = lambda s: re.sub(r"[^A-Za-z0-9_]+", "_", s).strip("_")  # noqa: E731
-        tracker.log_metrics({slug(k): {slug(t): v["time_share"] for t, v in p["types"].items()}
+        tracker.log_metrics({slug(k): {f"{slug(t)}_time_share_pct": v["time_share_pct"]
+                                       for t, v in p["types"].items()}
                              for k, p in result["profiles"].items()})
         for f in (metrics, plots / "profile.png"):
             tracker.log_artifact(f)

@@ -59,7 +59,7 @@ from oipipe.reporting.document import (
     Image,
     Para,
     Table,
-    accuracy,
+    accuracy_text,
     num,
     render_html,
     render_markdown,
@@ -101,13 +101,9 @@ def rel(cfg: DictConfig, file: Path) -> str:
         return str(file)
 
 
-def pct(fraction: Any, digits: int = 1) -> str:
-    return DASH if fraction is None else f"{float(fraction) * 100:.{digits}f}%"
-
-
-def percent(fraction: Any) -> float | None:
-    """A fraction (0..1, as train.json stores accuracies) in percent; None stays None."""
-    return None if fraction is None else 100 * float(fraction)
+def percent_text(value_pct: Any, digits: int = 1) -> str:
+    """A `_pct` figure as text: `12.5%`."""
+    return DASH if value_pct is None else f"{float(value_pct):.{digits}f}%"
 
 
 def points(delta: Any, low: Any, high: Any) -> str:
@@ -278,7 +274,7 @@ def training_curves(history: list[dict[str, str]], best_epoch: int | None, file:
 
     epochs = col("epoch")
     with figure(file, 1, 2, figsize=(10, 3.6)) as (loss_ax, acc_ax):
-        for ax, what in ((loss_ax, "loss"), (acc_ax, "acc")):
+        for ax, what in ((loss_ax, "loss"), (acc_ax, "acc_pct")):
             ax.plot(epochs, col(f"train_{what}"), "o-", label="train")
             ax.plot(epochs, col(f"val_{what}"), "o-", label="val")
             if best_epoch:
@@ -286,7 +282,7 @@ def training_curves(history: list[dict[str, str]], best_epoch: int | None, file:
                            label=f"best (epoch {best_epoch})")
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_title("loss" if what == "loss" else "accuracy")
+            ax.set_title("loss" if what == "loss" else "accuracy (%)")
             ax.grid(alpha=0.3)
             ax.legend()
 
@@ -298,10 +294,10 @@ def training_section(cfg: DictConfig, train: dict,
                      test_counts: Counter | None = None) -> tuple[list[Block], dict]:
     plots, reports = path(cfg, "plots"), path(cfg, "reports")
     t = cfg.train
-    test_acc = accuracy(percent(train.get("test_acc")), percent(train.get("test_acc_ci_low")),
-                        percent(train.get("test_acc_ci_high")), train.get("test_images"))
-    val_acc = accuracy(percent(train.get("best_val_acc")), percent(train.get("val_acc_ci_low")),
-                       percent(train.get("val_acc_ci_high")), train.get("val_images"))
+    test_acc = accuracy_text(train.get("test_acc_pct"), train.get("test_acc_ci_low_pct"),
+                        train.get("test_acc_ci_high_pct"), train.get("test_images"))
+    val_acc = accuracy_text(train.get("best_val_acc_pct"), train.get("val_acc_ci_low_pct"),
+                       train.get("val_acc_ci_high_pct"), train.get("val_images"))
     by = train.get("selected_by")
     selected = DASH
     if by is not None:
@@ -328,15 +324,16 @@ def training_section(cfg: DictConfig, train: dict,
                            Para("Accuracies with their 95% Wilson interval and number of images.")]
     per_class = {}
     for key, v in train.items():
-        for m in ("precision", "recall"):
+        for m in ("precision_pct", "recall_pct"):
             if key.startswith("test.") and key.endswith(f".{m}"):
                 per_class.setdefault(key[len("test."):-len(m) - 1], {})[m] = v
     if per_class:
         # Recall is the accuracy on a class's test images, so it gets their count and interval;
         # precision's denominator (images predicted as the class) is not recorded.
         counts = test_counts or Counter()
-        rows = [[c, num(counts.get(c)) if c in counts else DASH, pct(v.get("precision")),
-                 accuracy(percent(v.get("recall")), n=counts.get(c))]
+        rows = [[c, num(counts.get(c)) if c in counts else DASH,
+                 percent_text(v.get("precision_pct")),
+                 accuracy_text(v.get("recall_pct"), n=counts.get(c))]
                 for c, v in per_class.items()]
         blocks += [Para("Per class, on the test split:"),
                    Table(["class", "test images", "precision", "recall"], rows, numeric={1, 2})]
@@ -354,7 +351,8 @@ def training_section(cfg: DictConfig, train: dict,
     confusion = plots / "confusion.png"
     if confusion.is_file():
         blocks.append(Image(confusion, "confusion matrix on the test split"))
-    return blocks, {"test_acc": train.get("test_acc"), "best_val_acc": train.get("best_val_acc"),
+    return blocks, {"test_acc_pct": train.get("test_acc_pct"),
+                    "best_val_acc_pct": train.get("best_val_acc_pct"),
                     "test": test_acc, "val": val_acc, "selected_by": by,
                     "curves": str(curves) if curves else None}
 
@@ -364,7 +362,7 @@ def verdict_cell(r: dict) -> str:
     v = r.get("verdict")
     if v is None:
         return DASH
-    text = f"{v} (bar {num(r.get('accuracy_bar'))})"
+    text = f"{v} (bar {num(r.get('accuracy_bar_pct'))})"
     if v == "undecided":
         need = r.get("images_to_decide")
         text += (f": about {need} images would decide" if need
@@ -387,7 +385,7 @@ def evaluated_on(records: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         if r.get("status") == "ok":
-            key = (tuple(r.get("eval_splits") or ()), r.get("eval_images"), r.get("fp32_top1"))
+            key = (tuple(r.get("eval_splits") or ()), r.get("eval_images"), r.get("fp32_top1_pct"))
             groups.setdefault(key, []).append(r)
     out = []
     for (splits, n, fp32), rs in groups.items():
@@ -395,7 +393,7 @@ def evaluated_on(records: list[dict]) -> list[str]:
         where = (" + ".join(splits) + " split" + ("s" if len(splits) > 1 else "")
                  if splits else "(splits not recorded)")
         out.append(f"{names} and the fp32 model were evaluated on the same {num(n)} images of "
-                   f"the {where}; fp32 top-1 {accuracy(fp32, n=n)}.")
+                   f"the {where}; fp32 top-1 {accuracy_text(fp32, n=n)}.")
     return out
 
 
@@ -415,12 +413,13 @@ def optimize_section(cfg: DictConfig, records: list[dict]) -> tuple[list[Block],
         rows.append([str(r.get("variant")), str(r.get("backend", DASH)),
                      str(r.get("precision", DASH)), status, num(r.get("size_mb"), 1),
                      num(r.get("build_seconds"), 1),
-                     accuracy(r.get("top1"), r.get("top1_ci_low"), r.get("top1_ci_high"),
-                              r.get("eval_images")),
-                     points(r.get("top1_delta"), r.get("delta_ci_low"), r.get("delta_ci_high")),
+                     accuracy_text(r.get("top1_pct"), r.get("top1_ci_low_pct"),
+                              r.get("top1_ci_high_pct"), r.get("eval_images")),
+                     points(r.get("top1_delta_pct"), r.get("top1_delta_ci_low_pct"),
+                            r.get("top1_delta_ci_high_pct")),
                      verdict_cell(r),
-                     accuracy(r.get("agreement"), r.get("agreement_ci_low"),
-                              r.get("agreement_ci_high")),
+                     accuracy_text(r.get("agreement_pct"), r.get("agreement_ci_low_pct"),
+                              r.get("agreement_ci_high_pct")),
                      discordant, p_value(r.get("mcnemar_p")), note or ""])
         kinds.append(status if not ok else f"verdict-{r.get('verdict')}")
     blocks += [Para(" ".join(evaluated_on(records))),
@@ -432,7 +431,7 @@ def optimize_section(cfg: DictConfig, records: list[dict]) -> tuple[list[Block],
                     "below −bar, **pass** when the variant is at least as good on these images or "
                     "the whole interval lies above −bar, **undecided** otherwise."),
                Table(["variant", "backend", "precision", "status", "size (MB)", "build (s)",
-                      "top-1", "Δ top-1 vs fp32 (points)", "verdict", "agreement",
+                      "top-1", "Δ top-1 vs fp32 (points)", "verdict", "agreement_pct",
                       "worse / better", "McNemar p", "reason / error"],
                      rows, numeric={4, 5}, row_class=kinds)]
     reasons = [f"`{r.get('variant')}`: **{r['verdict']}**, {r['verdict_reason']}" for r in records
@@ -470,7 +469,7 @@ def winner_text(w: dict, batch: int, bench: dict, records: dict[str, dict]) -> t
     throughput, p99, accuracy and speed-up against the named baseline."""
     v, baseline = w.get("variant"), bench.get("baseline")
     what = f"`{v}`" + (" (accuracy undecided)" if w.get("verdict") == "undecided" else "")
-    acc = accuracy(w.get("top1"), w.get("top1_ci_low"), w.get("top1_ci_high"),
+    acc = accuracy_text(w.get("top1_pct"), w.get("top1_ci_low_pct"), w.get("top1_ci_high_pct"),
                    w.get("eval_images"))
     figures = (f"{num(w.get('throughput'), 1)} images/s, p99 latency "
                f"{num(w.get('latency_p99_ms'), 2)} ms, top-1 {acc}")
@@ -561,8 +560,8 @@ def benchmark_section(cfg: DictConfig, bench: dict | None) -> tuple[list[Block],
         table.append([str(r.get("variant")), status, num(r.get("batch")),
                       num(r.get("throughput"), 1), num(r.get("latency_p50_ms"), 2),
                       num(r.get("latency_p99_ms"), 2), f"{sp:.2f}×" if sp is not None else DASH,
-                      accuracy(r.get("top1"), r.get("top1_ci_low"), r.get("top1_ci_high"),
-                               r.get("eval_images")),
+                      accuracy_text(r.get("top1_pct"), r.get("top1_ci_low_pct"),
+                               r.get("top1_ci_high_pct"), r.get("eval_images")),
                       str(r.get("verdict") or DASH), num(r.get("size_mb"), 1),
                       num(r.get("build_seconds"), 1), first_line(r.get("error"))])
         kinds.append(status)
@@ -591,7 +590,8 @@ def profile_section(cfg: DictConfig, prof: dict | None) -> list[Block]:
                        "tensor an op reads and writes, weights included, before any fusion. "
                        + str(prof.get("paragraph", ""))))
     for key, p in prof.get("profiles", {}).items():
-        rows = [[kind, pct(v.get("time_share")), pct(v.get("flop_share")),
+        rows = [[kind, percent_text(v.get("time_share_pct")),
+                 percent_text(v.get("flop_share_pct")),
                  num(v.get("time_ms"), 3), num(v.get("gflops_per_s"), 1),
                  num(v.get("intensity"), 1)] for kind, v in p.get("types", {}).items()]
         blocks += [Heading(3, f"{p.get('mode', key)} at batch {p.get('batch', DASH)}: "

@@ -59,7 +59,7 @@ log = logging.getLogger("stages.train")
 
 # The checkpoint kept and early stopping follow the validation loss (the module docstring says why)
 SELECTED_BY = "val_loss"
-HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
+HISTORY_FIELDS = ["epoch", "train_loss", "train_acc_pct", "val_loss", "val_acc_pct", "lr",
                   "train_images", "train_images_per_s", "epoch_seconds"]
 
 
@@ -309,10 +309,10 @@ def train_epoch(state: TrainState, epoch: int) -> dict:
         loss_sum += loss.item() * n
         correct += (logits.argmax(1) == y).sum().item()
         seen += n
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}%",
                         img_s=f"{seen / (time.perf_counter() - t0):.1f}", refresh=False)
     dt = time.perf_counter() - t0
-    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+    return {"train_loss": loss_sum / max(seen, 1), "train_acc_pct": 100 * correct / max(seen, 1),
             "train_images": seen, "train_seconds": dt}
 
 
@@ -343,8 +343,9 @@ def classification_report(preds: np.ndarray, targets: np.ndarray,
     report: dict[str, Any] = {"accuracy": float(np.trace(cm) / max(cm.sum(), 1))}
     for i, name in enumerate(classes):
         tp = cm[i, i]
-        report[f"{name}.precision"] = float(tp / cm[:, i].sum()) if cm[:, i].sum() else 0.0
-        report[f"{name}.recall"] = float(tp / cm[i, :].sum()) if cm[i, :].sum() else 0.0
+        predicted, actual = cm[:, i].sum(), cm[i, :].sum()
+        report[f"{name}.precision_pct"] = 100 * float(tp / predicted) if predicted else 0.0
+        report[f"{name}.recall_pct"] = 100 * float(tp / actual) if actual else 0.0
     return report, cm
 
 
@@ -605,8 +606,9 @@ def fit(state: TrainState, tracker: StageRun) -> None:
                                       train.channels_last)
         # lr: the head's (param_groups puts its groups first)
         row = {"epoch": epoch, "train_loss": stats["train_loss"],
-               "train_acc": stats["train_acc"], "val_loss": float(vloss.mean()),
-               "val_acc": float((vpred == vtrue).mean()), "lr": state.sched.get_last_lr()[0],
+               "train_acc_pct": stats["train_acc_pct"], "val_loss": float(vloss.mean()),
+               "val_acc_pct": 100 * float((vpred == vtrue).mean()),
+               "lr": state.sched.get_last_lr()[0],
                "train_images": stats["train_images"],
                "train_images_per_s": stats["train_images"] / stats["train_seconds"],
                "epoch_seconds": stats["train_seconds"]}
@@ -615,12 +617,12 @@ def fit(state: TrainState, tracker: StageRun) -> None:
         if improved:
             save_checkpoint(state.work / "best.pt", **ck)
         save_checkpoint(state.work / "last.pt", **ck)
-        # `lr_head`: `train.lr` is the configured param; accuracies in percent (tracking)
+        # `lr_head`: `train.lr` is the configured param
         tracker.log_metrics({("lr_head" if k == "lr" else k): v for k, v in row.items()
-                             if k != "epoch"}, step=epoch, fractions=("train_acc", "val_acc"))
-        log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f%s | "
-                 "%.1f img/s", epoch, train.epochs, row["train_loss"], row["train_acc"],
-                 row["val_loss"], row["val_acc"], " (best)" if improved else "",
+                             if k != "epoch"}, step=epoch)
+        log.info("epoch %d/%d: train loss %.4f acc %.1f%% | val loss %.4f acc %.1f%%%s | "
+                 "%.1f img/s", epoch, train.epochs, row["train_loss"], row["train_acc_pct"],
+                 row["val_loss"], row["val_acc_pct"], " (best)" if improved else "",
                  row["train_images_per_s"])
 
 
@@ -632,9 +634,10 @@ def probe_batch(ds: PreparedImages, batch_size: int) -> tuple[torch.Tensor, torc
 
 
 def with_interval(prefix: str, correct: int, n: int) -> dict:
-    """`<prefix>_ci_low`, `<prefix>_ci_high`: the 95% Wilson interval of correct / n."""
+    """`<prefix>_ci_low_pct`, `<prefix>_ci_high_pct`: the 95% Wilson interval of correct / n."""
     low, high = wilson(correct, n)
-    return {f"{prefix}_ci_low": round(low, 4), f"{prefix}_ci_high": round(high, 4)}
+    return {f"{prefix}_ci_low_pct": round(100 * low, 2),
+            f"{prefix}_ci_high_pct": round(100 * high, 2)}
 
 
 @dataclass
@@ -660,13 +663,13 @@ def evaluate(state: TrainState, wall: float) -> Evaluation:
     train_seconds = sum(h["epoch_seconds"] for h in history)
     at_best = next(h for h in history if h["epoch"] == best["best_epoch"])
     val_n = len(state.val_loader.dataset)
-    val_correct = round(at_best["val_acc"] * val_n)
+    val_correct = round(at_best["val_acc_pct"] * val_n / 100)
     test_n, test_correct = int(len(true)), int(np.trace(cm))
     metrics = {"selected_by": best["selected_by"], "best_epoch": best["best_epoch"],
                "best_val_loss": round(best["best_val_loss"], 6),
-               "best_val_acc": at_best["val_acc"], "val_images": val_n,
+               "best_val_acc_pct": at_best["val_acc_pct"], "val_images": val_n,
                **with_interval("val_acc", val_correct, val_n),
-               "test_acc": report["accuracy"], "test_images": test_n,
+               "test_acc_pct": round(100 * report["accuracy"], 4), "test_images": test_n,
                **with_interval("test_acc", test_correct, test_n),
                "recipe": cfg.train.recipe, "probe_epochs": probe_epochs(cfg.train),
                "epochs_run": epochs_run, "epochs_configured": cfg.train.epochs,
@@ -674,11 +677,11 @@ def evaluate(state: TrainState, wall: float) -> Evaluation:
                **state.precision_choice, "wall_time_s": round(wall, 2),
                "train_images_per_s": round(train_images / train_seconds, 2) if train_seconds else 0,
                **{f"test.{k}": v for k, v in report.items() if k != "accuracy"}}
-    log.info("test accuracy %.4f (%d of %d, 95%% interval %.3f-%.3f); checkpoint of epoch %d of "
-             "%d run, by val loss %.4f (val accuracy %.4f, %d images)", metrics["test_acc"],
-             test_correct, test_n, metrics["test_acc_ci_low"], metrics["test_acc_ci_high"],
-             metrics["best_epoch"], epochs_run, metrics["best_val_loss"], metrics["best_val_acc"],
-             val_n)
+    log.info("test accuracy %.2f%% (%d of %d, 95%% interval %.1f-%.1f%%); checkpoint of epoch %d "
+             "of %d run, by val loss %.4f (val accuracy %.2f%%, %d images)",
+             metrics["test_acc_pct"], test_correct, test_n, metrics["test_acc_ci_low_pct"],
+             metrics["test_acc_ci_high_pct"], metrics["best_epoch"], epochs_run,
+             metrics["best_val_loss"], metrics["best_val_acc_pct"], val_n)
     return Evaluation(best, pred, true, cm, metrics)
 
 
@@ -694,10 +697,7 @@ def write(state: TrainState, result: Evaluation, tracker: StageRun) -> None:
               [(classes[t], classes[p]) for t, p in zip(result.true, result.pred, strict=True)])
     confusion_png(result.cm, classes, plots / "confusion.png")
 
-    # train.json keeps fractions (the report reads them); MLflow gets percentages (tracking)
-    tracker.log_metrics(metrics, fractions={
-        k for k in metrics if k.endswith((".precision", ".recall")) or k.split("_ci_")[0] in (
-            "test_acc", "best_val_acc", "val_acc")})
+    tracker.log_metrics(metrics)  # every accuracy in percent, as its `_pct` says
     tracker.log_dataset(cfg)
     for f in (path(cfg, "metrics") / "train.json", plots / "train_history.csv",
               plots / "confusion.csv", plots / "confusion.png"):

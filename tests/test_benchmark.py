@@ -85,8 +85,9 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
         assert r["latency_p50_ms"] <= r["latency_p90_ms"] <= r["latency_p99_ms"]
         assert r["threads"] == 1 and r["device"] == "cpu"
         assert r["peak_rss_mb"] > 50 and r["gflops_per_s"] > 0 and r["size_mb"] > 1
-        assert r["check_agreement"] >= 0.9 and r["top1"] is not None
-        assert r["top1_ci_low"] <= r["top1"] <= r["top1_ci_high"] and r["eval_images"] > 0
+        assert r["check_agreement_pct"] >= 90 and r["top1_pct"] is not None
+        assert r["top1_ci_low_pct"] <= r["top1_pct"] <= r["top1_ci_high_pct"]
+        assert r["eval_images"] > 0
         assert r["verdict"] in ("pass", "undecided", "fail")
     for key, r in rows.items():
         if r["status"] != "ok":
@@ -171,8 +172,8 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
     assert {f"{p['variant']}.b8" for p in pareto} == ok8
     for p in pareto:
         r = rows[f"{p['variant']}.b8"]
-        assert {k: p[k] for k in ("throughput", "top1", "verdict")} == {
-            k: _as_csv(r[k]) for k in ("throughput", "top1", "verdict")}
+        assert {k: p[k] for k in ("throughput", "top1_pct", "verdict")} == {
+            k: _as_csv(r[k]) for k in ("throughput", "top1_pct", "verdict")}
     fastest = max(pareto, key=lambda p: float(p["throughput"]))
     assert fastest["on_frontier"] == "True"  # nothing is faster, so nothing dominates it
     png = matplotlib.image.imread(path(cfg, "plots") / "pareto.png")[..., :3]
@@ -223,11 +224,12 @@ def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server, cfg) -> Non
     want = table["rows"]["onnxruntime_int8.b8"]
     assert metrics["throughput"] == pytest.approx(want["throughput"])
     assert metrics["latency_p99_ms"] == pytest.approx(want["latency_p99_ms"])
-    assert {"top1", "agreement", "size_mb", "build_seconds", "speedup"} <= set(metrics)
+    assert {"top1_pct", "agreement_pct", "size_mb", "build_seconds", "speedup"} <= set(metrics)
     assert "throughput" not in by_name["trt_fp16.b1"][1]
     # percentages, as in benchmark.json; the verdict as a tag and as a number
-    assert metrics["top1"] == pytest.approx(want["top1"]) and metrics["top1"] > 1
-    assert metrics["agreement"] == pytest.approx(want["agreement"]) and metrics["agreement"] > 1
+    assert metrics["top1_pct"] == pytest.approx(want["top1_pct"]) and metrics["top1_pct"] > 1
+    assert metrics["agreement_pct"] == pytest.approx(want["agreement_pct"])
+    assert metrics["agreement_pct"] > 1
     code = {"pass": 1, "undecided": 0, "fail": -1}[want["verdict"]]
     assert metrics["verdict_code"] == code and runs_of["onnxruntime_int8.b8"][0]["verdict"]
     # each child names its model and pipeline; failed and skipped rows do not end FINISHED
@@ -255,7 +257,8 @@ def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server, cfg) -> Non
 def _row(variant: str, batch: int, throughput: float, verdict: str, top1: float = 90.0,
          status: str = "ok") -> dict:
     return {"variant": variant, "batch": batch, "status": status, "throughput": throughput,
-            "verdict": verdict, "top1": top1, "top1_ci_low": top1 - 5, "top1_ci_high": top1 + 5,
+            "verdict": verdict, "top1_pct": top1, "top1_ci_low_pct": top1 - 5,
+            "top1_ci_high_pct": top1 + 5,
             "eval_images": 72, "latency_p99_ms": 1.0, "speedup": throughput / 10}
 
 
@@ -437,15 +440,16 @@ def test_garbage_outputs_and_constant_inputs_fail_before_timing() -> None:
     rng = np.random.default_rng(0)
     fast_garbage = Runtime(call=lambda x: None, prepare=lambda x: x,
                            logits=lambda y: rng.normal(size=(8, 3)))
-    with pytest.raises(benchmark.CheckFailed, match="agreement with fp32"):
-        benchmark.check_outputs(fast_garbage, real, reference, 0.9)
+    with pytest.raises(benchmark.CheckFailed,
+                       match=r"agreement with fp32 .* is \d+\.\d%, below .*min_agreement_pct=90"):
+        benchmark.check_outputs(fast_garbage, real, reference, 90)
     nan = Runtime(call=lambda x: None, prepare=lambda x: x,
                   logits=lambda y: np.full((8, 3), np.nan))
     with pytest.raises(benchmark.CheckFailed, match="non-finite"):
-        benchmark.check_outputs(nan, real, reference, 0.9)
+        benchmark.check_outputs(nan, real, reference, 90)
     right = Runtime(call=lambda x: None, prepare=lambda x: x,
                     logits=lambda y: np.eye(3)[np.arange(8) % 3])
-    assert benchmark.check_outputs(right, real, reference, 0.9) == 1.0
+    assert benchmark.check_outputs(right, real, reference, 90) == 100.0
 
 
 def test_a_crashing_variant_process_becomes_failed_rows(table, cfg, tmp_path) -> None:

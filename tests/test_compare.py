@@ -26,14 +26,15 @@ EXPERIMENT = "oi-pipeline"
 def _child(variant: str, batch: int, throughput: float | None, top1: float | None,
            verdict: str | None, status: str = "ok", backend: str = "onnxruntime",
            precision: str = "int8") -> dict:
-    return {"variant": variant, "batch": batch, "throughput": throughput, "top1": top1,
+    return {"variant": variant, "batch": batch, "throughput": throughput, "top1_pct": top1,
             "verdict": verdict, "status": status, "backend": backend, "precision": precision}
 
 
-# Job 0 logged train.test_acc as a fraction (before the switch to percent), job 1 in percent.
+# Job 0 was logged before metric names carried their unit (`train.test_acc`, `top1`, in percent
+# as the later unsuffixed runs were); job 1 with the `_pct` names.
 JOBS = [
-    {"job": "0", "overrides": "model=resnet18", "model": "resnet18",
-     "train": {"test_acc": 0.9, "test_acc_ci_low": 0.8256, "test_acc_ci_high": 0.9448,
+    {"job": "0", "overrides": "model=resnet18", "model": "resnet18", "legacy": True,
+     "train": {"test_acc": 90.0, "test_acc_ci_low": 82.56, "test_acc_ci_high": 94.48,
                "test_images": 100},
      "children": [
          _child("eager_fp32", 32, 100.0, 90.0, "pass", backend="torch_eager", precision="fp32"),
@@ -47,7 +48,7 @@ JOBS = [
          _child("onnxruntime_int8", 1, 80.0, 88.0, "undecided"),
      ]},
     {"job": "1", "overrides": "model=mobilenet_v3_small", "model": "mobilenet_v3_small",
-     "train": {"test_acc": 85.0, "test_acc_ci_low": 76.7, "test_acc_ci_high": 90.7,
+     "train": {"test_acc_pct": 85.0, "test_acc_ci_low_pct": 76.7, "test_acc_ci_high_pct": 90.7,
                "test_images": 100},
      "children": [
          _child("eager_fp32", 32, 300.0, 85.0, "pass", backend="torch_eager", precision="fp32"),
@@ -59,7 +60,7 @@ JOBS = [
 ]
 # Another sweep's job, faster than anything above and passing: it must not appear.
 OTHER = {"job": "0", "overrides": "model=resnet50", "model": "resnet50",
-         "train": {"test_acc": 95.0, "test_acc_ci_low": 88.8, "test_acc_ci_high": 97.8,
+         "train": {"test_acc_pct": 95.0, "test_acc_ci_low_pct": 88.8, "test_acc_ci_high_pct": 97.8,
                    "test_images": 100},
          "children": [_child("trt_fp16", 32, 5000.0, 95.0, "pass", backend="torch_tensorrt",
                              precision="fp16")]}
@@ -86,13 +87,13 @@ def log_job(client, exp_id: str, job: dict, sweep: str) -> str:
         child = client.create_run(exp_id, run_name=key, tags=tags).info.run_id
         metrics = {}
         if c["status"] == "ok":
-            top1 = c["top1"]
+            top1 = c["top1_pct"]
+            unit = "" if job.get("legacy") else "_pct"
             metrics = {"throughput": c["throughput"], "latency_p99_ms": 1000 * c["batch"]
                        / c["throughput"] * 1.2, "speedup": c["throughput"] / base[c["batch"]]
                        if c["batch"] in base else None,
-                       "top1": top1,
-                       "top1_ci_low": top1 - 5, "top1_ci_high": top1 + 4, "eval_images": 200,
-                       "size_mb": 12.5}
+                       f"top1{unit}": top1, f"top1_ci_low{unit}": top1 - 5,
+                       f"top1_ci_high{unit}": top1 + 4, "eval_images": 200, "size_mb": 12.5}
         client.log_batch(child, params=[Param(k, str(v)) for k, v in (
             ("variant", c["variant"]), ("backend", c["backend"]),
             ("precision", c["precision"]), ("batch_size", c["batch"]))],
@@ -170,7 +171,7 @@ def test_one_row_per_job_and_variant_at_each_batch_size(result) -> None:
     row = {(r["job"], r["variant"]): r for r in ref}
     ort = row["0", "onnxruntime_int8"]
     assert ort == {"job": "0", "overrides": "model=resnet18", "model": "resnet18",
-                   # a fraction in MLflow (0.9) becomes percent
+                   # logged as train.test_acc (no unit in the name): read as logged
                    "test accuracy (trained)": "90.0% [82.6, 94.5], n=100",
                    "variant": "onnxruntime_int8", "back end, precision": "onnxruntime int8",
                    "status": "ok", "top-1 (variant)": "88.0% [83.0, 92.0], n=200",
@@ -211,7 +212,7 @@ def test_pareto_frontier_across_jobs_and_its_chart(result) -> None:
 
 
 def test_frontier_keeps_ties_and_drops_points_beaten_on_one_axis() -> None:
-    pts = [{"label": k, "throughput": t, "top1": a} for k, t, a in (
+    pts = [{"label": k, "throughput": t, "top1_pct": a} for k, t, a in (
         ("a", 100.0, 90.0), ("twin of a", 100.0, 90.0), ("as fast, less accurate", 100.0, 80.0),
         ("as accurate, slower", 50.0, 90.0))]
     front = {p["label"]: p["on_frontier"] for p in pareto.mark_frontier(pts)}
@@ -244,17 +245,18 @@ def test_reference_batch_is_chosen_with_batch(cfg, store, tmp_path) -> None:
         "**Ship `inductor_fp32` of job `1` at batch 1**")
 
 
-@pytest.mark.parametrize(("value", "low", "high", "expected"), [
-    (0.9, 0.8256, 0.9448, (90.0, 82.56, 94.48)),     # a fraction
-    (85.0, 76.7, 90.7, (85.0, 76.7, 90.7)),          # already percent
-    (1.0, 0.2065, 1.0, (100.0, 20.65, 100.0)),       # one image, right: a fraction
-    (0.0, 0.0, 79.35, (0.0, 0.0, 79.35)),            # one image, wrong, in percent
-    (0.9, None, None, (90.0, None, None)),           # no interval
-    (None, None, None, (None, None, None)),
-])
-def test_accuracy_unit_is_read_from_the_values(value, low, high, expected) -> None:
-    got = compare.as_percent(value, low, high)
-    assert got == pytest.approx(expected) if value is not None else got == expected
+def test_the_unit_is_read_from_the_name_and_old_names_are_read_as_logged_and_said(
+        cfg, store, tmp_path) -> None:
+    legacy: set[str] = set()
+    assert compare.metric({"top1_pct": 0.5, "top1": 80.0}, "top1_pct", legacy) == 0.5
+    assert legacy == set(), "the _pct name wins and is never rescaled"
+    assert compare.metric({"train.test_acc": 0.9}, "train.test_acc_pct", legacy) == 0.9
+    assert legacy == {"train.test_acc"}, "an old name is read as logged, not guessed to percent"
+    assert compare.metric({}, "top1_pct", legacy) is None
+    md = Path(compare.run(cfg, sweep=SWEEP, uri=store, out=tmp_path)["compare_md"]).read_text()
+    assert ("1 job(s) were logged before metric names carried their unit and are read by the old "
+            "names, as logged, not rescaled: 0 (`top1`, `top1_ci_high`, `top1_ci_low`, "
+            "`train.test_acc`, `train.test_acc_ci_high`, `train.test_acc_ci_low`)") in md
 
 
 def test_entry_point_exit_codes(cfg, store, tmp_path, caplog) -> None:

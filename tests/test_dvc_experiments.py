@@ -191,10 +191,10 @@ def test_queued_experiments_run_in_parallel_and_share_the_download_cache(
     assert {float(r.data.params["train.lr"]) for r in runs} == lrs
     for r in runs:
         assert r.info.status == "FINISHED" and r.data.tags["dvc_exp_name"] == r.info.run_name
-        assert r.data.metrics["train.epochs_run"] == 1 and "train.test_acc" in r.data.metrics
+        assert r.data.metrics["train.epochs_run"] == 1 and "train.test_acc_pct" in r.data.metrics
     # the table a user reads: params and metrics side by side, one row per experiment
     table = sh("dvc", "exp", "show", "--no-pager", "--md", cwd=project).stdout
-    assert "train.lr" in table and "test_acc" in table
+    assert "train.lr" in table and "test_acc_pct" in table
 
     # Both experiments read the project's cache (paths.cache resolved against DVC_ROOT): no
     # metadata file and no image the mirror has was fetched again. Only what the cache cannot

@@ -48,7 +48,7 @@ def test_every_format_is_exported_verified_and_carries_its_metadata(exported, tr
         assert (out / name).stat().st_size > 100_000
         assert report[f"{fmt}.ok"] is True
         for b in (1, 8):
-            assert report[f"{fmt}.batch{b}.top1_agreement"] == 1.0
+            assert report[f"{fmt}.batch{b}.top1_agreement_pct"] == 100.0
             assert report[f"{fmt}.batch{b}.max_rel_diff"] <= 1e-4
         runner, loaded = runtime.load_artifact(out / name)
         assert loaded == meta

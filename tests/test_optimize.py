@@ -83,10 +83,10 @@ def test_cpu_variant_builds_reloads_and_passes_its_accuracy_bar(built, cfg, name
     # measured on every image the model did not train on, and it says so
     held_out = sum(len(read_csv(path(cfg, "prepared") / f"{s}.csv")) for s in ("val", "test"))
     assert rec["eval_splits"] == ["val", "test"] and rec["eval_images"] == held_out
-    assert rec["top1_ci_low"] <= rec["top1"] <= rec["top1_ci_high"]
-    assert rec["delta_ci_low"] <= rec["top1_delta"] <= rec["delta_ci_high"]
-    assert rec["agreement_ci_low"] <= rec["agreement"] <= rec["agreement_ci_high"]
-    assert rec["top1_delta"] == pytest.approx(
+    assert rec["top1_ci_low_pct"] <= rec["top1_pct"] <= rec["top1_ci_high_pct"]
+    assert rec["top1_delta_ci_low_pct"] <= rec["top1_delta_pct"] <= rec["top1_delta_ci_high_pct"]
+    assert rec["agreement_ci_low_pct"] <= rec["agreement_pct"] <= rec["agreement_ci_high_pct"]
+    assert rec["top1_delta_pct"] == pytest.approx(
         100 * (rec["discordant_better"] - rec["discordant_worse"]) / held_out, abs=1e-3)
     folder = path(cfg, "optimized") / name
     artifact = path(cfg, "root") / rec["artifact"]
@@ -125,7 +125,7 @@ def test_an_int8_package_without_int8_kernels_is_a_failed_build(
         "failed", 0, None, None), rec
     assert rec["error"].startswith("BuildFailed: the AOTInductor package has no int8 "
                                    "(qconv/qlinear) kernel"), rec["error"]
-    assert "top1" not in rec and rec["calibration_images"] == 32  # calibrated, then refused
+    assert "top1_pct" not in rec and rec["calibration_images"] == 32  # calibrated, then refused
     folder = tmp_path / "opt" / "int8"
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "record.json"]
     assert json.loads((folder / "record.json").read_text()) == rec
@@ -301,7 +301,7 @@ def test_tensorrt_variants_record_an_honest_skip_without_cuda_or_tensorrt(cfg, n
     rec = optimize.run(cfg, name)
     assert rec["status"] == "skipped"
     assert rec["reason"] in ("no CUDA device", optimize._needs_trt())
-    assert rec["artifact"] is None and "top1" not in rec
+    assert rec["artifact"] is None and "top1_pct" not in rec
     folder = path(cfg, "optimized") / name
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "record.json"]
     with pytest.raises(InputError, match="is skipped"):
@@ -396,8 +396,8 @@ def test_a_variant_better_than_fp32_passes() -> None:
     fp32_wrong[:7] = True
     better = fp32_wrong.copy()
     better[0] = False
-    acc = evaluation.compare(_logits(labels, fp32_wrong), _logits(labels, better), labels, 1.5)
-    assert acc["top1_delta"] == pytest.approx(100 / 37, abs=1e-3)
+    acc = evaluation.against_fp32(_logits(labels, fp32_wrong), _logits(labels, better), labels, 1.5)
+    assert acc["top1_delta_pct"] == pytest.approx(100 / 37, abs=1e-3)
     assert acc["verdict"] == "pass", acc["verdict_reason"]
     assert (acc["discordant_better"], acc["discordant_worse"]) == (1, 0)
 
@@ -408,14 +408,15 @@ def test_a_variant_that_flips_many_predictions_fails() -> None:
     fp32_wrong[:10] = True
     flipped = fp32_wrong.copy()
     flipped[10:40] = True  # 30 more wrong: -15 points
-    acc = evaluation.compare(_logits(labels, fp32_wrong), _logits(labels, flipped), labels, 1.5)
+    acc = evaluation.against_fp32(_logits(labels, fp32_wrong), _logits(labels, flipped), labels,
+                                  1.5)
     assert acc["verdict"] == "fail", acc["verdict_reason"]
-    assert acc["delta_ci_high"] < -1.5 and acc["agreement"] == 85.0
+    assert acc["top1_delta_ci_high_pct"] < -1.5 and acc["agreement_pct"] == 85.0
     assert acc["mcnemar_p"] < 1e-6
     # a few flips on few images cannot be decided, and the record says how many would
     few = fp32_wrong[:37].copy()
     few[10:12] = True
-    acc = evaluation.compare(_logits(labels[:37], fp32_wrong[:37]), _logits(labels[:37], few),
+    acc = evaluation.against_fp32(_logits(labels[:37], fp32_wrong[:37]), _logits(labels[:37], few),
                              labels[:37], 1.5)
     assert acc["verdict"] == "undecided" and acc["images_to_decide"] > 37
 

@@ -113,7 +113,7 @@ def test_dvc_repro_then_noop_then_exp_run_reruns_from_prepare(project: Path, mir
             assert (rec["status"], rec["error"]) == ("ok", None), rec
         else:
             assert rec["status"] == "skipped" and rec["reason"].startswith(missing), rec
-            assert rec["artifact"] is None and "top1" not in rec, rec
+            assert rec["artifact"] is None and "top1_pct" not in rec, rec
         assert bench["rows"][f"{variant}.b2"]["status"] == rec["status"], bench["rows"]
     assert bench["rows"]["onnxruntime_fp32.b2"]["status"] == "ok", bench["rows"]
     assert bench["rows"]["eager_fp32.b2"]["speedup"] == 1.0
@@ -131,24 +131,24 @@ def test_dvc_repro_then_noop_then_exp_run_reruns_from_prepare(project: Path, mir
     assert run.data.params["data.image_size"] == "48"
     assert run.data.params["optimize.onnxruntime_fp32.backend"] == "onnxruntime"
     assert run.data.params["optimize.trt_fp16.precision"] == "fp16"
-    assert "optimize.onnxruntime_fp32.top1" in run.data.metrics
+    assert "optimize.onnxruntime_fp32.top1_pct" in run.data.metrics
     artifacts = {a.path for d in ("download", "prepare")
                  for a in client.list_artifacts(run.info.run_id, d)}
     assert {"download/labels.csv", "download/stats.csv", "prepare/stats.csv"} <= artifacts
     # the run tells the report's story: percentages, verdicts, names, the data it used
     m, tags = run.data.metrics, run.data.tags
     train_json = json.loads((project / "metrics" / "train.json").read_text())
-    assert m["train.test_acc"] == pytest.approx(100 * train_json["test_acc"])
-    assert m["train.best_val_acc"] == pytest.approx(100 * train_json["best_val_acc"])
+    assert m["train.test_acc_pct"] == pytest.approx(train_json["test_acc_pct"])
+    assert m["train.best_val_acc_pct"] == pytest.approx(train_json["best_val_acc_pct"])
     ort = json.loads((project / "metrics" / "optimize" / "onnxruntime_fp32.json").read_text())
-    assert m["optimize.onnxruntime_fp32.top1"] == pytest.approx(ort["top1"])
+    assert m["optimize.onnxruntime_fp32.top1_pct"] == pytest.approx(ort["top1_pct"])
     assert m["optimize.onnxruntime_fp32.verdict_code"] == {"pass": 1, "undecided": 0,
                                                            "fail": -1}[ort["verdict"]]
     assert tags["optimize.onnxruntime_fp32.verdict"] == ort["verdict"]
     assert tags["benchmark.best_variant"] == bench["best_variant"] == tags["benchmark.winner.b2"]
     assert run.info.run_name == f"efficientnet_lite0-lp_ft-{tags['pipeline_key'][:8]}"
     assert "train.lr_head" in m and "train.lr" not in m
-    assert m["export.onnx.batch2.top1_agreement"] == 100.0  # verified: all agree, in percent
+    assert m["export.onnx.batch2.top1_agreement_pct"] == 100.0  # verified: all agree, in percent
     (data,) = run.inputs.dataset_inputs
     assert data.dataset.name.startswith("openimages: ") and data.dataset.digest
     exp = client.get_experiment(run.info.experiment_id)

@@ -56,12 +56,13 @@ def test_grouping_and_flops_are_exact(known: dict) -> None:
     assert counter.get_total_flops() == MATMUL_FLOPS + DEPTHWISE_FLOPS
 
 
-def test_time_shares_sum_to_one_and_intensity_tells_them_apart(known: dict) -> None:
+def test_time_shares_sum_to_100_pct_and_intensity_tells_them_apart(known: dict) -> None:
     p = known["profiles"][f"eager@b{N}"]
     types = p["types"]
-    assert sum(v["time_share"] for v in types.values()) == pytest.approx(1.0, abs=1e-6)
+    assert sum(v["time_share_pct"] for v in types.values()) == pytest.approx(100.0, abs=1e-4)
     assert sum(v["time_ms"] for v in types.values()) == pytest.approx(p["total_ms"], rel=1e-6)
-    assert types[optypes.LINEAR]["time_share"] > 0 and types[optypes.DEPTHWISE]["time_share"] > 0
+    assert types[optypes.LINEAR]["time_share_pct"] > 0
+    assert types[optypes.DEPTHWISE]["time_share_pct"] > 0
     # 403 MFLOP over (1 + 3 + 0.8) MB (~80 FLOP/byte) against 231 MFLOP over 2 x 51 MB (~2.3)
     assert types[optypes.LINEAR]["intensity"] > 20 * types[optypes.DEPTHWISE]["intensity"]
     # and it shows in the speed: oneDNN's GEMM runs tens of GFLOP/s, the depthwise a few
@@ -79,26 +80,26 @@ def test_depthwise_convolution_is_told_apart_by_shapes_and_by_groups() -> None:
 
 
 def fake(types: dict[str, tuple[float, float]]) -> dict:
-    """A profile dict from (time share, FLOP share) per type."""
+    """A profile dict from (time share, FLOP share) per type, in percent."""
     return {"profiles": {"eager@b32": {"mode": "eager", "batch": 32, "total_ms": 10.0, "types": {
-        k: {"time_share": t, "flop_share": f, "time_ms": 10 * t, "gflops_per_s": 2.1,
+        k: {"time_share_pct": t, "flop_share_pct": f, "time_ms": t / 10, "gflops_per_s": 2.1,
             "intensity": 3.0} for k, (t, f) in types.items()}}}}
 
 
 def test_paragraph_names_the_memory_bound_types_with_figures() -> None:
-    text = optypes.paragraph(fake({optypes.DEPTHWISE: (0.31, 0.04), optypes.CONV: (0.5, 0.9),
-                                   optypes.OTHER: (0.19, 0.06)}))
+    text = optypes.paragraph(fake({optypes.DEPTHWISE: (31, 4), optypes.CONV: (50, 90),
+                                   optypes.OTHER: (19, 6)}))
     assert "memory-bound" in text
     assert "depthwise convolution: 31% of time, 4% of FLOPs, 2.1 GFLOP/s, 3.0 FLOP/byte" in text
     assert "convolution: 50% of time, 90% of FLOPs" in text  # the comparison, not a culprit
-    balanced = optypes.paragraph(fake({optypes.DEPTHWISE: (0.1, 0.1), optypes.CONV: (0.9, 0.9)}))
+    balanced = optypes.paragraph(fake({optypes.DEPTHWISE: (10, 10), optypes.CONV: (90, 90)}))
     assert "no operator type" in balanced
 
 
 def test_known_model_paragraph_says_depthwise_is_memory_bound(known: dict) -> None:
     types = known["profiles"][f"eager@b{N}"]["types"]
     bound = known["memory_bound"][f"eager@b{N}"]
-    if types[optypes.DEPTHWISE]["time_share"] >= 2 * types[optypes.DEPTHWISE]["flop_share"]:
+    if types[optypes.DEPTHWISE]["time_share_pct"] >= 2 * types[optypes.DEPTHWISE]["flop_share_pct"]:
         assert optypes.DEPTHWISE in bound and "depthwise convolution:" in known["paragraph"]
     assert optypes.LINEAR not in bound
 
@@ -119,7 +120,7 @@ def test_stage_writes_metrics_csv_and_chart(make_cfg, prepared: Path, trained: P
     assert set(saved["profiles"]) == {"eager@b1", "eager@b4"}
     for p in saved["profiles"].values():
         types = p["types"]
-        assert sum(v["time_share"] for v in types.values()) == pytest.approx(1.0, abs=1e-6)
+        assert sum(v["time_share_pct"] for v in types.values()) == pytest.approx(100.0, abs=1e-4)
         # efficientnet_lite0: regular and depthwise convolutions, batch norms, relu6, a linear head
         assert {optypes.CONV, optypes.DEPTHWISE, optypes.BATCH_NORM, optypes.LINEAR} <= set(types)
     assert saved["paragraph"] == optypes.paragraph(saved)

@@ -44,8 +44,9 @@ def bench_row(variant: str, batch: int, status: str = "ok", **values) -> dict:
     row = {"variant": variant, "backend": "onnxruntime", "precision": "int8", "batch": batch,
            "status": status, "error": None, "throughput": None, "throughput_min": None,
            "throughput_max": None, "latency_p50_ms": None, "latency_mean_ms": None,
-           "latency_p90_ms": None, "latency_p99_ms": None, "speedup": None, "top1": None,
-           "top1_ci_low": None, "top1_ci_high": None, "eval_images": None, "agreement": None,
+           "latency_p90_ms": None, "latency_p99_ms": None, "speedup": None, "top1_pct": None,
+           "top1_ci_low_pct": None, "top1_ci_high_pct": None, "eval_images": None,
+           "agreement_pct": None,
            "verdict": None, "size_mb": None, "build_seconds": None, "peak_rss_mb": None,
            "cuda_max_allocated_mb": None, "gflops_per_s": None, "threads": 2, "device": "cpu"}
     row.update(values)
@@ -53,9 +54,13 @@ def bench_row(variant: str, batch: int, status: str = "ok", **values) -> dict:
 
 
 # Accuracy on the 12 val + test images, with Wilson intervals (oipipe.measure.intervals.wilson).
-FP32_ACC = {"top1": 91.667, "top1_ci_low": 64.612, "top1_ci_high": 98.513, "eval_images": 12}
-INT8_ACC = {"top1": 83.333, "top1_ci_low": 55.197, "top1_ci_high": 95.303, "eval_images": 12}
-ORT_FP32_ACC = {"top1": 41.667, "top1_ci_low": 19.326, "top1_ci_high": 68.049, "eval_images": 12}
+def acc(top1: float, low: float, high: float) -> dict:
+    return {"top1_pct": top1, "top1_ci_low_pct": low, "top1_ci_high_pct": high, "eval_images": 12}
+
+
+FP32_ACC = acc(91.667, 64.612, 98.513)
+INT8_ACC = acc(83.333, 55.197, 95.303)
+ORT_FP32_ACC = acc(41.667, 19.326, 68.049)
 WINNER_32 = {"variant": "onnxruntime_int8", "verdict": "pass", "batch": 32, "throughput": 812.3,
              "latency_p99_ms": 44.81, "speedup": 11.2, **FP32_ACC}
 WINNER_1 = {"variant": "int8", "verdict": "undecided", "batch": 1, "throughput": 95.2,
@@ -104,15 +109,17 @@ BENCHMARK = {
 BENCHMARK_CHARTS = ("benchmark_throughput.png", "benchmark_latency.png", "benchmark_speedup.png",
                     "pareto.png")
 
-PAIRED_12 = {"eval_splits": ["val", "test"], "eval_images": 12, "fp32_top1": 91.667}
+PAIRED_12 = {"eval_splits": ["val", "test"], "eval_images": 12, "fp32_top1_pct": 91.667}
 OPTIMIZE = {
     "int8": {"variant": "int8", "backend": "aot_inductor", "precision": "int8", "status": "ok",
              "reason": None, "error": None, "artifact": "artifacts/optimized/int8/model.pt2",
              "size_mb": 3.912, "build_seconds": 48.21, **PAIRED_12, **INT8_ACC,
-             "top1_delta": -8.333, "delta_ci_low": -35.437, "delta_ci_high": 18.135,
+             "top1_delta_pct": -8.333, "top1_delta_ci_low_pct": -35.437,
+             "top1_delta_ci_high_pct": 18.135,
              "discordant_worse": 1, "discordant_better": 0, "mcnemar_p": 1.0,
-             "agreement": 91.667, "agreement_ci_low": 64.612, "agreement_ci_high": 98.513,
-             "accuracy_bar": 1.5, "verdict": "undecided",
+             "agreement_pct": 91.667, "agreement_ci_low_pct": 64.612,
+             "agreement_ci_high_pct": 98.513,
+             "accuracy_bar_pct": 1.5, "verdict": "undecided",
              "verdict_reason": "too few images to tell whether it is within the 1.5-point bar: "
                                "-8.3 points, 95% interval [-35.4, +18.1] on 12 images (1 worse, "
                                "0 better); about 79 images at these rates would decide it",
@@ -120,20 +127,21 @@ OPTIMIZE = {
     "onnxruntime_int8": {
         "variant": "onnxruntime_int8", "backend": "onnxruntime", "precision": "int8",
         "status": "ok", "reason": None, "error": None, "size_mb": 3.6, "build_seconds": 12.34,
-        **PAIRED_12, **FP32_ACC, "top1_delta": 0.0, "delta_ci_low": -24.707,
-        "delta_ci_high": 24.707, "discordant_worse": 0, "discordant_better": 0, "mcnemar_p": 1.0,
-        "agreement": 100.0, "agreement_ci_low": 75.751, "agreement_ci_high": 100.0,
-        "accuracy_bar": 1.5, "verdict": "pass",
+        **PAIRED_12, **FP32_ACC, "top1_delta_pct": 0.0, "top1_delta_ci_low_pct": -24.707,
+        "top1_delta_ci_high_pct": 24.707, "discordant_worse": 0, "discordant_better": 0,
+        "mcnemar_p": 1.0,
+        "agreement_pct": 100.0, "agreement_ci_low_pct": 75.751, "agreement_ci_high_pct": 100.0,
+        "accuracy_bar_pct": 1.5, "verdict": "pass",
         "verdict_reason": "as good as fp32 or better on these images: +0.0 points, 95% interval "
                           "[-24.7, +24.7] on 12 images (0 worse, 0 better)",
         "images_to_decide": None},
     "onnxruntime_fp32": {
         "variant": "onnxruntime_fp32", "backend": "onnxruntime", "precision": "fp32",
         "status": "ok", "reason": None, "error": None, "size_mb": 13.4, "build_seconds": 2.1,
-        **PAIRED_12, **ORT_FP32_ACC, "top1_delta": -50.0, "delta_ci_low": -73.366,
-        "delta_ci_high": -12.211, "discordant_worse": 6, "discordant_better": 0,
-        "mcnemar_p": 0.0313, "agreement": 50.0, "agreement_ci_low": 25.378,
-        "agreement_ci_high": 74.622, "accuracy_bar": 0.5, "verdict": "fail",
+        **PAIRED_12, **ORT_FP32_ACC, "top1_delta_pct": -50.0, "top1_delta_ci_low_pct": -73.366,
+        "top1_delta_ci_high_pct": -12.211, "discordant_worse": 6, "discordant_better": 0,
+        "mcnemar_p": 0.0313, "agreement_pct": 50.0, "agreement_ci_low_pct": 25.378,
+        "agreement_ci_high_pct": 74.622, "accuracy_bar_pct": 0.5, "verdict": "fail",
         "verdict_reason": "worse than fp32 by more than the 0.5-point bar with confidence: "
                           "-50.0 points, 95% interval [-73.4, -12.2] on 12 images (6 worse, "
                           "0 better)",
@@ -158,8 +166,8 @@ def download_metrics(classes: list[str], source: str) -> dict:
     for split, counts in table.items():
         metrics[f"{split}.images"] = sum(counts)
         for c, n in zip(classes, counts, strict=True):
-            metrics.update({f"{split}.{c}.count": n, f"{split}.{c}.share": round(n / sum(counts),
-                                                                                  4)})
+            metrics.update({f"{split}.{c}.count": n,
+                            f"{split}.{c}.share_pct": round(100 * n / sum(counts), 2)})
     return {**metrics, **(IMPORT if source == "folder" else FETCH)}
 
 
@@ -185,19 +193,19 @@ def write_inputs(cfg, benchmark: bool = True, optimize: bool = True,
               [(f"id{i}", "train", classes[i % 3], lic) for i in range(25)])
     write_json(metrics / "download.json", download_metrics(classes, cfg.data.source))
     write_json(metrics / "train.json", {
-        "best_val_acc": 0.8, "val_acc_ci_low": 0.37553, "val_acc_ci_high": 0.96378,
+        "best_val_acc_pct": 80.0, "val_acc_ci_low_pct": 37.553, "val_acc_ci_high_pct": 96.378,
         "precision": "bf16", "precision_chosen_by": "measured",
         "val_images": 5, "best_val_loss": 0.61234, "selected_by": "val_loss", "best_epoch": 2,
-        "test_acc": 0.857142, "test_acc_ci_low": 0.48687, "test_acc_ci_high": 0.97432,
+        "test_acc_pct": 85.7142, "test_acc_ci_low_pct": 48.687, "test_acc_ci_high_pct": 97.432,
         "test_images": 7, "epochs_run": 3, "epochs_configured": 3, "batch_size": 16,
         "wall_time_s": 12.345, "train_images_per_s": 33.21,
         # 6 of the 7 test images right: one Sea turtle taken for a Blue jay.
-        **{f"test.{c}.precision": v for c, v in zip(classes, (1.0, 1.0, 0.6667), strict=True)},
-        **{f"test.{c}.recall": v for c, v in zip(classes, (1.0, 0.5, 1.0), strict=True)}})
+        **{f"test.{c}.precision_pct": v for c, v in zip(classes, (100, 100, 66.67), strict=True)},
+        **{f"test.{c}.recall_pct": v for c, v in zip(classes, (100, 50, 100), strict=True)}})
     write_csv(plots / "train_history.csv",
-              ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_images",
-               "train_images_per_s", "epoch_seconds"],
-              [(e, 1.2 / e, 0.5 + 0.1 * e, 1.3 / e, 0.5 + 0.1 * e, 1e-3, 15, 30.0, 0.5)
+              ["epoch", "train_loss", "train_acc_pct", "val_loss", "val_acc_pct", "lr",
+               "train_images", "train_images_per_s", "epoch_seconds"],
+              [(e, 1.2 / e, 50 + 10 * e, 1.3 / e, 50 + 10 * e, 1e-3, 15, 30.0, 0.5)
                for e in (1, 2, 3)])
     png(plots / "confusion.png")
     if optimize:
@@ -296,7 +304,7 @@ def test_report_tables_hold_the_numbers(cfg) -> None:
             "the same 12 images of the val + test splits; fp32 top-1 91.7% [64.6, 98.5], n=12."
             ) in opt
     assert header_of(opt, "int8")[6:12] == ["top-1", "Δ top-1 vs fp32 (points)", "verdict",
-                                            "agreement", "worse / better", "McNemar p"]
+                                            "agreement_pct", "worse / better", "McNemar p"]
     assert table_row(opt, "int8")[3:12] == [
         "ok", "3.9", "48.2", "83.3% [55.2, 95.3], n=12", "-8.33 [-35.44, +18.14]",
         "undecided (bar 1.5): about 79 images would decide", "91.7% [64.6, 98.5]", "1 / 0", "1"]
@@ -432,11 +440,11 @@ def test_every_accuracy_carries_its_images_and_interval(cfg) -> None:
 
 
 def test_accuracy_format() -> None:
-    assert report.accuracy(91.667, 64.612, 98.513, 12) == "91.7% [64.6, 98.5], n=12"
+    assert report.accuracy_text(91.667, 64.612, 98.513, 12) == "91.7% [64.6, 98.5], n=12"
     # A record without the interval gets the Wilson one from its count (the stages' method).
-    assert report.accuracy(91.667, n=12) == "91.7% [64.6, 98.5], n=12"
-    assert report.accuracy(97.5, 94.6, 98.9) == "97.5% [94.6, 98.9]"
-    assert report.accuracy(None, 1, 2, 3) == "—"
+    assert report.accuracy_text(91.667, n=12) == "91.7% [64.6, 98.5], n=12"
+    assert report.accuracy_text(97.5, 94.6, 98.9) == "97.5% [94.6, 98.9]"
+    assert report.accuracy_text(None, 1, 2, 3) == "—"
     assert report.points(-1.25, -3.1, 0.4) == "-1.25 [-3.10, +0.40]"
     assert [report.p_value(p) for p in (1.0, 0.0313, 0.0004, None)] == ["1", "0.031", "<0.001",
                                                                           "—"]
@@ -538,9 +546,10 @@ def test_a_photo_folder_is_named_as_the_source_not_open_images(tmp_path) -> None
 def test_profile_section_shows_the_paragraph_and_a_table_per_mode(cfg) -> None:
     write_inputs(cfg)
     paragraph = "eager at batch 32 (9.00 ms per call): memory-bound: depthwise convolution: 31%."
-    types = {"depthwise convolution": {"time_ms": 2.79, "time_share": 0.31, "flop_share": 0.04,
-                                       "gflops_per_s": 2.1, "intensity": 3.0},
-             "convolution": {"time_ms": 6.21, "time_share": 0.69, "flop_share": 0.96,
+    types = {"depthwise convolution": {"time_ms": 2.79, "time_share_pct": 31.0,
+                                       "flop_share_pct": 4.0, "gflops_per_s": 2.1,
+                                       "intensity": 3.0},
+             "convolution": {"time_ms": 6.21, "time_share_pct": 69.0, "flop_share_pct": 96.0,
                              "gflops_per_s": 80.0, "intensity": None}}
     write_json(path(cfg, "metrics") / "profile.json", {"threads": 2, "paragraph": paragraph,
                "profiles": {"eager@b32": {"mode": "eager", "batch": 32, "total_ms": 9.0,
@@ -572,7 +581,7 @@ def test_download_is_one_table_of_official_splits_and_one_line_of_fetch_figures(
             "retries; 26 requested in 6.96 s, 3.7 images/s (each image left out is listed in "
             "`data/raw/missing.csv`).") in part
     # The raw keys stay in the JSON, out of the report.
-    assert "share" not in part and "train.images" not in md and "http_retries" not in md
+    assert "share_pct" not in part and "train.images" not in md and "http_retries" not in md
     page = (path(cfg, "reports") / "REPORT.html").read_text()
     assert ("<tr><td>Zebra</td><td class=num>5</td><td class=num>2</td><td class=num>3</td>"
             "<td class=num>10</td></tr>") in page

@@ -301,7 +301,7 @@ def test_mlflow_ui_shows_each_jobs_accuracy_and_throughput(parallel_sweep: Sweep
                    if "mlflow.parentRunId" not in r.data.tags),
                   key=lambda r: r.data.tags["sweep_job"])
     assert [r.data.tags["sweep_job"] for r in jobs] == ["0", "1"], parallel_sweep.logs
-    metrics = ("benchmark.best_throughput", "train.test_acc")
+    metrics = ("benchmark.best_throughput", "train.test_acc_pct")
     want = {r.info.run_name: [r.data.metrics[m] for m in metrics] for r in jobs}
     assert all(values[0] > 0 for values in want.values()), want  # a measured throughput
     shots = tmp_path / "screenshots"
@@ -385,9 +385,9 @@ def test_the_stage_order_is_dvc_yamls_and_each_stage_follows_what_it_reads() -> 
 
 def test_the_objective_is_the_configured_metric(tmp_path: Path) -> None:
     cfg = compose([f"paths.root={tmp_path}"])
-    assert cfg.sweep.objective == "train.best_val_acc"
-    write_json(path(cfg, "metrics") / "train.json", {"best_val_acc": 0.75, "nested": {"x": 3}})
-    assert sweep_module.objective(cfg) == 0.75
+    assert cfg.sweep.objective == "train.best_val_acc_pct"
+    write_json(path(cfg, "metrics") / "train.json", {"best_val_acc_pct": 75.0, "nested": {"x": 3}})
+    assert sweep_module.objective(cfg) == 75.0
     assert sweep_module.objective(compose([f"paths.root={tmp_path}",
                                            "sweep.objective=train.nested.x"])) == 3.0
     with pytest.raises(ValueError, match="metrics/train.json has no number at 'nested'"):

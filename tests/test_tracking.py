@@ -45,7 +45,7 @@ def test_run_name_tags_and_experiment_kind(make_cfg, new_store: Path, tmp_path: 
     shutil.copy(new_store, path(cfg, "root") / "mlflow.db")  # the default store, empty
     for stage in ("download", "prepare"):  # two stages, one run; the second resumes it
         with stage_run(cfg, stage) as t:
-            t.log_metrics({"acc": 0.5}, fractions=("acc",))
+            t.log_metrics({"acc_pct": 50.0, "flag": True, "name": "x"})  # numbers only
             if stage == "download":  # a child that carries the key, like a benchmark row
                 parent = mlflow.active_run()
                 mlflow.start_run(nested=True, experiment_id=parent.info.experiment_id,
@@ -60,7 +60,7 @@ def test_run_name_tags_and_experiment_kind(make_cfg, new_store: Path, tmp_path: 
     assert run.info.run_name == f"{cfg.model.name}-{cfg.train.recipe}-{key[:8]}"
     assert run.data.tags["sweep_name"] == "grid" and run.data.tags["sweep_job"] == "3"
     assert run.data.tags["model.name"] == cfg.model.name
-    assert run.data.metrics == {"download.acc": 50.0, "prepare.acc": 50.0}
+    assert run.data.metrics == {"download.acc_pct": 50.0, "prepare.acc_pct": 50.0}
 
     monkeypatch.setenv("DVC_EXP_NAME", "bushy-lamb")  # a new key: a new run, named by DVC
     with stage_run(cfg, "download"):

@@ -253,7 +253,7 @@ class BenchmarkConf(Schema):
     threads: NonNegativeInt
     device: Device
     input_batches: Annotated[int, Field(ge=2)]  # rotated through the timed calls, never one
-    min_agreement: ZeroToOne
+    min_agreement_pct: Annotated[float, Field(ge=0, le=100)]
     reference_batch: PositiveInt
     worker_timeout: PositiveFloat
     throughput_mode: ThroughputModeConf

@@ -10,9 +10,9 @@ the same run (histories grow by one step, artifacts are replaced).
 
 Why the rules below are what they are:
 
-- One unit per kind of figure: accuracies are percentages in MLflow while the JSON files keep
-  their documented units, so a stage converts at its tracker call
-  (`log_metrics(..., fractions=...)`), never in the file it writes.
+- One unit per kind of figure, named: every accuracy, agreement and share is a percentage whose
+  key ends in `_pct`, in the JSON and CSV files and in MLflow alike, so a metric is logged as the
+  file holds it and a reader never guesses the unit.
 - Verdicts are tags and also `verdict_code` metrics (`VERDICT_CODES`), so that they can be
   charted and filtered numerically.
 - A SQLite store is created and migrated once, under an exclusive lock on `<db file>.lock`:
@@ -187,15 +187,12 @@ class StageRun:
             # MLflow params are strings of at most 6000 characters; lists become their repr.
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None,
-                    fractions: Collection[str] = ()) -> None:
-        """Numbers only, prefixed with the stage. `fractions`: keys (flattened, before the
-        prefix) holding a fraction in 0..1, logged as a percentage like every accuracy here."""
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Numbers only, prefixed with the stage, as the stage's files hold them."""
         if self.enabled:
             import mlflow
 
-            clean = {f"{self.stage}.{k}": float(v) * (100.0 if k in fractions else 1.0)
-                     for k, v in flatten(metrics).items()
+            clean = {f"{self.stage}.{k}": float(v) for k, v in flatten(metrics).items()
                      if isinstance(v, int | float) and not isinstance(v, bool)}
             mlflow.log_metrics(clean, step=step)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+STATS_COLUMNS = ["split", "class", "count", "share_pct"]  # stats.csv of download and prepare
+
 
 def split_stats(items: Iterable[tuple[str, str]], classes: Sequence[str]) -> dict[str, dict]:
-    """{split: {"images": n, "classes": {name: (count, share)}}} plus an "all" row."""
+    """{split: {"images": n, "classes": {name: (count, share_pct)}}} plus an "all" row."""
     counts: dict[str, Counter] = {}
     for split, name in items:
         counts.setdefault(split, Counter())[name] += 1
@@ -15,8 +17,8 @@ def split_stats(items: Iterable[tuple[str, str]], classes: Sequence[str]) -> dic
     table = {}
     for split, c in counts.items():
         n = sum(c.values())
-        table[split] = {"images": n,
-                        "classes": {k: (c[k], round(c[k] / n, 4) if n else 0.0) for k in classes}}
+        table[split] = {"images": n, "classes": {k: (c[k], round(100 * c[k] / n, 2) if n else 0.0)
+                                                 for k in classes}}
     return table
 
 
@@ -32,7 +34,7 @@ def format_table(table: dict[str, dict], title: str) -> str:
     lines = [title, "".ljust(width) + "".join(f"{s:>18}" for s in splits)]
     lines.append("images".ljust(width) + "".join(f"{table[s]['images']:>18}" for s in splits))
     for name in names:
-        cells = "".join(f"{table[s]['classes'][name][0]:>9} ({table[s]['classes'][name][1]:>5.1%})"
+        cells = "".join(f"{table[s]['classes'][name][0]:>9} ({table[s]['classes'][name][1]:>5.1f}%)"
                         for s in splits)
         lines.append(name.ljust(width) + cells)
     return "\n".join(lines)

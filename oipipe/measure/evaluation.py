@@ -7,7 +7,7 @@ config, so any stage can call it without depending on another stage's settings.
   by default every prepared image the model did not train on (val + test), because one image
   of 37 is 2.7 points and a bar of 0.5 points cannot be decided on so few.
 - `calibration_batches(...)`: a seeded sample of training images for int8 calibration.
-- `compare(...)`: a variant's logits against the fp32 model's on the same images: accuracy with
+- `against_fp32(...)`: a variant's logits against the fp32 model's on the same images: accuracy with
   its Wilson interval, the paired difference with its interval, agreement with its interval,
   exact McNemar, and the one-sided verdict against the precision's bar.
 """
@@ -76,15 +76,15 @@ def calibration_batches(prepared: Path, meta: dict, count: int, batch: int,
     return gen
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray, confidence: float = 0.95) -> dict:
+def top1_with_interval(logits: np.ndarray, labels: np.ndarray, confidence: float = 0.95) -> dict:
     """Top-1 in percent with its Wilson interval and the number of images."""
     k, n = int((logits.argmax(1) == labels).sum()), int(len(labels))
     lo, hi = wilson(k, n, confidence)
-    return {"top1": round(100 * k / n, 3) if n else None, "top1_ci_low": round(100 * lo, 3),
-            "top1_ci_high": round(100 * hi, 3), "eval_images": n}
+    return {"top1_pct": round(100 * k / n, 3) if n else None, "top1_ci_low_pct": round(100 * lo, 3),
+            "top1_ci_high_pct": round(100 * hi, 3), "eval_images": n}
 
 
-def compare(fp32: np.ndarray, got: np.ndarray, labels: np.ndarray, bar_points: float,
+def against_fp32(fp32: np.ndarray, got: np.ndarray, labels: np.ndarray, bar_points: float,
             confidence: float = 0.95) -> dict:
     """The variant (`got`) against fp32 on the same images; percentages and points."""
     if fp32.shape != got.shape or len(labels) != len(got):
@@ -94,15 +94,17 @@ def compare(fp32: np.ndarray, got: np.ndarray, labels: np.ndarray, bar_points: f
     v = verdict(p, bar_points / 100, confidence)
     agree = int((got.argmax(1) == fp32.argmax(1)).sum())
     a_lo, a_hi = wilson(agree, len(labels), confidence)
-    ref = accuracy(fp32, labels, confidence)
-    return {**accuracy(got, labels, confidence),
-            "fp32_top1": ref["top1"], "fp32_top1_ci_low": ref["top1_ci_low"],
-            "fp32_top1_ci_high": ref["top1_ci_high"],
-            "top1_delta": round(100 * p.delta, 3), "delta_ci_low": round(100 * p.low, 3),
-            "delta_ci_high": round(100 * p.high, 3), "discordant_worse": p.worse,
+    ref = top1_with_interval(fp32, labels, confidence)
+    return {**top1_with_interval(got, labels, confidence),
+            "fp32_top1_pct": ref["top1_pct"], "fp32_top1_ci_low_pct": ref["top1_ci_low_pct"],
+            "fp32_top1_ci_high_pct": ref["top1_ci_high_pct"],
+            "top1_delta_pct": round(100 * p.delta, 3),
+            "top1_delta_ci_low_pct": round(100 * p.low, 3),
+            "top1_delta_ci_high_pct": round(100 * p.high, 3), "discordant_worse": p.worse,
             "discordant_better": p.better, "mcnemar_p": round(p.mcnemar_p, 6),
-            "agreement": round(100 * agree / len(labels), 3),
-            "agreement_ci_low": round(100 * a_lo, 3), "agreement_ci_high": round(100 * a_hi, 3),
-            "accuracy_bar": float(bar_points), "verdict": v.verdict,
+            "agreement_pct": round(100 * agree / len(labels), 3),
+            "agreement_ci_low_pct": round(100 * a_lo, 3),
+            "agreement_ci_high_pct": round(100 * a_hi, 3),
+            "accuracy_bar_pct": float(bar_points), "verdict": v.verdict,
             "verdict_reason": v.reason, "images_to_decide": v.images_to_decide,
             "max_abs_logit_diff": float(np.abs(got - fp32).max())}

@@ -52,7 +52,7 @@ COMPILED_MARKERS = ("CompiledFxGraph", "Torch-Compiled Region", "cpp_fused", "Co
 
 # A type is memory-bound in the paragraph when it takes at least this share of the time and at
 # least this many times its share of the FLOPs.
-MIN_TIME_SHARE, MIN_RATIO = 0.05, 2.0
+MIN_TIME_SHARE_PCT, MIN_RATIO = 5.0, 2.0
 
 
 def op_name(event_name: str) -> str:
@@ -92,8 +92,9 @@ def summarize(seconds: dict[str, float], flops: dict[str, float], nbytes: dict[s
         t, f, b = seconds.get(kind, 0.0) / calls, flops.get(kind, 0.0), nbytes.get(kind, 0.0)
         if not t and not f:
             continue
-        out[kind] = {"time_ms": t * 1000, "time_share": t * calls / total_t, "flops": f,
-                     "flop_share": f / total_f, "gflops_per_s": f / t / 1e9 if t and f else None,
+        out[kind] = {"time_ms": t * 1000, "time_share_pct": 100 * t * calls / total_t,
+                     "flops": f, "flop_share_pct": 100 * f / total_f,
+                     "gflops_per_s": f / t / 1e9 if t and f else None,
                      "bytes": b, "intensity": f / b if b and f else None}
     return out
 
@@ -102,12 +103,12 @@ def memory_bound(types: dict[str, dict]) -> list[str]:
     """The types that take a large share of the time but a much smaller share of the FLOPs,
     by time share, largest first."""
     hits = [k for k, v in types.items() if k not in (OTHER, LAYOUT)
-            and v["time_share"] >= max(MIN_TIME_SHARE, MIN_RATIO * v["flop_share"])]
-    return sorted(hits, key=lambda k: -types[k]["time_share"])
+            and v["time_share_pct"] >= max(MIN_TIME_SHARE_PCT, MIN_RATIO * v["flop_share_pct"])]
+    return sorted(hits, key=lambda k: -types[k]["time_share_pct"])
 
 
 def _figures(kind: str, v: dict) -> str:
-    parts = [f"{v['time_share']:.0%} of time", f"{v['flop_share']:.0%} of FLOPs"]
+    parts = [f"{v['time_share_pct']:.0f}% of time", f"{v['flop_share_pct']:.0f}% of FLOPs"]
     if v.get("gflops_per_s") is not None:
         parts.append(f"{v['gflops_per_s']:.1f} GFLOP/s")
     if v.get("intensity") is not None:
@@ -121,7 +122,7 @@ def paragraph(profile: dict[str, Any]) -> str:
     for p in profile["profiles"].values():
         types = p["types"]
         bound = memory_bound(types)
-        top = max(types, key=lambda k: types[k]["flop_share"]) if types else None
+        top = max(types, key=lambda k: types[k]["flop_share_pct"]) if types else None
         head = f"{p['mode']} at batch {p['batch']} ({p['total_ms']:.2f} ms per call)"
         if bound:
             said = "; ".join(_figures(k, types[k]) for k in bound)

@@ -147,7 +147,7 @@ def num(v: Any, digits: int | None = None, suffix: str = "") -> str:
     return str(v)
 
 
-def accuracy(top1: Any, low: Any = None, high: Any = None, n: Any = None) -> str:
+def accuracy_text(top1: Any, low: Any = None, high: Any = None, n: Any = None) -> str:
     """An accuracy in percent with its 95% interval and number of images:
     `94.4% [81.9, 98.5], n=36`. The stages record the interval; where a record has the count
     but not the interval (a file from before intervals), the Wilson interval is computed from
