@@ -25,7 +25,6 @@ stage imports it). Per job:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib
 import json
@@ -35,7 +34,6 @@ import re
 import shutil
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +46,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from oipipe.core.config import PROJECT_ROOT, path, validate
 from oipipe.core.errors import ConfigError
-from oipipe.core.files import write_json, write_text
-from oipipe.core.tracking import tracking_uri
+from oipipe.core.files import file_lock, write_json, write_text
+from oipipe.core.tracking import experiment_id, tracking_uri
 
 log = logging.getLogger("oitools.sweep")
 
@@ -92,24 +90,6 @@ def stage_order(dvc_yaml: Path = PROJECT_ROOT / "dvc.yaml") -> list[Stage]:
     return out
 
 
-@contextlib.contextmanager
-def file_lock(file: Path) -> Iterator[float]:
-    """Hold an exclusive `flock` on `file` (created if missing); yields the seconds waited.
-
-    `flock` works across processes on one machine and, on Linux, on NFS (emulated with POSIX
-    locks), which is where a SLURM sweep folder lives. The lock dies with its process, so a killed
-    job never leaves it held.
-    """
-    file.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with open(file, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield time.perf_counter() - started
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def data_key(data: DictConfig) -> str:
     """What defines a job's downloaded and prepared data: its whole data config (how fast the
     data arrives is `runtime`'s, so jobs differing only there share one download)."""
@@ -144,16 +124,13 @@ def ensure_experiment(cfg: DictConfig, sweep_dir: Path) -> None:
     each found neither would race to create them, and the loser would fail."""
     if not cfg.tracking.enabled:
         return
-    from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg)
-    with file_lock(sweep_dir / ".mlflow.lock"):
-        client = MlflowClient(uri)
-        if client.get_experiment_by_name(cfg.tracking.experiment) is None:
-            location = None
-            if uri.startswith("sqlite:"):  # artifacts beside the database, not in a job folder
-                location = (sweep_dir / "mlartifacts").resolve().as_uri()
-            client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    location = None
+    if uri.startswith("sqlite:"):  # artifacts beside the database, not in a job folder
+        location = (sweep_dir / "mlartifacts").resolve().as_uri()
+    with file_lock(sweep_dir / ".mlflow.lock"):  # a server store has no file of its own to lock
+        experiment_id(uri, cfg.tracking.experiment, location)  # as every stage creates it
 
 
 def run_stage(stage: Stage, cfg: DictConfig, timings: dict[str, float]) -> None:

@@ -52,6 +52,7 @@ from oipipe.core.files import (
 from oipipe.core.tracking import StageRun, stage_run
 from oipipe.data import imaging, openimages, photos
 from oipipe.data.fetch import Fetcher, FetchError, NotFound, TooLarge
+from oipipe.data.sampling import rank
 from oipipe.data.split_counts import STATS_COLUMNS, format_table, split_stats, stats_rows
 
 log = logging.getLogger("stages.download")
@@ -81,11 +82,6 @@ def cache_dir(cfg: DictConfig, kind: str, base_url: str) -> Path:
     """Per-base-URL cache, so a mirror's files are never mistaken for the real ones."""
     tag = hashlib.sha256(base_url.rstrip("/").encode()).hexdigest()[:12]
     return path(cfg, "cache") / kind / tag
-
-
-def rank(seed: int, image_id: str) -> str:
-    """A seeded, order-independent sampling key: adding a class never reshuffles another."""
-    return hashlib.sha256(f"{seed}:{image_id}".encode()).hexdigest()
 
 
 def select(scans: dict[str, openimages.LabelScan], classes: dict[str, str], cap: int, seed: int,

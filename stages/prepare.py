@@ -18,7 +18,6 @@ every source: a photo folder's images simply have no official split.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from oipipe.core.errors import InputError
 from oipipe.core.files import atomic_dir, read_csv, write_csv, write_json, write_text
 from oipipe.core.tracking import stage_run
 from oipipe.data import imaging
+from oipipe.data.sampling import rank
 from oipipe.data.split_counts import STATS_COLUMNS, format_table, split_stats, stats_rows
 
 log = logging.getLogger("stages.prepare")
@@ -38,10 +38,6 @@ log = logging.getLogger("stages.prepare")
 SPLITS = ("train", "val", "test")
 OFFICIAL_TO_SPLIT = {"train": "train", "validation": "val", "test": "test"}
 JPEG_QUALITY = 90
-
-
-def rank(seed: int, image_id: str) -> str:
-    return hashlib.sha256(f"split:{seed}:{image_id}".encode()).hexdigest()
 
 
 def allocate(n: int, ratios: dict[str, float]) -> dict[str, int]:
@@ -70,7 +66,7 @@ def assign_splits(rows: Sequence[dict], classes: Sequence[str], mode: str,
     out: dict[str, str] = {}
     for name in classes:
         ids = sorted((r["ImageID"] for r in rows if r["class"] == name),
-                     key=lambda i: rank(seed, i))
+                     key=lambda i: rank(seed, i, "split"))
         start = 0
         for split, k in allocate(len(ids), ratios).items():
             out.update({i: split for i in ids[start:start + k]})

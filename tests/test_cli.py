@@ -147,3 +147,51 @@ def test_every_entry_point_helps_with_its_own_options(module: str, own_option: s
     res = cli(module, "--help")
     assert res.returncode == 0 and own_option in res.stdout and "Exit codes" in res.stdout, \
         res.stdout + res.stderr
+
+
+def checkout_copy(dst: Path) -> Path:
+    """The repository's files (tracked and not ignored, as they are on disk) copied to `dst`: what a
+    fresh clone holds, with the edits under test."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, listed.split("\0")):
+        src = PROJECT_ROOT / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dst / rel).write_bytes(src.read_bytes())
+    return dst
+
+
+def test_every_entry_point_runs_from_a_fresh_checkout(tmp_path: Path) -> None:
+    """`python -m` of every stage and tool, and the sender by its path (which puts oitools/ first
+    on sys.path, where a module named like the standard library's would shadow it), each from a
+    copy of the checkout with nothing on PYTHONPATH: the copy's modules run, not this one's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import yaml
+
+    clone = checkout_copy(tmp_path / "clone")
+    stages = yaml.safe_load((clone / "dvc.yaml").read_text())["stages"]
+    modules = sorted({(b.get("do") or b)["cmd"].split()[2] for b in stages.values()})
+    assert len(modules) == 8
+    tools = ["oitools.sweep", "oitools.compare", "oitools.stream", "oitools.params", "oimirror"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    runs = {m: [sys.executable, "-m", m, "--help"] for m in modules + tools}
+    runs["oitools/stream_sender.py"] = [sys.executable, str(clone / "oitools/stream_sender.py"),
+                                        "--help"]
+    runs["where"] = [sys.executable, "-c", "import stages.train, oitools.stream; "
+                     "print(stages.train.__file__, oitools.stream.__file__)"]
+
+    def run(cmd: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    with ThreadPoolExecutor(4) as pool:
+        done = dict(zip(runs, pool.map(run, runs.values()), strict=True))
+    for name, res in done.items():
+        assert res.returncode == 0, f"{name}: exit {res.returncode}\n{res.stderr[-2000:]}"
+        if name != "where":
+            assert "usage" in res.stdout.lower() or "hydra" in res.stdout.lower(), (name,
+                                                                                    res.stdout)
+    assert done["where"].stdout.split() == [str(clone / "stages/train.py"),
+                                            str(clone / "oitools/stream.py")]

@@ -191,6 +191,7 @@ def test_parallel_sweep_shares_data_serialises_benchmarks_and_reports_failures(
                if "mlflow.parentRunId" not in r.data.tags]
     tags = {r.data.tags.get("sweep_job"): r.data.tags for r in parents}
     assert set(tags) == {"0", "1"}, tags
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # as the stages make it
     for num, mode in ((0, "linear_probe"), (1, "full")):
         assert tags[str(num)]["sweep_name"] == "sweep"
         assert f"train.recipe={mode}" in tags[str(num)]["sweep_overrides"]

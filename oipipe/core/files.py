@@ -6,12 +6,14 @@ import contextlib
 import csv
 import ctypes
 import errno
+import fcntl
 import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -187,3 +189,22 @@ def remove_stale_temps(folder: Path) -> int:
                 p.unlink(missing_ok=True)
                 n += 1
     return n
+
+
+@contextlib.contextmanager
+def file_lock(file: Path) -> Iterator[float]:
+    """Hold an exclusive `flock` on `file` (created if missing); yields the seconds waited.
+
+    The one lock of the project (the MLflow store's creation, a cached download, the sweep's
+    shared data and benchmark). `flock` works across processes on one machine and, on Linux, on
+    NFS (emulated with POSIX locks), which is where a SLURM sweep folder lives. The lock dies
+    with its process, so a killed job never leaves it held.
+    """
+    file.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(file, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield time.perf_counter() - started
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -30,7 +30,6 @@ Why the rules below are what they are:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -46,6 +45,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from oipipe.core.config import PROJECT_ROOT, path
+from oipipe.core.files import file_lock
 
 log = logging.getLogger("oipipe.core.tracking")
 
@@ -93,9 +93,7 @@ def experiment_id(uri: str, name: str, artifact_location: str | None) -> str:
     db = sqlite_file(uri)
     if db is None:
         return _experiment_id(uri, name, artifact_location)
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{db}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with file_lock(Path(f"{db}.lock")):
         return _experiment_id(uri, name, artifact_location)
 
 

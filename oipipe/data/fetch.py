@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ from urllib3.util.retry import Retry
 
 from oipipe.core import progress
 from oipipe.core.errors import StageError
-from oipipe.core.files import fsync_dir, write_text
+from oipipe.core.files import file_lock, fsync_dir, write_text
 
 log = logging.getLogger("oipipe.data.fetch")
 
@@ -155,8 +154,7 @@ class Fetcher:
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Parallel jobs sharing a cache (a DVC queue, a sweep) would append to one `.part` at
         # once: the first to take the lock downloads, the others wait and find `dest` complete.
-        with open(dest.with_name(dest.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with file_lock(dest.with_name(dest.name + ".lock")):
             if dest.exists():
                 return dest
             return self._download_locked(url, dest, desc)
