@@ -44,12 +44,13 @@ import torch  # noqa: E402
 
 from oipipe.core.config import load_params, path  # noqa: E402
 from oipipe.core.files import write_json  # noqa: E402
+from oipipe.core.variants import VARIANTS  # noqa: E402
 from oipipe.deploy.runtime import EXPORT_FILES, load_variant  # noqa: E402
 from oipipe.measure import evaluation, machine  # noqa: E402
 from stages import optimize  # noqa: E402
 
 # Every variant that runs on a CPU, built where missing.
-CPU_VARIANTS = ("cpu_bf16", "inductor_fp32", "inductor_bf16", "int8", "onnxruntime_fp32",
+CPU_VARIANTS = ("eager_bf16", "inductor_fp32", "inductor_bf16", "inductor_int8", "onnxruntime_fp32",
                 "onnxruntime_int8", "openvino_fp32", "openvino_bf16", "openvino_int8")
 
 
@@ -159,7 +160,7 @@ def main() -> int:
     if not Path(cfg.paths.root).is_absolute():  # a reproduced project's params.yaml: root "."
         os.chdir(args.params.resolve().parent)
     optimized = path(cfg, "optimized")
-    for name in (v for v in CPU_VARIANTS if v in optimize.VARIANTS):
+    for name in (v for v in CPU_VARIANTS if v in VARIANTS):
         if not (optimized / name / "record.json").is_file():
             print(f"building {name}", flush=True)
             optimize.run(cfg, name)

@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from oipipe.core import cli, progress
 from oipipe.core.config import load_params, path
-from oipipe.core.errors import InputError
+from oipipe.core.errors import InputError, error_text
 from oipipe.core.files import write_csv, write_json
 from oipipe.core.tracking import DVC_EXP_TAG, KEY_TAG, stage_run, verdict_code
 from oipipe.deploy.runtime import RECORD, Runtime, load_artifact
@@ -266,9 +266,9 @@ def time_openvino_async(folder: Path, record: dict, batches: list[torch.Tensor],
     import openvino as ov
     import openvino.properties as props
 
-    from oipipe.deploy.runtime import openvino_compile, variant_spec
+    from oipipe.deploy.runtime import openvino_compile, variant_row
 
-    file = folder / variant_spec(record["variant"]).file
+    file = folder / variant_row(record["variant"]).file
     compiled, _ = openvino_compile(file, record["precision"], threads, hint="THROUGHPUT",
                                    streams=streams)
     requests = int(compiled.get_property(props.optimal_number_of_infer_requests))
@@ -345,7 +345,7 @@ def measure_variant(cfg: DictConfig, variant: str, rows_file: Path) -> None:
             try:
                 row.update(time_runtime(runtime, batches, protocol, power))
             except PowerReadError as e:  # the power figures would be wrong: time without them
-                row["power_error"] = str(e)[:1000]
+                row["power_error"] = error_text(str(e))
                 row.update(time_runtime(runtime, batches, protocol))
             if power_note:
                 row["power_error"] = power_note
@@ -356,7 +356,7 @@ def measure_variant(cfg: DictConfig, variant: str, rows_file: Path) -> None:
                 row["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
         except Exception as e:  # noqa: BLE001 - the row records it; the other sizes still run
             log.exception("%s at batch %d failed", variant, batch)
-            row.update(status="failed", error=f"{type(e).__name__}: {str(e).strip()[:1000]}")
+            row.update(status="failed", error=error_text(e))
         # ru_maxrss is KiB on Linux: the process's peak so far (load + every size up to here)
         row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         with open(rows_file, "a", encoding="utf-8") as f:
@@ -382,7 +382,7 @@ def _throughput_mode(cfg: DictConfig, variant: str, batches: list[torch.Tensor],
                               streams, threads, cfg.benchmark.worker_timeout)
     except Exception as e:  # noqa: BLE001 - recorded beside the one-call figures
         log.exception("%s throughput mode failed", variant)
-        return {"streams": streams, "streams_method": f"failed: {type(e).__name__}: {e}"[:1000]}
+        return {"streams": streams, "streams_method": "failed: " + error_text(e)}
 
 
 def _summary(row: dict) -> str:
@@ -477,7 +477,7 @@ def _follow(stdout: IO[str], variant: str, bar: tqdm | None) -> None:
 
 
 def _tail(text: str, lines: int = 3) -> str:
-    return " | ".join(text.strip().splitlines()[-lines:])[:1000]
+    return error_text(" | ".join(text.strip().splitlines()[-lines:]))
 
 
 def run(cfg: DictConfig) -> dict:

@@ -18,70 +18,32 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch import nn
 
 from oipipe.core import cli, progress
 from oipipe.core.config import path
 from oipipe.core.errors import InputError, StageError
-from oipipe.core.files import atomic_open, write_json
+from oipipe.core.files import write_json
 from oipipe.core.tracking import stage_run
+from oipipe.core.variants import FORMATS, imported
 from oipipe.data.datasets import PreparedImages, eval_transform
-from oipipe.deploy.runtime import EXPORT_FILES, load_artifact
+from oipipe.deploy.export_formats import META_FILE
+from oipipe.deploy.runtime import load_artifact
 from oipipe.training import models
 
 log = logging.getLogger("stages.export")
 
-META_FILE = "meta.json"
-FILES = EXPORT_FILES  # defined in runtime: every consumer of these files finds them there
+FILES = {name: fmt.file for name, fmt in FORMATS.items()}  # the formats' rows name them
 
 
 class ExportCheckFailed(StageError):
     """An artifact does not reproduce the eager model."""
 
 
-# --- writers: one per format, each into a temp file that is then moved into place --------------
-
-
-def export_torchscript(model: nn.Module, example: torch.Tensor, dst: Path, meta: str) -> None:
-    # TorchScript is deprecated upstream but still what many deployment targets load; trace
-    # (not script) captures the eval-mode graph, freeze folds weights and batch norms in.
-    with torch.no_grad():
-        frozen = torch.jit.freeze(torch.jit.trace(model, example))
-    with atomic_open(dst, "wb") as f:
-        torch.jit.save(frozen, f, _extra_files={META_FILE: meta})
-
-
-def export_program(model: nn.Module, example: torch.Tensor, dst: Path, meta: str,
-                   max_batch: int) -> None:
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    with atomic_open(dst, "wb") as f:
-        torch.export.save(ep, f, extra_files={META_FILE: meta})
-
-
-def export_onnx(model: nn.Module, example: torch.Tensor, dst: Path, meta: str, opset: int,
-                max_batch: int) -> None:
-    import onnx
-
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    program = torch.onnx.export(model, (example,), input_names=["images"],
-                                output_names=["logits"], dynamic_shapes=({0: batch},),
-                                opset_version=opset, dynamo=True)
-    proto = program.model_proto
-    got = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    if got < opset:
-        raise StageError(f"ONNX export produced opset {got}, below export.onnx_opset={opset}")
-    onnx.helper.set_model_props(proto, {META_FILE: meta})
-    with atomic_open(dst, "wb") as f:
-        f.write(proto.SerializeToString())
-
-
-# --- loaders: how a deployment (the benchmark, the stream client) runs each artifact ------------
+# --- the check: each artifact, loaded as every consumer loads it, against the eager model -----
 
 
 def output_difference(eager: np.ndarray, got: np.ndarray) -> dict:
@@ -117,13 +79,6 @@ def run(cfg: DictConfig) -> dict:
     example = batches[max(batches)][:2].clone()
     out_dir = path(cfg, "exported")
     out_dir.mkdir(parents=True, exist_ok=True)
-    writers = {
-        "torchscript": lambda dst: export_torchscript(model, example, dst, meta_json),
-        "exported_program": lambda dst: export_program(model, example, dst, meta_json,
-                                                       ex.max_batch),
-        "onnx": lambda dst: export_onnx(model, example, dst, meta_json, ex.onnx_opset,
-                                        ex.max_batch),
-    }
     report: dict[str, float | int | bool] = {}
     failures = []
     with stage_run(cfg, "export") as tracker:
@@ -135,7 +90,7 @@ def run(cfg: DictConfig) -> dict:
                 dst = out_dir / FILES[fmt]
                 bar.set_description(f"export {fmt}")
                 t0 = time.perf_counter()
-                writers[fmt](dst)
+                imported(FORMATS[fmt].writer)(model, example, dst, meta_json, ex)
                 report[f"{fmt}.export_seconds"] = round(time.perf_counter() - t0, 2)
                 report[f"{fmt}.size_mb"] = round(dst.stat().st_size / 2**20, 3)
                 bar.update(1)
@@ -158,7 +113,6 @@ def run(cfg: DictConfig) -> dict:
                          "verified" if ok else "FAILED verification")
         write_json(out_dir / META_FILE, meta)
         write_json(path(cfg, "metrics") / "export.json", report)
-        # agreement is a fraction in export.json and a percentage in MLflow (oipipe.core.tracking)
         tracker.log_metrics(report)
         tracker.log_artifact(path(cfg, "metrics") / "export.json")
     if failures:

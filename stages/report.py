@@ -431,7 +431,7 @@ def optimize_section(cfg: DictConfig, records: list[dict]) -> tuple[list[Block],
                     "below −bar, **pass** when the variant is at least as good on these images or "
                     "the whole interval lies above −bar, **undecided** otherwise."),
                Table(["variant", "backend", "precision", "status", "size (MB)", "build (s)",
-                      "top-1", "Δ top-1 vs fp32 (points)", "verdict", "agreement_pct",
+                      "top-1", "Δ top-1 vs fp32 (points)", "verdict", "agreement",
                       "worse / better", "McNemar p", "reason / error"],
                      rows, numeric={4, 5}, row_class=kinds)]
     reasons = [f"`{r.get('variant')}`: **{r['verdict']}**, {r['verdict_reason']}" for r in records

@@ -19,13 +19,14 @@ from conftest import serve_mlflow
 from oipipe.core.config import compose, path
 from oipipe.core.errors import ConfigError, InputError
 from oipipe.core.files import read_csv
+from oipipe.deploy import build
 from oipipe.deploy.runtime import Runtime, eager_runtime
 from oipipe.measure import pareto
 from oipipe.measure.power import PowerSource
 from oipipe.training import models
 from stages import benchmark, export, optimize
 
-VARIANTS = ["onnxruntime_fp32", "onnxruntime_int8", "cpu_bf16", "trt_fp16"]
+VARIANTS = ["onnxruntime_fp32", "onnxruntime_int8", "eager_bf16", "trt_fp16"]
 TINY = ["benchmark.protocols.default.batch_sizes=[1,8]", "benchmark.protocols.default.trials=2",
         "benchmark.protocols.default.warmup_iters=1",
         "benchmark.protocols.default.warmup_seconds=0", "benchmark.protocols.default.min_iters=3",
@@ -46,7 +47,7 @@ def mlflow_server(tmp_path_factory):
 def cfg(prepared, trained, tmp_path_factory):
     """Export (ONNX), three cheap CPU variants and a TensorRT one (skipped without CUDA).
 
-    export.max_batch=4: the ExportedProgram of cpu_bf16 refuses batch 8, a failure in the middle
+    export.max_batch=4: the ExportedProgram of eager_bf16 refuses batch 8, a failure in the middle
     of its benchmark (batch 1 has been timed by then)."""
     root = tmp_path_factory.mktemp("bench")
     cfg = compose(["data=mirror", f"paths.root={root}", f"paths.prepared={prepared}",
@@ -77,7 +78,7 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
                 for b in (1, 8)}
     assert set(rows) == expected
     for key in ("eager_fp32.b1", "eager_fp32.b8", "eager_fp32_nchw.b8", "onnxruntime_fp32.b8",
-                "onnxruntime_int8.b8", "cpu_bf16.b1"):
+                "onnxruntime_int8.b8", "eager_bf16.b1"):
         r = rows[key]
         assert r["status"] == "ok", r
         assert r["throughput"] > 0 and r["iterations"] >= 6 and r["trials"] == 2
@@ -146,10 +147,11 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
     assert set(table["winners_throughput_mode"]) == {"8"}
     assert rows["onnxruntime_int8.b8"]["precision"] == "int8"
     # raised in the middle of its benchmark: a failed row with the error, the others kept
-    bad = rows["cpu_bf16.b8"]
+    bad = rows["eager_bf16.b8"]
     assert bad["status"] == "failed" and bad["error"] and bad["throughput"] is None
     skipped = rows["trt_fp16.b8"]
-    assert skipped["status"] == "skipped" and skipped["error"] == optimize._needs_trt()
+    assert skipped["status"] == "skipped"
+    assert skipped["error"] == build.missing(("torch_tensorrt", "cuda"))
     assert table["reference_batch"] == 8
     assert table["machine"]["cores"] == os.cpu_count() and table["machine"]["torch"]
     on_disk = json.loads((path(cfg, "metrics") / "benchmark.json").read_text())
@@ -238,7 +240,7 @@ def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server, cfg) -> Non
         assert tags["pipeline_key"] == ptags["pipeline_key"], name
         assert status == {"ok": "FINISHED", "failed": "FAILED", "skipped": "KILLED"}[
             table["rows"][name]["status"]], name
-    assert runs_of["cpu_bf16.b8"][1] == "FAILED" and runs_of["trt_fp16.b8"][1] == "KILLED"
+    assert runs_of["eager_bf16.b8"][1] == "FAILED" and runs_of["trt_fp16.b8"][1] == "KILLED"
     # the parent explains its best_speedup: which variant, its verdict, the winner per batch
     pmetrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
     assert ptags["benchmark.best_variant"] == table["best_variant"]
@@ -263,15 +265,16 @@ def _row(variant: str, batch: int, throughput: float, verdict: str, top1: float 
 
 
 def test_the_winner_is_the_fastest_variant_that_does_not_fail() -> None:
-    rows = [_row("eager_fp32", 32, 10, "pass"), _row("int8", 32, 80, "fail", 70.0),
+    rows = [_row("eager_fp32", 32, 10, "pass"), _row("inductor_int8", 32, 80, "fail", 70.0),
             _row("onnxruntime_int8", 32, 60, "undecided"), _row("inductor_fp32", 32, 40, "pass"),
-            _row("trt_fp16", 32, 500, "pass", status="skipped"), _row("int8", 1, 9, "fail")]
+            _row("trt_fp16", 32, 500, "pass", status="skipped"),
+            _row("inductor_int8", 1, 9, "fail")]
     w = benchmark.winner(rows, 32)
     assert (w["variant"], w["verdict"], w["speedup"]) == ("onnxruntime_int8", "undecided", 6.0)
     assert benchmark.winner(rows, 1) == {"variant": None, "batch": 1}
     front = {p["variant"]: p["on_frontier"] for p in pareto.pareto_points(rows, 32)}
     # int8 is fastest (on the frontier, drawn red); inductor_fp32 is slower and no more accurate
-    assert front == {"eager_fp32": False, "int8": True, "onnxruntime_int8": True,
+    assert front == {"eager_fp32": False, "inductor_int8": True, "onnxruntime_int8": True,
                      "inductor_fp32": False}
 
 
@@ -475,6 +478,6 @@ def test_notebook_protocol_and_bad_settings(cfg) -> None:
         compose(["benchmark.input_batches=1"])
     missing = compose([f"paths.root={cfg.paths.root}", f"paths.models={cfg.paths.models}",
                        f"paths.prepared={cfg.paths.prepared}", "data=mirror",
-                       "optimize.variants=[int8]"])
-    with pytest.raises(InputError, match=r"optimize@int8"):
+                       "optimize.variants=[inductor_int8]"])
+    with pytest.raises(InputError, match=r"optimize@inductor_int8"):
         benchmark.run(missing)

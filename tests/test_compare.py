@@ -39,12 +39,12 @@ JOBS = [
      "children": [
          _child("eager_fp32", 32, 100.0, 90.0, "pass", backend="torch_eager", precision="fp32"),
          # the fastest of all, outside its accuracy bar: never shipped
-         _child("int8", 32, 900.0, 70.0, "fail", backend="torchao"),
+         _child("inductor_int8", 32, 900.0, 70.0, "fail", backend="torchao"),
          _child("onnxruntime_int8", 32, 600.0, 88.0, "undecided"),
          _child("trt_fp16", 32, None, None, None, status="skipped", backend="torch_tensorrt",
                 precision="fp16"),
          _child("eager_fp32", 1, 40.0, 90.0, "pass", backend="torch_eager", precision="fp32"),
-         _child("int8", 1, 120.0, 70.0, "fail", backend="torchao"),
+         _child("inductor_int8", 1, 120.0, 70.0, "fail", backend="torchao"),
          _child("onnxruntime_int8", 1, 80.0, 88.0, "undecided"),
      ]},
     {"job": "1", "overrides": "model=mobilenet_v3_small", "model": "mobilenet_v3_small",
@@ -166,7 +166,7 @@ def test_one_row_per_job_and_variant_at_each_batch_size(result) -> None:
     tables = md_tables(Path(result["compare_md"]).read_text())
     ref = tables["Batch 32 (reference)"]
     assert [(r["job"], r["variant"]) for r in ref] == [
-        ("0", "eager_fp32"), ("0", "int8"), ("0", "onnxruntime_int8"), ("0", "trt_fp16"),
+        ("0", "eager_fp32"), ("0", "inductor_int8"), ("0", "onnxruntime_int8"), ("0", "trt_fp16"),
         ("1", "eager_fp32"), ("1", "inductor_fp32")]
     row = {(r["job"], r["variant"]): r for r in ref}
     ort = row["0", "onnxruntime_int8"]
@@ -182,7 +182,7 @@ def test_one_row_per_job_and_variant_at_each_batch_size(result) -> None:
     assert row["0", "trt_fp16"]["status"] == "skipped"
     assert row["0", "trt_fp16"]["throughput (img/s)"] == row["0", "trt_fp16"]["Pareto"] == "—"
     assert [(r["job"], r["variant"], r["Pareto"]) for r in tables["Batch 1"]] == [
-        ("0", "eager_fp32", "—"), ("0", "int8", "—"), ("0", "onnxruntime_int8", "—"),
+        ("0", "eager_fp32", "—"), ("0", "inductor_int8", "—"), ("0", "onnxruntime_int8", "—"),
         ("1", "eager_fp32", "—"), ("1", "inductor_fp32", "—")]
     jobs = tables["Jobs"]
     assert [(j["job"], j["overrides"], j["benchmark rows"]) for j in jobs] == [
@@ -198,7 +198,7 @@ def test_other_sweeps_and_lone_runs_do_not_appear(result) -> None:
 def test_pareto_frontier_across_jobs_and_its_chart(result) -> None:
     front = {p["label"]: p["on_frontier"] for p in result["pareto"]}
     # job 1's eager_fp32 (300/s, 85%) is beaten by its inductor_fp32 (500/s, 89%) on both axes
-    assert front == {"0/eager_fp32": True, "0/int8": True, "0/onnxruntime_int8": True,
+    assert front == {"0/eager_fp32": True, "0/inductor_int8": True, "0/onnxruntime_int8": True,
                      "1/eager_fp32": False, "1/inductor_fp32": True}
     chart = Path(result["chart"])
     assert chart.name == "compare_pareto.png" and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -208,7 +208,7 @@ def test_pareto_frontier_across_jobs_and_its_chart(result) -> None:
     assert "](compare_pareto.png)" in md
     assert ("On the Pareto frontier (no other (job, variant) is at least as fast and as accurate,"
             " and better in one): `0/eager_fp32`, `1/inductor_fp32`, `0/onnxruntime_int8`, "
-            "`0/int8`.") in md
+            "`0/inductor_int8`.") in md
 
 
 def test_frontier_keeps_ties_and_drops_points_beaten_on_one_axis() -> None:

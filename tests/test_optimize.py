@@ -15,8 +15,8 @@ from conftest import logits_in_fresh_process, run_stage, write_params
 from oipipe.core.config import compose, path
 from oipipe.core.errors import ConfigError, InputError
 from oipipe.core.files import read_csv
-from oipipe.core.variants import OPTIMIZE_VARIANTS
-from oipipe.deploy import runtime
+from oipipe.core.variants import OPTIMIZE_VARIANTS, VARIANTS
+from oipipe.deploy import build, build_tensorrt, build_torch, runtime
 from oipipe.measure import evaluation
 from oipipe.measure.machine import cpu_has_native_bf16
 from oipipe.training import models
@@ -26,9 +26,9 @@ from stages import export, optimize
 # (test_openvino_bf16_is_skipped_without_native_bf16); these machines differ, so ask this one.
 NATIVE_BF16 = cpu_has_native_bf16()
 OPENVINO = ["openvino_fp32", *(["openvino_bf16"] if NATIVE_BF16 else []), "openvino_int8"]
-CPU_VARIANTS = ["cpu_bf16", "inductor_fp32", "inductor_bf16", "int8", "onnxruntime_fp32",
+CPU_VARIANTS = ["eager_bf16", "inductor_fp32", "inductor_bf16", "inductor_int8", "onnxruntime_fp32",
                 "onnxruntime_int8", *OPENVINO]
-HAS_TRT = optimize._needs_trt() is None
+HAS_TRT = build.missing(("torch_tensorrt", "cuda")) is None
 
 
 def base(root: Path, prepared: Path, trained: Path, *overrides: str) -> list[str]:
@@ -70,7 +70,7 @@ def built(cfg, tmp_path_factory) -> dict[str, dict]:
 
 
 def test_registry_and_config_name_the_same_variants() -> None:
-    assert set(optimize.VARIANTS) == set(OPTIMIZE_VARIANTS) == set(runtime.VARIANTS)
+    assert set(VARIANTS) == set(OPTIMIZE_VARIANTS)
     assert set(compose().optimize.variants) <= set(OPTIMIZE_VARIANTS)
 
 
@@ -78,7 +78,7 @@ def test_registry_and_config_name_the_same_variants() -> None:
 def test_cpu_variant_builds_reloads_and_passes_its_accuracy_bar(built, cfg, name) -> None:
     rec = built[name]
     assert rec["status"] == "ok", rec["error"]
-    assert rec["precision"] == optimize.VARIANTS[name].precision
+    assert rec["precision"] == VARIANTS[name].precision
     assert rec["verdict"] in ("pass", "undecided"), rec["verdict_reason"]
     # measured on every image the model did not train on, and it says so
     held_out = sum(len(read_csv(path(cfg, "prepared") / f"{s}.csv")) for s in ("val", "test"))
@@ -99,37 +99,37 @@ def test_cpu_variant_builds_reloads_and_passes_its_accuracy_bar(built, cfg, name
     assert json.loads((path(cfg, "metrics") / "optimize" / f"{name}.json").read_text()) == rec
     if rec["precision"] == "int8":
         assert rec["calibration_images"] == 32
-    if name == "int8":  # real oneDNN int8 kernels, not a silent fp32 fallback
+    if name == "inductor_int8":  # real oneDNN int8 kernels, not a silent fp32 fallback
         assert rec["int8_kernels"] > 10
 
 
 def test_an_int8_package_without_int8_kernels_is_a_failed_build(
         built, cfg, exported_root, prepared, trained, tmp_path, monkeypatch) -> None:
     """The guard against Inductor's silent fp32 fallback (pytorch/ao#4566): a real fp32
-    AOTInductor package (inductor_fp32's) counts no int8 kernel where int8's counts its own;
-    handed to build_int8 as if its compile had fallen back, the variant is `failed` with the
-    guard's message, and no artifact is left beside the record. Written beside, not over, the
-    module's built variants."""
+    AOTInductor package (inductor_fp32's) counts no int8 kernel where inductor_int8's counts its
+    own; handed to build_torch.inductor_int8 as if its compile had fallen back, the variant is
+    `failed` with the guard's message, and no artifact is left beside the record. Written beside,
+    not over, the module's built variants."""
     root = path(cfg, "root")
     fp32_package = root / built["inductor_fp32"]["artifact"]
-    assert optimize.count_int8_kernels(fp32_package) == 0
-    assert optimize.count_int8_kernels(root / built["int8"]["artifact"]) == \
-        built["int8"]["int8_kernels"] > 10
-    monkeypatch.setattr(optimize, "_aoti_package",
+    assert build_torch.count_int8_kernels(fp32_package) == 0
+    assert build_torch.count_int8_kernels(root / built["inductor_int8"]["artifact"]) == \
+        built["inductor_int8"]["int8_kernels"] > 10
+    monkeypatch.setattr(build_torch, "aoti_package",
                         lambda ep, dst: shutil.copyfile(fp32_package, dst))
     elsewhere = compose(base(exported_root, prepared, trained,
                              f"paths.optimized={tmp_path / 'opt'}",
                              f"paths.metrics={tmp_path / 'metrics'}"))
-    rec = optimize.run(elsewhere, "int8")
+    rec = optimize.run(elsewhere, "inductor_int8")
     assert (rec["status"], rec["int8_kernels"], rec["artifact"], rec["size_mb"]) == (
         "failed", 0, None, None), rec
     assert rec["error"].startswith("BuildFailed: the AOTInductor package has no int8 "
                                    "(qconv/qlinear) kernel"), rec["error"]
     assert "top1_pct" not in rec and rec["calibration_images"] == 32  # calibrated, then refused
-    folder = tmp_path / "opt" / "int8"
+    folder = tmp_path / "opt" / "inductor_int8"
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "record.json"]
     assert json.loads((folder / "record.json").read_text()) == rec
-    with pytest.raises(InputError, match="variant int8 is failed: BuildFailed"):
+    with pytest.raises(InputError, match="variant inductor_int8 is failed: BuildFailed"):
         runtime.load_variant(folder)
 
 
@@ -139,9 +139,9 @@ def _meta(cfg) -> dict:
 
 def test_quantized_and_low_precision_artifacts_differ_from_fp32(built) -> None:
     # a variant that silently returned the fp32 model would pass any accuracy bar
-    assert built["int8"]["max_abs_logit_diff"] > 1e-3
+    assert built["inductor_int8"]["max_abs_logit_diff"] > 1e-3
     assert built["onnxruntime_int8"]["max_abs_logit_diff"] > 1e-3
-    assert built["cpu_bf16"]["max_abs_logit_diff"] > 1e-4
+    assert built["eager_bf16"]["max_abs_logit_diff"] > 1e-4
     assert built["onnxruntime_fp32"]["max_abs_logit_diff"] < 1e-3
     assert built["onnxruntime_int8"]["size_mb"] < 0.5 * built["onnxruntime_fp32"]["size_mb"]
     assert built["openvino_int8"]["max_abs_logit_diff"] > 1e-3
@@ -211,7 +211,7 @@ def test_openvino_bf16_is_skipped_without_native_bf16(exported_root, prepared, t
                                                      tmp_path, monkeypatch) -> None:
     """What a CPU without AVX512-BF16 or AMX records (this one is asked to say it has none);
     written beside, not over, the module's built variants."""
-    monkeypatch.setattr(optimize, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(build, "cpu_has_native_bf16", lambda: False)
     cfg = compose(base(exported_root, prepared, trained, f"paths.optimized={tmp_path / 'opt'}",
                        f"paths.metrics={tmp_path / 'metrics'}"))
     rec = optimize.run(cfg, "openvino_bf16")
@@ -277,10 +277,10 @@ out["classes"] = [len(meta["classes"]), meta["input_size"]]""")
                      (_skipped(tmp_path / "trt_fp16"), "variant trt_fp16 is skipped: no GPU")):
         with pytest.raises(InputError, match=re.escape(why)):
             runtime.load_artifact(bad)
-    stray = tmp_path / "int8"
-    shutil.copytree(opt / "int8", stray)
+    stray = tmp_path / "inductor_int8"
+    shutil.copytree(opt / "inductor_int8", stray)
     (stray / "model.onnx").write_bytes((exported / "model.onnx").read_bytes())
-    with pytest.raises(InputError, match="is not the artifact of variant int8"):
+    with pytest.raises(InputError, match="is not the artifact of variant inductor_int8"):
         runtime.load_artifact(stray / "model.onnx")
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")
@@ -300,7 +300,7 @@ def _skipped(folder: Path) -> Path:
 def test_tensorrt_variants_record_an_honest_skip_without_cuda_or_tensorrt(cfg, name) -> None:
     rec = optimize.run(cfg, name)
     assert rec["status"] == "skipped"
-    assert rec["reason"] in ("no CUDA device", optimize._needs_trt())
+    assert rec["reason"] in ("no CUDA device", build.missing(("torch_tensorrt",)))
     assert rec["artifact"] is None and "top1_pct" not in rec
     folder = path(cfg, "optimized") / name
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "record.json"]
@@ -309,7 +309,7 @@ def test_tensorrt_variants_record_an_honest_skip_without_cuda_or_tensorrt(cfg, n
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the builds run instead")
-@pytest.mark.parametrize("name", ["cuda_fp16", "inductor_fp16_cuda"])
+@pytest.mark.parametrize("name", ["eager_fp16_cuda", "inductor_fp16_cuda"])
 def test_cuda_variants_record_an_honest_skip_without_a_gpu(cfg, name) -> None:
     rec = optimize.run(cfg, name)
     assert (rec["status"], rec["reason"], rec["artifact"]) == ("skipped", "no CUDA device", None)
@@ -318,7 +318,7 @@ def test_cuda_variants_record_an_honest_skip_without_a_gpu(cfg, name) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("name", ["cuda_fp16", "inductor_fp16_cuda"])
+@pytest.mark.parametrize("name", ["eager_fp16_cuda", "inductor_fp16_cuda"])
 def test_cuda_variants_build_and_hold_their_bar_on_a_gpu(cfg, name) -> None:
     rec = optimize.run(cfg, name)
     assert rec["status"] == "ok", rec["error"]
@@ -326,7 +326,7 @@ def test_cuda_variants_build_and_hold_their_bar_on_a_gpu(cfg, name) -> None:
 
 
 @pytest.mark.skipif(not HAS_TRT, reason=f"TensorRT build needs CUDA and torch_tensorrt: "
-                                         f"{optimize._needs_trt()}")
+                                         f"{build.missing(('torch_tensorrt',))}")
 @pytest.mark.parametrize("name", ["trt_fp32", "trt_fp16"])
 def test_tensorrt_variants_build_on_a_gpu(cfg, name) -> None:
     rec = optimize.run(cfg, name)
@@ -337,8 +337,8 @@ def test_tensorrt_variants_build_on_a_gpu(cfg, name) -> None:
 
 def test_tensorrt_settings_are_built_without_a_gpu() -> None:
     trt = compose().optimize.trt
-    fp16 = optimize.trt_compile_settings("fp16", 224, trt, 256)
-    fp32 = optimize.trt_compile_settings("fp32", 224, trt, 256)
+    fp16 = build_tensorrt.trt_compile_settings("fp16", 224, trt, 256)
+    fp32 = build_tensorrt.trt_compile_settings("fp32", 224, trt, 256)
     assert fp16["dtype"] == torch.float16 and fp32["dtype"] == torch.float32
     # enabled_precisions is silently ignored since Torch-TensorRT 2.13: never rely on it
     assert "enabled_precisions" not in fp16["kwargs"]
@@ -356,9 +356,9 @@ def test_tensorrt_settings_are_built_without_a_gpu() -> None:
     assert fp16["kwargs"]["require_full_compilation"] is True
     bad = {**trt, "opt_batch": 512, "max_batch": 512}
     with pytest.raises(ConfigError, match="export.max_batch"):
-        optimize.trt_compile_settings("fp16", 224, bad, 256)
+        build_tensorrt.trt_compile_settings("fp16", 224, bad, 256)
     with pytest.raises(ValueError, match="unknown TensorRT precision"):
-        optimize.trt_compile_settings("int8", 224, trt, 256)
+        build_tensorrt.trt_compile_settings("int8", 224, trt, 256)
 
 
 def test_a_variant_that_fails_is_recorded_and_leaves_the_others(built, cfg, tmp_path) -> None:
@@ -368,13 +368,13 @@ def test_a_variant_that_fails_is_recorded_and_leaves_the_others(built, cfg, tmp_
     good = path(cfg, "exported") / "model.onnx"
     (root / "artifacts" / "exported" / "model.onnx").write_bytes(good.read_bytes()[:4096])
     (root / "artifacts" / "optimized").symlink_to(path(cfg, "optimized"), target_is_directory=True)
-    before = (path(cfg, "optimized") / "int8" / "model.pt2").read_bytes()
+    before = (path(cfg, "optimized") / "inductor_int8" / "model.pt2").read_bytes()
     broken = compose([*_overrides(cfg), f"paths.root={root}", "paths.metrics=metrics"])
     rec = optimize.run(broken, "onnxruntime_fp32")
     assert rec["status"] == "failed" and "onnx" in rec["error"].lower()
     folder = path(cfg, "optimized") / "onnxruntime_fp32"
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "record.json"]
-    assert (path(cfg, "optimized") / "int8" / "model.pt2").read_bytes() == before
+    assert (path(cfg, "optimized") / "inductor_int8" / "model.pt2").read_bytes() == before
     optimize.run(cfg, "onnxruntime_fp32")  # restore it for the other tests
 
 
@@ -435,7 +435,7 @@ def test_bad_inputs_are_clear_errors(cfg, trained, tmp_path) -> None:
     with pytest.raises(ConfigError, match="unknown variant 'tflite'"):
         optimize.run(cfg, "tflite")
     with pytest.raises(ConfigError, match=r"unknown variant\(s\) \['tflite'\]"):
-        compose(["optimize.variants=[int8,tflite]"])
+        compose(["optimize.variants=[inductor_int8,tflite]"])
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "model.pt").write_bytes(trained.read_bytes()[:5000])

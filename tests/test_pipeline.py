@@ -28,7 +28,7 @@ HAS_TORCH_TRT = importlib.util.find_spec("torch_tensorrt") is not None
 GPU_VARIANTS_LACK = {
     "trt_fp16": ("torch_tensorrt not installed" if not HAS_TORCH_TRT
                  else None if HAS_CUDA else "no CUDA device"),
-    "cuda_fp16": None if HAS_CUDA else "no CUDA device",
+    "eager_fp16_cuda": None if HAS_CUDA else "no CUDA device",
 }
 
 
@@ -77,7 +77,7 @@ image_size: 48
     (dst / "conf" / "export" / "test.yaml").write_text(
         "defaults: [default, _self_]\nformats: [onnx]\nverify_batch_sizes: [1, 2]\n")
     (dst / "conf" / "optimize" / "test.yaml").write_text(
-        "defaults: [default, _self_]\nvariants: [onnxruntime_fp32, trt_fp16, cuda_fp16]\n"
+        "defaults: [default, _self_]\nvariants: [onnxruntime_fp32, trt_fp16, eager_fp16_cuda]\n"
         "calibration_images: 8\n")
     (dst / "conf" / "benchmark" / "test.yaml").write_text(
         "defaults: [default, _self_]\nthreads: 1\nprotocols:\n  default:\n"
@@ -103,7 +103,8 @@ image_size: 48
 def test_dvc_repro_then_noop_then_exp_run_reruns_from_prepare(project: Path, mirror) -> None:
     first = sh("dvc", "repro", cwd=project)
     for stage in ("download", "prepare", "train", "export", "optimize@onnxruntime_fp32",
-                  "optimize@trt_fp16", "optimize@cuda_fp16", "benchmark", "profile", "report"):
+                  "optimize@trt_fp16", "optimize@eager_fp16_cuda", "benchmark", "profile",
+                  "report"):
         assert f"Running stage '{stage}'" in first.stdout
     assert (project / "artifacts" / "optimized" / "onnxruntime_fp32" / "model.onnx").is_file()
     bench = json.loads((project / "metrics" / "benchmark.json").read_text())
@@ -118,7 +119,7 @@ def test_dvc_repro_then_noop_then_exp_run_reruns_from_prepare(project: Path, mir
     assert bench["rows"]["onnxruntime_fp32.b2"]["status"] == "ok", bench["rows"]
     assert bench["rows"]["eager_fp32.b2"]["speedup"] == 1.0
     report = (project / "reports" / "REPORT.md").read_text()
-    assert all(v in report for v in ("onnxruntime_fp32", "trt_fp16", "cuda_fp16"))
+    assert all(v in report for v in ("onnxruntime_fp32", "trt_fp16", "eager_fp16_cuda"))
     labels = read_csv(project / "data" / "raw" / "labels.csv")
     assert len(labels) == 30
     assert len(read_csv(project / "data" / "prepared" / "train.csv")) == 24

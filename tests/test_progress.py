@@ -22,12 +22,13 @@ import pytest
 
 from oipipe.core import progress
 from oipipe.core.config import compose
+from oipipe.deploy import build
 from stages import benchmark, export, optimize
 
 # tqdm's bar with a total: "desc:  50%|█████     | 1/2 [00:01<00:01, ...]"
 BAR = r"{}: +\d+%\|"
 ANY_BAR = r"\d+%\|"
-HAS_TRT = optimize._needs_trt() is None
+HAS_TRT = build.missing(("torch_tensorrt", "cuda")) is None
 TINY = ["benchmark.protocols.default.batch_sizes=[1,2]", "benchmark.protocols.default.trials=1",
         "benchmark.protocols.default.warmup_iters=1",
         "benchmark.protocols.default.warmup_seconds=0", "benchmark.protocols.default.min_iters=2",

@@ -63,7 +63,7 @@ INT8_ACC = acc(83.333, 55.197, 95.303)
 ORT_FP32_ACC = acc(41.667, 19.326, 68.049)
 WINNER_32 = {"variant": "onnxruntime_int8", "verdict": "pass", "batch": 32, "throughput": 812.3,
              "latency_p99_ms": 44.81, "speedup": 11.2, **FP32_ACC}
-WINNER_1 = {"variant": "int8", "verdict": "undecided", "batch": 1, "throughput": 95.2,
+WINNER_1 = {"variant": "inductor_int8", "verdict": "undecided", "batch": 1, "throughput": 95.2,
             "latency_p99_ms": 12.5, "speedup": 2.28, **INT8_ACC}
 
 BENCHMARK = {
@@ -82,7 +82,7 @@ BENCHMARK = {
         "eager_fp32_nchw.b1": bench_row("eager_fp32_nchw", 1, throughput=33.36,
                                         latency_p50_ms=29.98, latency_p99_ms=33.0, speedup=0.8,
                                         verdict="pass", **FP32_ACC),
-        "int8.b1": bench_row("int8", 1, throughput=95.2, latency_p50_ms=10.5,
+        "inductor_int8.b1": bench_row("inductor_int8", 1, throughput=95.2, latency_p50_ms=10.5,
                              latency_p99_ms=12.5, speedup=2.28, verdict="undecided", **INT8_ACC),
         "eager_fp32.b32": bench_row("eager_fp32", 32, throughput=72.5, latency_p50_ms=441.37,
                                     latency_p99_ms=460.02, speedup=1.0, verdict="pass",
@@ -111,8 +111,9 @@ BENCHMARK_CHARTS = ("benchmark_throughput.png", "benchmark_latency.png", "benchm
 
 PAIRED_12 = {"eval_splits": ["val", "test"], "eval_images": 12, "fp32_top1_pct": 91.667}
 OPTIMIZE = {
-    "int8": {"variant": "int8", "backend": "aot_inductor", "precision": "int8", "status": "ok",
-             "reason": None, "error": None, "artifact": "artifacts/optimized/int8/model.pt2",
+    "inductor_int8": {
+        "variant": "inductor_int8", "backend": "aot_inductor", "precision": "int8", "status": "ok",
+        "reason": None, "error": None, "artifact": "artifacts/optimized/inductor_int8/model.pt2",
              "size_mb": 3.912, "build_seconds": 48.21, **PAIRED_12, **INT8_ACC,
              "top1_delta_pct": -8.333, "top1_delta_ci_low_pct": -35.437,
              "top1_delta_ci_high_pct": 18.135,
@@ -300,12 +301,13 @@ def test_report_tables_hold_the_numbers(cfg) -> None:
 
     # Optimization: what the variants were measured on, and each verdict with its evidence.
     opt = s["Optimization"]
-    assert ("`int8`, `onnxruntime_fp32`, `onnxruntime_int8` and the fp32 model were evaluated on "
-            "the same 12 images of the val + test splits; fp32 top-1 91.7% [64.6, 98.5], n=12."
-            ) in opt
-    assert header_of(opt, "int8")[6:12] == ["top-1", "Δ top-1 vs fp32 (points)", "verdict",
-                                            "agreement_pct", "worse / better", "McNemar p"]
-    assert table_row(opt, "int8")[3:12] == [
+    assert ("`inductor_int8`, `onnxruntime_fp32`, `onnxruntime_int8` and the fp32 model were "
+            "evaluated on the same 12 images of the val + test splits; fp32 top-1 91.7% "
+            "[64.6, 98.5], n=12.") in opt
+    assert header_of(opt, "inductor_int8")[6:12] == ["top-1", "Δ top-1 vs fp32 (points)",
+                                                     "verdict", "agreement", "worse / better",
+                                                     "McNemar p"]
+    assert table_row(opt, "inductor_int8")[3:12] == [
         "ok", "3.9", "48.2", "83.3% [55.2, 95.3], n=12", "-8.33 [-35.44, +18.14]",
         "undecided (bar 1.5): about 79 images would decide", "91.7% [64.6, 98.5]", "1 / 0", "1"]
     assert table_row(opt, "onnxruntime_fp32")[6:12] == [
@@ -313,8 +315,8 @@ def test_report_tables_hold_the_numbers(cfg) -> None:
         "50.0% [25.4, 74.6]", "6 / 0", "0.031"]
     assert table_row(opt, "onnxruntime_int8")[8] == "pass (bar 1.5)"
     assert "- `onnxruntime_fp32`: **fail**, worse than fp32 by more than the 0.5-point bar" in opt
-    assert "- `int8`: **undecided**, too few images" in opt
-    assert "Configured but not run: `cpu_bf16`" in opt
+    assert "- `inductor_int8`: **undecided**, too few images" in opt
+    assert "Configured but not run: `eager_bf16`" in opt
 
     # Benchmark: the baseline named, the NCHW row and the channels_last gain, rows with
     # accuracy and verdict, the winners, and every chart (the Pareto one too).
@@ -328,8 +330,8 @@ def test_report_tables_hold_the_numbers(cfg) -> None:
         "91.7% [64.6, 98.5], n=12", "pass", "3.6", "12.3", ""]
     assert bench_table_row(bench, "onnxruntime_fp32", "32")[8] == "fail"
     assert ("Winner at each batch size (the fastest variant whose accuracy verdict is not "
-            "`fail`): batch 1 **int8** (undecided), batch 32 **onnxruntime_int8**, batch 64 "
-            "none.") in bench
+            "`fail`): batch 1 **inductor_int8** (undecided), batch 32 **onnxruntime_int8**, "
+            "batch 64 none.") in bench
     for chart in BENCHMARK_CHARTS:
         assert f"](../plots/{chart})" in bench
     assert table_row(s["Machine"], "cpu")[1] == "Intel Xeon Test CPU @ 2.5GHz"
@@ -360,8 +362,8 @@ def test_first_lines_say_what_to_ship(cfg) -> None:
         "(`eager_fp32`) at batch 32.")
     # Then every other batch size, its undecided winner labelled as such.
     assert lines[1] == (
-        "- At batch 1: `int8` (accuracy undecided), 95.2 images/s, p99 latency 12.50 ms, top-1 "
-        "83.3% [55.2, 95.3], n=12; 2.3× the throughput of channels_last eager fp32 "
+        "- At batch 1: `inductor_int8` (accuracy undecided), 95.2 images/s, p99 latency 12.50 ms, "
+        "top-1 83.3% [55.2, 95.3], n=12; 2.3× the throughput of channels_last eager fp32 "
         "(`eager_fp32`) at batch 1; about 79 images at the same rates would decide its accuracy "
         "(it was measured on 12).")
     assert lines[2] == "- At batch 64: no variant finished."
@@ -391,8 +393,8 @@ def _no_winners(b: dict) -> None:
 
 @pytest.mark.parametrize("change, first_line", [
     (_undecided_at_reference,
-     "**Ship `int8` (accuracy undecided) at batch 1**: 95.2 images/s, p99 latency 12.50 ms, "
-     "top-1 83.3% [55.2, 95.3], n=12; 2.3× the throughput of channels_last eager fp32 "
+     "**Ship `inductor_int8` (accuracy undecided) at batch 1**: 95.2 images/s, p99 latency "
+     "12.50 ms, top-1 83.3% [55.2, 95.3], n=12; 2.3× the throughput of channels_last eager fp32 "
      "(`eager_fp32`) at batch 1; about 79 images at the same rates would decide its accuracy "
      "(it was measured on 12)."),
     (_baseline_wins,
@@ -455,7 +457,7 @@ def test_skipped_and_failed_rows_keep_their_reason_and_a_valid_table(cfg) -> Non
     report.run(cfg)
     s = sections((path(cfg, "reports") / "REPORT.md").read_text())
     opt = s["Optimization"]
-    header = header_of(opt, "int8")
+    header = header_of(opt, "inductor_int8")
     skipped = table_row(opt, "trt_fp16")
     assert skipped[3] == "skipped" and skipped[-1] == "torch_tensorrt not installed"
     failed = table_row(opt, "inductor_bf16")

@@ -10,8 +10,11 @@
   which would shadow it for any script run from that folder.
 
 Imports are read with `ast`, not by importing, including those inside functions (they run when
-the stage does). Package `__init__.py` files hold a docstring and nothing else, so a stage that
-imports `oipipe.core.config` reads no code from `oipipe/__init__.py` (a test holds that too).
+the stage does), and the import strings of the variant and format tables (`oipipe.core.variants`)
+count as imports of the module that imports them: builders of `oipipe.deploy.build`, loaders of
+the runtime, export writers of the export stage. Package `__init__.py` files hold a docstring
+and nothing else, so a stage that imports `oipipe.core.config` reads no code from
+`oipipe/__init__.py` (a test holds that too).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import pytest
 import yaml
 
 from oipipe.core.config import PROJECT_ROOT
+from oipipe.core.variants import FORMATS, VARIANTS
 
 DVC_YAML = PROJECT_ROOT / "dvc.yaml"
 CMD = re.compile(r"python -m stages\.(\w+)\b")
@@ -83,10 +87,20 @@ def imports_in(source: str, package: str) -> set[str]:
     return {m for m in found if m in MODULES}
 
 
+# The tables' import strings, by the module whose code imports them (`imported(...)`).
+LAZY: dict[str, set[str]] = {
+    "oipipe.deploy.build": {v.builder for v in VARIANTS.values()},
+    "oipipe.deploy.runtime": ({v.loader for v in VARIANTS.values()}
+                              | {f.loader for f in FORMATS.values()}),
+    "stages.export": {f.writer for f in FORMATS.values()},
+}
+
+
 @cache
 def imports(module: str) -> frozenset[str]:
     package = module if is_package(module) else module.rpartition(".")[0]
-    return frozenset(imports_in(MODULES[module].read_text(), package))
+    lazy = {spec.partition(":")[0] for spec in LAZY.get(module, ())}
+    return frozenset(imports_in(MODULES[module].read_text(), package) | lazy)
 
 
 def closure(module: str) -> set[str]:
@@ -152,6 +166,19 @@ def test_dvc_deps_are_the_files_the_stage_imports(stage: str) -> None:
                 else []) + ([f"extra {extra} (not imported: a change to them reruns it for "
                              "nothing)"] if extra else [])
     assert not problems, f"dvc.yaml stage {stage!r} deps: " + "; ".join(problems)
+
+
+def test_every_table_row_names_functions_that_exist() -> None:
+    """A builder, loader or writer string names a module of the project and a function defined
+    at its top level (read with ast: no import)."""
+    specs = {s for group in LAZY.values() for s in group}
+    assert len(specs) >= 10
+    for spec in sorted(specs):
+        module, _, name = spec.partition(":")
+        assert module in MODULES, f"{spec}: no module {module}"
+        defined = {n.name for n in ast.parse(MODULES[module].read_text()).body
+                   if isinstance(n, ast.FunctionDef)}
+        assert name in defined, f"{spec}: {MODULES[module].name} defines no function {name!r}"
 
 
 def test_package_inits_hold_no_code() -> None:

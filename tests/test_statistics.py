@@ -76,7 +76,7 @@ def test_better_variant_passes() -> None:
     assert v.verdict == "pass" and v.images_to_decide is None
     # ...and says what 37 images cannot rule out
     assert "does not rule out a loss beyond the 1.5-point bar" in v.reason
-    # equal accuracy with two disagreements (cpu_bf16 in the issue) passes too
+    # equal accuracy with two disagreements (eager_bf16 in the issue) passes too
     assert verdict(paired_difference(30, 1, 1, 5), 0.005).verdict == "pass"
 
 

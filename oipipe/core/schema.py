@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from oipipe.core.variants import VariantName
+from oipipe.core.variants import ExportFormatName, VariantName
 
 # --- schema: types, ranges and allowed values; every value lives in conf/ ----------------------
 
@@ -56,16 +56,14 @@ DataSource = Literal["openimages", "folder"]  # stages.download.SOURCES (a test 
 OfficialSplit = Literal["train", "validation", "test"]
 Split = Literal["train", "val", "test"]
 Device = Literal["auto", "cpu", "cuda"]
-ExportFormat = Literal["torchscript", "exported_program", "onnx"]
 ProfileMode = Literal["eager", "inductor"]  # stages.profile.MODES (a test keeps them equal)
 ZeroToOne = Annotated[float, Field(ge=0, le=1)]
 BatchSizes = Annotated[list[PositiveInt], Field(min_length=1)]
-ExportFormats = names(ExportFormat, "export format")
+ExportFormats = names(ExportFormatName, "export format")
 VariantNames = names(VariantName, "variant")
 ProfileModes = names(ProfileMode, "profile mode")
 
 OFFICIAL_SPLITS: tuple[str, ...] = get_args(OfficialSplit)
-EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 PROFILE_MODES: tuple[str, ...] = get_args(ProfileMode)
 
 
@@ -213,6 +211,32 @@ class AccuracyBars(Schema):
     int8: NonNegativeFloat
 
 
+class InductorInt8Settings(Schema):
+    """torchao's get_default_x86_inductor_quantization_config arguments (static, not QAT)."""
+    reduce_range: bool
+
+
+class OrtInt8Settings(Schema):
+    """onnxruntime.quantization.quantize_static's quantization arguments."""
+    quant_format: Literal["QDQ", "QOperator"]
+    per_channel: bool
+    activation_type: Literal["QUInt8", "QInt8"]
+    weight_type: Literal["QInt8", "QUInt8"]
+
+
+class OpenVinoInt8Settings(Schema):
+    """nncf.quantize's arguments."""
+    preset: Literal["performance", "mixed"]
+    fast_bias_correction: bool
+
+
+class VariantSettings(Schema):
+    """A block per variant with quantizer or compiler settings (the TensorRT pair: `trt`)."""
+    inductor_int8: InductorInt8Settings
+    onnxruntime_int8: OrtInt8Settings
+    openvino_int8: OpenVinoInt8Settings
+
+
 class OptimizeConf(Schema):
     variants: VariantNames
     calibration_images: PositiveInt
@@ -220,6 +244,7 @@ class OptimizeConf(Schema):
     eval_batch: PositiveInt
     eval_splits: Annotated[list[Split], Field(min_length=1)]
     accuracy_bars: AccuracyBars
+    settings: VariantSettings
     trt: TrtConf
 
     @field_validator("eval_splits")

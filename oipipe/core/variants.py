@@ -1,22 +1,112 @@
-"""The names of the optimized variants: the one list that config validation, the runtime (how
-each loads, `runtime.VARIANTS`) and the optimize stage (how each is built, `optimize.BUILDERS`)
-read. Torch-free, so that validating a config does not import the compilers.
+"""One row per optimized variant and one per export format: the tables every consumer reads.
 
-Adding a variant: its name here, its loader in `runtime.VARIANTS` and its build function in
-`optimize.BUILDERS` (both refuse to import when they do not cover exactly these names). The
-variants a pipeline builds are a setting, `optimize.variants` in conf/optimize: DVC makes one
-`optimize@<name>` stage per name listed there (dvc.yaml's `foreach`), and validation checks that
-each is a name of this list.
+Torch-free (validating a config imports no compiler): loaders and builders are import strings,
+`"module:function"`, imported only when a variant is loaded or built (`imported`).
+
+- Config validation takes the allowed names from here (`VariantName`, `ExportFormatName`), DVC's
+  `optimize@<name>` stages are `optimize.variants` (conf/optimize), the optimize stage builds a
+  row with its `builder`, and the benchmark, the stream client and `load_artifact` load it with
+  its `loader` (`oipipe.deploy.runtime.load_variant`).
+- What a variant `requires` is data, checked in one place (`oipipe.deploy.build.missing`):
+  `cuda`, `torch_tensorrt`, `native_bf16` (AVX512-BF16 or AMX), `package:<module>`. A row whose
+  requirement is missing records `skipped` with the reason instead of failing.
+- Its quantizer and compiler settings live in conf/optimize (`optimize.settings.<name>`, and
+  `optimize.trt` for the two TensorRT rows), so a sweep can change them.
+
+Adding a variant is its row here, its build function (oipipe/deploy/build_<backend>.py) and, when
+it has settings, its block in conf/optimize with its type in `oipipe.core.schema`.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
-VariantName = Literal[
-    "cpu_bf16", "inductor_fp32", "inductor_bf16", "int8",
-    "onnxruntime_fp32", "onnxruntime_int8",
-    "openvino_fp32", "openvino_bf16", "openvino_int8",
-    "cuda_fp16", "inductor_fp16_cuda", "trt_fp32", "trt_fp16",
-]
+RT = "oipipe.deploy.runtime:"
+
+
+@dataclass(frozen=True)
+class Variant:
+    backend: str   # torch_eager | aot_inductor | onnxruntime | openvino | torch_tensorrt
+    precision: str  # fp32 | bf16 | fp16 | int8: which accuracy bar it is judged by
+    device: str    # cpu | cuda
+    file: str      # the artifact's file name in paths.optimized/<name>/
+    builder: str   # "module:function", called as (BuildContext, artifact path)
+    loader: str    # "module:function", called as (artifact path, **loader_args) -> Runtime
+    loader_args: Mapping[str, Any] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
+
+
+VARIANTS: dict[str, Variant] = {
+    # what a PyTorch user gets without a compiler: the eager model cast to bf16, exported
+    "eager_bf16": Variant("torch_eager", "bf16", "cpu", "model.pt2",
+                          "oipipe.deploy.build_torch:eager_bf16", RT + "program_runtime"),
+    "inductor_fp32": Variant("aot_inductor", "fp32", "cpu", "model.pt2",
+                             "oipipe.deploy.build_torch:inductor", RT + "aoti_runtime"),
+    "inductor_bf16": Variant("aot_inductor", "bf16", "cpu", "model.pt2",
+                             "oipipe.deploy.build_torch:inductor", RT + "aoti_runtime"),
+    "inductor_int8": Variant("aot_inductor", "int8", "cpu", "model.pt2",
+                             "oipipe.deploy.build_torch:inductor_int8", RT + "aoti_runtime",
+                             requires=("package:torchao",)),
+    "onnxruntime_fp32": Variant("onnxruntime", "fp32", "cpu", "model.onnx",
+                                "oipipe.deploy.build_ort:exported_onnx", RT + "ort_runtime",
+                                requires=("package:onnxruntime",)),
+    "onnxruntime_int8": Variant("onnxruntime", "int8", "cpu", "model.onnx",
+                                "oipipe.deploy.build_ort:qdq_int8", RT + "ort_runtime",
+                                requires=("package:onnxruntime",)),
+    "openvino_fp32": Variant("openvino", "fp32", "cpu", "model.xml",
+                             "oipipe.deploy.build_openvino:ir", RT + "openvino_runtime",
+                             {"precision": "fp32"}, requires=("package:openvino",)),
+    # OpenVINO does not emulate bf16: without native bf16 its CPU plugin compiles f32 whatever
+    # the hint says, so the row would be fp32 under a bf16 name (unlike eager_bf16 and
+    # inductor_bf16, which really run, emulated, and record native_bf16: false)
+    "openvino_bf16": Variant("openvino", "bf16", "cpu", "model.xml",
+                             "oipipe.deploy.build_openvino:ir", RT + "openvino_runtime",
+                             {"precision": "bf16"}, requires=("package:openvino", "native_bf16")),
+    "openvino_int8": Variant("openvino", "int8", "cpu", "model.xml",
+                             "oipipe.deploy.build_openvino:nncf_int8", RT + "openvino_runtime",
+                             {"precision": "int8"}, requires=("package:openvino", "package:nncf")),
+    "eager_fp16_cuda": Variant("torch_eager", "fp16", "cuda", "model.pt2",
+                               "oipipe.deploy.build_torch:eager_fp16_cuda", RT + "program_runtime",
+                               {"device": "cuda", "dtype": "float16"}, requires=("cuda",)),
+    # fp32 in and out on the GPU (the cast to half is inside the package)
+    "inductor_fp16_cuda": Variant("aot_inductor", "fp16", "cuda", "model.pt2",
+                                  "oipipe.deploy.build_torch:inductor_fp16_cuda",
+                                  RT + "aoti_runtime", {"device": "cuda"}, requires=("cuda",)),
+    "trt_fp32": Variant("torch_tensorrt", "fp32", "cuda", "model.ep",
+                        "oipipe.deploy.build_tensorrt:engine", RT + "trt_runtime",
+                        {"dtype": "float32"}, requires=("torch_tensorrt", "cuda")),
+    "trt_fp16": Variant("torch_tensorrt", "fp16", "cuda", "model.ep",
+                        "oipipe.deploy.build_tensorrt:engine", RT + "trt_runtime",
+                        {"dtype": "float16"}, requires=("torch_tensorrt", "cuda")),
+}
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    file: str      # in paths.exported; its suffix tells the format of a file handed to a loader
+    writer: str    # "module:function", called as (model, example, dst, meta_json, export conf)
+    loader: str    # "module:function", called as (file, **loader_args) -> Runtime
+    loader_args: Mapping[str, Any] = field(default_factory=dict)
+
+
+FORMATS: dict[str, ExportFormat] = {
+    "torchscript": ExportFormat("model.ts", "oipipe.deploy.export_formats:torchscript",
+                                RT + "torchscript_runtime", {"extra_files": ("meta.json",)}),
+    "exported_program": ExportFormat("model.pt2", "oipipe.deploy.export_formats:exported_program",
+                                     RT + "program_runtime", {"extra_files": ("meta.json",)}),
+    "onnx": ExportFormat("model.onnx", "oipipe.deploy.export_formats:onnx", RT + "ort_runtime"),
+}
+
+VariantName = Literal[tuple(VARIANTS)]  # type: ignore[valid-type]
+ExportFormatName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
 OPTIMIZE_VARIANTS: tuple[str, ...] = get_args(VariantName)
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormatName)
+
+
+def imported(spec: str) -> Any:
+    """The object an import string `"package.module:name"` names (imported now, not before)."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)

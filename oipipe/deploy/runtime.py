@@ -1,9 +1,9 @@
 """How any artifact of the pipeline is run: the export check, the optimize accuracy pass, the
 benchmark (and the stream client) all load through here, so they run it the same way.
 
-It also holds what every consumer needs to find an artifact: the export stage's file names and
-the optimized variants' registry (backend, precision, file, loader). The optimize stage adds
-how each is built; the benchmark loads them with `load_variant(folder)` without importing it.
+Which loader runs which artifact is data, in `oipipe.core.variants` (a row per variant and per
+export format); the loaders are here, and `load_variant(folder)` / `load_artifact(path)` find
+the row and call its loader.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from oipipe.core.errors import ConfigError, InputError
-from oipipe.core.variants import OPTIMIZE_VARIANTS
+from oipipe.core.errors import ConfigError, InputError, error_text
+from oipipe.core.variants import FORMATS, VARIANTS, Variant, imported
 
 
 @dataclass
@@ -60,9 +60,14 @@ def torchscript_runtime(file: Path, extra_files: tuple[str, ...] = ()) -> Runtim
     return torch_runtime(module, extra=extra)
 
 
-def program_runtime(file: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def program_runtime(file: Path, device: str = "cpu", dtype: torch.dtype | str = torch.float32,
                     extra_files: tuple[str, ...] = ()) -> Runtime:
     """A `torch.export` program (`.pt2` from torch.export.save, or Torch-TensorRT's `.ep`)."""
+    dtype = _dtype(dtype)
     extra = dict.fromkeys(extra_files, "")
     module = torch.export.load(str(file), extra_files=extra).module()
     return torch_runtime(module.to(device) if device != "cpu" else module, device, dtype, extra)
@@ -159,60 +164,28 @@ def eager_runtime(model: torch.nn.Module, device: str = "cpu",
 
 # --- where artifacts live and how each optimized variant loads ---------------------------------
 
-EXPORT_FILES = {"torchscript": "model.ts", "exported_program": "model.pt2", "onnx": "model.onnx"}
+EXPORT_FILES = {name: fmt.file for name, fmt in FORMATS.items()}
 RECORD, META = "record.json", "meta.json"
 
 
-def _trt_runtime(file: Path, dtype: torch.dtype) -> Runtime:
+def trt_runtime(file: Path, dtype: torch.dtype | str) -> Runtime:
     import torch_tensorrt  # noqa: F401  (registers the TensorRT engine op the program calls)
 
     return program_runtime(file, "cuda", dtype)
 
 
-@dataclass(frozen=True)
-class VariantSpec:
-    """What an optimized variant is and how its artifact loads (the optimize stage builds it)."""
-
-    backend: str
-    precision: str
-    file: str
-    load: Callable[[Path], Runtime]
-
-
-VARIANTS: dict[str, VariantSpec] = {
-    "cpu_bf16": VariantSpec("torch_eager", "bf16", "model.pt2", program_runtime),
-    "inductor_fp32": VariantSpec("aot_inductor", "fp32", "model.pt2", aoti_runtime),
-    "inductor_bf16": VariantSpec("aot_inductor", "bf16", "model.pt2", aoti_runtime),
-    "int8": VariantSpec("aot_inductor", "int8", "model.pt2", aoti_runtime),
-    "onnxruntime_fp32": VariantSpec("onnxruntime", "fp32", "model.onnx", ort_runtime),
-    "onnxruntime_int8": VariantSpec("onnxruntime", "int8", "model.onnx", ort_runtime),
-    "openvino_fp32": VariantSpec("openvino", "fp32", "model.xml",
-                                 lambda f: openvino_runtime(f, "fp32")),
-    "openvino_bf16": VariantSpec("openvino", "bf16", "model.xml",
-                                 lambda f: openvino_runtime(f, "bf16")),
-    "openvino_int8": VariantSpec("openvino", "int8", "model.xml",
-                                 lambda f: openvino_runtime(f, "int8")),
-    "cuda_fp16": VariantSpec("torch_eager", "fp16", "model.pt2",
-                             lambda f: program_runtime(f, "cuda", torch.float16)),
-    # fp32 in and out on the GPU (the cast to half is inside the package)
-    "inductor_fp16_cuda": VariantSpec("aot_inductor", "fp16", "model.pt2",
-                                      lambda f: aoti_runtime(f, "cuda")),
-    "trt_fp32": VariantSpec("torch_tensorrt", "fp32", "model.ep",
-                            lambda f: _trt_runtime(f, torch.float32)),
-    "trt_fp16": VariantSpec("torch_tensorrt", "fp16", "model.ep",
-                            lambda f: _trt_runtime(f, torch.float16)),
-}
-if set(VARIANTS) != set(OPTIMIZE_VARIANTS):  # one list of names: config validates against it
-    raise ImportError(f"runtime.VARIANTS {sorted(VARIANTS)} differs from the registry "
-                      f"oipipe.core.variants {sorted(OPTIMIZE_VARIANTS)}")
-
-
-def variant_spec(name: str) -> VariantSpec:
+def variant_row(name: str) -> Variant:
+    """The variant's row of `oipipe.core.variants.VARIANTS`; an unknown name is a config error."""
     if name not in VARIANTS:
         close = difflib.get_close_matches(name, VARIANTS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"unknown variant {name!r}; {hint}expected one of {sorted(VARIANTS)}")
     return VARIANTS[name]
+
+
+def load_file(row: Variant, artifact: Path) -> Runtime:
+    """A variant's artifact file, run by the loader its row names."""
+    return imported(row.loader)(artifact, **row.loader_args)
 
 
 def load_variant(folder: Path) -> tuple[Runtime, dict, dict]:
@@ -225,14 +198,14 @@ def load_variant(folder: Path) -> tuple[Runtime, dict, dict]:
         raise InputError(f"variant {record['variant']} is {record['status']}: "
                          f"{record.get('reason') or record.get('error')}")
     meta = json.loads((folder / META).read_text())
-    spec = variant_spec(record["variant"])
-    return spec.load(folder / spec.file), meta, record
+    row = variant_row(record["variant"])
+    return load_file(row, folder / row.file), meta, record
 
 
 # --- one way to load any artifact ---------------------------------------------------------------
 
 # The export stage's formats by file suffix (an optimized variant is known by its record instead).
-_EXPORT_SUFFIXES = {".ts": "torchscript", ".pt2": "exported_program", ".onnx": "onnx"}
+_EXPORT_SUFFIXES = {Path(fmt.file).suffix: name for name, fmt in FORMATS.items()}
 
 
 def load_artifact(target: Path | str, device: str = "cpu",
@@ -240,7 +213,7 @@ def load_artifact(target: Path | str, device: str = "cpu",
     """Any artifact the pipeline writes, loaded the way every consumer runs it: (runtime, meta),
     meta holding the classes and the preprocessing (input_size, crop_pct, mean, std).
 
-    - an optimized variant: its folder (`artifacts/optimized/int8`) or the file in it; the
+    - an optimized variant: its folder (`artifacts/optimized/inductor_int8`) or the file in it; the
       record beside it names the loader (`load_variant`);
     - an exported file (`model.ts`, `model.pt2`, `model.onnx`): the metadata it carries inside;
     - the train stage's checkpoint (`model.pt`): eager, `inference_mode`, channels_last on CPU
@@ -258,11 +231,11 @@ def load_artifact(target: Path | str, device: str = "cpu",
         except (InputError, ConfigError):
             raise
         except Exception as e:  # a broken artifact: named, as for an exported file below
-            raise InputError(f"{folder} cannot be loaded: {type(e).__name__}: "
-                             f"{str(e).strip()[:500]}") from e
-        if p.is_file() and p.name not in (variant_spec(record["variant"]).file, RECORD, META):
+            raise InputError(f"{folder} cannot be loaded: {error_text(e)}") from e
+        row = variant_row(record["variant"])
+        if p.is_file() and p.name not in (row.file, RECORD, META):
             raise InputError(f"{p} is not the artifact of variant {record['variant']} "
-                             f"({folder / variant_spec(record['variant']).file})")
+                             f"({folder / row.file})")
         return runtime, meta
     if p.is_dir():
         found = [f.name for f in sorted(p.iterdir()) if f.suffix in (*_EXPORT_SUFFIXES, ".pt")]
@@ -277,14 +250,10 @@ def load_artifact(target: Path | str, device: str = "cpu",
     if fmt is None:
         raise InputError(f"{p}: not an artifact of the pipeline (expected a variant folder, "
                          f"{', '.join(sorted(_EXPORT_SUFFIXES))} or a .pt checkpoint)")
-    loaders = {"torchscript": lambda: torchscript_runtime(p, (META,)),
-               "exported_program": lambda: program_runtime(p, extra_files=(META,)),
-               "onnx": lambda: ort_runtime(p)}
     try:
-        runtime = loaders[fmt]()
+        runtime = imported(FORMATS[fmt].loader)(p, **FORMATS[fmt].loader_args)
     except Exception as e:
-        raise InputError(f"{p} cannot be loaded as {fmt}: {type(e).__name__}: "
-                         f"{str(e).strip()[:500]}") from e
+        raise InputError(f"{p} cannot be loaded as {fmt}: {error_text(e)}") from e
     if not runtime.extra.get(META):
         raise InputError(f"{p} carries no {META}: not written by the export stage")
     return runtime, json.loads(runtime.extra[META])

@@ -1,0 +1,84 @@
+"""Build functions of the OpenVINO variants: the IR of the export stage's ONNX file (compiled
+fp32 or bf16 by the consumer) and NNCF's post-training int8 of it. Each is `(ctx, dst)`, named
+by its variant's row in `oipipe.core.variants`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from oipipe.core import progress
+from oipipe.core.variants import FORMATS
+from oipipe.deploy.build import BuildContext, BuildFailed
+from oipipe.deploy.runtime import OPENVINO_META, OPENVINO_PRECISIONS, openvino_compile
+from oipipe.measure.machine import cpu_has_native_bf16
+
+log = logging.getLogger("oipipe.deploy.build_openvino")
+
+
+def openvino_ir(ctx: BuildContext) -> Any:
+    """The export stage's ONNX file as an OpenVINO model: batch dynamic, meta.json in rt_info."""
+    import openvino as ov
+
+    model = ov.convert_model(str(ctx.exported / FORMATS["onnx"].file))
+    size = ctx.meta["input_size"]
+    model.reshape([-1, 3, size, size])  # dynamic batch, whatever the ONNX file says
+    model.set_rt_info(json.dumps(ctx.meta, sort_keys=True), list(OPENVINO_META))
+    return model
+
+
+def save_openvino(ctx: BuildContext, model: Any, dst: Path, precision: str) -> None:
+    """Save the IR (fp32 weights: OpenVINO would store them fp16 by default) and record what the
+    CPU plugin reports once it is compiled the way every consumer compiles it."""
+    import openvino as ov
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    ov.save_model(model, str(dst), compress_to_fp16=False)
+    with progress.phase(log, f"compiling the OpenVINO IR ({precision}) for the CPU plugin"):
+        compiled, _ = openvino_compile(dst, precision)
+    ctx.notes["openvino_version"] = ov.__version__
+    ctx.notes["performance_hint"] = str(compiled.get_property(hints.performance_mode))
+    ctx.notes["streams"] = int(compiled.get_property(props.num_streams))
+    ctx.notes["threads"] = int(compiled.get_property(props.inference_num_threads))
+    ctx.notes["inference_precision"] = compiled.get_property(hints.inference_precision).to_string()
+    # layers the CPU plugin runs in int8 (the execution graph's runtimePrecision): > 0 only for
+    # a quantized IR, so an int8 variant that silently ran float shows 0
+    ctx.notes["int8_layers"] = sum(
+        op.get_rt_info()["runtimePrecision"].astype(str) in ("i8", "u8")
+        for op in compiled.get_runtime_model().get_ordered_ops())
+    asked = OPENVINO_PRECISIONS[precision]
+    if ctx.notes["inference_precision"] != asked:
+        raise BuildFailed(f"OpenVINO was asked for {asked} and compiled "
+                          f"{ctx.notes['inference_precision']}")
+
+
+def ir(ctx: BuildContext, dst: Path) -> None:
+    """The IR, compiled in the row's precision (fp32 or bf16) to check what the plugin runs."""
+    precision = ctx.variant.precision
+    if precision == "bf16":
+        ctx.notes["native_bf16"] = cpu_has_native_bf16()
+    save_openvino(ctx, openvino_ir(ctx), dst, precision)
+
+
+def nncf_int8(ctx: BuildContext, dst: Path) -> None:
+    """NNCF post-training quantization of the IR, calibrated on the training images, with the
+    settings of `optimize.settings.openvino_int8` (conf/optimize says why those); the record
+    keeps the calibration images and int8 layers."""
+    import nncf
+
+    settings = dict(ctx.settings)
+    settings["preset"] = nncf.QuantizationPreset(settings["preset"])
+    batches = [b.numpy() for b in ctx.calibration()]
+    ctx.notes["calibration_images"] = sum(len(b) for b in batches)
+    # one dataset item is one model input (a batch), hence subset_size counts batches. NNCF
+    # draws its own progress bars (rich), so no clock of ours beside them.
+    log.info("NNCF: collecting statistics on %d batches and correcting biases", len(batches))
+    quantized = nncf.quantize(openvino_ir(ctx), nncf.Dataset(batches),
+                              subset_size=len(batches), **settings)
+    ctx.notes["nncf_version"] = nncf.__version__
+    save_openvino(ctx, quantized, dst, "int8")
+    if ctx.notes["int8_layers"] == 0:
+        raise BuildFailed("the compiled IR runs no layer in int8: NNCF inserted no quantizer")
