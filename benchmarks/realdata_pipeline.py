@@ -125,8 +125,8 @@ def main() -> int:
         "winners_throughput_mode": bench.get("winners_throughput_mode"),
         "benchmark_rows": {k: {c: r.get(c) for c in ("status", "throughput", "latency_p99_ms",
                                                       "speedup", "verdict", "top1_pct",
-                                                      "throughput_streams", "streams",
-                                                      "streams_method", "speedup_streams")}
+                                                      "throughput_concurrent", "concurrency",
+                                                      "concurrency_method", "speedup_concurrent")}
                            for k, r in rows.items()},
         "report": (work / "reports" / "REPORT.md").read_text().split("\n## ", 1)[0],
     }

@@ -32,20 +32,14 @@ is a nested child run with params backend, precision, batch size and the row's m
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import functools
 import json
 import logging
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -55,352 +49,43 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from oipipe.core import cli, progress
-from oipipe.core.config import load_params, path
+from oipipe.core.config import path
 from oipipe.core.errors import InputError, error_text
 from oipipe.core.files import write_csv, write_json
 from oipipe.core.tracking import DVC_EXP_TAG, KEY_TAG, stage_run, verdict_code
-from oipipe.deploy.runtime import RECORD, Runtime, load_artifact
+from oipipe.deploy.runtime import RECORD
 from oipipe.measure import evaluation, machine
 from oipipe.measure.pareto import PARETO_COLUMNS, fastest_shippable, pareto_chart, pareto_points
-from oipipe.measure.power import (
-    PowerReadError,
-    PowerSampler,
-    PowerSource,
-    cuda_pci_bus_id,
-    energy_per_image,
-    nvml_sampler,
+from oipipe.measure.worker import (
+    BASELINE,
+    NCHW,
+    PROGRESS,
+    baseline_device,
+    baselines,
+    protocol_settings,
+    row_summary,
 )
 from oipipe.reporting.plots import figure
 from oipipe.training import models
 
 log = logging.getLogger("stages.benchmark")
 
-BASELINE = "eager_fp32"            # channels_last on CPU, inference_mode: the best plain PyTorch
-NCHW = "eager_fp32_nchw"            # the same in the default NCHW layout, as its own row (CPU)
-PROGRESS = "benchmark-progress"     # a worker's stdout lines that the parent's bar follows
+# Each variant is timed by this module in a fresh process of its own (`run_worker`).
+WORKER = "oipipe.measure.worker"
+
 COLUMNS = ["variant", "backend", "precision", "batch", "status", "error", "throughput",
            "throughput_min", "throughput_max", "throughput_std", "latency_p50_ms",
            "latency_mean_ms", "latency_p90_ms", "latency_p99_ms", "speedup", "top1_pct",
            "top1_ci_low_pct", "top1_ci_high_pct", "eval_images", "agreement_pct", "verdict",
            "size_mb",
            "build_seconds", "peak_rss_mb", "cuda_max_allocated_mb", "gflops_per_s", "iterations",
-           "trials", "threads", "device", "check_agreement_pct", "streams",
-           "throughput_streams", "throughput_streams_min", "throughput_streams_max",
-           "streams_method", "speedup_streams", "power_avg_w", "energy_per_image_j",
+           "trials", "threads", "device", "check_agreement_pct", "concurrency",
+           "throughput_concurrent", "throughput_concurrent_min", "throughput_concurrent_max",
+           "concurrency_method", "speedup_concurrent", "power_avg_w", "energy_per_image_j",
            "power_source", "power_error"]
 
 
-class CheckFailed(RuntimeError):
-    """The variant's inputs or outputs fail a sanity check: the row is not timed."""
-
-
-# --- the measurement itself (pure: any Runtime, any inputs) ---------------------------------------
-
-
-def check_inputs(batches: list[torch.Tensor]) -> None:
-    if len(batches) < 2:
-        raise CheckFailed("fewer than 2 distinct input batches: the test split is too small")
-    for i, b in enumerate(batches):
-        if not torch.isfinite(b).all() or float(b.float().std()) == 0.0:
-            raise CheckFailed(f"input batch {i} is constant or not finite")
-    for i in range(1, len(batches)):
-        if torch.equal(batches[i], batches[0]):
-            raise CheckFailed(f"input batches 0 and {i} are identical: nothing is rotated")
-
-
-def check_outputs(runtime: Runtime, batches: list[torch.Tensor], reference: list[np.ndarray],
-                  min_agreement_pct: float) -> float:
-    """Top-1 agreement of the variant with fp32 on the benchmark inputs, in percent; raises
-    below the bar."""
-    agree, total = 0, 0
-    for x, ref in zip(batches, reference, strict=True):
-        got = runtime(x)
-        if got.shape != ref.shape:
-            raise CheckFailed(f"output shape {got.shape}, fp32 gives {ref.shape}")
-        if not np.isfinite(got).all():
-            raise CheckFailed("non-finite logits")
-        agree += int((got.argmax(1) == ref.argmax(1)).sum())
-        total += len(ref)
-    rate = 100 * agree / total
-    if rate < min_agreement_pct:
-        raise CheckFailed(f"top-1 agreement with fp32 on the benchmark inputs is {rate:.1f}%, "
-                          f"below benchmark.min_agreement_pct={min_agreement_pct:g}")
-    return rate
-
-
-def time_runtime(runtime: Runtime, batches: list[torch.Tensor], protocol: DictConfig | dict,
-                 power: PowerSource | None = None) -> dict[str, Any]:
-    """Warm up, then `trials` timed trials of single calls; latency in ms per batch. With a
-    `power` source (NVML on a GPU), each trial is also a power window: the row gets the median
-    trial's average power and energy per image."""
-    inputs = [runtime.prepare(x) for x in batches]
-    n = len(batches[0])
-    i, t0 = 0, time.perf_counter()
-    while i < protocol["warmup_iters"] or time.perf_counter() - t0 < protocol["warmup_seconds"]:
-        runtime.call(inputs[i % len(inputs)])
-        runtime.sync()
-        i += 1
-    latencies: list[float] = []
-    throughputs: list[float] = []
-    sampler = PowerSampler(power) if power is not None else None
-    windows: list[tuple[dict, int]] = []
-    for _ in range(protocol["trials"]):
-        times: list[float] = []
-        with sampler or contextlib.nullcontext():
-            start = time.perf_counter()
-            while (len(times) < protocol["min_iters"]
-                   or time.perf_counter() - start < protocol["min_seconds"]):
-                x = inputs[(i := i + 1) % len(inputs)]
-                t = time.perf_counter()
-                runtime.call(x)
-                runtime.sync()
-                times.append(time.perf_counter() - t)
-        if sampler is not None:
-            windows.append((sampler.result, n * len(times)))
-        latencies += times
-        throughputs.append(n * len(times) / sum(times))
-    lat = np.array(latencies) * 1000
-    energy = {}
-    if windows:  # the median over trials, as throughput
-        energy = {"power_avg_w": float(np.median([r["power_avg_w"] for r, _ in windows])),
-                  "energy_per_image_j": float(np.median([energy_per_image(r, k)
-                                                         for r, k in windows])),
-                  "power_source": windows[0][0]["power_source"]}
-    return {**energy, "throughput": float(np.median(throughputs)),
-            "throughput_min": float(min(throughputs)), "throughput_max": float(max(throughputs)),
-            "throughput_std": float(np.std(throughputs)),
-            "latency_p50_ms": float(np.percentile(lat, 50)), "latency_mean_ms": float(lat.mean()),
-            "latency_p90_ms": float(np.percentile(lat, 90)),
-            "latency_p99_ms": float(np.percentile(lat, 99)),
-            "iterations": len(latencies), "trials": len(throughputs)}
-
-
-def rotated_batches(images: torch.Tensor, batch: int, count: int) -> list[torch.Tensor]:
-    """`count` different batches of `batch` real images: evenly spaced start offsets, wrapping
-    around a test split smaller than the batch. A split of fewer than `count` images gives one
-    batch per image; a split of one image gives one batch, which `check_inputs` refuses."""
-    n = len(images)
-    offsets = sorted({k * n // count for k in range(count)})
-    return [evaluation.fill(images, batch, o) for o in offsets]
-
-
-# --- throughput mode: several requests in flight ---------------------------------------------
-
-
-def stream_count(cfg: DictConfig) -> int:
-    """Requests in flight in throughput mode: benchmark.throughput_mode.streams, 0: one per
-    thread the one-call rows use (benchmark.threads, or torch's default: the cores)."""
-    return cfg.benchmark.throughput_mode.streams or torch.get_num_threads()
-
-
-def _stream_process(load: Callable[[], Runtime], batches: list[torch.Tensor], protocol: dict,
-                    threads: int, barrier: Any, results: Any) -> None:
-    """One of the throughput mode's processes: load the runtime with `threads` threads, warm up,
-    then time `trials` windows of at least `min_iters` calls and `min_seconds`, each started
-    with the other processes at the barrier; puts its images/s per window (or its error)."""
-    try:
-        torch.set_num_threads(threads)
-        runtime = load()
-        inputs = [runtime.prepare(x) for x in batches]
-        for i in range(max(protocol["warmup_iters"], 1)):
-            runtime.call(inputs[i % len(inputs)])
-        runtime.sync()
-        rates = []
-        for _ in range(protocol["trials"]):
-            barrier.wait(timeout=600)
-            n, t0 = 0, time.perf_counter()
-            while n < protocol["min_iters"] or time.perf_counter() - t0 < protocol["min_seconds"]:
-                runtime.call(inputs[n % len(inputs)])
-                runtime.sync()
-                n += 1
-            rates.append(n * len(batches[0]) / (time.perf_counter() - t0))
-        results.put(rates)
-    except BaseException as e:
-        barrier.abort()  # the others stop waiting; the row records this error
-        results.put(f"{type(e).__name__}: {e}")
-        raise
-
-
-def time_processes(load: Callable[[], Runtime], batches: list[torch.Tensor], protocol: dict,
-                   streams: int, threads: int, timeout: float = 3600.0) -> dict[str, Any]:
-    """Images/s of `streams` processes running the same runtime together, one request each (a
-    pool of serving workers; any engine): the sum of their rates in each trial window, the
-    median over trials. Each gets `threads // streams` threads (at least 1) and the same input
-    batches; `load` is picklable (a fresh interpreter calls it)."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")  # fresh interpreters: no inherited threads or state
-    barrier, results = ctx.Barrier(streams), ctx.Queue()
-    each = max(threads // streams, 1)
-    procs = [ctx.Process(target=_stream_process, daemon=True,
-                         args=(load, batches, protocol, each, barrier, results))
-             for _ in range(streams)]
-    for p in procs:
-        p.start()
-    try:
-        got = [results.get(timeout=timeout) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    errors = [g for g in got if isinstance(g, str)]
-    if errors:
-        raise RuntimeError(f"a throughput-mode process failed: {errors[0]}")
-    trials = [sum(r) for r in zip(*got, strict=True)]
-    return {"throughput_streams": float(np.median(trials)),
-            "throughput_streams_min": float(min(trials)),
-            "throughput_streams_max": float(max(trials)), "streams": streams,
-            "streams_method": f"{streams} processes x {each} threads, one request each"}
-
-
-def _load_only(cfg: DictConfig, variant: str) -> Runtime:
-    return load_runtime(cfg, variant)[0]
-
-
-def time_openvino_async(folder: Path, record: dict, batches: list[torch.Tensor],
-                        protocol: dict, threads: int, streams: int) -> dict[str, Any]:
-    """OpenVINO's own throughput mode: the IR compiled with the THROUGHPUT hint (OpenVINO picks
-    its streams for `threads` threads), fed by an AsyncInferQueue of its optimal size.
-    `streams` (benchmark.throughput_mode.streams) is passed as num_streams when set."""
-    import openvino as ov
-    import openvino.properties as props
-
-    from oipipe.deploy.runtime import openvino_compile, variant_row
-
-    file = folder / variant_row(record["variant"]).file
-    compiled, _ = openvino_compile(file, record["precision"], threads, hint="THROUGHPUT",
-                                   streams=streams)
-    requests = int(compiled.get_property(props.optimal_number_of_infer_requests))
-    queue = ov.AsyncInferQueue(compiled, requests)
-    inputs = [np.ascontiguousarray(x.numpy(), dtype=np.float32) for x in batches]
-    n = len(batches[0])
-    for i in range(max(protocol["warmup_iters"], requests)):
-        queue.start_async({0: inputs[i % len(inputs)]})
-    queue.wait_all()
-    rates = []
-    for _ in range(protocol["trials"]):
-        k, t0 = 0, time.perf_counter()
-        while k < protocol["min_iters"] or time.perf_counter() - t0 < protocol["min_seconds"]:
-            queue.start_async({0: inputs[k % len(inputs)]})  # blocks while every request is busy
-            k += 1
-        queue.wait_all()
-        rates.append(k * n / (time.perf_counter() - t0))
-    got_streams = int(compiled.get_property(props.num_streams))
-    return {"throughput_streams": float(np.median(rates)),
-            "throughput_streams_min": float(min(rates)),
-            "throughput_streams_max": float(max(rates)), "streams": got_streams,
-            "streams_method": (f"OpenVINO THROUGHPUT hint: {got_streams} streams, "
-                               f"AsyncInferQueue of {requests} requests, {threads} threads")}
-
-
-# --- one variant, in its own process ----------------------------------------------------------
-
-
-def load_runtime(cfg: DictConfig, variant: str) -> tuple[Runtime, dict]:
-    """The baselines from the train stage's checkpoint (channels_last or NCHW), a variant from
-    its folder: both through `runtime.load_artifact`, as the stream client loads them."""
-    if variant in (BASELINE, NCHW):
-        return load_artifact(path(cfg, "checkpoint"), baseline_device(cfg),
-                             channels_last=None if variant == BASELINE else False)
-    return load_artifact(path(cfg, "optimized") / variant)
-
-
-def baselines(cfg: DictConfig) -> list[str]:
-    """The eager rows: on CPU the channels_last baseline and its NCHW twin; on CUDA one."""
-    return [BASELINE, NCHW] if baseline_device(cfg) == "cpu" else [BASELINE]
-
-
-def baseline_device(cfg: DictConfig) -> str:
-    if cfg.benchmark.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.benchmark.device
-
-
-def measure_variant(cfg: DictConfig, variant: str, rows_file: Path) -> None:
-    """The worker: every batch size of the protocol for one variant, a JSON line per row."""
-    if cfg.benchmark.threads:
-        torch.set_num_threads(cfg.benchmark.threads)
-    protocol = protocol_settings(cfg)
-    runtime, meta = load_runtime(cfg, variant)
-    power, power_note = None, None
-    if runtime.device == "cuda":  # average power and energy per image, through NVML
-        power, power_note = nvml_sampler(cuda_pci_bus_id(
-            torch.cuda.get_device_properties(torch.cuda.current_device())))
-    reference_model, _ = models.load_trained(path(cfg, "checkpoint"))
-    images, _ = evaluation.images(path(cfg, "prepared"), cfg.optimize.eval_splits, meta)
-    for batch in protocol["batch_sizes"]:
-        print(PROGRESS, "start", batch, flush=True)  # for the parent's bar (see _follow)
-        row: dict[str, Any] = {"variant": variant, "batch": batch, "device": runtime.device,
-                               "threads": torch.get_num_threads()}
-        try:
-            batches = rotated_batches(images, batch, cfg.benchmark.input_batches)
-            check_inputs(batches)
-            with torch.no_grad():
-                reference = [reference_model(x).numpy() for x in batches]
-            row["check_agreement_pct"] = check_outputs(runtime, batches, reference,
-                                                   cfg.benchmark.min_agreement_pct)
-            if runtime.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            try:
-                row.update(time_runtime(runtime, batches, protocol, power))
-            except PowerReadError as e:  # the power figures would be wrong: time without them
-                row["power_error"] = error_text(str(e))
-                row.update(time_runtime(runtime, batches, protocol))
-            if power_note:
-                row["power_error"] = power_note
-            row["status"] = "ok"
-            if batch in cfg.benchmark.throughput_mode.batch_sizes and runtime.device == "cpu":
-                row.update(_throughput_mode(cfg, variant, batches, protocol))
-            if runtime.device == "cuda":
-                row["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        except Exception as e:  # noqa: BLE001 - the row records it; the other sizes still run
-            log.exception("%s at batch %d failed", variant, batch)
-            row.update(status="failed", error=error_text(e))
-        # ru_maxrss is KiB on Linux: the process's peak so far (load + every size up to here)
-        row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        with open(rows_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        print(PROGRESS, "done", batch, flush=True)
-        log.info("%s b%d: %s", variant, batch, _summary(row))
-    if power is not None:
-        power.close()
-
-
-def _throughput_mode(cfg: DictConfig, variant: str, batches: list[torch.Tensor],
-                     protocol: dict) -> dict[str, Any]:
-    """The row's throughput-mode columns; a failure there is recorded, not the row's failure."""
-    streams, threads = stream_count(cfg), torch.get_num_threads()
-    folder = path(cfg, "optimized") / variant
-    try:
-        record = json.loads((folder / RECORD).read_text()) if variant not in (
-            BASELINE, NCHW) else {"backend": "torch_eager"}
-        if record["backend"] == "openvino":
-            return time_openvino_async(folder, record, batches, protocol, threads,
-                                       cfg.benchmark.throughput_mode.streams)
-        return time_processes(functools.partial(_load_only, cfg, variant), batches, protocol,
-                              streams, threads, cfg.benchmark.worker_timeout)
-    except Exception as e:  # noqa: BLE001 - recorded beside the one-call figures
-        log.exception("%s throughput mode failed", variant)
-        return {"streams": streams, "streams_method": "failed: " + error_text(e)}
-
-
-def _summary(row: dict) -> str:
-    if row.get("status") != "ok":
-        return f"{row.get('status')}: {row.get('error')}"
-    streams = (f"; throughput mode {row['throughput_streams']:.1f} img/s "
-               f"({row['streams_method']})" if row.get("throughput_streams") else
-               f"; throughput mode {row['streams_method']}" if row.get("streams_method") else "")
-    return (f"{row['throughput']:.1f} img/s (trials {row['throughput_min']:.1f}-"
-            f"{row['throughput_max']:.1f}), p50 {row['latency_p50_ms']:.2f} ms, "
-            f"p99 {row['latency_p99_ms']:.2f} ms{streams}")
-
-
 # --- the stage -------------------------------------------------------------------------------
-
-
-def protocol_settings(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg.benchmark.protocols[cfg.benchmark.protocol])
 
 
 def flops_per_image(model: torch.nn.Module, input_size: int) -> float:
@@ -434,7 +119,7 @@ def run_worker(cfg: DictConfig, variant: str, work: Path, bar: tqdm | None = Non
         params.write_text(OmegaConf.to_yaml(cfg))
     rows_file = work / f"{variant}.jsonl"
     rows_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "stages.benchmark", "--worker", variant, "--rows", str(rows_file),
+    cmd = [sys.executable, "-m", WORKER, "--variant", variant, "--rows", str(rows_file),
            "--params", str(params)]
     with open(work / f"{variant}.stderr", "w+", encoding="utf-8") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -486,9 +171,8 @@ def run(cfg: DictConfig) -> dict:
     to_time, records = variants_to_measure(cfg)
     model, meta = models.load_trained(path(cfg, "checkpoint"))
     images, labels = evaluation.images(path(cfg, "prepared"), cfg.optimize.eval_splits, meta)
-    with torch.no_grad():
-        fp32 = np.concatenate([model(x).numpy()
-                               for x in evaluation.batches(images, cfg.optimize.eval_batch)])
+    fp32 = np.concatenate(evaluation.logits(model,
+                                            evaluation.batches(images, cfg.optimize.eval_batch)))
     baseline_acc = evaluation.top1_with_interval(fp32, labels)
     flops = flops_per_image(model, meta["input_size"])
     baseline_size = sum(t.numel() * t.element_size()
@@ -507,7 +191,7 @@ def run(cfg: DictConfig) -> dict:
             done = run_worker(cfg, variant, Path(tmp), bar)
             bar.update(k * sizes - bar.n)  # the rows a crashed worker did not report
             for r in done:
-                log.info("  %s b%d: %s", variant, r["batch"], _summary(r))
+                log.info("  %s b%d: %s", variant, r["batch"], row_summary(r))
             rows += done
     for name, rec in records.items():
         if rec["status"] != "ok":
@@ -520,14 +204,15 @@ def run(cfg: DictConfig) -> dict:
     for r in rows:
         if r["status"] == "ok" and r["batch"] in base:
             r["speedup"] = round(r["throughput"] / base[r["batch"]], 3)
-    base_streams = {r["batch"]: r["throughput_streams"] for r in rows
-                    if r["variant"] == BASELINE and r.get("throughput_streams")}
+    base_concurrent = {r["batch"]: r["throughput_concurrent"] for r in rows
+                    if r["variant"] == BASELINE and r.get("throughput_concurrent")}
     for r in rows:
-        if r.get("throughput_streams") and r["batch"] in base_streams:
-            r["speedup_streams"] = round(r["throughput_streams"] / base_streams[r["batch"]], 3)
+        if r.get("throughput_concurrent") and r["batch"] in base_concurrent:
+            r["speedup_concurrent"] = round(
+                r["throughput_concurrent"] / base_concurrent[r["batch"]], 3)
     winners = {str(b): winner(rows, b) for b in protocol["batch_sizes"]}
     # the same verdict with several requests in flight (benchmark.throughput_mode)
-    winners_streams = {str(b): winner(rows, b, "throughput_streams")
+    winners_concurrent = {str(b): winner(rows, b, "throughput_concurrent")
                        for b in protocol["batch_sizes"]
                        if b in cfg.benchmark.throughput_mode.batch_sizes}
     ref = cfg.benchmark.reference_batch
@@ -542,7 +227,7 @@ def run(cfg: DictConfig) -> dict:
              "eval_splits": list(cfg.optimize.eval_splits), "eval_images": int(len(labels)),
              "reference_batch": ref, "best_variant": best["variant"],
              "best_speedup": best.get("speedup"), "best_verdict": best.get("verdict"),
-             "winners": winners, "winners_throughput_mode": winners_streams,
+             "winners": winners, "winners_throughput_mode": winners_concurrent,
              "gflops_per_image": round(flops / 1e9, 4), "machine": facts,
              "rows": {f"{r['variant']}.b{r['batch']}": r for r in rows}}
     plots = path(cfg, "plots")
@@ -575,10 +260,10 @@ def run(cfg: DictConfig) -> dict:
             tracker.log_artifact(f)
     for b, w in winners.items():
         log.info("winner at batch %s: %s", b, _winner_line(w))
-    for b, w in winners_streams.items():
+    for b, w in winners_concurrent.items():
         log.info("winner at batch %s in throughput mode: %s", b, (
-            f"{w['variant']} ({w['verdict']}), {w['throughput_streams']:.1f} img/s with "
-            f"{w['streams_method']}" if w.get("variant") else "none"))
+            f"{w['variant']} ({w['verdict']}), {w['throughput_concurrent']:.1f} img/s with "
+            f"{w['concurrency_method']}" if w.get("variant") else "none"))
     return table
 
 
@@ -611,17 +296,18 @@ def _complete(row: dict, records: dict, baseline_acc: dict, baseline_size: float
 
 WINNER_KEYS = ("variant", "verdict", "batch", "throughput", "latency_p99_ms", "speedup", "top1_pct",
                "top1_ci_low_pct", "top1_ci_high_pct", "eval_images")
-STREAM_KEYS = ("throughput_streams", "speedup_streams", "streams", "streams_method")
+CONCURRENT_KEYS = ("throughput_concurrent", "speedup_concurrent", "concurrency",
+                   "concurrency_method")
 
 
 def winner(rows: list[dict], batch: int, key: str = "throughput") -> dict:
     """The fastest row at `batch` whose accuracy verdict is not `fail` (an `undecided` one is
     kept and labelled by its verdict); {"variant": None, "batch": batch} when there is none.
-    `key` throughput_streams: fastest in throughput mode, with how that mode ran."""
+    `key` throughput_concurrent: fastest in throughput mode, with how that mode ran."""
     best = fastest_shippable([r for r in rows if r["batch"] == batch], key)
     if best is None:
         return {"variant": None, "batch": batch}
-    keys = WINNER_KEYS + (STREAM_KEYS if key == "throughput_streams" else ())
+    keys = WINNER_KEYS + (CONCURRENT_KEYS if key == "throughput_concurrent" else ())
     return {k: best.get(k) for k in keys}
 
 
@@ -664,14 +350,14 @@ def log_child_runs(tracker, rows: list[dict], cfg: DictConfig) -> None:
                 "throughput", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "speedup",
                 "top1_pct", "top1_ci_low_pct", "top1_ci_high_pct", "eval_images", "agreement_pct",
                 "size_mb",
-                "build_seconds", "peak_rss_mb", "gflops_per_s", "throughput_streams",
-                "speedup_streams", "streams", "power_avg_w", "energy_per_image_j")
+                "build_seconds", "peak_rss_mb", "gflops_per_s", "throughput_concurrent",
+                "speedup_concurrent", "concurrency", "power_avg_w", "energy_per_image_j")
                 if isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool)
                 and math.isfinite(r[k])})
             if r.get("error"):
                 mlflow.set_tag("error", str(r["error"])[:5000])
-            if r.get("streams_method"):
-                mlflow.set_tag("streams_method", str(r["streams_method"])[:5000])
+            if r.get("concurrency_method"):
+                mlflow.set_tag("concurrency_method", str(r["concurrency_method"])[:5000])
             if r.get("verdict"):
                 mlflow.set_tag("verdict", r["verdict"])
                 mlflow.log_metric("verdict_code", verdict_code(r["verdict"]))
@@ -715,19 +401,6 @@ def charts(rows: list[dict], out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--worker")
-    parser.add_argument("--rows", type=Path)
-    args, rest = parser.parse_known_args()
-    if args.worker:  # internal: one variant in this fresh process (see run_worker)
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        p = argparse.ArgumentParser()
-        p.add_argument("--params", type=Path, required=True)
-        cfg = load_params(p.parse_args(rest).params)
-        measure_variant(cfg, args.worker, args.rows)
-        return
-    sys.argv = [sys.argv[0], *rest]
     cli.main("benchmark", run)
 
 

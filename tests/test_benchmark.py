@@ -21,17 +21,17 @@ from oipipe.core.errors import ConfigError, InputError
 from oipipe.core.files import read_csv
 from oipipe.deploy import build
 from oipipe.deploy.runtime import Runtime, eager_runtime
-from oipipe.measure import pareto
+from oipipe.measure import pareto, timing
 from oipipe.measure.power import PowerSource
 from oipipe.training import models
 from stages import benchmark, export, optimize
 
 VARIANTS = ["onnxruntime_fp32", "onnxruntime_int8", "eager_bf16", "trt_fp16"]
-TINY = ["benchmark.protocols.default.batch_sizes=[1,8]", "benchmark.protocols.default.trials=2",
-        "benchmark.protocols.default.warmup_iters=1",
-        "benchmark.protocols.default.warmup_seconds=0", "benchmark.protocols.default.min_iters=3",
-        "benchmark.protocols.default.min_seconds=0.05", "benchmark.threads=1",
-        "benchmark.throughput_mode.batch_sizes=[8]", "benchmark.throughput_mode.streams=2"]
+TINY = ["benchmark.presets.default.batch_sizes=[1,8]", "benchmark.presets.default.trials=2",
+        "benchmark.presets.default.warmup_iters=1",
+        "benchmark.presets.default.warmup_seconds=0", "benchmark.presets.default.min_iters=3",
+        "benchmark.presets.default.min_seconds=0.05", "benchmark.threads=1",
+        "benchmark.throughput_mode.batch_sizes=[8]", "benchmark.throughput_mode.concurrency=2"]
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +112,9 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
         if r["status"] == "ok":
             b = base[r["batch"]]
             assert r["speedup"] == round(r["throughput"] / b["throughput"], 3), key
-            if r["throughput_streams"]:
-                assert r["speedup_streams"] == round(
-                    r["throughput_streams"] / b["throughput_streams"], 3), key
+            if r["throughput_concurrent"]:
+                assert r["speedup_concurrent"] == round(
+                    r["throughput_concurrent"] / b["throughput_concurrent"], 3), key
     # the NCHW row is divided by the channels_last baseline, like every other row
     nchw = rows["eager_fp32_nchw.b8"]
     assert nchw["speedup"] == pytest.approx(  # speed-ups are rounded to 3 decimals
@@ -132,18 +132,18 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
     # throughput mode at batch 8 only: 2 processes of 1 thread, beside the one-call figures
     for key, r in rows.items():
         if r["batch"] == 8 and r["status"] == "ok":
-            assert r["streams"] == 2 and r["throughput_streams"] > 0, r
-            assert r["throughput_streams_min"] <= r["throughput_streams"] <= \
-                r["throughput_streams_max"], key
-            assert r["streams_method"] == "2 processes x 1 threads, one request each"
+            assert r["concurrency"] == 2 and r["throughput_concurrent"] > 0, r
+            assert r["throughput_concurrent_min"] <= r["throughput_concurrent"] <= \
+                r["throughput_concurrent_max"], key
+            assert r["concurrency_method"] == "2 processes x 1 threads, one request each"
         else:
-            assert r["throughput_streams"] is None and r["streams"] is None, key
-    assert rows["eager_fp32.b8"]["speedup_streams"] == 1.0
+            assert r["throughput_concurrent"] is None and r["concurrency"] is None, key
+    assert rows["eager_fp32.b8"]["speedup_concurrent"] == 1.0
     w = table["winners_throughput_mode"]["8"]
-    eligible = [r for r in rows.values() if r["batch"] == 8 and r["throughput_streams"]
+    eligible = [r for r in rows.values() if r["batch"] == 8 and r["throughput_concurrent"]
                 and r["verdict"] != "fail"]
-    assert w["variant"] == max(eligible, key=lambda r: r["throughput_streams"])["variant"]
-    assert w["streams_method"] == rows[f"{w['variant']}.b8"]["streams_method"]
+    assert w["variant"] == max(eligible, key=lambda r: r["throughput_concurrent"])["variant"]
+    assert w["concurrency_method"] == rows[f"{w['variant']}.b8"]["concurrency_method"]
     assert set(table["winners_throughput_mode"]) == {"8"}
     assert rows["onnxruntime_int8.b8"]["precision"] == "int8"
     # raised in the middle of its benchmark: a failed row with the error, the others kept
@@ -305,7 +305,7 @@ def test_a_model_that_sleeps_a_known_time_measures_that_time() -> None:
     batches = [torch.rand(4, 3, 8, 8) for _ in range(3)]
     protocol = {"warmup_iters": 2, "warmup_seconds": 0.0, "min_iters": 10, "min_seconds": 0.3,
                 "trials": 3}
-    res = benchmark.time_runtime(sleeper(0.02), batches, protocol)
+    res = timing.time_runtime(sleeper(0.02), batches, protocol)
     # sleep(0.02) overshoots by the scheduler's slack (~0.1-1 ms); never undershoots
     assert 0.020 <= res["latency_p50_ms"] / 1000 < 0.024
     assert 4 / 0.024 < res["throughput"] <= 4 / 0.020
@@ -359,7 +359,7 @@ def test_warm_up_calls_are_made_and_never_timed() -> None:
     probe = Probe(slow_calls=5, slow_s=0.25)
     protocol = {"warmup_iters": 5, "warmup_seconds": 0.0, "min_iters": 9, "min_seconds": 0.0,
                 "trials": 1}
-    res = benchmark.time_runtime(probe.runtime(), Probe.batches(3), protocol)
+    res = timing.time_runtime(probe.runtime(), Probe.batches(3), protocol)
     assert res["latency_p50_ms"] < FAST_MS, res
     assert res["iterations"] == 9 and len(probe.calls) == 5 + 9  # made, and not counted
 
@@ -370,7 +370,7 @@ def test_input_conversion_is_never_timed() -> None:
     probe = Probe(prepare_s=0.25)
     protocol = {"warmup_iters": 1, "warmup_seconds": 0.0, "min_iters": 5, "min_seconds": 0.0,
                 "trials": 2}
-    res = benchmark.time_runtime(probe.runtime(), Probe.batches(2), protocol)
+    res = timing.time_runtime(probe.runtime(), Probe.batches(2), protocol)
     assert res["latency_p50_ms"] < FAST_MS, res
     assert probe.prepared == 2
     assert set(probe.calls) == {0.5, 1.5}  # prepared inputs only
@@ -382,7 +382,7 @@ def test_every_input_batch_is_timed_in_turn() -> None:
     probe = Probe()
     protocol = {"warmup_iters": 2, "warmup_seconds": 0.0, "min_iters": 9, "min_seconds": 0.0,
                 "trials": 2}
-    res = benchmark.time_runtime(probe.runtime(), Probe.batches(3), protocol)
+    res = timing.time_runtime(probe.runtime(), Probe.batches(3), protocol)
     timed = probe.calls[-res["iterations"]:]
     assert len(timed) == res["iterations"] == 18
     assert sorted(timed.count(tag) for tag in (0.5, 1.5, 2.5)) == [6, 6, 6], timed
@@ -395,11 +395,11 @@ def test_a_power_source_gives_each_row_its_power_and_energy_per_image() -> None:
     batches = [torch.rand(4, 3, 8, 8) for _ in range(3)]
     protocol = {"warmup_iters": 1, "warmup_seconds": 0.0, "min_iters": 5, "min_seconds": 0.3,
                 "trials": 3}
-    res = benchmark.time_runtime(sleeper(0.02), batches, protocol, PowerSource(lambda: 150.0))
+    res = timing.time_runtime(sleeper(0.02), batches, protocol, PowerSource(lambda: 150.0))
     assert res["power_avg_w"] == pytest.approx(150.0)
     assert res["power_source"] == "nvml_power_samples"
     assert res["energy_per_image_j"] == pytest.approx(150.0 / res["throughput"], rel=0.1)
-    assert "power_avg_w" not in benchmark.time_runtime(sleeper(0.0), batches, protocol)
+    assert "power_avg_w" not in timing.time_runtime(sleeper(0.0), batches, protocol)
 
 
 def test_throughput_mode_runs_its_processes_together() -> None:
@@ -408,13 +408,13 @@ def test_throughput_mode_runs_its_processes_together() -> None:
     batches = [torch.rand(4, 3, 8, 8) for _ in range(3)]
     protocol = {"warmup_iters": 1, "warmup_seconds": 0.0, "min_iters": 5, "min_seconds": 0.4,
                 "trials": 2}
-    res = benchmark.time_processes(functools.partial(sleeper, 0.04), batches, protocol,
-                                   streams=2, threads=2)
-    assert (res["streams"], res["streams_method"]) == (
+    res = timing.time_processes(functools.partial(sleeper, 0.04), batches, protocol,
+                                   concurrency=2, threads=2)
+    assert (res["concurrency"], res["concurrency_method"]) == (
         2, "2 processes x 1 threads, one request each")
-    assert 2 * 4 / 0.046 < res["throughput_streams"] <= 2 * 4 / 0.040
-    assert res["throughput_streams_min"] <= res["throughput_streams"] <= \
-        res["throughput_streams_max"]
+    assert 2 * 4 / 0.046 < res["throughput_concurrent"] <= 2 * 4 / 0.040
+    assert res["throughput_concurrent_min"] <= res["throughput_concurrent"] <= \
+        res["throughput_concurrent_max"]
 
 
 def test_a_failing_throughput_mode_process_is_an_error_not_a_hang() -> None:
@@ -423,8 +423,8 @@ def test_a_failing_throughput_mode_process_is_an_error_not_a_hang() -> None:
                 "trials": 2}
     t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match="throughput-mode process failed: .*no such artifact"):
-        benchmark.time_processes(functools.partial(_missing, "no such artifact"), batches,
-                                 protocol, streams=2, threads=2, timeout=120)
+        timing.time_processes(functools.partial(_missing, "no such artifact"), batches,
+                                 protocol, concurrency=2, threads=2, timeout=120)
     assert time.perf_counter() - t0 < 60
 
 
@@ -434,25 +434,25 @@ def _missing(what: str) -> Runtime:
 
 def test_garbage_outputs_and_constant_inputs_fail_before_timing() -> None:
     real = [torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    benchmark.check_inputs(real)
-    with pytest.raises(benchmark.CheckFailed, match="constant"):
-        benchmark.check_inputs([torch.zeros(8, 3, 8, 8), *real])
-    with pytest.raises(benchmark.CheckFailed, match="identical"):
-        benchmark.check_inputs([real[0], real[0].clone()])
+    timing.check_inputs(real)
+    with pytest.raises(timing.CheckFailed, match="constant"):
+        timing.check_inputs([torch.zeros(8, 3, 8, 8), *real])
+    with pytest.raises(timing.CheckFailed, match="identical"):
+        timing.check_inputs([real[0], real[0].clone()])
     reference = [np.eye(3)[np.arange(8) % 3] for _ in real]
     rng = np.random.default_rng(0)
     fast_garbage = Runtime(call=lambda x: None, prepare=lambda x: x,
                            logits=lambda y: rng.normal(size=(8, 3)))
-    with pytest.raises(benchmark.CheckFailed,
+    with pytest.raises(timing.CheckFailed,
                        match=r"agreement with fp32 .* is \d+\.\d%, below .*min_agreement_pct=90"):
-        benchmark.check_outputs(fast_garbage, real, reference, 90)
+        timing.check_outputs(fast_garbage, real, reference, 90)
     nan = Runtime(call=lambda x: None, prepare=lambda x: x,
                   logits=lambda y: np.full((8, 3), np.nan))
-    with pytest.raises(benchmark.CheckFailed, match="non-finite"):
-        benchmark.check_outputs(nan, real, reference, 90)
+    with pytest.raises(timing.CheckFailed, match="non-finite"):
+        timing.check_outputs(nan, real, reference, 90)
     right = Runtime(call=lambda x: None, prepare=lambda x: x,
                     logits=lambda y: np.eye(3)[np.arange(8) % 3])
-    assert benchmark.check_outputs(right, real, reference, 90) == 100.0
+    assert timing.check_outputs(right, real, reference, 90) == 100.0
 
 
 def test_a_crashing_variant_process_becomes_failed_rows(table, cfg, tmp_path) -> None:
@@ -469,7 +469,7 @@ def test_a_crashing_variant_process_becomes_failed_rows(table, cfg, tmp_path) ->
 
 def test_notebook_protocol_and_bad_settings(cfg) -> None:
     nb = compose(["benchmark.protocol=notebook"]).benchmark
-    p = nb.protocols[nb.protocol]
+    p = nb.presets[nb.protocol]
     assert (list(p.batch_sizes), p.warmup_iters, p.min_iters, p.trials) == ([128], 50, 100, 1)
     assert list(p.variants) == ["trt_fp32", "trt_fp16"]
     with pytest.raises(ConfigError, match="unknown benchmark.protocol 'fast'"):

@@ -64,7 +64,7 @@ def make_project(dst: Path, srv: MirrorServer) -> Path:
         "export": "defaults: [default, _self_]\nformats: [onnx]\nverify_batch_sizes: [1, 2]\n",
         "optimize": "defaults: [default, _self_]\nvariants: [onnxruntime_fp32]\n"
                     "calibration_images: 8\n",
-        "benchmark": "defaults: [default, _self_]\nthreads: 1\nprotocols:\n  default:\n"
+        "benchmark": "defaults: [default, _self_]\nthreads: 1\npresets:\n  default:\n"
                      "    batch_sizes: [2]\n    warmup_iters: 1\n    warmup_seconds: 0\n"
                      "    min_iters: 2\n    min_seconds: 0\n    trials: 2\n",
         "tracking": "defaults: [default, _self_]\nenabled: false\n",

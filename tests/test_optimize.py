@@ -194,13 +194,13 @@ def test_openvino_throughput_mode_runs_its_own_streams(built, cfg, tmp_path) -> 
     folder = path(cfg, "optimized") / "openvino_fp32"
     images, _ = evaluation.images(path(cfg, "prepared"), ["test"], _meta(cfg))
     got = logits_in_fresh_process(images[:8], folder, tmp_path, """
-from stages import benchmark
+from oipipe.measure import timing
 rec = json.loads((d / "record.json").read_text())
 p = {"warmup_iters": 1, "warmup_seconds": 0.0, "min_iters": 6, "min_seconds": 0.1, "trials": 2}
-r = benchmark.time_openvino_async(d, rec, [x[:4], x[4:]], p, threads=2, streams=2)
-out["r"] = [r[k] for k in ("throughput_streams", "throughput_streams_min",
-                           "throughput_streams_max", "streams")]
-out["method"] = [ord(c) for c in r["streams_method"]]""")
+r = timing.time_openvino_async(d, rec, [x[:4], x[4:]], p, threads=2, streams=2)
+out["r"] = [r[k] for k in ("throughput_concurrent", "throughput_concurrent_min",
+                           "throughput_concurrent_max", "concurrency")]
+out["method"] = [ord(c) for c in r["concurrency_method"]]""")
     rate, low, high, streams = got["r"]
     assert streams == 2 and 0 < low <= rate <= high
     method = "".join(map(chr, got["method"].astype(int)))

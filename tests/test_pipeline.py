@@ -80,7 +80,7 @@ image_size: 48
         "defaults: [default, _self_]\nvariants: [onnxruntime_fp32, trt_fp16, eager_fp16_cuda]\n"
         "calibration_images: 8\n")
     (dst / "conf" / "benchmark" / "test.yaml").write_text(
-        "defaults: [default, _self_]\nthreads: 1\nprotocols:\n  default:\n"
+        "defaults: [default, _self_]\nthreads: 1\npresets:\n  default:\n"
         "    batch_sizes: [2]\n    warmup_iters: 1\n    warmup_seconds: 0\n"
         "    min_iters: 2\n    min_seconds: 0\n    trials: 2\n")
     (dst / "conf" / "profile" / "test.yaml").write_text(

@@ -29,10 +29,10 @@ from stages import benchmark, export, optimize
 BAR = r"{}: +\d+%\|"
 ANY_BAR = r"\d+%\|"
 HAS_TRT = build.missing(("torch_tensorrt", "cuda")) is None
-TINY = ["benchmark.protocols.default.batch_sizes=[1,2]", "benchmark.protocols.default.trials=1",
-        "benchmark.protocols.default.warmup_iters=1",
-        "benchmark.protocols.default.warmup_seconds=0", "benchmark.protocols.default.min_iters=2",
-        "benchmark.protocols.default.min_seconds=0", "benchmark.threads=1",
+TINY = ["benchmark.presets.default.batch_sizes=[1,2]", "benchmark.presets.default.trials=1",
+        "benchmark.presets.default.warmup_iters=1",
+        "benchmark.presets.default.warmup_seconds=0", "benchmark.presets.default.min_iters=2",
+        "benchmark.presets.default.min_seconds=0", "benchmark.threads=1",
         "benchmark.throughput_mode.batch_sizes=[]", "benchmark.input_batches=2"]
 
 

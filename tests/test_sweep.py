@@ -45,11 +45,11 @@ TINY = ["data.image_size=48", "runtime.fetch.backoff=0.01", "runtime.fetch.retri
         "runtime.system_metrics=false", "runtime.log_model=false",
         "export.formats=[onnx]", "export.verify_batch_sizes=[1,2]",
         "optimize.variants=[onnxruntime_fp32]", "optimize.calibration_images=8",
-        "benchmark.threads=1", "benchmark.protocols.default.batch_sizes=[2]",
-        "benchmark.protocols.default.warmup_iters=1",
-        "benchmark.protocols.default.warmup_seconds=0",
-        "benchmark.protocols.default.min_iters=2", "benchmark.protocols.default.min_seconds=0",
-        "benchmark.protocols.default.trials=2",
+        "benchmark.threads=1", "benchmark.presets.default.batch_sizes=[2]",
+        "benchmark.presets.default.warmup_iters=1",
+        "benchmark.presets.default.warmup_seconds=0",
+        "benchmark.presets.default.min_iters=2", "benchmark.presets.default.min_seconds=0",
+        "benchmark.presets.default.trials=2",
         "profile.modes=[eager]", "profile.batch_sizes=[2]", "profile.warmup=1",
         "profile.iterations=2"]
 

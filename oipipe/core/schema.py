@@ -269,12 +269,12 @@ class ProtocolConf(Schema):
 
 class ThroughputModeConf(Schema):
     batch_sizes: list[PositiveInt]  # [] turns it off
-    streams: NonNegativeInt  # 0: one per thread
+    concurrency: NonNegativeInt  # requests in flight; 0: one per thread
 
 
 class BenchmarkConf(Schema):
     protocol: str
-    protocols: dict[str, ProtocolConf]
+    presets: dict[str, ProtocolConf]
     threads: NonNegativeInt
     device: Device
     input_batches: Annotated[int, Field(ge=2)]  # rotated through the timed calls, never one
@@ -285,9 +285,9 @@ class BenchmarkConf(Schema):
 
     @model_validator(mode="after")
     def _protocol_is_defined(self) -> BenchmarkConf:
-        if self.protocol not in self.protocols:
+        if self.protocol not in self.presets:
             raise ValueError(f"unknown benchmark.protocol {self.protocol!r}; expected one of "
-                             f"{sorted(self.protocols)}")
+                             f"{sorted(self.presets)}")
         return self
 
 

@@ -15,7 +15,7 @@ config, so any stage can call it without depending on another stage's settings.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,13 @@ def fill(images: torch.Tensor, batch: int, offset: int = 0) -> torch.Tensor:
 
 def batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [x[i:i + size] for i in range(0, len(x), size)]
+
+
+def logits(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> list[np.ndarray]:
+    """The fp32 model's logits on each batch, as numpy (the reference every check compares
+    against: optimize's accuracy pass, the benchmark's agreement check and its baseline, export)."""
+    with torch.no_grad():
+        return [model(x).numpy() for x in batches]
 
 
 def calibration_batches(prepared: Path, meta: dict, count: int, batch: int,

@@ -23,7 +23,7 @@ PARETO_COLUMNS = ["variant", "verdict", "throughput", "top1_pct", "top1_ci_low_p
 
 def fastest_shippable(rows: list[dict], key: str = "throughput") -> dict | None:
     """The fastest measured row whose accuracy verdict is not `fail`; None when there is none.
-    `key`: throughput (one call at a time) or throughput_streams (the throughput mode)."""
+    `key`: throughput (one call at a time) or throughput_concurrent (the throughput mode)."""
     ok = [r for r in rows if r.get("status") == "ok" and r.get("verdict") in SHIPPABLE
           and r.get(key)]
     return max(ok, key=lambda r: r[key], default=None)
