@@ -179,8 +179,8 @@ def test_every_entry_point_runs_from_a_fresh_checkout(tmp_path: Path) -> None:
     runs = {m: [sys.executable, "-m", m, "--help"] for m in modules + tools}
     runs["oitools/stream_sender.py"] = [sys.executable, str(clone / "oitools/stream_sender.py"),
                                         "--help"]
-    runs["where"] = [sys.executable, "-c", "import stages.train, oitools.stream; "
-                     "print(stages.train.__file__, oitools.stream.__file__)"]
+    runs["where"] = [sys.executable, "-c", "import stages.train, oitools.stream.client as c; "
+                     "print(stages.train.__file__, c.__file__)"]
 
     def run(cmd: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True,
@@ -194,4 +194,4 @@ def test_every_entry_point_runs_from_a_fresh_checkout(tmp_path: Path) -> None:
             assert "usage" in res.stdout.lower() or "hydra" in res.stdout.lower(), (name,
                                                                                     res.stdout)
     assert done["where"].stdout.split() == [str(clone / "stages/train.py"),
-                                            str(clone / "oitools/stream.py")]
+                                            str(clone / "oitools/stream/client.py")]

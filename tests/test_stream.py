@@ -35,8 +35,9 @@ from oipipe.core.config import PROJECT_ROOT, compose, path
 from oipipe.core.files import read_csv
 from oipipe.data.datasets import eval_transform
 from oipipe.deploy.runtime import load_artifact
-from oitools import stream
 from oitools import stream_sender as stream_server
+from oitools.stream import client as stream
+from oitools.stream import preprocess, sinks, sources
 from stages import export
 
 REALDATA = PROJECT_ROOT.parent / "shared" / "realdata"
@@ -52,7 +53,7 @@ def _require(tool: str, package: str) -> None:
 
 @pytest.fixture(scope="module")
 def gst() -> None:
-    _require("gst-launch-1.0", stream.GST_PACKAGES)
+    _require("gst-launch-1.0", sources.GST_PACKAGES)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_preprocessing_matches_eval_transform_on_real_photos(photos, onnx_model)
     for size, crop, mean, std in [(meta["input_size"], meta["crop_pct"], meta["mean"],
                                    meta["std"]),
                                   (224, 0.875, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]:
-        pre = stream.Preprocess(size, mean, std, crop)
+        pre = preprocess.Preprocess(size, mean, std, crop)
         tf = eval_transform(size, mean, std, crop)
         ours = np.stack([pre(np.ascontiguousarray(rgb[..., ::-1])) for rgb in photos])
         theirs = torch.stack([tf(pil_to_tensor(Image.fromarray(rgb))) for rgb in photos])
@@ -190,9 +191,10 @@ def test_preprocessing_matches_eval_transform_on_real_photos(photos, onnx_model)
 
 
 def test_the_client_runs_an_onnx_file_without_torchvision(onnx_model, photos) -> None:
-    code = ("import sys, numpy as np, torch\nfrom oitools import stream\n"
+    code = ("import sys, numpy as np, torch\nfrom oitools.stream import client as stream\n"
+            "from oitools.stream import preprocess\n"
             "rt, meta = stream.load_model(sys.argv[1])\n"
-            "x = stream.Preprocess.from_meta(meta)(np.zeros((48, 64, 3), np.uint8))\n"
+            "x = preprocess.Preprocess.from_meta(meta)(np.zeros((48, 64, 3), np.uint8))\n"
             "rt(torch.from_numpy(x[None]))\n"
             "assert 'torchvision' not in sys.modules, 'torchvision was imported'\n")
     res = subprocess.run([sys.executable, "-c", code, str(onnx_model)], cwd=PROJECT_ROOT,
@@ -202,11 +204,11 @@ def test_the_client_runs_an_onnx_file_without_torchvision(onnx_model, photos) ->
 
 def test_display_transformations() -> None:
     img = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
-    gray = stream.TRANSFORMS["gray"](img)
+    gray = sinks.TRANSFORMS["gray"](img)
     assert gray.shape == img.shape and (gray[..., 0] == gray[..., 2]).all()
-    assert (stream.TRANSFORMS["flip"](img) == img[:, ::-1]).all()
-    assert (stream.TRANSFORMS["vflip"](img) == img[::-1]).all()
-    edges = stream.TRANSFORMS["edges"](np.kron(np.eye(2, dtype=np.uint8) * 255,
+    assert (sinks.TRANSFORMS["flip"](img) == img[:, ::-1]).all()
+    assert (sinks.TRANSFORMS["vflip"](img) == img[::-1]).all()
+    edges = sinks.TRANSFORMS["edges"](np.kron(np.eye(2, dtype=np.uint8) * 255,
                                                np.ones((12, 16), np.uint8))[..., None]
                                        .repeat(3, 2))
     assert set(np.unique(edges)) == {0, 255}
@@ -434,7 +436,7 @@ def test_errors_name_their_cause(gst, onnx_model, tmp_path, caplog) -> None:
     fails(2, "malformed GStreamer pipeline", "videotestsrc num-buffers=3 ! ! videoconvert")
     fails(2, "GStreamer has no element 'nosuchfilter'", "videotestsrc ! nosuchfilter")
     fails(2, "no such file", str(tmp_path / "missing.mp4"))
-    if not stream.opencv_has_gstreamer():  # the PyPI wheel: no GStreamer backend to ask for
+    if not sources.opencv_has_gstreamer():  # the PyPI wheel: no GStreamer backend to ask for
         fails(2, "this OpenCV was built without GStreamer", "videotestsrc", "--backend", "opencv")
     broken = tmp_path / "model.onnx"
     broken.write_bytes(onnx_model.read_bytes()[:2000])
@@ -473,9 +475,9 @@ def test_server_streams_the_test_pattern_without_a_camera(capsys) -> None:
 def test_queued_frames_form_batches_up_to_the_limit_in_order() -> None:
     """What the model loop gets when the decoder is ahead (the end-to-end tests cannot force
     that: on a fast enough machine the model keeps up and every call is one frame)."""
-    queue, stop = stream.FrameQueue(capacity=8, drop=False), threading.Event()
+    queue, stop = sources.FrameQueue(capacity=8, drop=False), threading.Event()
     for i in range(6):
-        queue.put(stream.Frame(i, np.zeros((2, 2, 3), np.uint8), 0.0, 0.0), stop)
+        queue.put(sources.Frame(i, np.zeros((2, 2, 3), np.uint8), 0.0, 0.0), stop)
     assert [f.seq for f in queue.get(4, timeout=0)] == [0, 1, 2, 3]
     assert [f.seq for f in queue.get(4, timeout=0)] == [4, 5]
     assert queue.get(4, timeout=0) == []
