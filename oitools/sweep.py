@@ -194,11 +194,13 @@ def run_pipeline(cfg: DictConfig, sweep_dir: Path, record: dict[str, Any]) -> No
                 waited = lock.enter_context(file_lock(sweep_dir / ".benchmark.lock"))
                 timings["benchmark_lock_wait_s"] = round(waited, 3)
                 record["benchmark_started"] = time.time()  # wall clock: comparable across jobs
-            elif stage.name not in TIMED_STAGES and "benchmark_started" in record:
+            elif (stage.name not in TIMED_STAGES and "benchmark_started" in record
+                  and "benchmark_ended" not in record):
+                record["benchmark_ended"] = time.time()  # before the next job may start
                 lock.close()
-                record.setdefault("benchmark_ended", time.time())
             run_stage(stage, cfg, timings)
-    record.setdefault("benchmark_ended", time.time())
+        if "benchmark_started" in record:  # the timed stages came last: still under the lock
+            record.setdefault("benchmark_ended", time.time())
 
 
 def objective(cfg: DictConfig) -> float | None:
