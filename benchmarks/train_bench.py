@@ -339,7 +339,7 @@ def main() -> None:
         for r in loaders.values():
             r["ratio_vs_in_memory"] = round(r["images_per_s"] / reference, 3)
         best_key = max(loaders, key=lambda k: loaders[k]["ratio_vs_in_memory"])
-        stage_key = f"workers_{tcfg.num_workers}"
+        stage_key = f"workers_{cfg.runtime.train_workers}"
 
         # the stage's few-step decision beside this benchmark's longer comparison below
         bf16: dict = {"stage_precision": precision, "stage_choice": chosen}
@@ -354,7 +354,7 @@ def main() -> None:
         "machine": machine(),
         "dataset": dataset,
         "setup": {"model": mcfg.name, "weights": mcfg.weights, "input_size": mcfg.input_size,
-                  "mode": tcfg.mode, "optimizer": tcfg.optimizer, "batch_size": bs,
+                  "recipe": tcfg.recipe, "optimizer": tcfg.optimizer, "batch_size": bs,
                   "channels_last": tcfg.channels_last, "device": str(device),
                   "precision": precision, "torch_threads": torch.get_num_threads(),
                   "settle_steps": args.settle_steps, "warmup_steps": args.warmup,
@@ -367,7 +367,7 @@ def main() -> None:
         "best": {"config": best_key, "num_workers": loaders[best_key]["num_workers"],
                  "ratio": loaders[best_key]["ratio_vs_in_memory"], "target": TARGET_RATIO,
                  "met": loaders[best_key]["ratio_vs_in_memory"] >= TARGET_RATIO},
-        "stage_default_workers": {"num_workers": tcfg.num_workers,
+        "stage_default_workers": {"num_workers": cfg.runtime.train_workers,
                                   "ratio": loaders.get(stage_key, {}).get("ratio_vs_in_memory")},
         "bf16_vs_fp32": bf16,
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
