@@ -44,8 +44,8 @@ import torch  # noqa: E402
 
 from oipipe.core.config import load_params, path  # noqa: E402
 from oipipe.core.files import write_json  # noqa: E402
-from oipipe.core.variants import VARIANTS  # noqa: E402
-from oipipe.deploy.runtime import EXPORT_FILES, load_variant  # noqa: E402
+from oipipe.core.variants import FORMATS, VARIANTS  # noqa: E402
+from oipipe.deploy.runtime import load_variant  # noqa: E402
 from oipipe.measure import evaluation, machine  # noqa: E402
 from stages import optimize  # noqa: E402
 
@@ -164,7 +164,7 @@ def main() -> int:
         if not (optimized / name / "record.json").is_file():
             print(f"building {name}", flush=True)
             optimize.run(cfg, name)
-    onnx_fp32 = path(cfg, "exported") / EXPORT_FILES["onnx"]
+    onnx_fp32 = path(cfg, "exported") / FORMATS["onnx"].file
     onnx_int8 = optimized / "onnxruntime_int8" / "model.onnx"
     variants = sorted(p.name for p in optimized.iterdir() if (p / "record.json").is_file()
                       if json.loads((p / "record.json").read_text())["status"] == "ok")

@@ -25,6 +25,7 @@ stage imports it). Per job:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
@@ -69,7 +70,8 @@ class Stage:
     foreach: str | None  # the config list a foreach stage runs over, e.g. "optimize.variants"
 
 
-def stage_order(dvc_yaml: Path = PROJECT_ROOT / "dvc.yaml") -> list[Stage]:
+@functools.cache
+def stage_order(dvc_yaml: Path = PROJECT_ROOT / "dvc.yaml") -> tuple[Stage, ...]:
     """The stages of `dvc_yaml` in the order written (DVC's own order runs dependencies first;
     the file lists them so, and `tests/test_stages_are_peers.py` holds that)."""
     stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]
@@ -87,7 +89,7 @@ def stage_order(dvc_yaml: Path = PROJECT_ROOT / "dvc.yaml") -> list[Stage]:
             raise ValueError(f"{dvc_yaml}: stage {name}: cmd {body['cmd']!r} is not "
                              "`python -m <module>`")
         out.append(Stage(name, m["module"], foreach))
-    return out
+    return tuple(out)
 
 
 def data_key(data: DictConfig) -> str:

@@ -36,8 +36,6 @@ from oipipe.training import models
 
 log = logging.getLogger("stages.export")
 
-FILES = {name: fmt.file for name, fmt in FORMATS.items()}  # the formats' rows name them
-
 
 class ExportCheckFailed(StageError):
     """An artifact does not reproduce the eager model."""
@@ -87,7 +85,7 @@ def run(cfg: DictConfig) -> dict:
         # per format: the export (one call, seconds to a minute), then a check per batch size
         with progress.steps(len(ex.formats) * (1 + len(batches)), "export") as bar:
             for fmt in ex.formats:
-                dst = out_dir / FILES[fmt]
+                dst = out_dir / FORMATS[fmt].file
                 bar.set_description(f"export {fmt}")
                 t0 = time.perf_counter()
                 imported(FORMATS[fmt].writer)(model, example, dst, meta_json, ex)

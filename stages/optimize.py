@@ -155,8 +155,7 @@ def _build_and_check(cfg: DictConfig, ctx: BuildContext, tmp: Path,
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         return {"status": "failed", "error": error_text(e),
                 "artifact": None, "size_mb": None}
-    with torch.no_grad():
-        fp32 = np.concatenate([ctx.model(x).numpy() for x in batches])
+    fp32 = np.concatenate(evaluation.logits(ctx.model, batches))
     acc = evaluation.against_fp32(fp32, got, labels, cfg.optimize.accuracy_bars[variant.precision])
     log.info("%s: %.1f MB, built in %.1f s, top-1 %.1f%% [%.1f, %.1f] (fp32 %.1f%%) on %d "
              "images of %s, agreement %.1f%%: %s, %s", name, out["size_mb"],

@@ -13,6 +13,7 @@ from conftest import logits_in_fresh_process
 
 from oipipe.core.config import compose, path
 from oipipe.core.errors import ConfigError
+from oipipe.core.variants import FORMATS
 from oipipe.deploy import runtime
 from oipipe.training import models
 from stages import export
@@ -44,13 +45,13 @@ def test_every_format_is_exported_verified_and_carries_its_metadata(exported, tr
     out = path(cfg, "exported")
     assert json.loads((out / "meta.json").read_text()) == meta
     assert meta["classes"] == ["Zebra", "Sea turtle", "Blue jay"] and meta["input_size"] == 64
-    for fmt, name in export.FILES.items():
-        assert (out / name).stat().st_size > 100_000
+    for fmt, row in FORMATS.items():
+        assert (out / row.file).stat().st_size > 100_000
         assert report[f"{fmt}.ok"] is True
         for b in (1, 8):
             assert report[f"{fmt}.batch{b}.top1_agreement_pct"] == 100.0
             assert report[f"{fmt}.batch{b}.max_rel_diff"] <= 1e-4
-        runner, loaded = runtime.load_artifact(out / name)
+        runner, loaded = runtime.load_artifact(out / row.file)
         assert loaded == meta
     assert json.loads((path(cfg, "metrics") / "export.json").read_text()) == report
 
@@ -74,11 +75,11 @@ def test_artifacts_round_trip_in_a_fresh_process(exported, trained, tmp_path) ->
     with torch.no_grad():
         want = model(x).numpy()
     got = logits_in_fresh_process(x, path(cfg, "exported"), tmp_path, (
-        "from stages.export import FILES\n"
+        "from oipipe.core.variants import FORMATS\n"
         "from oipipe.deploy.runtime import load_artifact\n"
-        "for f, n in FILES.items():\n"
-        "    out[f] = load_artifact(d / n)[0](x)"))
-    for fmt in export.FILES:
+        "for f, row in FORMATS.items():\n"
+        "    out[f] = load_artifact(d / row.file)[0](x)"))
+    for fmt in FORMATS:
         np.testing.assert_allclose(got[fmt], want, rtol=1e-4, atol=1e-4 * abs(want).max())
 
 

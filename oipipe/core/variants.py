@@ -39,6 +39,22 @@ class Variant:
     requires: tuple[str, ...] = ()
 
 
+def _openvino(precision: str, builder: str, *requires: str) -> Variant:
+    """An OpenVINO IR row: compiled by its loader in the row's own precision."""
+    return Variant("openvino", precision, "cpu", "model.xml",
+                   f"oipipe.deploy.build_openvino:{builder}", RT + "openvino_runtime",
+                   {"precision": precision},
+                   requires=("package:openvino", *requires))
+
+
+def _tensorrt(precision: str) -> Variant:
+    """A Torch-TensorRT row: the engine built and loaded in the row's own precision."""
+    return Variant("torch_tensorrt", precision, "cuda", "model.ep",
+                   "oipipe.deploy.build_tensorrt:engine", RT + "trt_runtime",
+                   {"dtype": {"fp32": "float32", "fp16": "float16"}[precision]},
+                   requires=("torch_tensorrt", "cuda"))
+
+
 VARIANTS: dict[str, Variant] = {
     # what a PyTorch user gets without a compiler: the eager model cast to bf16, exported
     "eager_bf16": Variant("torch_eager", "bf16", "cpu", "model.pt2",
@@ -56,18 +72,12 @@ VARIANTS: dict[str, Variant] = {
     "onnxruntime_int8": Variant("onnxruntime", "int8", "cpu", "model.onnx",
                                 "oipipe.deploy.build_ort:qdq_int8", RT + "ort_runtime",
                                 requires=("package:onnxruntime",)),
-    "openvino_fp32": Variant("openvino", "fp32", "cpu", "model.xml",
-                             "oipipe.deploy.build_openvino:ir", RT + "openvino_runtime",
-                             {"precision": "fp32"}, requires=("package:openvino",)),
+    "openvino_fp32": _openvino("fp32", "ir"),
     # OpenVINO does not emulate bf16: without native bf16 its CPU plugin compiles f32 whatever
     # the hint says, so the row would be fp32 under a bf16 name (unlike eager_bf16 and
     # inductor_bf16, which really run, emulated, and record native_bf16: false)
-    "openvino_bf16": Variant("openvino", "bf16", "cpu", "model.xml",
-                             "oipipe.deploy.build_openvino:ir", RT + "openvino_runtime",
-                             {"precision": "bf16"}, requires=("package:openvino", "native_bf16")),
-    "openvino_int8": Variant("openvino", "int8", "cpu", "model.xml",
-                             "oipipe.deploy.build_openvino:nncf_int8", RT + "openvino_runtime",
-                             {"precision": "int8"}, requires=("package:openvino", "package:nncf")),
+    "openvino_bf16": _openvino("bf16", "ir", "native_bf16"),
+    "openvino_int8": _openvino("int8", "nncf_int8", "package:nncf"),
     "eager_fp16_cuda": Variant("torch_eager", "fp16", "cuda", "model.pt2",
                                "oipipe.deploy.build_torch:eager_fp16_cuda", RT + "program_runtime",
                                {"device": "cuda", "dtype": "float16"}, requires=("cuda",)),
@@ -75,12 +85,8 @@ VARIANTS: dict[str, Variant] = {
     "inductor_fp16_cuda": Variant("aot_inductor", "fp16", "cuda", "model.pt2",
                                   "oipipe.deploy.build_torch:inductor_fp16_cuda",
                                   RT + "aoti_runtime", {"device": "cuda"}, requires=("cuda",)),
-    "trt_fp32": Variant("torch_tensorrt", "fp32", "cuda", "model.ep",
-                        "oipipe.deploy.build_tensorrt:engine", RT + "trt_runtime",
-                        {"dtype": "float32"}, requires=("torch_tensorrt", "cuda")),
-    "trt_fp16": Variant("torch_tensorrt", "fp16", "cuda", "model.ep",
-                        "oipipe.deploy.build_tensorrt:engine", RT + "trt_runtime",
-                        {"dtype": "float16"}, requires=("torch_tensorrt", "cuda")),
+    "trt_fp32": _tensorrt("fp32"),
+    "trt_fp16": _tensorrt("fp16"),
 }
 
 

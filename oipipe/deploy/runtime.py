@@ -164,7 +164,6 @@ def eager_runtime(model: torch.nn.Module, device: str = "cpu",
 
 # --- where artifacts live and how each optimized variant loads ---------------------------------
 
-EXPORT_FILES = {name: fmt.file for name, fmt in FORMATS.items()}
 RECORD, META = "record.json", "meta.json"
 
 
