@@ -25,7 +25,6 @@ stage imports it). Per job:
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import importlib
 import json
@@ -70,7 +69,6 @@ class Stage:
     foreach: str | None  # the config list a foreach stage runs over, e.g. "optimize.variants"
 
 
-@functools.cache
 def stage_order(dvc_yaml: Path = PROJECT_ROOT / "dvc.yaml") -> tuple[Stage, ...]:
     """The stages of `dvc_yaml` in the order written (DVC's own order runs dependencies first;
     the file lists them so, and `tests/test_stages_are_peers.py` holds that)."""
