@@ -255,26 +255,22 @@ def _pad_label_file(
     return rows
 
 
-def generate(
-    out: Path,
-    classes: Sequence[str] = DEFAULT_CLASSES,
-    images_per_class: int = 12,
-    seed: int = 0,
-    distractor_classes: Sequence[str] = ("Apple", "Banana"),
-    label_pad_bytes: int = 0,
-    image_px: tuple[int, int] = (96, 200),
-    truncated: int = 0,
-) -> dict[str, Any]:
-    """Write a synthetic Open Images mirror under `out` and return its ground-truth manifest.
+class _Ids:
+    """Fresh 64-bit hex image IDs drawn from the mirror's seeded `rnd`, never one twice."""
 
-    `images_per_class` counts the downloadable single-class images of each class; the faulty
-    images (404, not a JPEG) and the multi-class images come on top. Same seed, same bytes.
+    def __init__(self, rnd: random.Random) -> None:
+        self.rnd, self.used = rnd, set[str]()
 
-    `truncated` adds that many train images (classes in turn) stored cut to half their bytes: the
-    server sends such a file whole, with a matching Content-Length, so only a check of the JPEG
-    itself rejects it. They come last, so a mirror with 0 (the default, which the tests' counts
-    assume) is byte for byte the mirror without this option.
-    """
+    def __call__(self) -> str:
+        while True:
+            image_id = f"{self.rnd.getrandbits(64):016x}"
+            if image_id not in self.used:
+                self.used.add(image_id)
+                return image_id
+
+
+def _check(classes: Sequence[str], images_per_class: int, truncated: int,
+           image_px: tuple[int, int]) -> None:
     if not classes:
         raise ValueError("at least one class is required")
     if images_per_class < 1:
@@ -284,7 +280,11 @@ def generate(
     lo, hi = image_px
     if not 16 <= lo < hi:
         raise ValueError(f"image_px must be (min, max) with 16 <= min < max, got {image_px}")
-    out = Path(out)
+
+
+def _resolve(classes: Sequence[str],
+             distractor_classes: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(wanted, distractors): display name -> label ID each, distinct."""
     wanted = openimages.resolve_classes(classes)
     try:
         distract = openimages.resolve_classes(distractor_classes) if distractor_classes else {}
@@ -293,19 +293,12 @@ def generate(
     overlap = set(wanted) & set(distract)
     if overlap:
         raise ValueError(f"classes also given as distractors: {sorted(overlap)}")
-    names = list(wanted)
-    class_index = {c: i for i, c in enumerate(names)}
-    rnd = random.Random(seed)
-    nprng = np.random.default_rng(seed)
-    used: set[str] = set()
+    return wanted, distract
 
-    def new_id() -> str:
-        while True:
-            image_id = f"{rnd.getrandbits(64):016x}"
-            if image_id not in used:
-                used.add(image_id)
-                return image_id
 
+def _plan(names: list[str], distract: dict[str, str], images_per_class: int, truncated: int,
+          new_id: _Ids) -> list[_Img]:
+    """Every image the mirror lists, in the order the seeded draws assume."""
     images: list[_Img] = []
     for cls in names:
         for split, n in split_counts(images_per_class).items():
@@ -325,9 +318,14 @@ def generate(
     images.extend(
         _Img(new_id(), "train", "truncated", (names[i % len(names)],)) for i in range(truncated)
     )
+    return images
 
-    meta, bucket = clear_trees(out)
-    table = write_class_files(meta)
+
+def _write_images(bucket: Path, images: list[_Img], names: list[str], rnd: random.Random,
+                  nprng: np.random.Generator, image_px: tuple[int, int]) -> None:
+    """The image files: none for a missing one, an HTML page for not_jpeg, half a JPEG for a
+    truncated one; every fifth JPEG (from the third) carries an EXIF rotation."""
+    class_index = {c: i for i, c in enumerate(names)}
     jpeg_count = 0
     for img in images:
         path = bucket / img.split / f"{img.image_id}.jpg"
@@ -347,9 +345,13 @@ def generate(
         jpeg_count += 1
         path.write_bytes(_render(img, class_index, len(names), rnd, nprng, image_px))
 
-    # Labels: positives for every image, plus decoys a careless reader would count as positives.
-    excluded = set(wanted.values()) | set(distract.values())
-    others = [lab for lab in table.values() if lab not in excluded]
+
+def _label_rows(images: list[_Img], wanted: dict[str, str], distract: dict[str, str],
+                others: list[str], rnd: random.Random
+                ) -> tuple[dict[str, list[list[str]]], list[dict[str, Any]]]:
+    """Positives for every image, plus decoys a careless reader would count as positives
+    (negatives and machine labels of a requested class, rows of other classes); shuffled."""
+    names = list(wanted)
     label_rows: dict[str, list[list[str]]] = {s: [] for s in SPLITS}
     decoys: list[dict[str, Any]] = []
     for img in images:
@@ -376,11 +378,77 @@ def generate(
             rows.append([img.image_id, src, rnd.choice(others), rnd.choice(("0", "1"))])
     for rows in label_rows.values():
         rnd.shuffle(rows)
+    return label_rows, decoys
+
+
+def _manifest(images: list[_Img], names: list[str]) -> dict[str, Any]:
+    """The ground truth of each kind of image, for the tests to check a download against."""
+
+    def entry(img: _Img) -> dict[str, Any]:
+        return {"id": img.image_id, "split": img.split}
+
+    def of(kind: str) -> list[dict[str, Any]]:
+        return [{**entry(i), "class": i.classes[0]} for i in images if i.kind == kind]
+
+    return {
+        "downloadable": {
+            c: [
+                {**entry(i), "exif_orientation": i.orientation, "size": list(i.size or ())}
+                for i in images
+                if i.kind == "single" and i.classes[0] == c
+            ]
+            for c in names
+        },
+        "missing": of("missing"),
+        "not_jpeg": of("not_jpeg"),
+        "truncated": of("truncated"),
+        "multi_class": [
+            {**entry(i), "classes": list(i.classes)} for i in images if i.kind == "multi"
+        ],
+        "distractors": of("distractor"),
+    }
+
+
+def generate(
+    out: Path,
+    *,
+    classes: Sequence[str] = DEFAULT_CLASSES,
+    images_per_class: int = 12,
+    seed: int = 0,
+    distractor_classes: Sequence[str] = ("Apple", "Banana"),
+    label_pad_bytes: int = 0,
+    image_px: tuple[int, int] = (96, 200),
+    truncated: int = 0,
+) -> dict[str, Any]:
+    """Write a synthetic Open Images mirror under `out` and return its ground-truth manifest.
+
+    `images_per_class` counts the downloadable single-class images of each class; the faulty
+    images (404, not a JPEG) and the multi-class images come on top. Same seed, same bytes.
+
+    `truncated` adds that many train images (classes in turn) stored cut to half their bytes: the
+    server sends such a file whole, with a matching Content-Length, so only a check of the JPEG
+    itself rejects it. They come last, so a mirror with 0 (the default, which the tests' counts
+    assume) is byte for byte the mirror without this option.
+    """
+    _check(classes, images_per_class, truncated, image_px)
+    out = Path(out)
+    wanted, distract = _resolve(classes, distractor_classes)
+    names = list(wanted)
+    rnd = random.Random(seed)
+    nprng = np.random.default_rng(seed)
+    new_id = _Ids(rnd)
+    images = _plan(names, distract, images_per_class, truncated, new_id)
+
+    meta, bucket = clear_trees(out)
+    table = write_class_files(meta)
+    _write_images(bucket, images, names, rnd, nprng, image_px)
+    excluded = set(wanted.values()) | set(distract.values())
+    others = [lab for lab in table.values() if lab not in excluded]
+    label_rows, decoys = _label_rows(images, wanted, distract, others, rnd)
     # One malformed train row (3 fields instead of 4) for a requested class.
     bad_pos = rnd.randint(0, len(label_rows["train"]))
     bad_row = [new_id(), "verification", wanted[names[0]]]
     label_rows["train"].insert(bad_pos, bad_row)
-    bad_text = ",".join(bad_row)
 
     for split in SPLITS:
         write_csv(meta / LABEL_FILES[split], LABEL_HEADER, label_rows[split])
@@ -394,9 +462,6 @@ def generate(
     if label_pad_bytes > 0:
         pad_rows = _pad_label_file(meta / LABEL_FILES["train"], label_pad_bytes, others, nprng)
 
-    def entry(img: _Img) -> dict[str, Any]:
-        return {"id": img.image_id, "split": img.split}
-
     manifest: dict[str, Any] = {
         "seed": seed,
         "images_per_class": images_per_class,
@@ -404,25 +469,10 @@ def generate(
         "images_dir": IMAGES_DIR,
         "classes": dict(wanted),
         "distractor_classes": dict(distract),
-        "downloadable": {
-            c: [
-                {**entry(i), "exif_orientation": i.orientation, "size": list(i.size or ())}
-                for i in images
-                if i.kind == "single" and i.classes[0] == c
-            ]
-            for c in names
-        },
-        "missing": [{**entry(i), "class": i.classes[0]} for i in images if i.kind == "missing"],
-        "not_jpeg": [{**entry(i), "class": i.classes[0]} for i in images if i.kind == "not_jpeg"],
-        "truncated": [{**entry(i), "class": i.classes[0]} for i in images if i.kind == "truncated"],
-        "multi_class": [
-            {**entry(i), "classes": list(i.classes)} for i in images if i.kind == "multi"
-        ],
-        "distractors": [
-            {**entry(i), "class": i.classes[0]} for i in images if i.kind == "distractor"
-        ],
+        **_manifest(images, names),
         "decoy_rows": decoys,
-        "malformed_row": {"file": LABEL_FILES["train"], "line": bad_pos + 2, "text": bad_text},
+        "malformed_row": {"file": LABEL_FILES["train"], "line": bad_pos + 2,
+                          "text": ",".join(bad_row)},
         "label_pad_rows": pad_rows,
     }
     write_manifest(out, manifest)

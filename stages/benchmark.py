@@ -65,7 +65,7 @@ from oipipe.measure.worker import (
     protocol_settings,
     row_summary,
 )
-from oipipe.reporting.plots import figure
+from oipipe.reporting.plots import benchmark_charts
 from oipipe.training import models
 
 log = logging.getLogger("stages.benchmark")
@@ -235,7 +235,7 @@ def run(cfg: DictConfig) -> dict:
     write_csv(plots / "benchmark.csv", [*COLUMNS, "label"],
               [[_csv(r.get(c)) for c in COLUMNS] + [f"{r['variant']}@b{r['batch']}"]
                for r in rows])
-    charts(rows, plots)
+    benchmark_charts(rows, plots)
     front = pareto_points(rows, ref)
     write_csv(plots / "pareto.csv", PARETO_COLUMNS,
               [[_csv(p.get(c)) for c in PARETO_COLUMNS] for p in front])
@@ -365,39 +365,6 @@ def log_child_runs(tracker, rows: list[dict], cfg: DictConfig) -> None:
             mlflow.end_run("FAILED")
             raise
         mlflow.end_run(status)
-
-
-def charts(rows: list[dict], out: Path) -> None:
-    """Throughput, latency percentiles and speed-up per variant, one bar group per batch size."""
-    ok = [r for r in rows if r["status"] == "ok"]
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    sizes = sorted({r["batch"] for r in rows})
-    specs = [("throughput", "images / s", "benchmark_throughput.png", ["throughput"]),
-             ("latency", "ms per batch", "benchmark_latency.png",
-              ["latency_p50_ms", "latency_p90_ms", "latency_p99_ms"]),
-             ("speed-up vs eager fp32", "x", "benchmark_speedup.png", ["speedup"])]
-    for title, unit, name, keys in specs:
-        with figure(out / name, 1, len(sizes), squeeze=False,
-                          figsize=(5 * len(sizes), 0.5 + 0.4 * len(variants))) as axes:
-            for ax, b in zip(axes[0], sizes, strict=True):
-                ys = np.arange(len(variants))
-                h = 0.8 / len(keys)
-                for k, key in enumerate(keys):
-                    vals = [next((r[key] for r in ok if r["variant"] == v and r["batch"] == b
-                                  and r.get(key) is not None), 0.0) for v in variants]
-                    ax.barh(ys + k * h, vals, height=h, label=key.replace("latency_", ""))
-                for y, v in zip(ys, variants, strict=True):  # say why a bar is missing
-                    status = next((r["status"] for r in rows
-                                   if r["variant"] == v and r["batch"] == b), "not run")
-                    if status != "ok":
-                        ax.text(0, y + h * (len(keys) - 1) / 2, f" {status}", va="center",
-                                fontsize=8, color="gray")
-                ax.set_yticks(ys + h * (len(keys) - 1) / 2, variants)
-                ax.invert_yaxis()
-                ax.set_title(f"{title}, batch {b}")
-                ax.set_xlabel(unit)
-                if len(keys) > 1:
-                    ax.legend(fontsize=7)
 
 
 def main() -> None:

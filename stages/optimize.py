@@ -156,7 +156,8 @@ def _build_and_check(cfg: DictConfig, ctx: BuildContext, tmp: Path,
         return {"status": "failed", "error": error_text(e),
                 "artifact": None, "size_mb": None}
     fp32 = np.concatenate(evaluation.logits(ctx.model, batches))
-    acc = evaluation.against_fp32(fp32, got, labels, cfg.optimize.accuracy_bars[variant.precision])
+    bar_pct = cfg.optimize.accuracy_bars_pct[variant.precision]
+    acc = evaluation.against_fp32(fp32, got, labels, bar_pct)
     log.info("%s: %.1f MB, built in %.1f s, top-1 %.1f%% [%.1f, %.1f] (fp32 %.1f%%) on %d "
              "images of %s, agreement %.1f%%: %s, %s", name, out["size_mb"],
              out["build_seconds"], acc["top1_pct"], acc["top1_ci_low_pct"], acc["top1_ci_high_pct"],

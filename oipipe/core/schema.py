@@ -204,7 +204,7 @@ class TrtConf(Schema):
 
 
 class AccuracyBars(Schema):
-    """How much worse than fp32 (top-1 points) a variant of each precision may be."""
+    """How much worse than fp32 a variant of each precision may be, in top-1 percentage points."""
     fp32: NonNegativeFloat
     fp16: NonNegativeFloat
     bf16: NonNegativeFloat
@@ -243,7 +243,7 @@ class OptimizeConf(Schema):
     calibration_batch: PositiveInt
     eval_batch: PositiveInt
     eval_splits: Annotated[list[Split], Field(min_length=1)]
-    accuracy_bars: AccuracyBars
+    accuracy_bars_pct: AccuracyBars
     settings: VariantSettings
     trt: TrtConf
 

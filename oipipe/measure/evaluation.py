@@ -91,14 +91,14 @@ def top1_with_interval(logits: np.ndarray, labels: np.ndarray, confidence: float
             "top1_ci_high_pct": round(100 * hi, 3), "eval_images": n}
 
 
-def against_fp32(fp32: np.ndarray, got: np.ndarray, labels: np.ndarray, bar_points: float,
+def against_fp32(fp32: np.ndarray, got: np.ndarray, labels: np.ndarray, bar_pct: float,
             confidence: float = 0.95) -> dict:
     """The variant (`got`) against fp32 on the same images; percentages and points."""
     if fp32.shape != got.shape or len(labels) != len(got):
         raise ValueError(f"logits {got.shape} vs fp32 {fp32.shape} on {len(labels)} labels")
     ref_ok, var_ok = fp32.argmax(1) == labels, got.argmax(1) == labels
     p = paired_difference(*paired_counts(ref_ok, var_ok), confidence=confidence)
-    v = verdict(p, bar_points / 100, confidence)
+    v = verdict(p, bar_pct / 100, confidence)
     agree = int((got.argmax(1) == fp32.argmax(1)).sum())
     a_lo, a_hi = wilson(agree, len(labels), confidence)
     ref = top1_with_interval(fp32, labels, confidence)
@@ -112,6 +112,6 @@ def against_fp32(fp32: np.ndarray, got: np.ndarray, labels: np.ndarray, bar_poin
             "agreement_pct": round(100 * agree / len(labels), 3),
             "agreement_ci_low_pct": round(100 * a_lo, 3),
             "agreement_ci_high_pct": round(100 * a_hi, 3),
-            "accuracy_bar_pct": float(bar_points), "verdict": v.verdict,
+            "accuracy_bar_pct": float(bar_pct), "verdict": v.verdict,
             "verdict_reason": v.reason, "images_to_decide": v.images_to_decide,
             "max_abs_logit_diff": float(np.abs(got - fp32).max())}
