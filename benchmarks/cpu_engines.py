@@ -50,8 +50,17 @@ from oipipe.measure import evaluation, machine  # noqa: E402
 from stages import optimize  # noqa: E402
 
 # Every variant that runs on a CPU, built where missing.
-CPU_VARIANTS = ("eager_bf16", "inductor_fp32", "inductor_bf16", "inductor_int8", "onnxruntime_fp32",
-                "onnxruntime_int8", "openvino_fp32", "openvino_bf16", "openvino_int8")
+CPU_VARIANTS = (
+    "eager_bf16",
+    "inductor_fp32",
+    "inductor_bf16",
+    "inductor_int8",
+    "onnxruntime_fp32",
+    "onnxruntime_int8",
+    "openvino_fp32",
+    "openvino_bf16",
+    "openvino_int8",
+)
 
 
 def timed(run_batch: Callable[[], int], seconds: float, trials: int) -> float:
@@ -71,10 +80,12 @@ def ov_props(compiled) -> dict:
     import openvino.properties as props
     import openvino.properties.hint as hints
 
-    return {"precision": compiled.get_property(hints.inference_precision).to_string(),
-            "hint": str(compiled.get_property(hints.performance_mode)),
-            "streams": int(compiled.get_property(props.num_streams)),
-            "requests": int(compiled.get_property(props.optimal_number_of_infer_requests))}
+    return {
+        "precision": compiled.get_property(hints.inference_precision).to_string(),
+        "hint": str(compiled.get_property(hints.performance_mode)),
+        "streams": int(compiled.get_property(props.num_streams)),
+        "requests": int(compiled.get_property(props.optimal_number_of_infer_requests)),
+    }
 
 
 def ov_sync(file: Path, x: np.ndarray) -> tuple[Callable[[], int], dict]:
@@ -90,8 +101,9 @@ def ov_async(file: Path, x: np.ndarray) -> tuple[Callable[[], int], dict]:
     import openvino as ov
     import openvino.properties.hint as hints
 
-    compiled = ov.Core().compile_model(str(file), "CPU", {
-        hints.performance_mode: hints.PerformanceMode.THROUGHPUT})
+    compiled = ov.Core().compile_model(
+        str(file), "CPU", {hints.performance_mode: hints.PerformanceMode.THROUGHPUT}
+    )
     info = ov_props(compiled)
     queue = ov.AsyncInferQueue(compiled, info["requests"])
 
@@ -119,8 +131,10 @@ def ort_per_core(file: Path, x: np.ndarray) -> tuple[Callable[[], int], dict]:
     cores = os.cpu_count() or 1
     so = ort.SessionOptions()
     so.intra_op_num_threads = so.inter_op_num_threads = 1
-    sessions = [ort.InferenceSession(str(file), so, providers=["CPUExecutionProvider"])
-                for _ in range(cores)]
+    sessions = [
+        ort.InferenceSession(str(file), so, providers=["CPUExecutionProvider"])
+        for _ in range(cores)
+    ]
     name = sessions[0].get_inputs()[0].name
 
     def run() -> int:
@@ -166,8 +180,12 @@ def main() -> int:
             optimize.run(cfg, name)
     onnx_fp32 = path(cfg, "exported") / FORMATS["onnx"].file
     onnx_int8 = optimized / "onnxruntime_int8" / "model.onnx"
-    variants = sorted(p.name for p in optimized.iterdir() if (p / "record.json").is_file()
-                      if json.loads((p / "record.json").read_text())["status"] == "ok")
+    variants = sorted(
+        p.name
+        for p in optimized.iterdir()
+        if (p / "record.json").is_file()
+        if json.loads((p / "record.json").read_text())["status"] == "ok"
+    )
     meta = json.loads((optimized / variants[0] / "meta.json").read_text())
     images, _ = evaluation.images(path(cfg, "prepared"), list(cfg.optimize.eval_splits), meta)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -175,34 +193,70 @@ def main() -> int:
     for batch in args.batches:
         x = evaluation.fill(images, batch).contiguous()
         xn = np.ascontiguousarray(x.numpy(), dtype=np.float32)
-        cases: list[tuple[str, str, str, Callable[..., tuple[Callable[[], int], dict]],
-                          tuple]] = [(f"pipeline:{v}", "latency", v, pipeline_case,
-                                      (optimized / v, x)) for v in variants]
+        cases: list[tuple[str, str, str, Callable[..., tuple[Callable[[], int], dict]], tuple]] = [
+            (f"pipeline:{v}", "latency", v, pipeline_case, (optimized / v, x)) for v in variants
+        ]
         for label, file in (("fp32 ONNX", onnx_fp32), ("int8 QDQ ONNX", onnx_int8)):
             if file.is_file():
-                cases += [(f"onnxruntime plain, {label}", "latency", str(file), ort_sync,
-                           (file, xn)),
-                          (f"openvino plain, {label}", "latency", str(file), ov_sync, (file, xn)),
-                          (f"onnxruntime one session per core, {label}", "throughput",
-                           str(file), ort_per_core, (file, xn)),
-                          (f"openvino THROUGHPUT + AsyncInferQueue, {label}", "throughput",
-                           str(file), ov_async, (file, xn))]
+                cases += [
+                    (f"onnxruntime plain, {label}", "latency", str(file), ort_sync, (file, xn)),
+                    (f"openvino plain, {label}", "latency", str(file), ov_sync, (file, xn)),
+                    (
+                        f"onnxruntime one session per core, {label}",
+                        "throughput",
+                        str(file),
+                        ort_per_core,
+                        (file, xn),
+                    ),
+                    (
+                        f"openvino THROUGHPUT + AsyncInferQueue, {label}",
+                        "throughput",
+                        str(file),
+                        ov_async,
+                        (file, xn),
+                    ),
+                ]
         ir = optimized / "openvino_int8" / "model.xml"
         if ir.is_file():
-            cases.append(("openvino THROUGHPUT + AsyncInferQueue, pipeline openvino_int8 IR",
-                          "throughput", str(ir), ov_async, (ir, xn)))
+            cases.append(
+                (
+                    "openvino THROUGHPUT + AsyncInferQueue, pipeline openvino_int8 IR",
+                    "throughput",
+                    str(ir),
+                    ov_async,
+                    (ir, xn),
+                )
+            )
         for engine, mode, file, make, make_args in cases:
             run, info = make(*make_args)
             ips = timed(run, args.seconds, args.trials)
-            rows.append({"batch": batch, "engine": engine, "mode": mode, "file": file,
-                         "images_per_s": round(ips, 1), **info})
+            rows.append(
+                {
+                    "batch": batch,
+                    "engine": engine,
+                    "mode": mode,
+                    "file": file,
+                    "images_per_s": round(ips, 1),
+                    **info,
+                }
+            )
             print(f"b{batch:<3} {ips:8.1f} img/s  {mode:10s} {engine} {info or ''}", flush=True)
-    best = {str(b): max((r for r in rows if r["batch"] == b), key=lambda r: r["images_per_s"])
-            for b in args.batches}
-    out = {"what": __doc__.split("\n\n")[0], "params": str(args.params),
-           "model": cfg.model.name, "images": int(len(images)), "seconds": args.seconds,
-           "trials": args.trials, "load_average_before": load,
-           "machine": machine.machine_info(), "rows": rows, "fastest": best}
+    best = {
+        str(b): max((r for r in rows if r["batch"] == b), key=lambda r: r["images_per_s"])
+        for b in args.batches
+    }
+    out = {
+        "what": __doc__.split("\n\n")[0],
+        "params": str(args.params),
+        "model": cfg.model.name,
+        "images": int(len(images)),
+        "seconds": args.seconds,
+        "trials": args.trials,
+        "load_average_before": load,
+        "machine": machine.machine_info(),
+        "rows": rows,
+        "fastest": best,
+    }
     write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0

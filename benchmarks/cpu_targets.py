@@ -62,7 +62,6 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/cpu_targets.json")
     args = ap.parse_args()
 
-
     from oipipe.core.config import load_params
     from oipipe.measure import evaluation
     from stages.benchmark import rotated_batches
@@ -73,48 +72,100 @@ def main() -> int:
     base = rows.get(f"eager_fp32.b{args.batch}")
     if not base or base["status"] != "ok":
         sys.exit(f"no eager fp32 row at batch {args.batch} in benchmark.json")
-    ranked = sorted((r for r in rows.values() if r["batch"] == args.batch and r["status"] == "ok"
-                     and r["verdict"] != "fail"), key=lambda r: r["throughput"], reverse=True)
+    ranked = sorted(
+        (
+            r
+            for r in rows.values()
+            if r["batch"] == args.batch and r["status"] == "ok" and r["verdict"] != "fail"
+        ),
+        key=lambda r: r["throughput"],
+        reverse=True,
+    )
     best = ranked[0]
-    results: dict = {"machine": bench["machine"], "threads": bench["threads"],
-                     "batch": args.batch, "eager_fp32_throughput": base["throughput"],
-                     "ranking": [{k: r[k] for k in ("variant", "verdict", "throughput", "speedup",
-                                                    "top1_pct", "top1_ci_low_pct",
-                                                    "top1_ci_high_pct",
-                                                    "latency_p50_ms", "latency_p99_ms")}
-                                 for r in ranked]}
+    results: dict = {
+        "machine": bench["machine"],
+        "threads": bench["threads"],
+        "batch": args.batch,
+        "eager_fp32_throughput": base["throughput"],
+        "ranking": [
+            {
+                k: r[k]
+                for k in (
+                    "variant",
+                    "verdict",
+                    "throughput",
+                    "speedup",
+                    "top1_pct",
+                    "top1_ci_low_pct",
+                    "top1_ci_high_pct",
+                    "latency_p50_ms",
+                    "latency_p99_ms",
+                )
+            }
+            for r in ranked
+        ],
+    }
     targets = {}
-    targets["best_at_least_3x"] = {"variant": best["variant"], "speedup": best["speedup"],
-                                   "ok": best["speedup"] >= 3.0}
+    targets["best_at_least_3x"] = {
+        "variant": best["variant"],
+        "speedup": best["speedup"],
+        "ok": best["speedup"] >= 3.0,
+    }
     int8 = {}
     for f in sorted((args.root / cfg.paths.metrics / "optimize").glob("*.json")):
         rec = json.loads(f.read_text())
         if rec["precision"] == "int8" and rec["status"] == "ok":
-            int8[rec["variant"]] = {k: rec[k] for k in (
-                "top1_pct", "fp32_top1_pct", "top1_delta_pct", "top1_delta_ci_low_pct",
-                "top1_delta_ci_high_pct", "agreement_pct",
-                "eval_images", "verdict", "verdict_reason")}
+            int8[rec["variant"]] = {
+                k: rec[k]
+                for k in (
+                    "top1_pct",
+                    "fp32_top1_pct",
+                    "top1_delta_pct",
+                    "top1_delta_ci_low_pct",
+                    "top1_delta_ci_high_pct",
+                    "agreement_pct",
+                    "eval_images",
+                    "verdict",
+                    "verdict_reason",
+                )
+            }
             int8[rec["variant"]]["ok"] = rec["verdict"] != "fail"
-    targets["int8_within_1.5_points"] = {"variants": int8,
-                                         "ok": bool(int8) and all(v["ok"] for v in int8.values())}
+    targets["int8_within_1.5_points"] = {
+        "variants": int8,
+        "ok": bool(int8) and all(v["ok"] for v in int8.values()),
+    }
 
     ort_row = rows.get(f"onnxruntime_fp32.b{args.batch}")
     if ort_row and ort_row["status"] == "ok":
-        meta = json.loads((args.root / cfg.paths.optimized / "onnxruntime_fp32" / "meta.json")
-                          .read_text())
-        images, _ = evaluation.images(args.root / cfg.paths.prepared, cfg.optimize.eval_splits,
-                                      meta)
-        batches = [np.ascontiguousarray(b.numpy()) for b in rotated_batches(
-            images, args.batch, cfg.benchmark.input_batches)]
-        plain = plain_ort_loop(args.root / cfg.paths.optimized / "onnxruntime_fp32" / "model.onnx",
-                               batches, bench["threads"], args.seconds)
+        meta = json.loads(
+            (args.root / cfg.paths.optimized / "onnxruntime_fp32" / "meta.json").read_text()
+        )
+        images, _ = evaluation.images(
+            args.root / cfg.paths.prepared, cfg.optimize.eval_splits, meta
+        )
+        batches = [
+            np.ascontiguousarray(b.numpy())
+            for b in rotated_batches(images, args.batch, cfg.benchmark.input_batches)
+        ]
+        plain = plain_ort_loop(
+            args.root / cfg.paths.optimized / "onnxruntime_fp32" / "model.onnx",
+            batches,
+            bench["threads"],
+            args.seconds,
+        )
         ratio = ort_row["throughput"] / plain["throughput"]
         targets["ort_fp32_within_10pct_of_plain_loop"] = {
-            "pipeline": ort_row["throughput"], "plain": plain["throughput"],
-            "plain_trials": plain["trials"], "ratio": ratio, "ok": abs(ratio - 1) <= 0.10}
+            "pipeline": ort_row["throughput"],
+            "plain": plain["throughput"],
+            "plain_trials": plain["trials"],
+            "ratio": ratio,
+            "ok": abs(ratio - 1) <= 0.10,
+        }
     else:
-        targets["ort_fp32_within_10pct_of_plain_loop"] = {"ok": False,
-                                                          "why": "no ok onnxruntime_fp32 row"}
+        targets["ort_fp32_within_10pct_of_plain_loop"] = {
+            "ok": False,
+            "why": "no ok onnxruntime_fp32 row",
+        }
     results["targets"] = targets
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -38,9 +38,21 @@ def served(mirror: Path, latency: float) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "oimirror", "serve", str(mirror),
-                             "--port", str(port), "--latency", str(latency)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "oimirror",
+            "serve",
+            str(mirror),
+            "--port",
+            str(port),
+            "--latency",
+            str(latency),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}/"
     try:
         for _ in range(200):
@@ -59,19 +71,29 @@ def served(mirror: Path, latency: float) -> Iterator[str]:
 
 def throughput(mirror: Path, root: Path, latency: float, workers: int) -> dict:
     with served(mirror, latency) as base:
-        cfg = compose([f"paths.root={root}", "tracking.enabled=false", "data=mirror",
-                       f"data.metadata_url={base}openimages/",
-                       f"data.images_url={base}open-images-dataset/",
-                       f"runtime.fetch.workers={workers}"])
+        cfg = compose(
+            [
+                f"paths.root={root}",
+                "tracking.enabled=false",
+                "data=mirror",
+                f"data.metadata_url={base}openimages/",
+                f"data.images_url={base}open-images-dataset/",
+                f"runtime.fetch.workers={workers}",
+            ]
+        )
         # the metadata CSVs are cached by a first run, so only image fetching is timed
         shutil.rmtree(download.cache_dir(cfg, "images", cfg.data.images_url), ignore_errors=True)
         t0 = time.perf_counter()
         metrics = download.run(cfg)
         stage_s = time.perf_counter() - t0
     # images/s of the fetch phase (the pool); the whole stage's time is reported beside it
-    return {"workers": workers, "images": metrics["images_requested"],
-            "fetch_seconds": metrics["fetch_seconds"],
-            "images_per_s": metrics["fetch_images_per_s"], "stage_seconds": round(stage_s, 3)}
+    return {
+        "workers": workers,
+        "images": metrics["images_requested"],
+        "fetch_seconds": metrics["fetch_seconds"],
+        "images_per_s": metrics["fetch_images_per_s"],
+        "stage_seconds": round(stage_s, 3),
+    }
 
 
 def filter_peak_rss(label_file: Path, label: str) -> dict:
@@ -90,9 +112,14 @@ def filter_peak_rss(label_file: Path, label: str) -> dict:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     base, peak, rows, positives, dt = out.stdout.split()
-    return {"file_bytes": label_file.stat().st_size, "rows": int(rows),
-            "positives": int(positives), "seconds": round(float(dt), 2),
-            "rss_before_mb": round(int(base) / 1024, 1), "peak_rss_mb": round(int(peak) / 1024, 1)}
+    return {
+        "file_bytes": label_file.stat().st_size,
+        "rows": int(rows),
+        "positives": int(positives),
+        "seconds": round(float(dt), 2),
+        "rss_before_mb": round(int(base) / 1024, 1),
+        "peak_rss_mb": round(int(peak) / 1024, 1),
+    }
 
 
 def main() -> None:
@@ -122,7 +149,8 @@ def main() -> None:
         "speedup_16_vs_1": round(many["images_per_s"] / one["images_per_s"], 2),
         "label_filter": mem,
         "this_process_peak_rss_mb": round(
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+        ),
     }
     print(json.dumps(result, indent=2))
     if args.out:

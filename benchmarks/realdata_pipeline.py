@@ -38,11 +38,18 @@ BIN = Path(sys.executable).parent
 
 def sh(*cmd: str, cwd: Path) -> str:
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
-                         env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    out = subprocess.run(
+        cmd,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
+    )
     if out.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-4000:]}\n"
-                 f"{out.stderr[-4000:]}")
+        sys.exit(
+            f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-4000:]}\n"
+            f"{out.stderr[-4000:]}"
+        )
     print(f"{' '.join(cmd)}: {time.perf_counter() - t0:.0f} s", flush=True)
     return out.stdout
 
@@ -82,39 +89,79 @@ def main() -> int:
 
     work = args.workdir.resolve()
     copy_project(work)
-    write_params(work / "params.yaml", ["data=realdata", f"data.folder={photos}"],
-                 config_dir=work / "conf")
+    write_params(
+        work / "params.yaml", ["data=realdata", f"data.folder={photos}"], config_dir=work / "conf"
+    )
     sh("git", "add", "-A", cwd=work)
     sh("git", "commit", "-qm", "realdata run", cwd=work)
     t0 = time.perf_counter()
     sh("dvc", "repro", cwd=work)
     pipeline_seconds = time.perf_counter() - t0
     # the comparison: the linear probe at lr 0.01 on the same prepared split
-    sh(sys.executable, "-m", "stages.train", "train.recipe=linear_probe", "train.lr=0.01",
-       "paths.models=lp/models", "paths.metrics=lp/metrics", "paths.plots=lp/plots",
-       "tracking.enabled=false", cwd=work)
+    sh(
+        sys.executable,
+        "-m",
+        "stages.train",
+        "train.recipe=linear_probe",
+        "train.lr=0.01",
+        "paths.models=lp/models",
+        "paths.metrics=lp/metrics",
+        "paths.plots=lp/plots",
+        "tracking.enabled=false",
+        cwd=work,
+    )
 
     m = work / "metrics"
     train, probe = load(m / "train.json"), load(work / "lp" / "metrics" / "train.json")
-    keep = ("test_acc_pct", "test_acc_ci_low_pct", "test_acc_ci_high_pct", "test_images",
-            "best_epoch", "epochs_run", "selected_by", "best_val_loss", "best_val_acc_pct",
-            "val_images", "precision", "wall_time_s", "train_images_per_s")
+    keep = (
+        "test_acc_pct",
+        "test_acc_ci_low_pct",
+        "test_acc_ci_high_pct",
+        "test_images",
+        "best_epoch",
+        "epochs_run",
+        "selected_by",
+        "best_val_loss",
+        "best_val_acc_pct",
+        "val_images",
+        "precision",
+        "wall_time_s",
+        "train_images_per_s",
+    )
     variants = {}
     for f in sorted((m / "optimize").glob("*.json")):
         rec = load(f)
-        variants[rec["variant"]] = {k: rec.get(k) for k in (
-            "status", "reason", "top1_pct", "top1_ci_low_pct", "top1_ci_high_pct",
-            "top1_delta_pct", "top1_delta_ci_low_pct", "top1_delta_ci_high_pct",
-            "discordant_worse", "discordant_better",
-            "agreement_pct", "verdict", "images_to_decide", "eval_images", "eval_splits")}
+        variants[rec["variant"]] = {
+            k: rec.get(k)
+            for k in (
+                "status",
+                "reason",
+                "top1_pct",
+                "top1_ci_low_pct",
+                "top1_ci_high_pct",
+                "top1_delta_pct",
+                "top1_delta_ci_low_pct",
+                "top1_delta_ci_high_pct",
+                "discordant_worse",
+                "discordant_better",
+                "agreement_pct",
+                "verdict",
+                "images_to_decide",
+                "eval_images",
+                "eval_splits",
+            )
+        }
     bench = load(m / "benchmark.json")
     rows = bench["rows"]
-    baselines = {k: {c: r.get(c) for c in ("throughput", "latency_p50_ms", "latency_p99_ms",
-                                            "speedup")}
-                 for k, r in rows.items() if r["variant"].startswith("eager_fp32")}
+    baselines = {
+        k: {c: r.get(c) for c in ("throughput", "latency_p50_ms", "latency_p99_ms", "speedup")}
+        for k, r in rows.items()
+        if r["variant"].startswith("eager_fp32")
+    }
     result = {
         "what": "dvc repro, default config with data=realdata, then the linear probe (lr 0.01)",
-        "photos": str(photos), "pipeline_seconds": round(pipeline_seconds, 1),
+        "photos": str(photos),
+        "pipeline_seconds": round(pipeline_seconds, 1),
         "machine": machine_info(),
         "prepare": {k: v for k, v in load(m / "prepare.json").items() if k.endswith(".images")},
         "train": {k: train.get(k) for k in keep},
@@ -123,19 +170,34 @@ def main() -> int:
         "baselines": baselines,
         "winners": bench["winners"],
         "winners_throughput_mode": bench.get("winners_throughput_mode"),
-        "benchmark_rows": {k: {c: r.get(c) for c in ("status", "throughput", "latency_p99_ms",
-                                                      "speedup", "verdict", "top1_pct",
-                                                      "throughput_concurrent", "concurrency",
-                                                      "concurrency_method", "speedup_concurrent")}
-                           for k, r in rows.items()},
+        "benchmark_rows": {
+            k: {
+                c: r.get(c)
+                for c in (
+                    "status",
+                    "throughput",
+                    "latency_p99_ms",
+                    "speedup",
+                    "verdict",
+                    "top1_pct",
+                    "throughput_concurrent",
+                    "concurrency",
+                    "concurrency_method",
+                    "speedup_concurrent",
+                )
+            }
+            for k, r in rows.items()
+        },
         "report": (work / "reports" / "REPORT.md").read_text().split("\n## ", 1)[0],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(result["report"])
     ok = train["test_acc_pct"] >= probe["test_acc_pct"]
-    print(f"default recipe test accuracy {train['test_acc_pct']:.3f} vs linear probe "
-          f"{probe['test_acc_pct']:.3f}: {'ok' if ok else 'BELOW'}")
+    print(
+        f"default recipe test accuracy {train['test_acc_pct']:.3f} vs linear probe "
+        f"{probe['test_acc_pct']:.3f}: {'ok' if ok else 'BELOW'}"
+    )
     return 0 if ok else 1
 
 

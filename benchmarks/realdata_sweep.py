@@ -44,31 +44,66 @@ def main() -> int:
     if args.workdir.exists():
         shutil.rmtree(args.workdir)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    overrides = [f"model={MODELS}", "data=realdata", f"data.folder={args.photos.resolve()}",
-                 "optimize.variants=[onnxruntime_fp32,onnxruntime_int8]",
-                 f"++tracking.tags.sweep_name={NAME}"]
+    overrides = [
+        f"model={MODELS}",
+        "data=realdata",
+        f"data.folder={args.photos.resolve()}",
+        "optimize.variants=[onnxruntime_fp32,onnxruntime_int8]",
+        f"++tracking.tags.sweep_name={NAME}",
+    ]
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "oitools.sweep", "-m",
-                          f"hydra.sweep.dir={args.workdir}", *overrides],
-                         cwd=ROOT, capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "oitools.sweep",
+            "-m",
+            f"hydra.sweep.dir={args.workdir}",
+            *overrides,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         sys.exit(f"sweep failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
     print(f"sweep: {wall:.0f} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    cmp = subprocess.run([sys.executable, "-m", "oitools.compare", "--sweep", NAME,
-                          "--tracking-uri", f"sqlite:///{args.workdir / 'mlflow.db'}",
-                          "--out", str(args.out)], cwd=ROOT, capture_output=True, text=True,
-                         env=env)
+    cmp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "oitools.compare",
+            "--sweep",
+            NAME,
+            "--tracking-uri",
+            f"sqlite:///{args.workdir / 'mlflow.db'}",
+            "--out",
+            str(args.out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if cmp.returncode != 0:
         sys.exit(f"compare failed:\n{cmp.stdout[-4000:]}\n{cmp.stderr[-4000:]}")
-    jobs = [json.loads(f.read_text())
-            for f in sorted(args.workdir.glob("job*/metrics/sweep.json"))]
-    write_json(args.out / "sweep.json", {
-        "what": f"python -m oitools.sweep -m {' '.join(overrides)}", "photos": str(args.photos),
-        "wall_s": round(wall, 1), "machine": machine.machine_info(),
-        "jobs": [{k: j.get(k) for k in ("job", "overrides", "status", "seconds",
-                                         "best_val_acc_pct")} for j in jobs]})
+    jobs = [json.loads(f.read_text()) for f in sorted(args.workdir.glob("job*/metrics/sweep.json"))]
+    write_json(
+        args.out / "sweep.json",
+        {
+            "what": f"python -m oitools.sweep -m {' '.join(overrides)}",
+            "photos": str(args.photos),
+            "wall_s": round(wall, 1),
+            "machine": machine.machine_info(),
+            "jobs": [
+                {k: j.get(k) for k in ("job", "overrides", "status", "seconds", "best_val_acc_pct")}
+                for j in jobs
+            ],
+        },
+    )
     print((args.out / "COMPARE.md").read_text()[:3000])
     return 0
 

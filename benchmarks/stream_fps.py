@@ -46,20 +46,43 @@ INPUTS = ("testsrc", "h264", "h264-unpaced")
 def h264_file(folder: Path, frames: int) -> Path:
     f = folder / f"testsrc_{WIDTH}x{HEIGHT}_{FPS}fps_{frames}.mp4"
     if not f.exists():
-        subprocess.run(["gst-launch-1.0", "-q", "videotestsrc", f"num-buffers={frames}",
-                        "pattern=ball", "!",
-                        f"video/x-raw,width={WIDTH},height={HEIGHT},framerate={FPS}/1", "!",
-                        "x264enc", "speed-preset=ultrafast", "tune=zerolatency",
-                        f"key-int-max={FPS}", "!", "h264parse", "!", "mp4mux", "!", "filesink",
-                        f"location={f}"], check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [
+                "gst-launch-1.0",
+                "-q",
+                "videotestsrc",
+                f"num-buffers={frames}",
+                "pattern=ball",
+                "!",
+                f"video/x-raw,width={WIDTH},height={HEIGHT},framerate={FPS}/1",
+                "!",
+                "x264enc",
+                "speed-preset=ultrafast",
+                "tune=zerolatency",
+                f"key-int-max={FPS}",
+                "!",
+                "h264parse",
+                "!",
+                "mp4mux",
+                "!",
+                "filesink",
+                f"location={f}",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
     return f
 
 
 def source(kind: str, frames: int, folder: Path) -> tuple[str, list[str]]:
     """The client's SOURCE and extra options for one input."""
     if kind == "testsrc":
-        return (f"videotestsrc is-live=true num-buffers={frames} pattern=ball ! "
-                f"video/x-raw,width={WIDTH},height={HEIGHT},framerate={FPS}/1", [])
+        return (
+            f"videotestsrc is-live=true num-buffers={frames} pattern=ball ! "
+            f"video/x-raw,width={WIDTH},height={HEIGHT},framerate={FPS}/1",
+            [],
+        )
     if kind in ("h264", "h264-unpaced"):
         f = h264_file(folder, frames)
         decode = f"filesrc location={f} ! qtdemux ! h264parse ! avdec_h264"
@@ -70,26 +93,63 @@ def source(kind: str, frames: int, folder: Path) -> tuple[str, list[str]]:
 
 
 def measure(model: Path, kind: str, batch: int, frames: int, folder: Path) -> dict:
-    row: dict = {"input": kind, "batch": batch, "width": WIDTH, "height": HEIGHT,
-                 "input_fps": FPS, "frames_sent": frames, "status": "ok", "error": None}
+    row: dict = {
+        "input": kind,
+        "batch": batch,
+        "width": WIDTH,
+        "height": HEIGHT,
+        "input_fps": FPS,
+        "frames_sent": frames,
+        "status": "ok",
+        "error": None,
+    }
     stats = folder / f"stats_{kind}_{batch}.json"
     try:
         src, extra = source(kind, frames, folder)
-        res = subprocess.run([sys.executable, "-m", "oitools.stream", src, "--model", str(model),
-                              "--batch", str(batch), "--stats", str(stats), *extra],
-                             cwd=ROOT, capture_output=True, text=True,
-                             timeout=120 + 3 * frames / FPS)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "oitools.stream",
+                src,
+                "--model",
+                str(model),
+                "--batch",
+                str(batch),
+                "--stats",
+                str(stats),
+                *extra,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120 + 3 * frames / FPS,
+        )
         if res.returncode != 0:
             row.update(status="failed", error=res.stderr.strip().splitlines()[-1:])
         if stats.exists():
-            row.update({k: v for k, v in json.loads(stats.read_text()).items()
-                        if k not in row})
+            row.update({k: v for k, v in json.loads(stats.read_text()).items() if k not in row})
     except (subprocess.SubprocessError, OSError, ValueError) as e:
         row.update(status="failed", error=f"{type(e).__name__}: {e}")
-    print(json.dumps({k: row.get(k) for k in ("input", "batch", "status", "fps",
-                                              "frames_received", "frames_dropped",
-                                              "decode_share", "model_share", "error")}),
-          flush=True)
+    print(
+        json.dumps(
+            {
+                k: row.get(k)
+                for k in (
+                    "input",
+                    "batch",
+                    "status",
+                    "fps",
+                    "frames_received",
+                    "frames_dropped",
+                    "decode_share",
+                    "model_share",
+                    "error",
+                )
+            }
+        ),
+        flush=True,
+    )
     return row
 
 
@@ -99,17 +159,26 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="stream length per row")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--inputs", nargs="+", default=list(INPUTS), choices=INPUTS)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
-                   "stream_fps.json")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stream_fps.json")
     args = p.parse_args()
     frames = max(1, round(args.seconds * FPS))
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="stream_fps_") as tmp:
-        rows = [measure(args.model, kind, b, frames, Path(tmp))
-                for kind in args.inputs for b in args.batch]
-    write_json(args.out, {"model": str(args.model), "seconds": args.seconds,
-                          "machine": machine_info(), "wall_s": round(time.time() - t0, 1),
-                          "rows": rows})
+        rows = [
+            measure(args.model, kind, b, frames, Path(tmp))
+            for kind in args.inputs
+            for b in args.batch
+        ]
+    write_json(
+        args.out,
+        {
+            "model": str(args.model),
+            "seconds": args.seconds,
+            "machine": machine_info(),
+            "wall_s": round(time.time() - t0, 1),
+            "rows": rows,
+        },
+    )
     print(f"wrote {args.out}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

@@ -37,8 +37,11 @@ from oimirror import MirrorServer, generate  # noqa: E402
 from oipipe.core.files import write_json  # noqa: E402
 from oipipe.measure import machine  # noqa: E402
 
-LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
-             "submitit_local": ["hydra/launcher=submitit_local"]}
+LAUNCHERS = {
+    "basic": [],
+    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    "submitit_local": ["hydra/launcher=submitit_local"],
+}
 
 
 def main() -> int:
@@ -47,8 +50,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/sweep_walltime.json")
     args = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    result = {"what": "2-job sweep (train.recipe=linear_probe,full) at the tests' tiny settings",
-              "overrides": TINY, "machine": machine.machine_info(), "sweeps": {}}
+    result = {
+        "what": "2-job sweep (train.recipe=linear_probe,full) at the tests' tiny settings",
+        "overrides": TINY,
+        "machine": machine.machine_info(),
+        "sweeps": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp) / "mirror", images_per_class=10, seed=0)
         with MirrorServer(Path(tmp) / "mirror") as srv:
@@ -57,22 +64,44 @@ def main() -> int:
                 load = os.getloadavg()[0]
                 t0 = time.perf_counter()
                 out = subprocess.run(
-                    [sys.executable, "-m", "oitools.sweep", "-m", f"hydra.sweep.dir={root}",
-                     *LAUNCHERS[name], "data=mirror", f"data.metadata_url={srv.metadata_url}",
-                     f"data.images_url={srv.images_url}", *TINY,
-                     "train.recipe=linear_probe,full"],
-                    cwd=ROOT, capture_output=True, text=True, env=env)
+                    [
+                        sys.executable,
+                        "-m",
+                        "oitools.sweep",
+                        "-m",
+                        f"hydra.sweep.dir={root}",
+                        *LAUNCHERS[name],
+                        "data=mirror",
+                        f"data.metadata_url={srv.metadata_url}",
+                        f"data.images_url={srv.images_url}",
+                        *TINY,
+                        "train.recipe=linear_probe,full",
+                    ],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
                 wall = time.perf_counter() - t0
                 if out.returncode != 0:
                     sys.exit(f"{name} sweep failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-                jobs = [json.loads(f.read_text()) for f in sorted(root.glob("job*/metrics/"
-                                                                          "sweep.json"))]
+                jobs = [
+                    json.loads(f.read_text()) for f in sorted(root.glob("job*/metrics/sweep.json"))
+                ]
                 result["sweeps"][name] = {
-                    "wall_s": round(wall, 1), "load_before": round(load, 2),
+                    "wall_s": round(wall, 1),
+                    "load_before": round(load, 2),
                     "load_after": round(os.getloadavg()[0], 2),
-                    "jobs": [{"job": j["job"], "total_s": j["seconds"].get("total_s"),
-                              "seconds": j["seconds"], "data_reused": j.get("data_reused")}
-                             for j in jobs]}
+                    "jobs": [
+                        {
+                            "job": j["job"],
+                            "total_s": j["seconds"].get("total_s"),
+                            "seconds": j["seconds"],
+                            "data_reused": j.get("data_reused"),
+                        }
+                        for j in jobs
+                    ],
+                }
                 print(f"{name}: {wall:.0f} s (load average {load:.1f} before)", flush=True)
     write_json(args.out, result)
     print(f"wrote {args.out}")

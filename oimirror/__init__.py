@@ -22,7 +22,17 @@ from oimirror.serve import MirrorServer
 from oipipe.data.openimages import IMAGE_ID_FILES, LABEL_FILES
 
 __all__ = [
-    "DEFAULT_CLASSES", "EXIF_ORIENTATION_TAG", "IMAGES_DIR", "IMAGE_ID_FILES", "IMAGE_ID_HEADER",
-    "LABEL_FILES", "LABEL_HEADER", "MANIFEST", "METADATA_DIR", "SPLITS", "MirrorServer",
-    "generate", "generate_from_folders",
+    "DEFAULT_CLASSES",
+    "EXIF_ORIENTATION_TAG",
+    "IMAGES_DIR",
+    "IMAGE_ID_FILES",
+    "IMAGE_ID_HEADER",
+    "LABEL_FILES",
+    "LABEL_HEADER",
+    "MANIFEST",
+    "METADATA_DIR",
+    "SPLITS",
+    "MirrorServer",
+    "generate",
+    "generate_from_folders",
 ]

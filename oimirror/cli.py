@@ -31,26 +31,44 @@ class UsageError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write a mirror into OUT")
     gen.add_argument("out", type=Path)
-    gen.add_argument("--from-folders", type=Path, metavar="PHOTOS",
-                     help="lay out real photos, PHOTOS/<class>/<image>.jpg, each folder named "
-                          "after an Open Images class, instead of synthetic images")
-    gen.add_argument("--classes", nargs="+",
-                     help="display names, e.g. Zebra 'Sea turtle' (default: "
-                          f"{' '.join(DEFAULT_CLASSES)}); with --from-folders, the folders to use "
-                          "(default: all)")
-    gen.add_argument("--images-per-class", type=int,
-                     help="downloadable images per class (default: 12; with --from-folders, "
-                          "at most this many photos per class, default all)")
+    gen.add_argument(
+        "--from-folders",
+        type=Path,
+        metavar="PHOTOS",
+        help="lay out real photos, PHOTOS/<class>/<image>.jpg, each folder named "
+        "after an Open Images class, instead of synthetic images",
+    )
+    gen.add_argument(
+        "--classes",
+        nargs="+",
+        help="display names, e.g. Zebra 'Sea turtle' (default: "
+        f"{' '.join(DEFAULT_CLASSES)}); with --from-folders, the folders to use "
+        "(default: all)",
+    )
+    gen.add_argument(
+        "--images-per-class",
+        type=int,
+        help="downloadable images per class (default: 12; with --from-folders, "
+        "at most this many photos per class, default all)",
+    )
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--truncated", type=int, default=0,
-                     help="add this many train JPEGs stored cut short (a fault only a full check "
-                          "catches)")
-    gen.add_argument("--label-pad-bytes", type=int, default=0,
-                     help="pad the train label file to at least this many bytes")
+    gen.add_argument(
+        "--truncated",
+        type=int,
+        default=0,
+        help="add this many train JPEGs stored cut short (a fault only a full check catches)",
+    )
+    gen.add_argument(
+        "--label-pad-bytes",
+        type=int,
+        default=0,
+        help="pad the train label file to at least this many bytes",
+    )
     srv = sub.add_parser("serve", help="serve a generated mirror until Ctrl-C")
     srv.add_argument("root", type=Path)
     srv.add_argument("--host", default="127.0.0.1")
@@ -77,24 +95,36 @@ def _generate(args: argparse.Namespace) -> int:
             truncated=args.truncated,
         )
         n = sum(len(v) for v in manifest["downloadable"].values())
-        print(f"wrote {args.out} in {time.perf_counter() - started:.1f}s: {n} downloadable "
-              f"images, {len(manifest['missing'])} missing, {len(manifest['not_jpeg'])} not "
-              f"JPEG, {len(manifest['truncated'])} truncated, "
-              f"{len(manifest['multi_class'])} multi-class; manifest {args.out / MANIFEST}")
+        print(
+            f"wrote {args.out} in {time.perf_counter() - started:.1f}s: {n} downloadable "
+            f"images, {len(manifest['missing'])} missing, {len(manifest['not_jpeg'])} not "
+            f"JPEG, {len(manifest['truncated'])} truncated, "
+            f"{len(manifest['multi_class'])} multi-class; manifest {args.out / MANIFEST}"
+        )
         return 0
-    for flag, value in (("--truncated", args.truncated),
-                        ("--label-pad-bytes", args.label_pad_bytes)):
+    for flag, value in (
+        ("--truncated", args.truncated),
+        ("--label-pad-bytes", args.label_pad_bytes),
+    ):
         if value:
-            raise UsageError(f"{flag} adds faults to the synthetic mirror only; drop it or "
-                             "--from-folders")
-    manifest = generate_from_folders(args.out, args.from_folders, classes=args.classes,
-                                     images_per_class=args.images_per_class, seed=args.seed)
+            raise UsageError(
+                f"{flag} adds faults to the synthetic mirror only; drop it or --from-folders"
+            )
+    manifest = generate_from_folders(
+        args.out,
+        args.from_folders,
+        classes=args.classes,
+        images_per_class=args.images_per_class,
+        seed=args.seed,
+    )
     counts = ", ".join(f"{c} {len(v)}" for c, v in manifest["downloadable"].items())
     n = sum(len(v) for v in manifest["downloadable"].values())
     skipped = len(manifest["skipped"])
     why = f" ({_reasons(manifest)}, listed in the manifest)" if skipped else ""
-    print(f"wrote {args.out} in {time.perf_counter() - started:.1f}s: {n} photos ({counts}), "
-          f"{skipped} skipped{why}; manifest {args.out / MANIFEST}")
+    print(
+        f"wrote {args.out} in {time.perf_counter() - started:.1f}s: {n} photos ({counts}), "
+        f"{skipped} skipped{why}; manifest {args.out / MANIFEST}"
+    )
     return 0
 
 
@@ -104,13 +134,16 @@ def _reasons(manifest: dict[str, Any]) -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     if not (args.root / METADATA_DIR).is_dir() or not (args.root / IMAGES_DIR).is_dir():
-        raise UsageError(f"{args.root} has no {METADATA_DIR}/ and {IMAGES_DIR}/: run "
-                         f"'{PROG} generate {args.root}' first")
+        raise UsageError(
+            f"{args.root} has no {METADATA_DIR}/ and {IMAGES_DIR}/: run "
+            f"'{PROG} generate {args.root}' first"
+        )
     try:
         server = MirrorServer(args.root, latency=args.latency, host=args.host, port=args.port)
     except OSError as exc:
-        raise UsageError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
-                         "pick another --port") from None
+        raise UsageError(
+            f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); pick another --port"
+        ) from None
     with server:
         print(f"metadata base: {server.metadata_url}")
         print(f"images base:   {server.images_url}", flush=True)

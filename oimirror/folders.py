@@ -58,8 +58,10 @@ def class_folders(photos: Path, classes: Sequence[str] | None) -> dict[str, str]
     try:
         names = openimages.resolve_classes(found)
     except InputError as e:
-        raise InputError(f"--from-folders {photos}: each class folder must be named after an "
-                         f"Open Images class: {e}") from None
+        raise InputError(
+            f"--from-folders {photos}: each class folder must be named after an "
+            f"Open Images class: {e}"
+        ) from None
     return dict(zip(found, names, strict=True))
 
 
@@ -107,20 +109,28 @@ def generate_from_folders(
     for folder, cls in folders.items():
         files = list(_files(photos / folder))
         if not files:
-            raise InputError(f"{photos / folder}: empty class folder; add JPEG photos or leave "
-                             "it out (--classes names the folders to use)")
+            raise InputError(
+                f"{photos / folder}: empty class folder; add JPEG photos or leave "
+                "it out (--classes names the folders to use)"
+            )
         unique: list[_Photo] = []
         for f in files:  # in name order, so the first of two copies is the one kept
             source = f.relative_to(photos).as_posix()
             try:
                 digest = hashlib.sha256(f.read_bytes()).hexdigest()
             except OSError as e:
-                skipped.append({"source": source, "class": cls,
-                                "reason": f"unreadable: {e.strerror or e}"})
+                skipped.append(
+                    {"source": source, "class": cls, "reason": f"unreadable: {e.strerror or e}"}
+                )
                 continue
             if digest in first:
-                skipped.append({"source": source, "class": cls,
-                                "reason": f"duplicate: same bytes as {first[digest]}"})
+                skipped.append(
+                    {
+                        "source": source,
+                        "class": cls,
+                        "reason": f"duplicate: same bytes as {first[digest]}",
+                    }
+                )
                 continue
             first[digest] = source
             unique.append(_Photo(f, source, cls, digest))
@@ -136,25 +146,30 @@ def generate_from_folders(
                 imaging.check_jpeg(data)
             except (OSError, imaging.ImageError) as e:
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else e
-                skipped.append({"source": ph.source, "class": cls,
-                                "reason": f"unreadable: {reason}"})
+                skipped.append(
+                    {"source": ph.source, "class": cls, "reason": f"unreadable: {reason}"}
+                )
                 continue
             stem = ph.path.stem
-            ph.image_id = stem if openimages.is_image_id(stem) and stem not in ids else (
-                ph.sha256[:16])
+            ph.image_id = (
+                stem if openimages.is_image_id(stem) and stem not in ids else (ph.sha256[:16])
+            )
             if ph.image_id in ids:  # two different photos, one ID: never silently overwrite
-                raise InputError(f"{ph.source} and {ids[ph.image_id]} both map to ImageID "
-                                 f"{ph.image_id}; rename one")
+                raise InputError(
+                    f"{ph.source} and {ids[ph.image_id]} both map to ImageID "
+                    f"{ph.image_id}; rename one"
+                )
             ids[ph.image_id] = ph.source
             ph.size, ph.md5 = len(data), base64.b64encode(hashlib.md5(data).digest()).decode()
             chosen.append(ph)
         if not chosen:
             why = next(s["reason"] for s in skipped if s["class"] == cls)
-            raise InputError(f"{photos / folder}: no whole JPEG among its {len(files)} file(s) "
-                             f"(first: {why})")
+            raise InputError(
+                f"{photos / folder}: no whole JPEG among its {len(files)} file(s) (first: {why})"
+            )
         start = 0
         for split, n in split_counts(len(chosen)).items():
-            for ph in chosen[start:start + n]:
+            for ph in chosen[start : start + n]:
                 ph.split = split
             start += n
         kept.extend(chosen)
@@ -170,8 +185,9 @@ def generate_from_folders(
         rows = [[ph.image_id, "verification", labels[ph.cls], "1"] for ph in in_split]
         rnd.shuffle(rows)  # the real files are not grouped by class either
         write_csv(meta / LABEL_FILES[split], LABEL_HEADER, rows)
-        write_csv(meta / IMAGE_ID_FILES[split], IMAGE_ID_HEADER, [_image_id_row(ph)
-                                                                   for ph in in_split])
+        write_csv(
+            meta / IMAGE_ID_FILES[split], IMAGE_ID_HEADER, [_image_id_row(ph) for ph in in_split]
+        )
 
     manifest: dict[str, Any] = {
         "source": str(photos.resolve()),
@@ -182,8 +198,11 @@ def generate_from_folders(
         "classes": labels,
         "folders": {cls: folder for folder, cls in folders.items()},
         "downloadable": {
-            cls: [{"id": ph.image_id, "split": ph.split, "source": ph.source}
-                  for ph in kept if ph.cls == cls]
+            cls: [
+                {"id": ph.image_id, "split": ph.split, "source": ph.source}
+                for ph in kept
+                if ph.cls == cls
+            ]
             for cls in folders.values()
         },
         "skipped": skipped,

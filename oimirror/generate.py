@@ -269,8 +269,9 @@ class _Ids:
                 return image_id
 
 
-def _check(classes: Sequence[str], images_per_class: int, truncated: int,
-           image_px: tuple[int, int]) -> None:
+def _check(
+    classes: Sequence[str], images_per_class: int, truncated: int, image_px: tuple[int, int]
+) -> None:
     if not classes:
         raise ValueError("at least one class is required")
     if images_per_class < 1:
@@ -282,8 +283,9 @@ def _check(classes: Sequence[str], images_per_class: int, truncated: int,
         raise ValueError(f"image_px must be (min, max) with 16 <= min < max, got {image_px}")
 
 
-def _resolve(classes: Sequence[str],
-             distractor_classes: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+def _resolve(
+    classes: Sequence[str], distractor_classes: Sequence[str]
+) -> tuple[dict[str, str], dict[str, str]]:
     """(wanted, distractors): display name -> label ID each, distinct."""
     wanted = openimages.resolve_classes(classes)
     try:
@@ -296,8 +298,9 @@ def _resolve(classes: Sequence[str],
     return wanted, distract
 
 
-def _plan(names: list[str], distract: dict[str, str], images_per_class: int, truncated: int,
-          new_id: _Ids) -> list[_Img]:
+def _plan(
+    names: list[str], distract: dict[str, str], images_per_class: int, truncated: int, new_id: _Ids
+) -> list[_Img]:
     """Every image the mirror lists, in the order the seeded draws assume."""
     images: list[_Img] = []
     for cls in names:
@@ -321,8 +324,14 @@ def _plan(names: list[str], distract: dict[str, str], images_per_class: int, tru
     return images
 
 
-def _write_images(bucket: Path, images: list[_Img], names: list[str], rnd: random.Random,
-                  nprng: np.random.Generator, image_px: tuple[int, int]) -> None:
+def _write_images(
+    bucket: Path,
+    images: list[_Img],
+    names: list[str],
+    rnd: random.Random,
+    nprng: np.random.Generator,
+    image_px: tuple[int, int],
+) -> None:
     """The image files: none for a missing one, an HTML page for not_jpeg, half a JPEG for a
     truncated one; every fifth JPEG (from the third) carries an EXIF rotation."""
     class_index = {c: i for i, c in enumerate(names)}
@@ -346,9 +355,13 @@ def _write_images(bucket: Path, images: list[_Img], names: list[str], rnd: rando
         path.write_bytes(_render(img, class_index, len(names), rnd, nprng, image_px))
 
 
-def _label_rows(images: list[_Img], wanted: dict[str, str], distract: dict[str, str],
-                others: list[str], rnd: random.Random
-                ) -> tuple[dict[str, list[list[str]]], list[dict[str, Any]]]:
+def _label_rows(
+    images: list[_Img],
+    wanted: dict[str, str],
+    distract: dict[str, str],
+    others: list[str],
+    rnd: random.Random,
+) -> tuple[dict[str, list[list[str]]], list[dict[str, Any]]]:
     """Positives for every image, plus decoys a careless reader would count as positives
     (negatives and machine labels of a requested class, rows of other classes); shuffled."""
     names = list(wanted)
@@ -471,8 +484,11 @@ def generate(
         "distractor_classes": dict(distract),
         **_manifest(images, names),
         "decoy_rows": decoys,
-        "malformed_row": {"file": LABEL_FILES["train"], "line": bad_pos + 2,
-                          "text": ",".join(bad_row)},
+        "malformed_row": {
+            "file": LABEL_FILES["train"],
+            "line": bad_pos + 2,
+            "text": ",".join(bad_row),
+        },
         "label_pad_rows": pad_rows,
     }
     write_manifest(out, manifest)

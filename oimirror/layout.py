@@ -49,8 +49,9 @@ def clear_trees(out: Path) -> tuple[Path, Path]:
     for tree in (meta, bucket):
         if tree.exists():
             if not (out / MANIFEST).is_file():
-                raise FileExistsError(f"{tree} exists and is not part of a generated mirror; "
-                                      "pick an empty folder")
+                raise FileExistsError(
+                    f"{tree} exists and is not part of a generated mirror; pick an empty folder"
+                )
             shutil.rmtree(tree)
     for split in SPLITS:
         (bucket / split).mkdir(parents=True, exist_ok=True)

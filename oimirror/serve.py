@@ -24,6 +24,7 @@ from oimirror.layout import IMAGES_DIR, METADATA_DIR
 # A path relative to the mirror root ("openimages/v5/...") or a predicate on such paths.
 PathMatch = str | Callable[[str], bool]
 
+
 class _RangeNotSatisfiable(Exception):
     pass
 
@@ -299,4 +300,3 @@ class MirrorServer:
         if not path.is_relative_to(self.root) or not path.is_file():
             return None
         return path
-

@@ -29,8 +29,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-GST_PACKAGES = ("gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good "
-                "gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav")
+GST_PACKAGES = (
+    "gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good "
+    "gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav"
+)
 
 
 class UsageError(ValueError):
@@ -43,12 +45,16 @@ def source_elements(args: argparse.Namespace) -> tuple[list[str], str]:
     if source == "auto":
         source = "camera" if Path(args.device).exists() else "test"
         if source == "test":
-            print(f"stream_server: no camera at {args.device}: streaming the test pattern",
-                  file=sys.stderr)
+            print(
+                f"stream_server: no camera at {args.device}: streaming the test pattern",
+                file=sys.stderr,
+            )
     if source == "camera":
         if not Path(args.device).exists():
-            raise UsageError(f"no camera at {args.device} (`v4l2-ctl --list-devices` lists "
-                             "them; --source test streams a test pattern)")
+            raise UsageError(
+                f"no camera at {args.device} (`v4l2-ctl --list-devices` lists "
+                "them; --source test streams a test pattern)"
+            )
         # decodebin: raw frames pass straight through, an MJPEG-only webcam's get decoded
         return ["v4l2src", f"device={args.device}", "!", "decodebin"], "camera"
     buffers = [f"num-buffers={args.num_buffers}"] if args.num_buffers > 0 else []
@@ -63,21 +69,46 @@ def source_elements(args: argparse.Namespace) -> tuple[list[str], str]:
 
 def pipeline(args: argparse.Namespace) -> tuple[list[str], str]:
     src, kind = source_elements(args)
-    raw = (f"video/x-raw,format=I420,width={args.width},height={args.height},"
-           f"framerate={args.fps}/1")
-    return [*src, "!", "videoconvert", "!", "videoscale", "!", "videorate", "!", raw, "!",
-            "x264enc", "tune=zerolatency", "speed-preset=ultrafast", f"bitrate={args.bitrate}",
-            f"key-int-max={args.fps}", "!", "video/x-h264,profile=baseline", "!",
-            "rtph264pay", "config-interval=1", "pt=96", "!",
-            "udpsink", f"host={args.host}", f"port={args.port}"], kind
+    raw = f"video/x-raw,format=I420,width={args.width},height={args.height},framerate={args.fps}/1"
+    return [
+        *src,
+        "!",
+        "videoconvert",
+        "!",
+        "videoscale",
+        "!",
+        "videorate",
+        "!",
+        raw,
+        "!",
+        "x264enc",
+        "tune=zerolatency",
+        "speed-preset=ultrafast",
+        f"bitrate={args.bitrate}",
+        f"key-int-max={args.fps}",
+        "!",
+        "video/x-h264,profile=baseline",
+        "!",
+        "rtph264pay",
+        "config-interval=1",
+        "pt=96",
+        "!",
+        "udpsink",
+        f"host={args.host}",
+        f"port={args.port}",
+    ], kind
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m oitools.stream_sender",
-                                description="Stream a camera, a test pattern or a video file "
-                                            "as RTP/H.264 over UDP.")
-    p.add_argument("--source", default="auto", help="auto (camera if present, else test), "
-                   "camera, test, or a video file")
+    p = argparse.ArgumentParser(
+        prog="python -m oitools.stream_sender",
+        description="Stream a camera, a test pattern or a video file as RTP/H.264 over UDP.",
+    )
+    p.add_argument(
+        "--source",
+        default="auto",
+        help="auto (camera if present, else test), camera, test, or a video file",
+    )
     p.add_argument("--host", default="127.0.0.1", help="receiver's address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=5000, help="receiver's UDP port (default 5000)")
     p.add_argument("--device", default="/dev/video0", help="camera device (default /dev/video0)")
@@ -85,28 +116,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--fps", type=int, default=30)
     p.add_argument("--bitrate", type=int, default=2000, help="H.264 kbit/s (default 2000)")
-    p.add_argument("--num-buffers", type=int, default=0,
-                   help="test pattern: stop after N frames (default 0: never)")
+    p.add_argument(
+        "--num-buffers",
+        type=int,
+        default=0,
+        help="test pattern: stop after N frames (default 0: never)",
+    )
     p.add_argument("--pattern", default="smpte", help="videotestsrc pattern (default smpte)")
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     args = p.parse_args(argv)
     try:
-        if min(args.width, args.height, args.fps, args.bitrate) < 1 or args.width % 2 \
-                or args.height % 2 or not 0 < args.port < 65536:
-            raise UsageError("--width and --height even and positive (I420 halves them), "
-                             "--fps and --bitrate positive, --port in 1..65535")
+        if (
+            min(args.width, args.height, args.fps, args.bitrate) < 1
+            or args.width % 2
+            or args.height % 2
+            or not 0 < args.port < 65536
+        ):
+            raise UsageError(
+                "--width and --height even and positive (I420 halves them), "
+                "--fps and --bitrate positive, --port in 1..65535"
+            )
         tokens, kind = pipeline(args)
         exe = shutil.which("gst-launch-1.0")
         if exe is None and not args.dry_run:
-            raise UsageError(f"gst-launch-1.0 not found on PATH: install GStreamer (Debian: "
-                             f"apt-get install {GST_PACKAGES})")
+            raise UsageError(
+                f"gst-launch-1.0 not found on PATH: install GStreamer (Debian: "
+                f"apt-get install {GST_PACKAGES})"
+            )
     except UsageError as e:
         print(f"stream_server: {e}", file=sys.stderr)
         return 2
     cmd = [exe or "gst-launch-1.0", "-e", *tokens]
     shown = " ".join(t if t == "!" else shlex.quote(t) for t in cmd)
-    print(f"stream_server: {kind} -> rtp://{args.host}:{args.port}: {shown}", file=sys.stderr,
-          flush=True)
+    print(
+        f"stream_server: {kind} -> rtp://{args.host}:{args.port}: {shown}",
+        file=sys.stderr,
+        flush=True,
+    )
     if args.dry_run:
         print(shown)
         return 0

@@ -79,13 +79,16 @@ def stage_order(dvc_yaml: Path = PROJECT_ROOT / "dvc.yaml") -> tuple[Stage, ...]
         if "foreach" in body:
             m = _FOREACH.match(str(body["foreach"]))
             if not m:
-                raise ValueError(f"{dvc_yaml}: stage {name}: foreach {body['foreach']!r} is not "
-                                 "a config list (${group.key})")
+                raise ValueError(
+                    f"{dvc_yaml}: stage {name}: foreach {body['foreach']!r} is not "
+                    "a config list (${group.key})"
+                )
             foreach, body = m["key"], body["do"]
         m = _CMD.match(body["cmd"])
         if not m:
-            raise ValueError(f"{dvc_yaml}: stage {name}: cmd {body['cmd']!r} is not "
-                             "`python -m <module>`")
+            raise ValueError(
+                f"{dvc_yaml}: stage {name}: cmd {body['cmd']!r} is not `python -m <module>`"
+            )
         out.append(Stage(name, m["module"], foreach))
     return tuple(out)
 
@@ -97,8 +100,9 @@ def data_key(data: DictConfig) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def job_config(cfg: DictConfig, job_dir: Path, sweep_dir: Path, launch_dir: Path,
-               tags: dict[str, str]) -> DictConfig:
+def job_config(
+    cfg: DictConfig, job_dir: Path, sweep_dir: Path, launch_dir: Path, tags: dict[str, str]
+) -> DictConfig:
     """The composed config with the sweep's paths and tags, validated like every stage's."""
     raw = OmegaConf.to_container(cfg, resolve=False)
     raw.pop("hydra", None)  # Hydra's own node, when a caller passes the full composed config
@@ -159,16 +163,19 @@ def shared_data(cfg: DictConfig, timings: dict[str, float]) -> bool:
                 if src.is_file():
                     metrics.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(src, metrics / f"{stage}.json")
-            log.info("data: reusing %s (made by %s)", shared,
-                     json.loads(done.read_text()).get("job_dir"))
+            log.info(
+                "data: reusing %s (made by %s)", shared, json.loads(done.read_text()).get("job_dir")
+            )
             return True
         for stage in (s for s in stage_order() if s.name in DATA_STAGES):
             run_stage(stage, cfg, timings)
             (shared / "metrics").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(metrics / f"{stage.name}.json",
-                            shared / "metrics" / f"{stage.name}.json")
-        write_json(done, {"job_dir": str(path(cfg, "root")),
-                          "data": OmegaConf.to_container(cfg.data)})
+            shutil.copyfile(
+                metrics / f"{stage.name}.json", shared / "metrics" / f"{stage.name}.json"
+            )
+        write_json(
+            done, {"job_dir": str(path(cfg, "root")), "data": OmegaConf.to_container(cfg.data)}
+        )
         return False
 
 
@@ -194,8 +201,11 @@ def run_pipeline(cfg: DictConfig, sweep_dir: Path, record: dict[str, Any]) -> No
                 waited = lock.enter_context(file_lock(sweep_dir / ".benchmark.lock"))
                 timings["benchmark_lock_wait_s"] = round(waited, 3)
                 record["benchmark_started"] = time.time()  # wall clock: comparable across jobs
-            elif (stage.name not in TIMED_STAGES and "benchmark_started" in record
-                  and "benchmark_ended" not in record):
+            elif (
+                stage.name not in TIMED_STAGES
+                and "benchmark_started" in record
+                and "benchmark_ended" not in record
+            ):
                 record["benchmark_ended"] = time.time()  # before the next job may start
                 lock.close()
             run_stage(stage, cfg, timings)
@@ -210,8 +220,10 @@ def objective(cfg: DictConfig) -> float | None:
     metrics = json.loads((path(cfg, "metrics") / f"{stage}.json").read_text())
     value = OmegaConf.select(OmegaConf.create(metrics), key)
     if not isinstance(value, int | float) or isinstance(value, bool):
-        raise ValueError(f"sweep.objective={cfg.sweep.objective}: metrics/{stage}.json has no "
-                         f"number at {key!r} (found {value!r})")
+        raise ValueError(
+            f"sweep.objective={cfg.sweep.objective}: metrics/{stage}.json has no "
+            f"number at {key!r} (found {value!r})"
+        )
     return float(value)
 
 
@@ -233,12 +245,21 @@ def run_job(cfg: DictConfig) -> float | None:
     # by default it is the sweep folder's name.
     name = str((cfg.tracking.get("tags") or {}).get("sweep_name") or sweep_dir.name)
     record: dict[str, Any] = {
-        "sweep": name, "job": hc.job.num, "overrides": overrides,
-        "job_dir": str(job_dir), "status": "failed", "benchmark_serialized": True,
-        "seconds": {}}
+        "sweep": name,
+        "job": hc.job.num,
+        "overrides": overrides,
+        "job_dir": str(job_dir),
+        "status": "failed",
+        "benchmark_serialized": True,
+        "seconds": {},
+    }
     started = time.perf_counter()
-    tags = {"sweep_name": name, "sweep_job": str(hc.job.num),
-            "sweep_overrides": " ".join(overrides), "sweep_benchmark_serialized": "true"}
+    tags = {
+        "sweep_name": name,
+        "sweep_job": str(hc.job.num),
+        "sweep_overrides": " ".join(overrides),
+        "sweep_benchmark_serialized": "true",
+    }
     try:
         job = job_config(cfg, job_dir, sweep_dir, launch_dir, tags)
         record["data_dir"] = str(path(job, "prepared").parent)
@@ -247,10 +268,23 @@ def run_job(cfg: DictConfig) -> float | None:
         value = objective(job)
     except Exception as e:
         kind = "config" if isinstance(e, ConfigError) else type(e).__name__
-        log.error("sweep job %d (%s) failed: %s: %s\n%s", hc.job.num, " ".join(overrides), kind,
-                  e, traceback.format_exc())
-        record_failure(sweep_dir, {"job": hc.job.num, "overrides": overrides,
-                                   "job_dir": str(job_dir), "error": f"{kind}: {e}"})
+        log.error(
+            "sweep job %d (%s) failed: %s: %s\n%s",
+            hc.job.num,
+            " ".join(overrides),
+            kind,
+            e,
+            traceback.format_exc(),
+        )
+        record_failure(
+            sweep_dir,
+            {
+                "job": hc.job.num,
+                "overrides": overrides,
+                "job_dir": str(job_dir),
+                "error": f"{kind}: {e}",
+            },
+        )
         record["error"] = f"{kind}: {e}"
         write_json(job_dir / "metrics" / "sweep.json", record)
         raise
@@ -258,8 +292,12 @@ def run_job(cfg: DictConfig) -> float | None:
     record["seconds"]["total_s"] = round(time.perf_counter() - started, 3)
     record["objective"] = {"key": job.sweep.objective, "value": value}
     write_json(path(job, "metrics") / "sweep.json", record)
-    log.info("sweep job %d done in %.1f s: %s", hc.job.num, record["seconds"]["total_s"],
-             path(job, "reports"))
+    log.info(
+        "sweep job %d done in %.1f s: %s",
+        hc.job.num,
+        record["seconds"]["total_s"],
+        path(job, "reports"),
+    )
     return value
 
 

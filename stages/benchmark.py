@@ -73,16 +73,49 @@ log = logging.getLogger("stages.benchmark")
 # Each variant is timed by this module in a fresh process of its own (`run_worker`).
 WORKER = "oipipe.measure.worker"
 
-COLUMNS = ["variant", "backend", "precision", "batch", "status", "error", "throughput",
-           "throughput_min", "throughput_max", "throughput_std", "latency_p50_ms",
-           "latency_mean_ms", "latency_p90_ms", "latency_p99_ms", "speedup", "top1_pct",
-           "top1_ci_low_pct", "top1_ci_high_pct", "eval_images", "agreement_pct", "verdict",
-           "size_mb",
-           "build_seconds", "peak_rss_mb", "cuda_max_allocated_mb", "gflops_per_s", "iterations",
-           "trials", "threads", "device", "check_agreement_pct", "concurrency",
-           "throughput_concurrent", "throughput_concurrent_min", "throughput_concurrent_max",
-           "concurrency_method", "speedup_concurrent", "power_avg_w", "energy_per_image_j",
-           "power_source", "power_error"]
+COLUMNS = [
+    "variant",
+    "backend",
+    "precision",
+    "batch",
+    "status",
+    "error",
+    "throughput",
+    "throughput_min",
+    "throughput_max",
+    "throughput_std",
+    "latency_p50_ms",
+    "latency_mean_ms",
+    "latency_p90_ms",
+    "latency_p99_ms",
+    "speedup",
+    "top1_pct",
+    "top1_ci_low_pct",
+    "top1_ci_high_pct",
+    "eval_images",
+    "agreement_pct",
+    "verdict",
+    "size_mb",
+    "build_seconds",
+    "peak_rss_mb",
+    "cuda_max_allocated_mb",
+    "gflops_per_s",
+    "iterations",
+    "trials",
+    "threads",
+    "device",
+    "check_agreement_pct",
+    "concurrency",
+    "throughput_concurrent",
+    "throughput_concurrent_min",
+    "throughput_concurrent_max",
+    "concurrency_method",
+    "speedup_concurrent",
+    "power_avg_w",
+    "energy_per_image_j",
+    "power_source",
+    "power_error",
+]
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -105,8 +138,10 @@ def variants_to_measure(cfg: DictConfig) -> tuple[list[str], dict[str, dict]]:
     for name in wanted:
         f = path(cfg, "optimized") / name / RECORD
         if not f.is_file():
-            raise InputError(f"{f} not found: run `dvc repro optimize@{name}` first (or drop "
-                             f"{name!r} from the benchmark's variants)")
+            raise InputError(
+                f"{f} not found: run `dvc repro optimize@{name}` first (or drop "
+                f"{name!r} from the benchmark's variants)"
+            )
         records[name] = json.loads(f.read_text())
     return [n for n in wanted if records[n]["status"] == "ok"], records
 
@@ -119,8 +154,17 @@ def run_worker(cfg: DictConfig, variant: str, work: Path, bar: tqdm | None = Non
         params.write_text(OmegaConf.to_yaml(cfg))
     rows_file = work / f"{variant}.jsonl"
     rows_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", WORKER, "--variant", variant, "--rows", str(rows_file),
-           "--params", str(params)]
+    cmd = [
+        sys.executable,
+        "-m",
+        WORKER,
+        "--variant",
+        variant,
+        "--rows",
+        str(rows_file),
+        "--params",
+        str(params),
+    ]
     with open(work / f"{variant}.stderr", "w+", encoding="utf-8") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
         follower = threading.Thread(target=_follow, args=(proc.stdout, variant, bar), daemon=True)
@@ -171,22 +215,28 @@ def run(cfg: DictConfig) -> dict:
     to_time, records = variants_to_measure(cfg)
     model, meta = models.load_trained(path(cfg, "checkpoint"))
     images, labels = evaluation.images(path(cfg, "prepared"), cfg.optimize.eval_splits, meta)
-    fp32 = np.concatenate(evaluation.logits(model,
-                                            evaluation.batches(images, cfg.optimize.eval_batch)))
+    fp32 = np.concatenate(
+        evaluation.logits(model, evaluation.batches(images, cfg.optimize.eval_batch))
+    )
     baseline_acc = evaluation.top1_with_interval(fp32, labels)
     flops = flops_per_image(model, meta["input_size"])
-    baseline_size = sum(t.numel() * t.element_size()
-                        for t in [*model.parameters(), *model.buffers()]) / 2**20
+    baseline_size = (
+        sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+    )
     rows: list[dict] = []
     variants, sizes = [*baselines(cfg), *to_time], len(protocol["batch_sizes"])
     # No clock (tick=None) and a redraw per update only (miniters=1: tqdm's monitor thread then
     # never redraws): the bar moves between measurements, never while a worker times a call.
-    with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp, \
-            progress.steps(len(variants) * sizes, "benchmark", "row", tick=None, miniters=1,
-                           mininterval=0) as bar:
+    with (
+        tempfile.TemporaryDirectory(prefix="benchmark-") as tmp,
+        progress.steps(
+            len(variants) * sizes, "benchmark", "row", tick=None, miniters=1, mininterval=0
+        ) as bar,
+    ):
         for k, variant in enumerate(variants, start=1):
-            log.info("timing %s at batch sizes %s in a fresh process", variant,
-                     protocol["batch_sizes"])
+            log.info(
+                "timing %s at batch sizes %s in a fresh process", variant, protocol["batch_sizes"]
+            )
             bar.set_description(variant)
             done = run_worker(cfg, variant, Path(tmp), bar)
             bar.update(k * sizes - bar.n)  # the rows a crashed worker did not report
@@ -195,109 +245,200 @@ def run(cfg: DictConfig) -> dict:
             rows += done
     for name, rec in records.items():
         if rec["status"] != "ok":
-            rows += [{"variant": name, "batch": b, "status": rec["status"],
-                      "error": rec.get("reason") or rec.get("error")}
-                     for b in protocol["batch_sizes"]]
+            rows += [
+                {
+                    "variant": name,
+                    "batch": b,
+                    "status": rec["status"],
+                    "error": rec.get("reason") or rec.get("error"),
+                }
+                for b in protocol["batch_sizes"]
+            ]
     rows = [_complete(r, records, baseline_acc, baseline_size, flops) for r in rows]
-    base = {r["batch"]: r["throughput"] for r in rows
-            if r["variant"] == BASELINE and r["status"] == "ok"}
+    base = {
+        r["batch"]: r["throughput"]
+        for r in rows
+        if r["variant"] == BASELINE and r["status"] == "ok"
+    }
     for r in rows:
         if r["status"] == "ok" and r["batch"] in base:
             r["speedup"] = round(r["throughput"] / base[r["batch"]], 3)
-    base_concurrent = {r["batch"]: r["throughput_concurrent"] for r in rows
-                    if r["variant"] == BASELINE and r.get("throughput_concurrent")}
+    base_concurrent = {
+        r["batch"]: r["throughput_concurrent"]
+        for r in rows
+        if r["variant"] == BASELINE and r.get("throughput_concurrent")
+    }
     for r in rows:
         if r.get("throughput_concurrent") and r["batch"] in base_concurrent:
             r["speedup_concurrent"] = round(
-                r["throughput_concurrent"] / base_concurrent[r["batch"]], 3)
+                r["throughput_concurrent"] / base_concurrent[r["batch"]], 3
+            )
     winners = {str(b): winner(rows, b) for b in protocol["batch_sizes"]}
     # the same verdict with several requests in flight (benchmark.throughput_mode)
-    winners_concurrent = {str(b): winner(rows, b, "throughput_concurrent")
-                       for b in protocol["batch_sizes"]
-                       if b in cfg.benchmark.throughput_mode.batch_sizes}
+    winners_concurrent = {
+        str(b): winner(rows, b, "throughput_concurrent")
+        for b in protocol["batch_sizes"]
+        if b in cfg.benchmark.throughput_mode.batch_sizes
+    }
     ref = cfg.benchmark.reference_batch
     ref = ref if ref in protocol["batch_sizes"] else max(protocol["batch_sizes"])
     best = winners[str(ref)]
     facts = machine.machine_info()
-    table = {"protocol": cfg.benchmark.protocol, "device": baseline_device(cfg),
-             "threads": next((r["threads"] for r in rows if r.get("threads")), None),
-             "baseline": BASELINE,
-             "baseline_note": ("eager fp32, channels_last, inference_mode" if
-                               baseline_device(cfg) == "cpu" else "eager fp32, inference_mode"),
-             "eval_splits": list(cfg.optimize.eval_splits), "eval_images": int(len(labels)),
-             "reference_batch": ref, "best_variant": best["variant"],
-             "best_speedup": best.get("speedup"), "best_verdict": best.get("verdict"),
-             "winners": winners, "winners_throughput_mode": winners_concurrent,
-             "gflops_per_image": round(flops / 1e9, 4), "machine": facts,
-             "rows": {f"{r['variant']}.b{r['batch']}": r for r in rows}}
+    table = {
+        "protocol": cfg.benchmark.protocol,
+        "device": baseline_device(cfg),
+        "threads": next((r["threads"] for r in rows if r.get("threads")), None),
+        "baseline": BASELINE,
+        "baseline_note": (
+            "eager fp32, channels_last, inference_mode"
+            if baseline_device(cfg) == "cpu"
+            else "eager fp32, inference_mode"
+        ),
+        "eval_splits": list(cfg.optimize.eval_splits),
+        "eval_images": int(len(labels)),
+        "reference_batch": ref,
+        "best_variant": best["variant"],
+        "best_speedup": best.get("speedup"),
+        "best_verdict": best.get("verdict"),
+        "winners": winners,
+        "winners_throughput_mode": winners_concurrent,
+        "gflops_per_image": round(flops / 1e9, 4),
+        "machine": facts,
+        "rows": {f"{r['variant']}.b{r['batch']}": r for r in rows},
+    }
     plots = path(cfg, "plots")
     write_json(path(cfg, "metrics") / "benchmark.json", table)
-    write_csv(plots / "benchmark.csv", [*COLUMNS, "label"],
-              [[_csv(r.get(c)) for c in COLUMNS] + [f"{r['variant']}@b{r['batch']}"]
-               for r in rows])
+    write_csv(
+        plots / "benchmark.csv",
+        [*COLUMNS, "label"],
+        [[_csv(r.get(c)) for c in COLUMNS] + [f"{r['variant']}@b{r['batch']}"] for r in rows],
+    )
     benchmark_charts(rows, plots)
     front = pareto_points(rows, ref)
-    write_csv(plots / "pareto.csv", PARETO_COLUMNS,
-              [[_csv(p.get(c)) for c in PARETO_COLUMNS] for p in front])
+    write_csv(
+        plots / "pareto.csv",
+        PARETO_COLUMNS,
+        [[_csv(p.get(c)) for c in PARETO_COLUMNS] for p in front],
+    )
     pareto_chart(front, ref, BASELINE, plots / "pareto.png")
     with stage_run(cfg, "benchmark") as tracker:
         tracker.set_tags({f"machine.{k}": str(v) for k, v in facts.items()})
-        tracker.log_params({"benchmark.protocol": cfg.benchmark.protocol,
-                            "benchmark.threads": table["threads"], **{
-                                f"benchmark.{k}": v for k, v in protocol.items()}})
+        tracker.log_params(
+            {
+                "benchmark.protocol": cfg.benchmark.protocol,
+                "benchmark.threads": table["threads"],
+                **{f"benchmark.{k}": v for k, v in protocol.items()},
+            }
+        )
         # best_* are the winner's at the reference batch: the tags name it and its verdict
-        tracker.log_metrics({"best_speedup": best.get("speedup") or 0.0,
-                             "best_throughput": best.get("throughput") or 0.0,
-                             "best_verdict_code": verdict_code(best.get("verdict")),
-                             "reference_batch": ref})
-        tracker.set_tags({"benchmark.best_variant": str(best["variant"]),
-                          "benchmark.best_verdict": str(best.get("verdict")),
-                          **{f"benchmark.winner.b{b}": str(w["variant"])
-                             for b, w in winners.items()}})
+        tracker.log_metrics(
+            {
+                "best_speedup": best.get("speedup") or 0.0,
+                "best_throughput": best.get("throughput") or 0.0,
+                "best_verdict_code": verdict_code(best.get("verdict")),
+                "reference_batch": ref,
+            }
+        )
+        tracker.set_tags(
+            {
+                "benchmark.best_variant": str(best["variant"]),
+                "benchmark.best_verdict": str(best.get("verdict")),
+                **{f"benchmark.winner.b{b}": str(w["variant"]) for b, w in winners.items()},
+            }
+        )
         log_child_runs(tracker, rows, cfg)
-        for f in (path(cfg, "metrics") / "benchmark.json", plots / "pareto.png",
-                  plots / "pareto.csv"):
+        for f in (
+            path(cfg, "metrics") / "benchmark.json",
+            plots / "pareto.png",
+            plots / "pareto.csv",
+        ):
             tracker.log_artifact(f)
     for b, w in winners.items():
         log.info("winner at batch %s: %s", b, _winner_line(w))
     for b, w in winners_concurrent.items():
-        log.info("winner at batch %s in throughput mode: %s", b, (
-            f"{w['variant']} ({w['verdict']}), {w['throughput_concurrent']:.1f} img/s with "
-            f"{w['concurrency_method']}" if w.get("variant") else "none"))
+        log.info(
+            "winner at batch %s in throughput mode: %s",
+            b,
+            (
+                f"{w['variant']} ({w['verdict']}), {w['throughput_concurrent']:.1f} img/s with "
+                f"{w['concurrency_method']}"
+                if w.get("variant")
+                else "none"
+            ),
+        )
     return table
 
 
 def _winner_line(w: dict) -> str:
     if not w.get("variant"):
         return "none (no variant finished with a verdict other than fail)"
-    return (f"{w['variant']} ({w['verdict']}), {w['throughput']:.1f} img/s, p99 "
-            f"{w['latency_p99_ms']:.1f} ms, {w['speedup']:.2f}x {BASELINE}, "
-            f"top-1 {w['top1_pct']:.1f}% [{w['top1_ci_low_pct']:.1f}, "
-            f"{w['top1_ci_high_pct']:.1f}] on {w['eval_images']} images")
+    return (
+        f"{w['variant']} ({w['verdict']}), {w['throughput']:.1f} img/s, p99 "
+        f"{w['latency_p99_ms']:.1f} ms, {w['speedup']:.2f}x {BASELINE}, "
+        f"top-1 {w['top1_pct']:.1f}% [{w['top1_ci_low_pct']:.1f}, "
+        f"{w['top1_ci_high_pct']:.1f}] on {w['eval_images']} images"
+    )
 
 
-def _complete(row: dict, records: dict, baseline_acc: dict, baseline_size: float,
-              flops: float) -> dict:
+def _complete(
+    row: dict, records: dict, baseline_acc: dict, baseline_size: float, flops: float
+) -> dict:
     out = {c: row.get(c) for c in COLUMNS}
     if row["variant"] in (BASELINE, NCHW):
-        out.update(backend="torch_eager", precision="fp32", agreement_pct=100.0, verdict="pass",
-                   size_mb=round(baseline_size, 3), build_seconds=0.0,
-                   **{k: baseline_acc[k] for k in ("top1_pct", "top1_ci_low_pct",
-                                                   "top1_ci_high_pct", "eval_images")})
+        out.update(
+            backend="torch_eager",
+            precision="fp32",
+            agreement_pct=100.0,
+            verdict="pass",
+            size_mb=round(baseline_size, 3),
+            build_seconds=0.0,
+            **{
+                k: baseline_acc[k]
+                for k in ("top1_pct", "top1_ci_low_pct", "top1_ci_high_pct", "eval_images")
+            },
+        )
     else:
         rec = records[row["variant"]]
-        out.update({k: rec.get(k) for k in ("backend", "precision", "top1_pct", "top1_ci_low_pct",
-                                            "top1_ci_high_pct", "eval_images", "agreement_pct",
-                                            "verdict", "size_mb", "build_seconds")})
+        out.update(
+            {
+                k: rec.get(k)
+                for k in (
+                    "backend",
+                    "precision",
+                    "top1_pct",
+                    "top1_ci_low_pct",
+                    "top1_ci_high_pct",
+                    "eval_images",
+                    "agreement_pct",
+                    "verdict",
+                    "size_mb",
+                    "build_seconds",
+                )
+            }
+        )
     if out["status"] == "ok":
         out["gflops_per_s"] = round(flops * out["throughput"] / 1e9, 3)
     return out
 
 
-WINNER_KEYS = ("variant", "verdict", "batch", "throughput", "latency_p99_ms", "speedup", "top1_pct",
-               "top1_ci_low_pct", "top1_ci_high_pct", "eval_images")
-CONCURRENT_KEYS = ("throughput_concurrent", "speedup_concurrent", "concurrency",
-                   "concurrency_method")
+WINNER_KEYS = (
+    "variant",
+    "verdict",
+    "batch",
+    "throughput",
+    "latency_p99_ms",
+    "speedup",
+    "top1_pct",
+    "top1_ci_low_pct",
+    "top1_ci_high_pct",
+    "eval_images",
+)
+CONCURRENT_KEYS = (
+    "throughput_concurrent",
+    "speedup_concurrent",
+    "concurrency",
+    "concurrency_method",
+)
 
 
 def winner(rows: list[dict], batch: int, key: str = "throughput") -> dict:
@@ -331,29 +472,66 @@ def log_child_runs(tracker, rows: list[dict], cfg: DictConfig) -> None:
     parent = tracker.run_id
     run = client.get_run(parent)
     exp = run.info.experiment_id
-    common = {"model.name": str(cfg.model.name), KEY_TAG: run.data.tags.get(KEY_TAG, ""),
-              **({DVC_EXP_TAG: os.environ["DVC_EXP_NAME"]}
-                 if os.environ.get("DVC_EXP_NAME") else {})}
-    existing = {r.data.tags.get("benchmark.row"): r.info.run_id for r in client.search_runs(
-        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)}
+    common = {
+        "model.name": str(cfg.model.name),
+        KEY_TAG: run.data.tags.get(KEY_TAG, ""),
+        **({DVC_EXP_TAG: os.environ["DVC_EXP_NAME"]} if os.environ.get("DVC_EXP_NAME") else {}),
+    }
+    existing = {
+        r.data.tags.get("benchmark.row"): r.info.run_id
+        for r in client.search_runs(
+            [exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=1000
+        )
+    }
     for r in rows:
         key = f"{r['variant']}@b{r['batch']}"
         # not a `with` block: its exit would end the run FINISHED whatever the row's status
-        mlflow.start_run(run_id=existing.get(key), experiment_id=exp, nested=True,
-                         run_name=None if key in existing else key,
-                         tags={**common, "benchmark.row": key, "status": r["status"]})
+        mlflow.start_run(
+            run_id=existing.get(key),
+            experiment_id=exp,
+            nested=True,
+            run_name=None if key in existing else key,
+            tags={**common, "benchmark.row": key, "status": r["status"]},
+        )
         status = {"ok": "FINISHED", "skipped": "KILLED"}.get(r["status"], "FAILED")
         try:
-            mlflow.log_params({"variant": r["variant"], "backend": r["backend"],
-                               "precision": r["precision"], "batch_size": r["batch"]})
-            mlflow.log_metrics({k: float(r[k]) for k in (
-                "throughput", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "speedup",
-                "top1_pct", "top1_ci_low_pct", "top1_ci_high_pct", "eval_images", "agreement_pct",
-                "size_mb",
-                "build_seconds", "peak_rss_mb", "gflops_per_s", "throughput_concurrent",
-                "speedup_concurrent", "concurrency", "power_avg_w", "energy_per_image_j")
-                if isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool)
-                and math.isfinite(r[k])})
+            mlflow.log_params(
+                {
+                    "variant": r["variant"],
+                    "backend": r["backend"],
+                    "precision": r["precision"],
+                    "batch_size": r["batch"],
+                }
+            )
+            mlflow.log_metrics(
+                {
+                    k: float(r[k])
+                    for k in (
+                        "throughput",
+                        "latency_p50_ms",
+                        "latency_p90_ms",
+                        "latency_p99_ms",
+                        "speedup",
+                        "top1_pct",
+                        "top1_ci_low_pct",
+                        "top1_ci_high_pct",
+                        "eval_images",
+                        "agreement_pct",
+                        "size_mb",
+                        "build_seconds",
+                        "peak_rss_mb",
+                        "gflops_per_s",
+                        "throughput_concurrent",
+                        "speedup_concurrent",
+                        "concurrency",
+                        "power_avg_w",
+                        "energy_per_image_j",
+                    )
+                    if isinstance(r.get(k), int | float)
+                    and not isinstance(r.get(k), bool)
+                    and math.isfinite(r[k])
+                }
+            )
             if r.get("error"):
                 mlflow.set_tag("error", str(r["error"])[:5000])
             if r.get("concurrency_method"):

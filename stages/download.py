@@ -84,8 +84,13 @@ def cache_dir(cfg: DictConfig, kind: str, base_url: str) -> Path:
     return path(cfg, "cache") / kind / tag
 
 
-def select(scans: dict[str, openimages.LabelScan], classes: dict[str, str], cap: int, seed: int,
-           policy: str) -> Selection:
+def select(
+    scans: dict[str, openimages.LabelScan],
+    classes: dict[str, str],
+    cap: int,
+    seed: int,
+    policy: str,
+) -> Selection:
     """Apply the multi-class policy and the per-class cap to the positives of every split."""
     label_to_name = {label: name for name, label in classes.items()}
     order = {name: i for i, name in enumerate(classes)}
@@ -114,27 +119,42 @@ def select(scans: dict[str, openimages.LabelScan], classes: dict[str, str], cap:
     return sel
 
 
-def fetch_images(sel: Selection, fetcher: Fetcher, images_url: str, cache: Path,
-                 workers: int, max_bytes: int | None = None) -> tuple[dict[str, str], int]:
+def fetch_images(
+    sel: Selection,
+    fetcher: Fetcher,
+    images_url: str,
+    cache: Path,
+    workers: int,
+    max_bytes: int | None = None,
+) -> tuple[dict[str, str], int]:
     """Fetch every selected image not in the cache; a body over `max_bytes` is refused.
 
     Returns ImageID -> failure reason, and how many images were requested.
     """
-    todo = [(iid, split) for iid, (split, _) in sel.images.items()
-            if not (cache / split / f"{iid}.jpg").exists()]
+    todo = [
+        (iid, split)
+        for iid, (split, _) in sel.images.items()
+        if not (cache / split / f"{iid}.jpg").exists()
+    ]
     failures: dict[str, str] = {}
     if not todo:
         return failures, 0
-    log.info("fetching %d images (%d already cached) with %d workers", len(todo),
-             len(sel.images) - len(todo), workers)
+    log.info(
+        "fetching %d images (%d already cached) with %d workers",
+        len(todo),
+        len(sel.images) - len(todo),
+        workers,
+    )
 
     def one(iid: str, split: str) -> None:
         data = fetcher.get_bytes(url_join(images_url, f"{split}/{iid}.jpg"), max_bytes)
         imaging.check_jpeg(data)  # raises ImageError on a non-JPEG or truncated body
         write_bytes(cache / split / f"{iid}.jpg", data)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool, \
-            progress.bar(total=len(todo), unit="img", desc="images", smoothing=0.1) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        progress.bar(total=len(todo), unit="img", desc="images", smoothing=0.1) as bar,
+    ):
         pending = {pool.submit(one, iid, split): iid for iid, split in todo}
         try:
             while pending:
@@ -164,8 +184,9 @@ def run(cfg: DictConfig) -> dict:
     try:
         source = SOURCES[cfg.data.source]
     except KeyError:
-        raise ConfigError(f"unknown data.source {cfg.data.source!r}; expected one of "
-                          f"{sorted(SOURCES)}") from None
+        raise ConfigError(
+            f"unknown data.source {cfg.data.source!r}; expected one of {sorted(SOURCES)}"
+        ) from None
     return source(cfg)
 
 
@@ -173,8 +194,12 @@ def from_openimages(cfg: DictConfig) -> dict:
     """Download the configured Open Images subset; returns the metrics it wrote."""
     data, runtime = cfg.data, cfg.runtime
     classes = openimages.resolve_classes(list(data.classes))  # fails before any fetch
-    fetcher = Fetcher(runtime.fetch.retries, runtime.fetch.backoff, runtime.fetch.timeout,
-                      pool=runtime.fetch.workers)
+    fetcher = Fetcher(
+        runtime.fetch.retries,
+        runtime.fetch.backoff,
+        runtime.fetch.timeout,
+        pool=runtime.fetch.workers,
+    )
     meta_cache = cache_dir(cfg, "metadata", data.metadata_url)
     img_cache = cache_dir(cfg, "images", data.images_url)
     stale = remove_stale_temps(img_cache)
@@ -189,15 +214,21 @@ def from_openimages(cfg: DictConfig) -> dict:
             rel = openimages.LABEL_FILES[split]
             f = fetcher.download_file(url_join(data.metadata_url, rel), meta_cache / rel)
             scans[split] = openimages.scan_labels(f, classes.values())
-            log.info("%s: %d label rows, %d images with a requested class, %d malformed rows",
-                     rel, scans[split].rows, len(scans[split].positives), scans[split].malformed)
+            log.info(
+                "%s: %d label rows, %d images with a requested class, %d malformed rows",
+                rel,
+                scans[split].rows,
+                len(scans[split].positives),
+                scans[split].malformed,
+            )
 
         sel = select(scans, classes, data.max_images_per_class, data.seed, data.multiclass_policy)
         if sel.empty_classes and data.on_empty_class == "error":
             raise InputError(
                 f"no verified image of class(es) {sel.empty_classes} in splits "
                 f"{list(data.official_splits)}; remove them from data.classes or set "
-                f"data.on_empty_class=skip")
+                f"data.on_empty_class=skip"
+            )
         if len(sel.empty_classes) == len(classes):
             raise InputError(f"none of the classes {list(classes)} has any verified image")
 
@@ -209,20 +240,27 @@ def from_openimages(cfg: DictConfig) -> dict:
             attribution.update(openimages.scan_image_ids(f, wanted))
 
         t0 = time.perf_counter()
-        failures, requested = fetch_images(sel, fetcher, data.images_url, img_cache,
-                                           runtime.fetch.workers,
-                                           int(runtime.fetch.max_image_mb * MB))
+        failures, requested = fetch_images(
+            sel,
+            fetcher,
+            data.images_url,
+            img_cache,
+            runtime.fetch.workers,
+            int(runtime.fetch.max_image_mb * MB),
+        )
         fetch_s = time.perf_counter() - t0
         metrics = write_outputs(cfg, sel, failures, attribution, classes, img_cache)
-        metrics.update({
-            "images_requested": requested,
-            "fetch_seconds": round(fetch_s, 3),
-            "fetch_images_per_s": round(requested / fetch_s, 2) if requested else 0.0,
-            "label_rows": sum(s.rows for s in scans.values()),
-            "malformed_rows": sum(s.malformed for s in scans.values()),
-            "bad_image_ids": sum(s.bad_ids for s in scans.values()),
-            "http_retries": fetcher.retried,
-        })
+        metrics.update(
+            {
+                "images_requested": requested,
+                "fetch_seconds": round(fetch_s, 3),
+                "fetch_images_per_s": round(requested / fetch_s, 2) if requested else 0.0,
+                "label_rows": sum(s.rows for s in scans.values()),
+                "malformed_rows": sum(s.malformed for s in scans.values()),
+                "bad_image_ids": sum(s.bad_ids for s in scans.values()),
+                "http_retries": fetcher.retried,
+            }
+        )
         _finish(cfg, tracker, metrics)
     return metrics
 
@@ -234,9 +272,14 @@ def _finish(cfg: DictConfig, tracker: StageRun, metrics: dict) -> None:
         tracker.log_artifact(path(cfg, "raw") / name)
 
 
-def write_outputs(cfg: DictConfig, sel: Selection, failures: dict[str, str],
-                  attribution: dict[str, dict[str, str]], classes: dict[str, str],
-                  img_cache: Path) -> dict:
+def write_outputs(
+    cfg: DictConfig,
+    sel: Selection,
+    failures: dict[str, str],
+    attribution: dict[str, dict[str, str]],
+    classes: dict[str, str],
+    img_cache: Path,
+) -> dict:
     """Rebuild `paths.raw` whole (temp folder, then swap) from the cache and the selection."""
     ok = {iid: v for iid, v in sel.images.items() if iid not in failures}
     with atomic_dir(path(cfg, "raw")) as out:
@@ -244,38 +287,57 @@ def write_outputs(cfg: DictConfig, sel: Selection, failures: dict[str, str],
             dst = out / "images" / split / f"{iid}.jpg"
             dst.parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(img_cache / split / f"{iid}.jpg", dst)
-        write_csv(out / "labels.csv", LABELS_HEADER,
-                  [(iid, s, n, classes[n], f"images/{s}/{iid}.jpg")
-                   for iid, (s, n) in sorted(ok.items())])
+        write_csv(
+            out / "labels.csv",
+            LABELS_HEADER,
+            [
+                (iid, s, n, classes[n], f"images/{s}/{iid}.jpg")
+                for iid, (s, n) in sorted(ok.items())
+            ],
+        )
         write_text(out / "classes.txt", "".join(f"{c}\n" for c in classes))
         fields = openimages.ATTRIBUTION_FIELDS
-        write_csv(out / "attribution.csv", ["ImageID", "split", "class", *fields],
-                  [(iid, s, n, *(attribution.get(iid, {}).get(k, "") for k in fields))
-                   for iid, (s, n) in sorted(ok.items())])
-        write_csv(out / "missing.csv", ["ImageID", "split", "class", "reason"],
-                  [(iid, *sel.images[iid], why) for iid, why in sorted(failures.items())])
+        write_csv(
+            out / "attribution.csv",
+            ["ImageID", "split", "class", *fields],
+            [
+                (iid, s, n, *(attribution.get(iid, {}).get(k, "") for k in fields))
+                for iid, (s, n) in sorted(ok.items())
+            ],
+        )
+        write_csv(
+            out / "missing.csv",
+            ["ImageID", "split", "class", "reason"],
+            [(iid, *sel.images[iid], why) for iid, why in sorted(failures.items())],
+        )
         table = split_stats([(s, n) for s, n in ok.values()], list(classes))
         table = {s: table[s] for s in (*openimages.IMAGE_ID_FILES, "all") if s in table}
         write_csv(out / "stats.csv", STATS_COLUMNS, stats_rows(table))
     print(format_table(table, title="download: images per official split"))
     reasons = Counter(why.split(":", 1)[0] for why in failures.values())
     metrics = {f"{split}.{k}": v for split, row in table.items() for k, v in _flat(row).items()}
-    metrics.update({
-        "selected": len(sel.images),
-        "downloaded": len(ok),
-        "missing": reasons.get("missing", 0),
-        "invalid": reasons.get("invalid", 0),
-        "failed": reasons.get("failed", 0),
-        "multiclass_images": sel.multiclass,
-        "multiclass_dropped": sel.multiclass - sel.multiclass_assigned,
-        "empty_classes": len(sel.empty_classes),
-        "cross_split_duplicates": sel.duplicate_ids,
-        "no_attribution": sum(1 for iid in ok if iid not in attribution),
-    })
+    metrics.update(
+        {
+            "selected": len(sel.images),
+            "downloaded": len(ok),
+            "missing": reasons.get("missing", 0),
+            "invalid": reasons.get("invalid", 0),
+            "failed": reasons.get("failed", 0),
+            "multiclass_images": sel.multiclass,
+            "multiclass_dropped": sel.multiclass - sel.multiclass_assigned,
+            "empty_classes": len(sel.empty_classes),
+            "cross_split_duplicates": sel.duplicate_ids,
+            "no_attribution": sum(1 for iid in ok if iid not in attribution),
+        }
+    )
     if failures:
-        log.warning("%d of %d images could not be fetched (%s); see missing.csv. A rerun retries "
-                    "them (`dvc repro -f download`)", len(failures), len(sel.images),
-                    dict(reasons))
+        log.warning(
+            "%d of %d images could not be fetched (%s); see missing.csv. A rerun retries "
+            "them (`dvc repro -f download`)",
+            len(failures),
+            len(sel.images),
+            dict(reasons),
+        )
     if sel.empty_classes:
         log.warning("skipped classes with no verified image: %s", sel.empty_classes)
     return metrics
@@ -332,15 +394,22 @@ def from_folder(cfg: DictConfig) -> dict:
             counts = Counter(ph.cls for ph in ok)
             empty = [c for c in classes if not counts[c]]
             if empty and (data.on_empty_class == "error" or len(empty) == len(classes)):
-                raise InputError(f"no decodable image in class folder(s) {empty} of {root}; add "
-                                 "photos, leave them out of data.classes or set "
-                                 "data.on_empty_class=skip")
-            write_csv(out / "labels.csv", LABELS_HEADER,
-                      [(ph.digest[:16], "", ph.cls, "", f"images/{ph.digest[:16]}{ph.ext}")
-                       for ph in ok])
+                raise InputError(
+                    f"no decodable image in class folder(s) {empty} of {root}; add "
+                    "photos, leave them out of data.classes or set "
+                    "data.on_empty_class=skip"
+                )
+            write_csv(
+                out / "labels.csv",
+                LABELS_HEADER,
+                [(ph.digest[:16], "", ph.cls, "", f"images/{ph.digest[:16]}{ph.ext}") for ph in ok],
+            )
             write_text(out / "classes.txt", "".join(f"{c}\n" for c in classes))
-            write_csv(out / "attribution.csv", ["ImageID", "class", "source", "sha256"],
-                      [(ph.digest[:16], ph.cls, ph.source, ph.digest) for ph in ok])
+            write_csv(
+                out / "attribution.csv",
+                ["ImageID", "class", "source", "sha256"],
+                [(ph.digest[:16], ph.cls, ph.source, ph.digest) for ph in ok],
+            )
             write_csv(out / "missing.csv", ["source", "class", "reason"], skipped)
             # one row: a photo folder has no official splits (prepare splits it)
             table = {"all": split_stats([("folder", ph.cls) for ph in ok], classes)["all"]}
@@ -349,18 +418,24 @@ def from_folder(cfg: DictConfig) -> dict:
         print(format_table(table, title=f"download: images per class in {root}"))
         kinds = Counter(why.split(":", 1)[0] for _, _, why in skipped)
         metrics = {f"all.{k}": v for k, v in _flat(table["all"]).items()}
-        metrics.update({
-            "found": len(found),
-            "imported": len(ok),
-            "undecodable": kinds["undecodable"],
-            "not_an_image": kinds["not an image"],
-            "duplicates": kinds["duplicate"],
-            "empty_classes": len(empty),
-            "import_seconds": round(import_s, 3),
-        })
+        metrics.update(
+            {
+                "found": len(found),
+                "imported": len(ok),
+                "undecodable": kinds["undecodable"],
+                "not_an_image": kinds["not an image"],
+                "duplicates": kinds["duplicate"],
+                "empty_classes": len(empty),
+                "import_seconds": round(import_s, 3),
+            }
+        )
         if skipped:
-            log.warning("skipped %d of %d file(s) (%s); see missing.csv", len(skipped),
-                        len(found), dict(kinds))
+            log.warning(
+                "skipped %d of %d file(s) (%s); see missing.csv",
+                len(skipped),
+                len(found),
+                dict(kinds),
+            )
         if empty:
             log.warning("skipped class folders with no decodable image: %s", empty)
         _finish(cfg, tracker, metrics)

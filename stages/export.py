@@ -47,15 +47,20 @@ class ExportCheckFailed(StageError):
 def output_difference(eager: np.ndarray, got: np.ndarray) -> dict:
     diff = float(np.abs(eager - got).max())
     scale = float(np.abs(eager).max()) or 1.0
-    return {"max_abs_diff": diff, "max_rel_diff": diff / scale,
-            "top1_agreement_pct": 100 * float((eager.argmax(1) == got.argmax(1)).mean())}
+    return {
+        "max_abs_diff": diff,
+        "max_rel_diff": diff / scale,
+        "top1_agreement_pct": 100 * float((eager.argmax(1) == got.argmax(1)).mean()),
+    }
 
 
 def verification_batches(cfg: DictConfig, meta: dict, sizes: list[int]) -> dict[int, torch.Tensor]:
     """Real, preprocessed test images (never zeros), one batch per verification size."""
-    ds = PreparedImages(path(cfg, "prepared"), "test",
-                        eval_transform(meta["input_size"], meta["mean"], meta["std"],
-                                       meta["crop_pct"]))
+    ds = PreparedImages(
+        path(cfg, "prepared"),
+        "test",
+        eval_transform(meta["input_size"], meta["mean"], meta["std"], meta["crop_pct"]),
+    )
     if len(ds) == 0:
         raise InputError(f"{path(cfg, 'prepared')}/test.csv has no image to verify against")
     out = {}
@@ -80,8 +85,13 @@ def run(cfg: DictConfig) -> dict:
     report: dict[str, float | int | bool] = {}
     failures = []
     with stage_run(cfg, "export") as tracker:
-        tracker.log_params({"export.formats": list(ex.formats), "export.onnx_opset": ex.onnx_opset,
-                            "export.rtol": ex.rtol})
+        tracker.log_params(
+            {
+                "export.formats": list(ex.formats),
+                "export.onnx_opset": ex.onnx_opset,
+                "export.rtol": ex.rtol,
+            }
+        )
         # per format: the export (one call, seconds to a minute), then a check per batch size
         with progress.steps(len(ex.formats) * (1 + len(batches)), "export") as bar:
             for fmt in ex.formats:
@@ -103,12 +113,19 @@ def run(cfg: DictConfig) -> dict:
                     report.update({f"{fmt}.batch{b}.{k}": v for k, v in res.items()})
                     if res["max_rel_diff"] > ex.rtol or res["top1_agreement_pct"] < 100.0:
                         ok = False
-                        failures.append(f"{fmt} at batch {b}: relative logit difference "
-                                        f"{res['max_rel_diff']:.2e} (allowed {ex.rtol:.0e}), top-1 "
-                                        f"agreement {res['top1_agreement_pct']:.1f}%")
+                        failures.append(
+                            f"{fmt} at batch {b}: relative logit difference "
+                            f"{res['max_rel_diff']:.2e} (allowed {ex.rtol:.0e}), top-1 "
+                            f"agreement {res['top1_agreement_pct']:.1f}%"
+                        )
                 report[f"{fmt}.ok"] = ok
-                log.info("%s: %s, %.1f MB, %s", fmt, dst.name, report[f"{fmt}.size_mb"],
-                         "verified" if ok else "FAILED verification")
+                log.info(
+                    "%s: %s, %.1f MB, %s",
+                    fmt,
+                    dst.name,
+                    report[f"{fmt}.size_mb"],
+                    "verified" if ok else "FAILED verification",
+                )
         write_json(out_dir / META_FILE, meta)
         write_json(path(cfg, "metrics") / "export.json", report)
         tracker.log_metrics(report)

@@ -58,18 +58,20 @@ def allocate(n: int, ratios: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def assign_splits(rows: Sequence[dict], classes: Sequence[str], mode: str,
-                  ratios: dict[str, float], seed: int) -> dict[str, str]:
+def assign_splits(
+    rows: Sequence[dict], classes: Sequence[str], mode: str, ratios: dict[str, float], seed: int
+) -> dict[str, str]:
     """ImageID -> train/val/test."""
     if mode == "official":
         return {r["ImageID"]: OFFICIAL_TO_SPLIT[r["split"]] for r in rows}
     out: dict[str, str] = {}
     for name in classes:
-        ids = sorted((r["ImageID"] for r in rows if r["class"] == name),
-                     key=lambda i: rank(seed, i, "split"))
+        ids = sorted(
+            (r["ImageID"] for r in rows if r["class"] == name), key=lambda i: rank(seed, i, "split")
+        )
         start = 0
         for split, k in allocate(len(ids), ratios).items():
-            out.update({i: split for i in ids[start:start + k]})
+            out.update({i: split for i in ids[start : start + k]})
             start += k
     return out
 
@@ -93,20 +95,26 @@ def run(cfg: DictConfig) -> dict:
     raw = path(cfg, "raw")
     labels_csv = raw / "labels.csv"
     if not labels_csv.is_file():
-        raise InputError(f"{labels_csv} not found: run the download stage first "
-                         "(`dvc repro download` or `python -m stages.download`)")
+        raise InputError(
+            f"{labels_csv} not found: run the download stage first "
+            "(`dvc repro download` or `python -m stages.download`)"
+        )
     classes_txt = raw / "classes.txt"
     if not classes_txt.is_file():  # a raw folder from before download wrote it
-        raise InputError(f"{classes_txt} not found: rerun the download stage "
-                         "(`dvc repro -f download`)")
+        raise InputError(
+            f"{classes_txt} not found: rerun the download stage (`dvc repro -f download`)"
+        )
     rows = read_csv(labels_csv)
     # "" = no official split (a photo folder), fine when re-splitting
     splits = {*OFFICIAL_TO_SPLIT, *([""] if data.split.mode == "resplit" else [])}
-    bad = [r for r in rows
-           if r.get("split") not in splits or not r.get("class") or not r.get("file")]
+    bad = [
+        r for r in rows if r.get("split") not in splits or not r.get("class") or not r.get("file")
+    ]
     if bad:
-        raise InputError(f"{labels_csv}: {len(bad)} row(s) without a valid split/class/file "
-                         f"(data.split.mode={data.split.mode}), first: {bad[0]}")
+        raise InputError(
+            f"{labels_csv}: {len(bad)} row(s) without a valid split/class/file "
+            f"(data.split.mode={data.split.mode}), first: {bad[0]}"
+        )
     # The label order download recorded (the order of data.classes, or the sorted class folders)
     present = {r["class"] for r in rows}
     classes = [c for c in classes_txt.read_text(encoding="utf-8").splitlines() if c in present]
@@ -114,24 +122,42 @@ def run(cfg: DictConfig) -> dict:
         raise InputError(f"{labels_csv} has no image of any class in {classes_txt}")
 
     with stage_run(cfg, "prepare") as tracker:
-        tracker.log_params({"data.image_size": data.image_size, "data.seed": data.seed,
-                            "data.split": OmegaConf.to_container(data.split)})
+        tracker.log_params(
+            {
+                "data.image_size": data.image_size,
+                "data.seed": data.seed,
+                "data.split": OmegaConf.to_container(data.split),
+            }
+        )
         with atomic_dir(path(cfg, "prepared")) as out:
             (out / "images").mkdir()
-            jobs = [(str(raw / r["file"]), str(out / "images" / f"{r['ImageID']}.jpg"),
-                     data.image_size) for r in rows]
+            jobs = [
+                (str(raw / r["file"]), str(out / "images" / f"{r['ImageID']}.jpg"), data.image_size)
+                for r in rows
+            ]
             errors = _run_jobs(jobs, runtime.prepare_workers)
             skipped = {r["ImageID"]: e for r, e in zip(rows, errors, strict=True) if e}
             good = [r for r in rows if r["ImageID"] not in skipped]
-            split_of = assign_splits(good, classes, data.split.mode,
-                                     dict(data.split.ratios), data.seed)
+            split_of = assign_splits(
+                good, classes, data.split.mode, dict(data.split.ratios), data.seed
+            )
             index = {name: i for i, name in enumerate(classes)}
             for split in SPLITS:
-                write_csv(out / f"{split}.csv",
-                          ["file", "label", "class", "image_id", "official_split"],
-                          [(f"images/{r['ImageID']}.jpg", index[r["class"]], r["class"],
-                            r["ImageID"], r["split"])
-                           for r in good if split_of[r["ImageID"]] == split])
+                write_csv(
+                    out / f"{split}.csv",
+                    ["file", "label", "class", "image_id", "official_split"],
+                    [
+                        (
+                            f"images/{r['ImageID']}.jpg",
+                            index[r["class"]],
+                            r["class"],
+                            r["ImageID"],
+                            r["split"],
+                        )
+                        for r in good
+                        if split_of[r["ImageID"]] == split
+                    ],
+                )
             write_text(out / "labels.txt", "".join(f"{c}\n" for c in classes))
             write_csv(out / "skipped.csv", ["ImageID", "reason"], sorted(skipped.items()))
             table = split_stats([(split_of[r["ImageID"]], r["class"]) for r in good], classes)
@@ -141,10 +167,14 @@ def run(cfg: DictConfig) -> dict:
         if skipped:
             log.warning("skipped %d undecodable image(s); see skipped.csv", len(skipped))
         metrics = {f"{s}.images": row["images"] for s, row in table.items()}
-        metrics.update({f"{s}.{name}.{k}": v
-                        for s, row in table.items()
-                        for name, (count, share) in row["classes"].items()
-                        for k, v in (("count", count), ("share_pct", share))})
+        metrics.update(
+            {
+                f"{s}.{name}.{k}": v
+                for s, row in table.items()
+                for name, (count, share) in row["classes"].items()
+                for k, v in (("count", count), ("share_pct", share))
+            }
+        )
         metrics.update({"classes": len(classes), "skipped_undecodable": len(skipped)})
         write_json(path(cfg, "metrics") / "prepare.json", metrics)
         tracker.log_metrics(metrics)
@@ -156,8 +186,10 @@ def run(cfg: DictConfig) -> dict:
 def _run_jobs(jobs: list[tuple[str, str, int]], workers: int) -> list[str | None]:
     # Threads, not processes: Pillow releases the GIL while it decodes, resizes and encodes, so
     # threads use every core without pickling, spawn start-up or fork-with-threads hazards.
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
-            progress.bar(total=len(jobs), unit="img", desc="prepare") as bar:
+    with (
+        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+        progress.bar(total=len(jobs), unit="img", desc="prepare") as bar,
+    ):
         results = []
         for res in pool.map(_process, jobs):
             results.append(res)
@@ -171,4 +203,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -57,8 +57,18 @@ from oipipe.training import models
 log = logging.getLogger("stages.profile")
 
 MARKER = "profile::forward"
-CSV_COLUMNS = ["mode", "batch", "type", "time_ms", "time_share_pct", "flops", "flop_share_pct",
-               "gflops_per_s", "bytes", "intensity"]
+CSV_COLUMNS = [
+    "mode",
+    "batch",
+    "type",
+    "time_ms",
+    "time_share_pct",
+    "flops",
+    "flop_share_pct",
+    "gflops_per_s",
+    "bytes",
+    "intensity",
+]
 
 
 # --- FLOPs and bytes per type: one call under a dispatch mode ------------------------------------
@@ -108,8 +118,9 @@ class OpCounter(TorchDispatchMode):
         kind = optypes.op_type(name, shapes, groups) or optypes.OTHER
         self.flops[kind] += op_flops(name, args, out)
         if name not in optypes.VIEW_OPS:
-            self.bytes[kind] += sum(t.numel() * t.element_size()
-                                    for t in _tensors(args) + _tensors(out))
+            self.bytes[kind] += sum(
+                t.numel() * t.element_size() for t in _tensors(args) + _tensors(out)
+            )
         return out
 
 
@@ -135,8 +146,9 @@ def event_type(event: Any) -> str:
     return kind or (optypes.FUSED if compiled else optypes.OTHER)
 
 
-def time_by_type(runtime: Runtime, x: torch.Tensor, iterations: int, warmup: int
-                 ) -> tuple[dict[str, float], float]:
+def time_by_type(
+    runtime: Runtime, x: torch.Tensor, iterations: int, warmup: int
+) -> tuple[dict[str, float], float]:
     """Seconds of self CPU time per type over `iterations` profiled calls, and the calls' total
     (the marker's CPU time: every event inside is in exactly one type)."""
     inputs = runtime.prepare(x)
@@ -161,15 +173,24 @@ def time_by_type(runtime: Runtime, x: torch.Tensor, iterations: int, warmup: int
     return dict(seconds), total
 
 
-def profile_runtime(runtime: Runtime, x: torch.Tensor, flops: dict[str, float],
-                    nbytes: dict[str, float], iterations: int, warmup: int) -> dict:
+def profile_runtime(
+    runtime: Runtime,
+    x: torch.Tensor,
+    flops: dict[str, float],
+    nbytes: dict[str, float],
+    iterations: int,
+    warmup: int,
+) -> dict:
     seconds, total = time_by_type(runtime, x, iterations, warmup)
     if runtime_is_compiled(seconds):
         # Inside compiled kernels batch norm, activations, adds and pooling are fused: their
         # FLOPs and bytes belong to the fused type.
         flops, nbytes = _fold(flops), _fold(nbytes)
-    return {"total_ms": total / iterations * 1000, "iterations": iterations,
-            "types": optypes.summarize(seconds, flops, nbytes, iterations)}
+    return {
+        "total_ms": total / iterations * 1000,
+        "iterations": iterations,
+        "types": optypes.summarize(seconds, flops, nbytes, iterations),
+    }
 
 
 def runtime_is_compiled(seconds: dict[str, float]) -> bool:
@@ -177,8 +198,13 @@ def runtime_is_compiled(seconds: dict[str, float]) -> bool:
 
 
 def _fold(values: dict[str, float]) -> dict[str, float]:
-    fusible = (optypes.BATCH_NORM, optypes.ACTIVATION, optypes.ELEMENTWISE, optypes.POOLING,
-               optypes.LAYOUT)
+    fusible = (
+        optypes.BATCH_NORM,
+        optypes.ACTIVATION,
+        optypes.ELEMENTWISE,
+        optypes.POOLING,
+        optypes.LAYOUT,
+    )
     out = {k: v for k, v in values.items() if k not in fusible}
     out[optypes.FUSED] = out.get(optypes.FUSED, 0.0) + sum(values.get(k, 0.0) for k in fusible)
     return out
@@ -210,8 +236,14 @@ def mode_runtime(name: str, model: torch.nn.Module) -> Runtime:
 # --- the stage -----------------------------------------------------------------------------------
 
 
-def profile_model(model: torch.nn.Module, images: torch.Tensor, modes: list[str],
-                  batch_sizes: list[int], iterations: int, warmup: int) -> dict:
+def profile_model(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    modes: list[str],
+    batch_sizes: list[int],
+    iterations: int,
+    warmup: int,
+) -> dict:
     """The profile dict for `model` (the stage's metrics without the file bookkeeping)."""
     profiles = {}
     counts = {}
@@ -231,8 +263,11 @@ def profile_model(model: torch.nn.Module, images: torch.Tensor, modes: list[str]
 
 
 def csv_rows(result: dict) -> list[list]:
-    return [[p["mode"], p["batch"], kind, *(v[c] for c in CSV_COLUMNS[3:])]
-            for p in result["profiles"].values() for kind, v in p["types"].items()]
+    return [
+        [p["mode"], p["batch"], kind, *(v[c] for c in CSV_COLUMNS[3:])]
+        for p in result["profiles"].values()
+        for kind, v in p["types"].items()
+    ]
 
 
 def chart(result: dict, file: Path) -> None:
@@ -241,14 +276,23 @@ def chart(result: dict, file: Path) -> None:
 
     profiles = list(result["profiles"].values())
     kinds = [k for k in optypes.TYPES if any(k in p["types"] for p in profiles)]
-    with figure(file, 1, len(profiles), squeeze=False, sharey=True,
-                figsize=(4.5 * len(profiles), 1 + 0.45 * len(kinds))) as axes:
+    with figure(
+        file,
+        1,
+        len(profiles),
+        squeeze=False,
+        sharey=True,
+        figsize=(4.5 * len(profiles), 1 + 0.45 * len(kinds)),
+    ) as axes:
         ys = np.arange(len(kinds))
         for ax, p in zip(axes[0], profiles, strict=True):
             for shift, key in ((-0.2, "time_share_pct"), (0.2, "flop_share_pct")):
-                ax.barh(ys + shift, [p["types"].get(k, {}).get(key, 0.0) for k in kinds],
-                        height=0.4, label=key.removesuffix("_pct").replace("_", " ")
-                        .replace("flop", "FLOP"))
+                ax.barh(
+                    ys + shift,
+                    [p["types"].get(k, {}).get(key, 0.0) for k in kinds],
+                    height=0.4,
+                    label=key.removesuffix("_pct").replace("_", " ").replace("flop", "FLOP"),
+                )
             ax.set_yticks(ys, kinds)
             ax.invert_yaxis()
             ax.set_xlabel("%")
@@ -265,11 +309,15 @@ def run(cfg: DictConfig) -> dict:
         raise InputError(f"{path(cfg, 'prepared')}: no held-out image to profile on")
     if pc.threads:
         torch.set_num_threads(pc.threads)
-    result = {"model": meta["arch"], "input_size": meta["input_size"],
-              "inductor": "torch.compile(backend='inductor', dynamic=False) of the channels_last "
-                          "eager model",
-              **profile_model(model, images, list(pc.modes), list(pc.batch_sizes),
-                              pc.iterations, pc.warmup)}
+    result = {
+        "model": meta["arch"],
+        "input_size": meta["input_size"],
+        "inductor": "torch.compile(backend='inductor', dynamic=False) of the channels_last "
+        "eager model",
+        **profile_model(
+            model, images, list(pc.modes), list(pc.batch_sizes), pc.iterations, pc.warmup
+        ),
+    }
     metrics, plots = path(cfg, "metrics") / "profile.json", path(cfg, "plots")
     write_json(metrics, result)
     write_csv(plots / "profile.csv", CSV_COLUMNS, csv_rows(result))
@@ -278,9 +326,14 @@ def run(cfg: DictConfig) -> dict:
         tracker.log_params({"profile": {k: str(v) for k, v in pc.items()}})
         # MLflow metric names allow letters, digits, _-. / and spaces: no "@" or "()"
         slug = lambda s: re.sub(r"[^A-Za-z0-9_]+", "_", s).strip("_")  # noqa: E731
-        tracker.log_metrics({slug(k): {f"{slug(t)}_time_share_pct": v["time_share_pct"]
-                                       for t, v in p["types"].items()}
-                             for k, p in result["profiles"].items()})
+        tracker.log_metrics(
+            {
+                slug(k): {
+                    f"{slug(t)}_time_share_pct": v["time_share_pct"] for t, v in p["types"].items()
+                }
+                for k, p in result["profiles"].items()
+            }
+        )
         for f in (metrics, plots / "profile.png"):
             tracker.log_artifact(f)
     log.info("%s", result["paragraph"])

@@ -74,7 +74,7 @@ BENCHMARK_CHARTS = {  # file under paths.plots: caption
     "benchmark_latency.png": "benchmark latency",
     "benchmark_speedup.png": "benchmark speedup",
     "pareto.png": "throughput against top-1 (95% intervals) at the reference batch, "
-                  "the Pareto frontier drawn",
+    "the Pareto frontier drawn",
 }
 BASELINE_NCHW = "eager_fp32_nchw"  # the benchmark's NCHW twin of its channels_last baseline
 
@@ -89,8 +89,9 @@ def read_json(file: Path, stage: str) -> dict | None:
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{file} is not valid JSON ({e}): rerun the {stage} stage "
-                         f"(`dvc repro -f {stage}`)") from e
+        raise InputError(
+            f"{file} is not valid JSON ({e}): rerun the {stage} stage (`dvc repro -f {stage}`)"
+        ) from e
 
 
 def rel(cfg: DictConfig, file: Path) -> str:
@@ -111,8 +112,9 @@ def points(delta: Any, low: Any, high: Any) -> str:
     if delta is None:
         return DASH
     text = f"{float(delta):+.2f}"
-    return text + (f" [{float(low):+.2f}, {float(high):+.2f}]" if low is not None
-                   and high is not None else "")
+    return text + (
+        f" [{float(low):+.2f}, {float(high):+.2f}]" if low is not None and high is not None else ""
+    )
 
 
 def p_value(p: Any) -> str:
@@ -126,7 +128,7 @@ def first_line(text: Any, limit: int = 300) -> str:
     would make a table unreadable; the full text stays in the record file."""
     lines = str(text or "").strip().splitlines()
     line = lines[0].strip() if lines else ""
-    return line if len(line) <= limit else line[:limit - 1] + "…"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def not_run(what: str, stage: str) -> Para:
@@ -144,8 +146,13 @@ def dataset_section(cfg: DictConfig) -> tuple[list[Block], dict, dict[str, Count
     classes = labels.read_text(encoding="utf-8").splitlines() if labels.is_file() else []
     prep = read_json(metrics / "prepare.json", "prepare")
     if classes:
-        blocks.append(Para(f"{len(classes)} classes, in label order: "
-                           + ", ".join(f"`{c}`" for c in classes) + "."))
+        blocks.append(
+            Para(
+                f"{len(classes)} classes, in label order: "
+                + ", ".join(f"`{c}`" for c in classes)
+                + "."
+            )
+        )
 
     # The CSVs are what training read; prepare.json is their summary and only the fallback.
     csvs = {s: prepared / f"{s}.csv" for s in SPLITS}
@@ -159,20 +166,26 @@ def dataset_section(cfg: DictConfig) -> tuple[list[Block], dict, dict[str, Count
         source = f"`{rel(cfg, metrics / 'prepare.json')}` (the split CSVs are missing)"
     if counts:
         names = classes or sorted(set().union(*counts.values()))
-        rows = [[c, *(str(counts[s][c]) for s in SPLITS), str(sum(counts[s][c] for s in SPLITS))]
-                for c in names]
+        rows = [
+            [c, *(str(counts[s][c]) for s in SPLITS), str(sum(counts[s][c] for s in SPLITS))]
+            for c in names
+        ]
         totals = [sum(counts[s].values()) for s in SPLITS]
         rows.append(["all classes", *map(str, totals), str(sum(totals))])
-        blocks += [Para(f"Images per split ({source}):"),
-                   Table(["class", *SPLITS, "total"], rows, numeric={1, 2, 3, 4})]
+        blocks += [
+            Para(f"Images per split ({source}):"),
+            Table(["class", *SPLITS, "total"], rows, numeric={1, 2, 3, 4}),
+        ]
         notes = []
         for s, n in zip(SPLITS, totals, strict=True):
             said = (prep or {}).get(f"{s}.images")
             if said is not None and said != n:
                 notes.append(f"`prepare.json` says {said} {s} images, `{s}.csv` has {n} rows")
         if prep is not None and prep.get("skipped_undecodable"):
-            notes.append(f"{prep['skipped_undecodable']} downloaded image(s) could not be decoded "
-                         f"and were left out (see `{rel(cfg, prepared)}/skipped.csv`)")
+            notes.append(
+                f"{prep['skipped_undecodable']} downloaded image(s) could not be decoded "
+                f"and were left out (see `{rel(cfg, prepared)}/skipped.csv`)"
+            )
         if notes:
             blocks.append(Bullets(notes))
     else:
@@ -185,23 +198,35 @@ def dataset_section(cfg: DictConfig) -> tuple[list[Block], dict, dict[str, Count
         rows = read_csv(attribution)
         n_attr = len(rows)
         licences = Counter(r.get("License") or "(none recorded)" for r in rows)
-        blocks += [Para(f"`{rel(cfg, attribution)}` lists {n_attr} image(s), by licence:"),
-                   Table(["licence", "images"], [[k, str(v)] for k, v in licences.most_common()],
-                         numeric={1})]
+        blocks += [
+            Para(f"`{rel(cfg, attribution)}` lists {n_attr} image(s), by licence:"),
+            Table(
+                ["licence", "images"], [[k, str(v)] for k, v in licences.most_common()], numeric={1}
+            ),
+        ]
     else:
         blocks.append(not_run("attribution manifest", "download"))
 
     blocks += download_blocks(cfg, read_json(metrics / "download.json", "download"))
-    return blocks, {"classes": len(classes), "images": {s: sum(c.values())
-                                                         for s, c in counts.items()},
-                    "attribution_rows": n_attr}, counts
+    return (
+        blocks,
+        {
+            "classes": len(classes),
+            "images": {s: sum(c.values()) for s, c in counts.items()},
+            "attribution_rows": n_attr,
+        },
+        counts,
+    )
 
 
 def download_counts(download: dict) -> dict[str, dict[str, int]]:
     """Images per class of each split (`train`, `validation`, `test`, `all`; a photo folder has
     only `all`), from download.json's flat `<split>.images` and `<split>.<class>.count` keys."""
-    counts: dict[str, dict[str, int]] = {k.removesuffix(".images"): {} for k in download
-                                         if k.endswith(".images") and k.count(".") == 1}
+    counts: dict[str, dict[str, int]] = {
+        k.removesuffix(".images"): {}
+        for k in download
+        if k.endswith(".images") and k.count(".") == 1
+    }
     for key, v in download.items():
         split, _, rest = key.partition(".")
         if split in counts and rest.endswith(".count"):
@@ -210,10 +235,21 @@ def download_counts(download: dict) -> dict[str, dict[str, int]]:
 
 
 # download.json's figures on the report's one fetch (or, for a photo folder, import) line.
-FETCH_FIGURES = {"selected": "selected", "downloaded": "downloaded", "missing": "missing",
-                 "invalid": "invalid", "failed": "failed", "http_retries": "HTTP retries"}
-IMPORT_FIGURES = {"found": "files found", "imported": "imported", "undecodable": "undecodable",
-                  "not_an_image": "not an image", "duplicates": "duplicates"}
+FETCH_FIGURES = {
+    "selected": "selected",
+    "downloaded": "downloaded",
+    "missing": "missing",
+    "invalid": "invalid",
+    "failed": "failed",
+    "http_retries": "HTTP retries",
+}
+IMPORT_FIGURES = {
+    "found": "files found",
+    "imported": "imported",
+    "undecodable": "undecodable",
+    "not_an_image": "not an image",
+    "duplicates": "duplicates",
+}
 
 
 def download_blocks(cfg: DictConfig, download: dict | None) -> list[Block]:
@@ -227,41 +263,62 @@ def download_blocks(cfg: DictConfig, download: dict | None) -> list[Block]:
     splits = [s for s in counts if s != "all"]
     if counts:
         names = list(dict.fromkeys(c for per_class in counts.values() for c in per_class))
-        columns = {**{s: s for s in splits}, **({"all": "total" if splits else "images"}
-                                                 if "all" in counts else {})}
+        columns = {
+            **{s: s for s in splits},
+            **({"all": "total" if splits else "images"} if "all" in counts else {}),
+        }
         rows = [[c, *(num(counts[s].get(c, 0)) for s in columns)] for c in names]
         rows.append(["all classes", *(num(download[f"{s}.images"]) for s in columns)])
-        blocks += [Para(f"Images per {'official Open Images split' if splits else 'class folder'}"
-                        f" (`{file}` keeps every figure the stage recorded):"),
-                   Table(["class", *columns.values()], rows,
-                         numeric=set(range(1, len(columns) + 1)))]
+        blocks += [
+            Para(
+                f"Images per {'official Open Images split' if splits else 'class folder'}"
+                f" (`{file}` keeps every figure the stage recorded):"
+            ),
+            Table(["class", *columns.values()], rows, numeric=set(range(1, len(columns) + 1))),
+        ]
     missing = rel(cfg, path(cfg, "raw") / "missing.csv")
     if "found" in download:  # data.source=folder: photos imported, nothing fetched
-        line = ", ".join(f"{num(download[k])} {w}" for k, w in IMPORT_FIGURES.items()
-                         if k in download)
+        line = ", ".join(
+            f"{num(download[k])} {w}" for k, w in IMPORT_FIGURES.items() if k in download
+        )
         seconds = download.get("import_seconds")
-        return [*blocks, Para(f"**Import:** {line}"
-                              + (f", in {num(seconds)} s" if seconds is not None else "")
-                              + f" (each file skipped is listed in `{missing}`).")]
+        return [
+            *blocks,
+            Para(
+                f"**Import:** {line}"
+                + (f", in {num(seconds)} s" if seconds is not None else "")
+                + f" (each file skipped is listed in `{missing}`)."
+            ),
+        ]
     line = ", ".join(f"{num(download[k])} {w}" for k, w in FETCH_FIGURES.items() if k in download)
-    rate = (f"; {num(download.get('images_requested'))} requested in "
-            f"{num(download.get('fetch_seconds'))} s, {num(download['fetch_images_per_s'], 1)} "
-            "images/s" if "fetch_images_per_s" in download else "")
-    return [*blocks, Para(f"**Fetch:** {line}{rate} (each image left out is listed in "
-                          f"`{missing}`).")]
+    rate = (
+        f"; {num(download.get('images_requested'))} requested in "
+        f"{num(download.get('fetch_seconds'))} s, {num(download['fetch_images_per_s'], 1)} "
+        "images/s"
+        if "fetch_images_per_s" in download
+        else ""
+    )
+    return [
+        *blocks,
+        Para(f"**Fetch:** {line}{rate} (each image left out is listed in `{missing}`)."),
+    ]
 
 
 def source_text(cfg: DictConfig) -> str:
     """Where the images came from and under which licences, by `data.source`."""
     if cfg.data.source == "folder":
-        return (f"Images come from the class-per-folder photo set `{cfg.data.folder}` (one "
-                "sub-folder per class). Their licences are their owners'; the pipeline records "
-                "each file's source path in the attribution manifest, not a licence.")
-    return ("Images and labels come from [Open Images V7](https://storage.googleapis.com/"
-            "openimages/web/index.html) (Google LLC). The annotations and the class list are "
-            "licensed under [CC BY 4.0](https://creativecommons.org/licenses/by/4.0/); each image "
-            "is licensed by its author, as listed per image in the attribution manifest (Open "
-            "Images images are [CC BY 2.0](https://creativecommons.org/licenses/by/2.0/)).")
+        return (
+            f"Images come from the class-per-folder photo set `{cfg.data.folder}` (one "
+            "sub-folder per class). Their licences are their owners'; the pipeline records "
+            "each file's source path in the attribution manifest, not a licence."
+        )
+    return (
+        "Images and labels come from [Open Images V7](https://storage.googleapis.com/"
+        "openimages/web/index.html) (Google LLC). The annotations and the class list are "
+        "licensed under [CC BY 4.0](https://creativecommons.org/licenses/by/4.0/); each image "
+        "is licensed by its author, as listed per image in the attribution manifest (Open "
+        "Images images are [CC BY 2.0](https://creativecommons.org/licenses/by/2.0/))."
+    )
 
 
 def training_curves(history: list[dict[str, str]], best_epoch: int | None, file: Path) -> None:
@@ -269,8 +326,7 @@ def training_curves(history: list[dict[str, str]], best_epoch: int | None, file:
     from matplotlib.ticker import MaxNLocator
 
     def col(name: str) -> list[float]:
-        return [float(h[name]) if h.get(name) not in (None, "") else float("nan")
-                for h in history]
+        return [float(h[name]) if h.get(name) not in (None, "") else float("nan") for h in history]
 
     epochs = col("epoch")
     with figure(file, 1, 2, figsize=(10, 3.6)) as (loss_ax, acc_ax):
@@ -278,8 +334,9 @@ def training_curves(history: list[dict[str, str]], best_epoch: int | None, file:
             ax.plot(epochs, col(f"train_{what}"), "o-", label="train")
             ax.plot(epochs, col(f"val_{what}"), "o-", label="val")
             if best_epoch:
-                ax.axvline(best_epoch, color="grey", linestyle=":",
-                           label=f"best (epoch {best_epoch})")
+                ax.axvline(
+                    best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})"
+                )
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title("loss" if what == "loss" else "accuracy (%)")
@@ -290,14 +347,23 @@ def training_curves(history: list[dict[str, str]], best_epoch: int | None, file:
 SELECTED_BY = {"val_loss": "lowest validation loss", "val_acc": "highest validation accuracy"}
 
 
-def training_section(cfg: DictConfig, train: dict,
-                     test_counts: Counter | None = None) -> tuple[list[Block], dict]:
+def training_section(
+    cfg: DictConfig, train: dict, test_counts: Counter | None = None
+) -> tuple[list[Block], dict]:
     plots, reports = path(cfg, "plots"), path(cfg, "reports")
     t = cfg.train
-    test_acc = accuracy_text(train.get("test_acc_pct"), train.get("test_acc_ci_low_pct"),
-                        train.get("test_acc_ci_high_pct"), train.get("test_images"))
-    val_acc = accuracy_text(train.get("best_val_acc_pct"), train.get("val_acc_ci_low_pct"),
-                       train.get("val_acc_ci_high_pct"), train.get("val_images"))
+    test_acc = accuracy_text(
+        train.get("test_acc_pct"),
+        train.get("test_acc_ci_low_pct"),
+        train.get("test_acc_ci_high_pct"),
+        train.get("test_images"),
+    )
+    val_acc = accuracy_text(
+        train.get("best_val_acc_pct"),
+        train.get("val_acc_ci_low_pct"),
+        train.get("val_acc_ci_high_pct"),
+        train.get("val_images"),
+    )
     by = train.get("selected_by")
     selected = DASH
     if by is not None:
@@ -307,12 +373,19 @@ def training_section(cfg: DictConfig, train: dict,
         selected += f", epoch {num(train.get('best_epoch'))}"
     rows = [
         ["model", str(cfg.model.name)],
-        ["recipe", f"{t.recipe}, {t.optimizer}, lr {t.lr:g}, precision "
-                   + (f"{train['precision']} ({t.precision}: {train.get('precision_chosen_by')})"
-                      if train.get("precision") and train["precision"] != t.precision
-                      else str(t.precision))],
-        ["epochs run / configured", f"{num(train.get('epochs_run'))} / "
-                                    f"{num(train.get('epochs_configured', t.epochs))}"],
+        [
+            "recipe",
+            f"{t.recipe}, {t.optimizer}, lr {t.lr:g}, precision "
+            + (
+                f"{train['precision']} ({t.precision}: {train.get('precision_chosen_by')})"
+                if train.get("precision") and train["precision"] != t.precision
+                else str(t.precision)
+            ),
+        ],
+        [
+            "epochs run / configured",
+            f"{num(train.get('epochs_run'))} / {num(train.get('epochs_configured', t.epochs))}",
+        ],
         ["batch size", num(train.get("batch_size", t.batch_size))],
         ["checkpoint selected by", selected],
         ["validation accuracy at that epoch", f"{val_acc} (epoch {num(train.get('best_epoch'))})"],
@@ -320,23 +393,33 @@ def training_section(cfg: DictConfig, train: dict,
         ["wall time", num(train.get("wall_time_s"), 1, " s")],
         ["training throughput", num(train.get("train_images_per_s"), 1, " images/s")],
     ]
-    blocks: list[Block] = [Heading(2, "Training"), Table(["", "value"], rows),
-                           Para("Accuracies with their 95% Wilson interval and number of images.")]
+    blocks: list[Block] = [
+        Heading(2, "Training"),
+        Table(["", "value"], rows),
+        Para("Accuracies with their 95% Wilson interval and number of images."),
+    ]
     per_class = {}
     for key, v in train.items():
         for m in ("precision_pct", "recall_pct"):
             if key.startswith("test.") and key.endswith(f".{m}"):
-                per_class.setdefault(key[len("test."):-len(m) - 1], {})[m] = v
+                per_class.setdefault(key[len("test.") : -len(m) - 1], {})[m] = v
     if per_class:
         # Recall is the accuracy on a class's test images, so it gets their count and interval;
         # precision's denominator (images predicted as the class) is not recorded.
         counts = test_counts or Counter()
-        rows = [[c, num(counts.get(c)) if c in counts else DASH,
-                 percent_text(v.get("precision_pct")),
-                 accuracy_text(v.get("recall_pct"), n=counts.get(c))]
-                for c, v in per_class.items()]
-        blocks += [Para("Per class, on the test split:"),
-                   Table(["class", "test images", "precision", "recall"], rows, numeric={1, 2})]
+        rows = [
+            [
+                c,
+                num(counts.get(c)) if c in counts else DASH,
+                percent_text(v.get("precision_pct")),
+                accuracy_text(v.get("recall_pct"), n=counts.get(c)),
+            ]
+            for c, v in per_class.items()
+        ]
+        blocks += [
+            Para("Per class, on the test split:"),
+            Table(["class", "test images", "precision", "recall"], rows, numeric={1, 2}),
+        ]
 
     history_file = plots / "train_history.csv"
     history = read_csv(history_file) if history_file.is_file() else []
@@ -346,15 +429,23 @@ def training_section(cfg: DictConfig, train: dict,
         training_curves(history, train.get("best_epoch"), curves)
         blocks.append(Image(curves, "training and validation loss and accuracy per epoch"))
     else:
-        blocks.append(Para(f"No training history (`{rel(cfg, history_file)}` is missing or "
-                           "empty): rerun the train stage to draw the curves."))
+        blocks.append(
+            Para(
+                f"No training history (`{rel(cfg, history_file)}` is missing or "
+                "empty): rerun the train stage to draw the curves."
+            )
+        )
     confusion = plots / "confusion.png"
     if confusion.is_file():
         blocks.append(Image(confusion, "confusion matrix on the test split"))
-    return blocks, {"test_acc_pct": train.get("test_acc_pct"),
-                    "best_val_acc_pct": train.get("best_val_acc_pct"),
-                    "test": test_acc, "val": val_acc, "selected_by": by,
-                    "curves": str(curves) if curves else None}
+    return blocks, {
+        "test_acc_pct": train.get("test_acc_pct"),
+        "best_val_acc_pct": train.get("best_val_acc_pct"),
+        "test": test_acc,
+        "val": val_acc,
+        "selected_by": by,
+        "curves": str(curves) if curves else None,
+    }
 
 
 def verdict_cell(r: dict) -> str:
@@ -365,8 +456,9 @@ def verdict_cell(r: dict) -> str:
     text = f"{v} (bar {num(r.get('accuracy_bar_pct'))})"
     if v == "undecided":
         need = r.get("images_to_decide")
-        text += (f": about {need} images would decide" if need
-                 else ": no number of images would decide")
+        text += (
+            f": about {need} images would decide" if need else ": no number of images would decide"
+        )
     return text
 
 
@@ -375,8 +467,12 @@ def read_optimize_records(cfg: DictConfig) -> list[dict]:
     folder = path(cfg, "metrics") / "optimize"
     records = [read_json(f, "optimize") for f in sorted(folder.glob("*.json"))]
     configured = list(cfg.optimize.variants)
-    records.sort(key=lambda r: (configured.index(r["variant"]) if r.get("variant") in configured
-                                else len(configured), str(r.get("variant"))))
+    records.sort(
+        key=lambda r: (
+            configured.index(r["variant"]) if r.get("variant") in configured else len(configured),
+            str(r.get("variant")),
+        )
+    )
     return records
 
 
@@ -390,10 +486,15 @@ def evaluated_on(records: list[dict]) -> list[str]:
     out = []
     for (splits, n, fp32), rs in groups.items():
         names = ", ".join(f"`{r.get('variant')}`" for r in rs)
-        where = (" + ".join(splits) + " split" + ("s" if len(splits) > 1 else "")
-                 if splits else "(splits not recorded)")
-        out.append(f"{names} and the fp32 model were evaluated on the same {num(n)} images of "
-                   f"the {where}; fp32 top-1 {accuracy_text(fp32, n=n)}.")
+        where = (
+            " + ".join(splits) + " split" + ("s" if len(splits) > 1 else "")
+            if splits
+            else "(splits not recorded)"
+        )
+        out.append(
+            f"{names} and the fp32 model were evaluated on the same {num(n)} images of "
+            f"the {where}; fp32 top-1 {accuracy_text(fp32, n=n)}."
+        )
     return out
 
 
@@ -408,54 +509,109 @@ def optimize_section(cfg: DictConfig, records: list[dict]) -> tuple[list[Block],
         status = r.get("status") or "unknown"
         note = {"skipped": r.get("reason"), "failed": first_line(r.get("error"))}.get(status)
         ok = status == "ok"
-        discordant = (f"{num(r.get('discordant_worse'))} / {num(r.get('discordant_better'))}"
-                      if ok else DASH)
-        rows.append([str(r.get("variant")), str(r.get("backend", DASH)),
-                     str(r.get("precision", DASH)), status, num(r.get("size_mb"), 1),
-                     num(r.get("build_seconds"), 1),
-                     accuracy_text(r.get("top1_pct"), r.get("top1_ci_low_pct"),
-                              r.get("top1_ci_high_pct"), r.get("eval_images")),
-                     points(r.get("top1_delta_pct"), r.get("top1_delta_ci_low_pct"),
-                            r.get("top1_delta_ci_high_pct")),
-                     verdict_cell(r),
-                     accuracy_text(r.get("agreement_pct"), r.get("agreement_ci_low_pct"),
-                              r.get("agreement_ci_high_pct")),
-                     discordant, p_value(r.get("mcnemar_p")), note or ""])
+        discordant = (
+            f"{num(r.get('discordant_worse'))} / {num(r.get('discordant_better'))}" if ok else DASH
+        )
+        rows.append(
+            [
+                str(r.get("variant")),
+                str(r.get("backend", DASH)),
+                str(r.get("precision", DASH)),
+                status,
+                num(r.get("size_mb"), 1),
+                num(r.get("build_seconds"), 1),
+                accuracy_text(
+                    r.get("top1_pct"),
+                    r.get("top1_ci_low_pct"),
+                    r.get("top1_ci_high_pct"),
+                    r.get("eval_images"),
+                ),
+                points(
+                    r.get("top1_delta_pct"),
+                    r.get("top1_delta_ci_low_pct"),
+                    r.get("top1_delta_ci_high_pct"),
+                ),
+                verdict_cell(r),
+                accuracy_text(
+                    r.get("agreement_pct"),
+                    r.get("agreement_ci_low_pct"),
+                    r.get("agreement_ci_high_pct"),
+                ),
+                discordant,
+                p_value(r.get("mcnemar_p")),
+                note or "",
+            ]
+        )
         kinds.append(status if not ok else f"verdict-{r.get('verdict')}")
-    blocks += [Para(" ".join(evaluated_on(records))),
-               Para("Top-1 with its 95% Wilson interval and number of images. Δ is the variant "
-                    "minus fp32 in points, with the paired 95% interval (the same images, so the "
-                    "noise they share cancels); worse / better count the images fp32 got right "
-                    "and the variant wrong, and the reverse; McNemar p is exact, two-sided. "
-                    "Verdict against the precision's bar: **fail** when the whole interval lies "
-                    "below −bar, **pass** when the variant is at least as good on these images or "
-                    "the whole interval lies above −bar, **undecided** otherwise."),
-               Table(["variant", "backend", "precision", "status", "size (MB)", "build (s)",
-                      "top-1", "Δ top-1 vs fp32 (points)", "verdict", "agreement",
-                      "worse / better", "McNemar p", "reason / error"],
-                     rows, numeric={4, 5}, row_class=kinds)]
-    reasons = [f"`{r.get('variant')}`: **{r['verdict']}**, {r['verdict_reason']}" for r in records
-               if r.get("status") == "ok" and r.get("verdict") in ("fail", "undecided")
-               and r.get("verdict_reason")]
+    blocks += [
+        Para(" ".join(evaluated_on(records))),
+        Para(
+            "Top-1 with its 95% Wilson interval and number of images. Δ is the variant "
+            "minus fp32 in points, with the paired 95% interval (the same images, so the "
+            "noise they share cancels); worse / better count the images fp32 got right "
+            "and the variant wrong, and the reverse; McNemar p is exact, two-sided. "
+            "Verdict against the precision's bar: **fail** when the whole interval lies "
+            "below −bar, **pass** when the variant is at least as good on these images or "
+            "the whole interval lies above −bar, **undecided** otherwise."
+        ),
+        Table(
+            [
+                "variant",
+                "backend",
+                "precision",
+                "status",
+                "size (MB)",
+                "build (s)",
+                "top-1",
+                "Δ top-1 vs fp32 (points)",
+                "verdict",
+                "agreement",
+                "worse / better",
+                "McNemar p",
+                "reason / error",
+            ],
+            rows,
+            numeric={4, 5},
+            row_class=kinds,
+        ),
+    ]
+    reasons = [
+        f"`{r.get('variant')}`: **{r['verdict']}**, {r['verdict_reason']}"
+        for r in records
+        if r.get("status") == "ok"
+        and r.get("verdict") in ("fail", "undecided")
+        and r.get("verdict_reason")
+    ]
     if reasons:
         blocks.append(Bullets(reasons))
     configured = list(cfg.optimize.variants)
     done = {r.get("variant") for r in records}
     missing = [v for v in configured if v not in done]
     if missing:
-        blocks.append(Para("Configured but not run: " + ", ".join(f"`{v}`" for v in missing)
-                           + " (`dvc repro optimize`)."))
-    return blocks, {"variants": {str(r.get("variant")): r.get("status") for r in records},
-                    "verdicts": {str(r.get("variant")): r.get("verdict") for r in records
-                                 if r.get("status") == "ok"}}
+        blocks.append(
+            Para(
+                "Configured but not run: "
+                + ", ".join(f"`{v}`" for v in missing)
+                + " (`dvc repro optimize`)."
+            )
+        )
+    return blocks, {
+        "variants": {str(r.get("variant")): r.get("status") for r in records},
+        "verdicts": {
+            str(r.get("variant")): r.get("verdict") for r in records if r.get("status") == "ok"
+        },
+    }
 
 
 def baseline_name(bench: dict) -> str:
     """What the speed-ups divide by, in words. The benchmark keeps an NCHW twin of its baseline
     exactly when the baseline runs channels_last (on CPU); without the twin it is plain NCHW."""
     baseline = bench.get("baseline") or "eager_fp32"
-    layout = "channels_last " if any(r.get("variant") == BASELINE_NCHW
-                                     for r in bench.get("rows", {}).values()) else ""
+    layout = (
+        "channels_last "
+        if any(r.get("variant") == BASELINE_NCHW for r in bench.get("rows", {}).values())
+        else ""
+    )
     return f"{layout}eager fp32 (`{baseline}`)"
 
 
@@ -469,10 +625,13 @@ def winner_text(w: dict, batch: int, bench: dict, records: dict[str, dict]) -> t
     throughput, p99, accuracy and speed-up against the named baseline."""
     v, baseline = w.get("variant"), bench.get("baseline")
     what = f"`{v}`" + (" (accuracy undecided)" if w.get("verdict") == "undecided" else "")
-    acc = accuracy_text(w.get("top1_pct"), w.get("top1_ci_low_pct"), w.get("top1_ci_high_pct"),
-                   w.get("eval_images"))
-    figures = (f"{num(w.get('throughput'), 1)} images/s, p99 latency "
-               f"{num(w.get('latency_p99_ms'), 2)} ms, top-1 {acc}")
+    acc = accuracy_text(
+        w.get("top1_pct"), w.get("top1_ci_low_pct"), w.get("top1_ci_high_pct"), w.get("eval_images")
+    )
+    figures = (
+        f"{num(w.get('throughput'), 1)} images/s, p99 latency "
+        f"{num(w.get('latency_p99_ms'), 2)} ms, top-1 {acc}"
+    )
     sp = w.get("speedup")
     if v == baseline:
         figures += f"; no variant that holds its accuracy beat the baseline, {baseline_name(bench)}"
@@ -480,31 +639,53 @@ def winner_text(w: dict, batch: int, bench: dict, records: dict[str, dict]) -> t
         figures += f"; {sp:.1f}× the throughput of {baseline_name(bench)} at batch {batch}"
     if w.get("verdict") == "undecided":
         need = (records.get(v) or {}).get("images_to_decide")
-        figures += (f"; about {need} images at the same rates would decide its accuracy (it was "
-                    f"measured on {num(w.get('eval_images'))})" if need else
-                    "; see Optimization for why its accuracy is undecided")
+        figures += (
+            f"; about {need} images at the same rates would decide its accuracy (it was "
+            f"measured on {num(w.get('eval_images'))})"
+            if need
+            else "; see Optimization for why its accuracy is undecided"
+        )
     return what, figures
 
 
-def ship_blocks(cfg: DictConfig, bench: dict | None,
-                records: list[dict]) -> tuple[list[Block], list[str], dict | None]:
+def ship_blocks(
+    cfg: DictConfig, bench: dict | None, records: list[dict]
+) -> tuple[list[Block], list[str], dict | None]:
     """The report's first lines: what to ship at the reference batch size and what it gives,
     and one line per other batch size."""
     bench_file = f"`{rel(cfg, path(cfg, 'metrics') / 'benchmark.json')}`"
     if bench is None:
-        return [Para(f"**Nothing to ship yet.** No {bench_file}: run the benchmark stage "
-                     "(`dvc repro benchmark`; it builds the optimized variants first).")], [], None
+        return (
+            [
+                Para(
+                    f"**Nothing to ship yet.** No {bench_file}: run the benchmark stage "
+                    "(`dvc repro benchmark`; it builds the optimized variants first)."
+                )
+            ],
+            [],
+            None,
+        )
     wins = winners(bench)
     if not wins:
-        return [Para(f"**No winner recorded.** {bench_file} has no `winners` (an older benchmark "
-                     "wrote it): rerun the benchmark (`dvc repro -f benchmark`).")], [], None
+        return (
+            [
+                Para(
+                    f"**No winner recorded.** {bench_file} has no `winners` (an older benchmark "
+                    "wrote it): rerun the benchmark (`dvc repro -f benchmark`)."
+                )
+            ],
+            [],
+            None,
+        )
     ref = bench.get("reference_batch")
     ref = ref if ref in wins else max(wins)
     by_record = {str(r.get("variant")): r for r in records}
     w = wins[ref]
     if w.get("variant") is None:
-        head = (f"**Nothing to ship at batch {ref}**: no variant finished there (see Benchmark "
-                "for the errors).")
+        head = (
+            f"**Nothing to ship at batch {ref}**: no variant finished there (see Benchmark "
+            "for the errors)."
+        )
     else:
         what, figures = winner_text(w, ref, bench, by_record)
         head = f"**Ship {what} at batch {ref}**: {figures}."
@@ -526,30 +707,54 @@ def benchmark_section(cfg: DictConfig, bench: dict | None) -> tuple[list[Block],
         blocks.append(not_run(f"`{rel(cfg, metrics / 'benchmark.json')}`", "benchmark"))
         return blocks, {"best_variant": None, "best_speedup": None}
     rows = list(bench["rows"].values())
-    ref, best, speedup = bench.get("reference_batch"), bench.get("best_variant"), \
-        bench.get("best_speedup")
+    ref, best, speedup = (
+        bench.get("reference_batch"),
+        bench.get("best_variant"),
+        bench.get("best_speedup"),
+    )
     baseline = bench.get("baseline", "the baseline")
-    blocks.append(Para(f"Protocol `{bench.get('protocol', DASH)}` on "
-                       f"{bench.get('device', DASH)} with {num(bench.get('threads'))} thread(s); "
-                       f"throughput is the median over trials. The baseline is "
-                       f"{baseline_name(bench)} under `torch.inference_mode`, PyTorch's own advice "
-                       "for inference; speed-ups divide by it at the same batch size."))
-    throughput = {(r.get("variant"), r.get("batch")): r.get("throughput") for r in rows
-                  if r.get("status") == "ok" and r.get("throughput")}
-    gains = [f"{throughput[baseline, b] / t:.2f}× at batch {b}"
-             for (v, b), t in sorted(throughput.items(), key=lambda kv: kv[0][1])
-             if v == BASELINE_NCHW and (baseline, b) in throughput]
+    blocks.append(
+        Para(
+            f"Protocol `{bench.get('protocol', DASH)}` on "
+            f"{bench.get('device', DASH)} with {num(bench.get('threads'))} thread(s); "
+            f"throughput is the median over trials. The baseline is "
+            f"{baseline_name(bench)} under `torch.inference_mode`, PyTorch's own advice "
+            "for inference; speed-ups divide by it at the same batch size."
+        )
+    )
+    throughput = {
+        (r.get("variant"), r.get("batch")): r.get("throughput")
+        for r in rows
+        if r.get("status") == "ok" and r.get("throughput")
+    }
+    gains = [
+        f"{throughput[baseline, b] / t:.2f}× at batch {b}"
+        for (v, b), t in sorted(throughput.items(), key=lambda kv: kv[0][1])
+        if v == BASELINE_NCHW and (baseline, b) in throughput
+    ]
     if gains:
-        blocks.append(Para(f"`{BASELINE_NCHW}` is the same model in PyTorch's default NCHW "
-                           "layout, kept so the difference shows. Throughput of the "
-                           "channels_last baseline over NCHW: " + ", ".join(gains) + "."))
+        blocks.append(
+            Para(
+                f"`{BASELINE_NCHW}` is the same model in PyTorch's default NCHW "
+                "layout, kept so the difference shows. Throughput of the "
+                "channels_last baseline over NCHW: " + ", ".join(gains) + "."
+            )
+        )
     wins = winners(bench)
     if wins:
-        said = [f"batch {b} **{w['variant']}**" + (" (undecided)" if w.get("verdict")
-                                                   == "undecided" else "")
-                if w.get("variant") else f"batch {b} none" for b, w in sorted(wins.items())]
-        blocks.append(Para("Winner at each batch size (the fastest variant whose accuracy verdict "
-                           "is not `fail`): " + ", ".join(said) + "."))
+        said = [
+            f"batch {b} **{w['variant']}**"
+            + (" (undecided)" if w.get("verdict") == "undecided" else "")
+            if w.get("variant")
+            else f"batch {b} none"
+            for b, w in sorted(wins.items())
+        ]
+        blocks.append(
+            Para(
+                "Winner at each batch size (the fastest variant whose accuracy verdict "
+                "is not `fail`): " + ", ".join(said) + "."
+            )
+        )
     # Grouped by batch size so rows that compare sit together; the file's order within a batch.
     order = sorted(range(len(rows)), key=lambda i: (rows[i].get("batch") or 0, i))
     table, kinds = [], []
@@ -557,25 +762,61 @@ def benchmark_section(cfg: DictConfig, bench: dict | None) -> tuple[list[Block],
         r = rows[i]
         status = r.get("status") or "unknown"
         sp = r.get("speedup")
-        table.append([str(r.get("variant")), status, num(r.get("batch")),
-                      num(r.get("throughput"), 1), num(r.get("latency_p50_ms"), 2),
-                      num(r.get("latency_p99_ms"), 2), f"{sp:.2f}×" if sp is not None else DASH,
-                      accuracy_text(r.get("top1_pct"), r.get("top1_ci_low_pct"),
-                               r.get("top1_ci_high_pct"), r.get("eval_images")),
-                      str(r.get("verdict") or DASH), num(r.get("size_mb"), 1),
-                      num(r.get("build_seconds"), 1), first_line(r.get("error"))])
+        table.append(
+            [
+                str(r.get("variant")),
+                status,
+                num(r.get("batch")),
+                num(r.get("throughput"), 1),
+                num(r.get("latency_p50_ms"), 2),
+                num(r.get("latency_p99_ms"), 2),
+                f"{sp:.2f}×" if sp is not None else DASH,
+                accuracy_text(
+                    r.get("top1_pct"),
+                    r.get("top1_ci_low_pct"),
+                    r.get("top1_ci_high_pct"),
+                    r.get("eval_images"),
+                ),
+                str(r.get("verdict") or DASH),
+                num(r.get("size_mb"), 1),
+                num(r.get("build_seconds"), 1),
+                first_line(r.get("error")),
+            ]
+        )
         kinds.append(status)
-    blocks.append(Table(["variant", "status", "batch", "throughput (img/s)", "p50 (ms)",
-                         "p99 (ms)", "speed-up", "top-1", "verdict", "size (MB)", "build (s)",
-                         "error"],
-                        table, numeric={2, 3, 4, 5, 6, 9, 10}, row_class=kinds))
+    blocks.append(
+        Table(
+            [
+                "variant",
+                "status",
+                "batch",
+                "throughput (img/s)",
+                "p50 (ms)",
+                "p99 (ms)",
+                "speed-up",
+                "top-1",
+                "verdict",
+                "size (MB)",
+                "build (s)",
+                "error",
+            ],
+            table,
+            numeric={2, 3, 4, 5, 6, 9, 10},
+            row_class=kinds,
+        )
+    )
     for name, caption in BENCHMARK_CHARTS.items():
         chart = plots / name
         if chart.is_file():
             blocks.append(Image(chart, caption))
-    return blocks, {"best_variant": best, "best_speedup": speedup, "baseline": baseline,
-                    "best_verdict": bench.get("best_verdict"), "reference_batch": ref,
-                    "rows": len(rows)}
+    return blocks, {
+        "best_variant": best,
+        "best_speedup": speedup,
+        "baseline": baseline,
+        "best_verdict": bench.get("best_verdict"),
+        "reference_batch": ref,
+        "rows": len(rows),
+    }
 
 
 def profile_section(cfg: DictConfig, prof: dict | None) -> list[Block]:
@@ -584,20 +825,39 @@ def profile_section(cfg: DictConfig, prof: dict | None) -> list[Block]:
     blocks: list[Block] = [Heading(2, "Where the time goes")]
     if prof is None:
         return [*blocks, not_run(f"`{rel(cfg, file)}`", "profile")]
-    blocks.append(Para(f"Self CPU time per operator type (`torch.profiler`) against FLOPs per "
-                       f"type, from `{rel(cfg, file)}`, {num(prof.get('threads'))} thread(s). "
-                       "GFLOP/s is the type's FLOPs over its time; FLOP/byte counts every "
-                       "tensor an op reads and writes, weights included, before any fusion. "
-                       + str(prof.get("paragraph", ""))))
+    blocks.append(
+        Para(
+            f"Self CPU time per operator type (`torch.profiler`) against FLOPs per "
+            f"type, from `{rel(cfg, file)}`, {num(prof.get('threads'))} thread(s). "
+            "GFLOP/s is the type's FLOPs over its time; FLOP/byte counts every "
+            "tensor an op reads and writes, weights included, before any fusion. "
+            + str(prof.get("paragraph", ""))
+        )
+    )
     for key, p in prof.get("profiles", {}).items():
-        rows = [[kind, percent_text(v.get("time_share_pct")),
-                 percent_text(v.get("flop_share_pct")),
-                 num(v.get("time_ms"), 3), num(v.get("gflops_per_s"), 1),
-                 num(v.get("intensity"), 1)] for kind, v in p.get("types", {}).items()]
-        blocks += [Heading(3, f"{p.get('mode', key)} at batch {p.get('batch', DASH)}: "
-                              f"{num(p.get('total_ms'), 2)} ms per call"),
-                   Table(["operator type", "time", "FLOPs", "ms per call", "GFLOP/s",
-                          "FLOP/byte"], rows, numeric={1, 2, 3, 4, 5})]
+        rows = [
+            [
+                kind,
+                percent_text(v.get("time_share_pct")),
+                percent_text(v.get("flop_share_pct")),
+                num(v.get("time_ms"), 3),
+                num(v.get("gflops_per_s"), 1),
+                num(v.get("intensity"), 1),
+            ]
+            for kind, v in p.get("types", {}).items()
+        ]
+        blocks += [
+            Heading(
+                3,
+                f"{p.get('mode', key)} at batch {p.get('batch', DASH)}: "
+                f"{num(p.get('total_ms'), 2)} ms per call",
+            ),
+            Table(
+                ["operator type", "time", "FLOPs", "ms per call", "GFLOP/s", "FLOP/byte"],
+                rows,
+                numeric={1, 2, 3, 4, 5},
+            ),
+        ]
     chart = path(cfg, "plots") / "profile.png"
     if chart.is_file():
         blocks.append(Image(chart, "time share against FLOP share per operator type"))
@@ -617,8 +877,12 @@ def machine_section(bench: dict | None) -> tuple[list[Block], dict]:
         blocks.append(Para("The machine the benchmark ran on, as it recorded it:"))
     else:
         facts = machine_info()
-        blocks.append(Para("The benchmark has not run, so these facts describe the machine that "
-                           "wrote this report:"))
+        blocks.append(
+            Para(
+                "The benchmark has not run, so these facts describe the machine that "
+                "wrote this report:"
+            )
+        )
     blocks.append(Table(["", "value"], [[k, fact(v)] for k, v in facts.items()]))
     return blocks, facts
 
@@ -644,22 +908,35 @@ def run(cfg: DictConfig) -> dict:
     machine_blocks, machine = machine_section(bench)
     ship, other_batches, shipped = ship_blocks(cfg, bench, records)
 
-    source = ("Open Images" if cfg.data.source == "openimages"
-              else f"the photo folder {cfg.data.folder}")
+    source = (
+        "Open Images" if cfg.data.source == "openimages" else f"the photo folder {cfg.data.folder}"
+    )
     title = f"{cfg.model.name} on {data['classes'] or len(cfg.data.classes)} classes of {source}"
-    summary = [*other_batches, f"Trained model: test accuracy {trained['test']}; validation "
-               f"{trained['val']} at the checkpoint"
-               + (f" selected by `{trained['selected_by']}`." if trained["selected_by"] else ".")]
+    summary = [
+        *other_batches,
+        f"Trained model: test accuracy {trained['test']}; validation "
+        f"{trained['val']} at the checkpoint"
+        + (f" selected by `{trained['selected_by']}`." if trained["selected_by"] else "."),
+    ]
     if optimized["variants"]:
         ok = sum(s == "ok" for s in optimized["variants"].values())
         verdicts = Counter(optimized["verdicts"].values())
-        said = ", ".join(f"{verdicts[v]} {v}" for v in ("pass", "fail", "undecided")
-                         if verdicts[v])
-        summary.append(f"{ok} of {len(optimized['variants'])} optimized variant(s) built"
-                       + (f"; accuracy verdicts: {said}." if said else "."))
-    blocks: list[Block] = [Heading(1, title), *ship, Bullets(summary), *data_blocks,
-                           *train_blocks, *opt_blocks, *bench_blocks,
-                           *profile_section(cfg, prof), *machine_blocks]
+        said = ", ".join(f"{verdicts[v]} {v}" for v in ("pass", "fail", "undecided") if verdicts[v])
+        summary.append(
+            f"{ok} of {len(optimized['variants'])} optimized variant(s) built"
+            + (f"; accuracy verdicts: {said}." if said else ".")
+        )
+    blocks: list[Block] = [
+        Heading(1, title),
+        *ship,
+        Bullets(summary),
+        *data_blocks,
+        *train_blocks,
+        *opt_blocks,
+        *bench_blocks,
+        *profile_section(cfg, prof),
+        *machine_blocks,
+    ]
 
     md_file, html_file = reports / "REPORT.md", reports / "REPORT.html"
     with stage_run(cfg, "report") as tracker:
@@ -668,9 +945,17 @@ def run(cfg: DictConfig) -> dict:
         for f in (md_file, html_file):
             tracker.log_artifact(f)
     log.info("wrote %s and %s", md_file, html_file)
-    return {"report_md": str(md_file), "report_html": str(html_file), "title": title,
-            "ship": shipped, "dataset": data, "training": trained, "optimize": optimized,
-            "benchmark": benched if bench is not None else None, "machine": machine}
+    return {
+        "report_md": str(md_file),
+        "report_html": str(html_file),
+        "title": title,
+        "ship": shipped,
+        "dataset": data,
+        "training": trained,
+        "optimize": optimized,
+        "benchmark": benched if bench is not None else None,
+        "machine": machine,
+    }
 
 
 def main() -> None:

@@ -59,8 +59,17 @@ log = logging.getLogger("stages.train")
 
 # The checkpoint kept and early stopping follow the validation loss (the module docstring says why)
 SELECTED_BY = "val_loss"
-HISTORY_FIELDS = ["epoch", "train_loss", "train_acc_pct", "val_loss", "val_acc_pct", "lr",
-                  "train_images", "train_images_per_s", "epoch_seconds"]
+HISTORY_FIELDS = [
+    "epoch",
+    "train_loss",
+    "train_acc_pct",
+    "val_loss",
+    "val_acc_pct",
+    "lr",
+    "train_images",
+    "train_images_per_s",
+    "epoch_seconds",
+]
 
 
 class TrainingDiverged(StageError):
@@ -86,19 +95,22 @@ PRECISION_PROBE_ROUNDS = 2
 def select_device(want: str) -> torch.device:
     if want == "cuda" and not torch.cuda.is_available():
         raise InputError("train.device=cuda but no CUDA device is available; use auto or cpu")
-    return torch.device("cuda" if want in ("auto", "cuda") and torch.cuda.is_available()
-                        else "cpu")
+    return torch.device("cuda" if want in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
-def choose_precision(fp32_images_per_s: float, bf16_images_per_s: float,
-                     min_speedup: float = BF16_MIN_SPEEDUP) -> str:
+def choose_precision(
+    fp32_images_per_s: float, bf16_images_per_s: float, min_speedup: float = BF16_MIN_SPEEDUP
+) -> str:
     """bf16 only where it was measured clearly faster than fp32."""
     return "bf16" if bf16_images_per_s >= min_speedup * fp32_images_per_s else "fp32"
 
 
-def select_precision(want: str, device: torch.device,
-                     measure: Callable[[], dict[str, float]] | None = None,
-                     deterministic: bool = False) -> tuple[str, dict]:
+def select_precision(
+    want: str,
+    device: torch.device,
+    measure: Callable[[], dict[str, float]] | None = None,
+    deterministic: bool = False,
+) -> tuple[str, dict]:
     """The training precision and how it was chosen (flat, for train.json).
 
     `measure` (images/s per precision, see `measure_precisions`) runs only for auto on CPU, and
@@ -116,16 +128,23 @@ def select_precision(want: str, device: torch.device,
         raise ValueError("train.precision=auto on CPU needs a measurement")
     speed = measure()
     choice = choose_precision(speed["fp32"], speed["bf16"])
-    return choice, {"precision_chosen_by": "measured",
-                    "precision_fp32_images_per_s": round(speed["fp32"], 2),
-                    "precision_bf16_images_per_s": round(speed["bf16"], 2),
-                    "precision_bf16_speedup": round(speed["bf16"] / speed["fp32"], 3),
-                    "precision_bf16_min_speedup": BF16_MIN_SPEEDUP}
+    return choice, {
+        "precision_chosen_by": "measured",
+        "precision_fp32_images_per_s": round(speed["fp32"], 2),
+        "precision_bf16_images_per_s": round(speed["bf16"], 2),
+        "precision_bf16_speedup": round(speed["bf16"] / speed["fp32"], 3),
+        "precision_bf16_min_speedup": BF16_MIN_SPEEDUP,
+    }
 
 
-def measure_precisions(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                       device: torch.device, channels_last: bool,
-                       rounds: int = PRECISION_PROBE_ROUNDS) -> dict[str, float]:
+def measure_precisions(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    channels_last: bool,
+    rounds: int = PRECISION_PROBE_ROUNDS,
+) -> dict[str, float]:
     """Images/s of forward + backward of `model` (as it will train: its requires_grad, train
     mode) in fp32 and in bf16 autocast, on a copy (batch norm statistics and gradients of
     `model` stay as they were). One warm-up step each, then `rounds` interleaved steps each, so
@@ -199,8 +218,10 @@ def apply_recipe(model: nn.Module, layers: str, unfreeze_blocks: int) -> None:
     if layers == "partial":
         stages_ = models.blocks(model)
         if unfreeze_blocks > len(stages_):
-            raise InputError(f"train.unfreeze_blocks={unfreeze_blocks} but {type(model).__name__}"
-                             f" has {len(stages_)} blocks")
+            raise InputError(
+                f"train.unfreeze_blocks={unfreeze_blocks} but {type(model).__name__}"
+                f" has {len(stages_)} blocks"
+            )
         for block in stages_[-unfreeze_blocks:]:
             block.requires_grad_(True)
 
@@ -209,7 +230,8 @@ def freeze_frozen_norms(model: nn.Module) -> None:
     """Keep batch-norm statistics of frozen layers fixed (train() would update them)."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
-                p.requires_grad for p in m.parameters()):
+            p.requires_grad for p in m.parameters()
+        ):
             m.eval()
 
 
@@ -224,10 +246,15 @@ def param_groups(model: nn.Module, train: DictConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups.setdefault((name.startswith(head), p.ndim > 1), []).append(p)
-    return [{"params": ps, "head": is_head,
-             "lr": train.lr * (1.0 if is_head else train.backbone_lr_scale),
-             "weight_decay": train.weight_decay if decay else 0.0}
-            for (is_head, decay), ps in sorted(groups.items(), key=lambda kv: not kv[0][0])]
+    return [
+        {
+            "params": ps,
+            "head": is_head,
+            "lr": train.lr * (1.0 if is_head else train.backbone_lr_scale),
+            "weight_decay": train.weight_decay if decay else 0.0,
+        }
+        for (is_head, decay), ps in sorted(groups.items(), key=lambda kv: not kv[0][0])
+    ]
 
 
 def make_optimizer(groups: list[dict], train: DictConfig) -> torch.optim.Optimizer:
@@ -244,8 +271,9 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def make_scheduler(opt: torch.optim.Optimizer, train: DictConfig,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    opt: torch.optim.Optimizer, train: DictConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Per step: warmup (`train.warmup_epochs`) then cosine to `train.min_lr_ratio`, once per
     phase. In lp_ft's probe phase the head runs at `train.probe_lr` and the (frozen) backbone at
     0; the fine-tuning phase starts its own warmup, from the probe's head.
@@ -260,8 +288,10 @@ def make_scheduler(opt: torch.optim.Optimizer, train: DictConfig,
         def f(step: int) -> float:
             if step < probe:
                 return (train.probe_lr / train.lr if head else 0.0) * warmup_cosine(
-                    step, min(warmup, probe), probe, train.min_lr_ratio)
+                    step, min(warmup, probe), probe, train.min_lr_ratio
+                )
             return warmup_cosine(step - probe, warmup, total - probe, train.min_lr_ratio)
+
         return f
 
     return torch.optim.lr_scheduler.LambdaLR(opt, [factor(g["head"]) for g in opt.param_groups])
@@ -295,13 +325,15 @@ def train_epoch(state: TrainState, epoch: int) -> dict:
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"loss is {loss.item()} at epoch {epoch}, step {step}: training diverged. Lower "
-                "train.lr, keep train.grad_clip on, or check the weights and the data")
+                "train.lr, keep train.grad_clip on, or check the weights and the data"
+            )
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if train.grad_clip > 0:
             scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(
-                [p for g in opt.param_groups for p in g["params"]], train.grad_clip)
+                [p for g in opt.param_groups for p in g["params"]], train.grad_clip
+            )
         scaler.step(opt)
         scaler.update()
         sched.step()
@@ -309,11 +341,19 @@ def train_epoch(state: TrainState, epoch: int) -> dict:
         loss_sum += loss.item() * n
         correct += (logits.argmax(1) == y).sum().item()
         seen += n
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}%",
-                        img_s=f"{seen / (time.perf_counter() - t0):.1f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{loss_sum / seen:.3f}",
+            acc=f"{100 * correct / seen:.1f}%",
+            img_s=f"{seen / (time.perf_counter() - t0):.1f}",
+            refresh=False,
+        )
     dt = time.perf_counter() - t0
-    return {"train_loss": loss_sum / max(seen, 1), "train_acc_pct": 100 * correct / max(seen, 1),
-            "train_images": seen, "train_seconds": dt}
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc_pct": 100 * correct / max(seen, 1),
+        "train_images": seen,
+        "train_seconds": dt,
+    }
 
 
 @torch.no_grad()
@@ -335,8 +375,9 @@ def predict(model, loader, device, precision, channels_last=False) -> tuple[np.n
     return np.concatenate(losses), np.concatenate(preds), np.concatenate(targets)
 
 
-def classification_report(preds: np.ndarray, targets: np.ndarray,
-                          classes: list[str]) -> tuple[dict, np.ndarray]:
+def classification_report(
+    preds: np.ndarray, targets: np.ndarray, classes: list[str]
+) -> tuple[dict, np.ndarray]:
     k = len(classes)
     cm = np.zeros((k, k), dtype=np.int64)
     np.add.at(cm, (targets, preds), 1)
@@ -349,8 +390,9 @@ def classification_report(preds: np.ndarray, targets: np.ndarray,
     return report, cm
 
 
-def make_train_loader(ds: PreparedImages, batch_size: int, num_workers: int, seed: int,
-                      device: torch.device) -> tuple[DataLoader, SeededSampler]:
+def make_train_loader(
+    ds: PreparedImages, batch_size: int, num_workers: int, seed: int, device: torch.device
+) -> tuple[DataLoader, SeededSampler]:
     """The training loader; call `sampler.set_epoch(e)` before each epoch.
 
     Each epoch's order and augmentation are a function of (seed, epoch) alone, so a resumed run
@@ -359,9 +401,15 @@ def make_train_loader(ds: PreparedImages, batch_size: int, num_workers: int, see
     copy-on-write faults on the next step.
     """
     sampler = SeededSampler(len(ds), seed)
-    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler,
-                        drop_last=len(ds) > batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=len(ds) > batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
     return loader, sampler
 
 
@@ -381,9 +429,10 @@ def load_checkpoint(file: Path) -> dict:
 def run_key(cfg: DictConfig, prepared: Path) -> str:
     """What defines a training run: model, recipe and the exact prepared data."""
     # the whole train group: what only changes how a run goes lives in `runtime` (not hashed)
-    blob = json.dumps({"model": OmegaConf.to_container(cfg.model),
-                       "train": OmegaConf.to_container(cfg.train)},
-                      sort_keys=True).encode()
+    blob = json.dumps(
+        {"model": OmegaConf.to_container(cfg.model), "train": OmegaConf.to_container(cfg.train)},
+        sort_keys=True,
+    ).encode()
     h = hashlib.sha256(blob)
     for split in ("train", "val", "labels"):
         f = prepared / (f"{split}.csv" if split != "labels" else "labels.txt")
@@ -444,12 +493,21 @@ class TrainState:
 
     def checkpoint(self, epoch: int) -> dict:
         """Everything `resume` needs to go on after `epoch`, and what inference needs."""
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": epoch, "selected_by": SELECTED_BY, "best_val_loss": self.best_loss,
-                "best_epoch": self.best_epoch, "stale_epochs": self.stale,
-                "history": self.history, "precision_choice": self.precision_choice,
-                "config": self.config, "meta": self.meta}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "selected_by": SELECTED_BY,
+            "best_val_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "stale_epochs": self.stale,
+            "history": self.history,
+            "precision_choice": self.precision_choice,
+            "config": self.config,
+            "meta": self.meta,
+        }
 
 
 def run(cfg: DictConfig) -> dict:
@@ -468,11 +526,15 @@ def _run(cfg: DictConfig) -> dict:
     announce(state)
     wall0 = time.perf_counter()
     with stage_run(cfg, "train", system_metrics=cfg.runtime.system_metrics) as tracker:
-        tracker.log_params({"model": OmegaConf.to_container(cfg.model),
-                            "train": OmegaConf.to_container(cfg.train),
-                            "train.resolved_precision": state.precision,
-                            "train.device_resolved": str(state.device),
-                            "train.trainable_params": count_params(state.model, trainable=True)})
+        tracker.log_params(
+            {
+                "model": OmegaConf.to_container(cfg.model),
+                "train": OmegaConf.to_container(cfg.train),
+                "train.resolved_precision": state.precision,
+                "train.device_resolved": str(state.device),
+                "train.trainable_params": count_params(state.model, trainable=True),
+            }
+        )
         fit(state, tracker)
         result = evaluate(state, wall=time.perf_counter() - wall0)
         write(state, result, tracker)
@@ -502,13 +564,19 @@ def build(cfg: DictConfig) -> tuple[TrainState, dict | None]:
     model.to(device)
     if train.channels_last:
         model.to(memory_format=torch.channels_last)
-    train_loader, sampler = make_train_loader(train_ds, train.batch_size, runtime.train_workers,
-                                              train.seed, device)
+    train_loader, sampler = make_train_loader(
+        train_ds, train.batch_size, runtime.train_workers, train.seed, device
+    )
     # persistent for the reason make_train_loader gives: validation runs every epoch
-    val_loader = DataLoader(val_ds, batch_size=train.batch_size, num_workers=runtime.train_workers,
-                            persistent_workers=runtime.train_workers > 0)
-    test_loader = DataLoader(test_ds, batch_size=train.batch_size,
-                             num_workers=runtime.train_workers)
+    val_loader = DataLoader(
+        val_ds,
+        batch_size=train.batch_size,
+        num_workers=runtime.train_workers,
+        persistent_workers=runtime.train_workers > 0,
+    )
+    test_loader = DataLoader(
+        test_ds, batch_size=train.batch_size, num_workers=runtime.train_workers
+    )
 
     work = path(cfg, "cache") / "train" / run_key(cfg, prepared)
     work.mkdir(parents=True, exist_ok=True)
@@ -517,43 +585,73 @@ def build(cfg: DictConfig) -> tuple[TrainState, dict | None]:
         precision, chosen = last["meta"]["precision"], last["precision_choice"]
     else:
         precision, chosen = select_precision(
-            train.precision, device,
-            lambda: measure_precisions(model, *probe_batch(train_ds, train.batch_size), device,
-                                       train.channels_last), train.deterministic)
+            train.precision,
+            device,
+            lambda: measure_precisions(
+                model, *probe_batch(train_ds, train.batch_size), device, train.channels_last
+            ),
+            train.deterministic,
+        )
     if chosen["precision_chosen_by"] == "measured":
-        log.info("precision: %s (forward+backward, %d images per step: fp32 %.1f images/s, "
-                 "bf16 autocast %.1f images/s, x%.2f; bf16 needs x%.2f)", precision,
-                 min(len(train_ds), train.batch_size),
-                 chosen["precision_fp32_images_per_s"], chosen["precision_bf16_images_per_s"],
-                 chosen["precision_bf16_speedup"], BF16_MIN_SPEEDUP)
+        log.info(
+            "precision: %s (forward+backward, %d images per step: fp32 %.1f images/s, "
+            "bf16 autocast %.1f images/s, x%.2f; bf16 needs x%.2f)",
+            precision,
+            min(len(train_ds), train.batch_size),
+            chosen["precision_fp32_images_per_s"],
+            chosen["precision_bf16_images_per_s"],
+            chosen["precision_bf16_speedup"],
+            BF16_MIN_SPEEDUP,
+        )
 
     opt = make_optimizer(param_groups(model, train), train)
     state = TrainState(
-        cfg=cfg, work=work, classes=classes, device=device, model=model,
-        fwd=torch.compile(model) if train.compile else model, train_loader=train_loader,
-        sampler=sampler, val_loader=val_loader, test_loader=test_loader, precision=precision,
-        precision_choice=chosen, opt=opt, sched=make_scheduler(opt, train, len(train_loader)),
+        cfg=cfg,
+        work=work,
+        classes=classes,
+        device=device,
+        model=model,
+        fwd=torch.compile(model) if train.compile else model,
+        train_loader=train_loader,
+        sampler=sampler,
+        val_loader=val_loader,
+        test_loader=test_loader,
+        precision=precision,
+        precision_choice=chosen,
+        opt=opt,
+        sched=make_scheduler(opt, train, len(train_loader)),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
         loss_fn=nn.CrossEntropyLoss(label_smoothing=train.label_smoothing),
-        meta={"arch": mcfg.name, "classes": classes, "mean": list(mcfg.mean),
-              "std": list(mcfg.std), "input_size": mcfg.input_size, "crop_pct": mcfg.crop_pct,
-              "weights_source": source, "precision": precision},
-        config=OmegaConf.to_container(cfg, resolve=True))
+        meta={
+            "arch": mcfg.name,
+            "classes": classes,
+            "mean": list(mcfg.mean),
+            "std": list(mcfg.std),
+            "input_size": mcfg.input_size,
+            "crop_pct": mcfg.crop_pct,
+            "weights_source": source,
+            "precision": precision,
+        },
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
     return state, last
 
 
 def splits(prepared: Path, mcfg: DictConfig) -> tuple[PreparedImages, ...]:
     """The train (augmented), val and test splits; train and val must not be empty."""
-    train_ds = PreparedImages(prepared, "train",
-                              train_transform(mcfg.input_size, mcfg.mean, mcfg.std))
+    train_ds = PreparedImages(
+        prepared, "train", train_transform(mcfg.input_size, mcfg.mean, mcfg.std)
+    )
     eval_tf = eval_transform(mcfg.input_size, mcfg.mean, mcfg.std, mcfg.crop_pct)
     val_ds = PreparedImages(prepared, "val", eval_tf)
     test_ds = PreparedImages(prepared, "test", eval_tf)
     if len(train_ds) == 0:
         raise InputError(f"{prepared}/train.csv has no image")
     if len(val_ds) == 0:
-        raise InputError(f"{prepared}/val.csv has no image: raise data.split.ratios.val or "
-                         "data.max_images_per_class")
+        raise InputError(
+            f"{prepared}/val.csv has no image: raise data.split.ratios.val or "
+            "data.max_images_per_class"
+        )
     return train_ds, val_ds, test_ds
 
 
@@ -569,8 +667,13 @@ def resume(state: TrainState, last: dict | None) -> None:
     state.history, state.best_loss = last["history"], last["best_val_loss"]
     state.best_epoch, state.stale = last["best_epoch"], last["stale_epochs"]
     state.start = last["epoch"] + 1
-    log.info("resuming from %s at epoch %d (best val loss %.4f at epoch %d)",
-             state.work / "last.pt", state.start, state.best_loss, state.best_epoch)
+    log.info(
+        "resuming from %s at epoch %d (best val loss %.4f at epoch %d)",
+        state.work / "last.pt",
+        state.start,
+        state.best_loss,
+        state.best_epoch,
+    )
 
 
 def count_params(model: nn.Module, trainable: bool = False) -> int:
@@ -579,10 +682,16 @@ def count_params(model: nn.Module, trainable: bool = False) -> int:
 
 def announce(state: TrainState) -> None:
     train, n_probe = state.train, probe_epochs(state.train)
-    log.info("%s (%s weights) on %s, %s, mode=%s%s: %d parameters", state.meta["arch"],
-             state.meta["weights_source"], state.device, state.precision, train.recipe,
-             f" ({n_probe} probe epochs at lr {train.probe_lr:g}, then all layers)"
-             if n_probe else "", count_params(state.model))
+    log.info(
+        "%s (%s weights) on %s, %s, mode=%s%s: %d parameters",
+        state.meta["arch"],
+        state.meta["weights_source"],
+        state.device,
+        state.precision,
+        train.recipe,
+        f" ({n_probe} probe epochs at lr {train.probe_lr:g}, then all layers)" if n_probe else "",
+        count_params(state.model),
+    )
 
 
 def fit(state: TrainState, tracker: StageRun) -> None:
@@ -597,33 +706,51 @@ def fit(state: TrainState, tracker: StageRun) -> None:
         if layers_at(train, epoch) != layers:
             layers = layers_at(train, epoch)
             apply_recipe(state.model, layers, train.unfreeze_blocks)
-            log.info("epoch %d: %s, %d of %d parameters train", epoch, layers,
-                     count_params(state.model, trainable=True), count_params(state.model))
+            log.info(
+                "epoch %d: %s, %d of %d parameters train",
+                epoch,
+                layers,
+                count_params(state.model, trainable=True),
+                count_params(state.model),
+            )
         state.sampler.set_epoch(epoch)
         torch.manual_seed(train.seed * 1_000_003 + epoch)  # dropout, stochastic depth
         stats = train_epoch(state, epoch)
-        vloss, vpred, vtrue = predict(state.fwd, state.val_loader, state.device, state.precision,
-                                      train.channels_last)
+        vloss, vpred, vtrue = predict(
+            state.fwd, state.val_loader, state.device, state.precision, train.channels_last
+        )
         # lr: the head's (param_groups puts its groups first)
-        row = {"epoch": epoch, "train_loss": stats["train_loss"],
-               "train_acc_pct": stats["train_acc_pct"], "val_loss": float(vloss.mean()),
-               "val_acc_pct": 100 * float((vpred == vtrue).mean()),
-               "lr": state.sched.get_last_lr()[0],
-               "train_images": stats["train_images"],
-               "train_images_per_s": stats["train_images"] / stats["train_seconds"],
-               "epoch_seconds": stats["train_seconds"]}
+        row = {
+            "epoch": epoch,
+            "train_loss": stats["train_loss"],
+            "train_acc_pct": stats["train_acc_pct"],
+            "val_loss": float(vloss.mean()),
+            "val_acc_pct": 100 * float((vpred == vtrue).mean()),
+            "lr": state.sched.get_last_lr()[0],
+            "train_images": stats["train_images"],
+            "train_images_per_s": stats["train_images"] / stats["train_seconds"],
+            "epoch_seconds": stats["train_seconds"],
+        }
         improved = state.record(row)
         ck = state.checkpoint(epoch)
         if improved:
             save_checkpoint(state.work / "best.pt", **ck)
         save_checkpoint(state.work / "last.pt", **ck)
         # `lr_head`: `train.lr` is the configured param
-        tracker.log_metrics({("lr_head" if k == "lr" else k): v for k, v in row.items()
-                             if k != "epoch"}, step=epoch)
-        log.info("epoch %d/%d: train loss %.4f acc %.1f%% | val loss %.4f acc %.1f%%%s | "
-                 "%.1f img/s", epoch, train.epochs, row["train_loss"], row["train_acc_pct"],
-                 row["val_loss"], row["val_acc_pct"], " (best)" if improved else "",
-                 row["train_images_per_s"])
+        tracker.log_metrics(
+            {("lr_head" if k == "lr" else k): v for k, v in row.items() if k != "epoch"}, step=epoch
+        )
+        log.info(
+            "epoch %d/%d: train loss %.4f acc %.1f%% | val loss %.4f acc %.1f%%%s | %.1f img/s",
+            epoch,
+            train.epochs,
+            row["train_loss"],
+            row["train_acc_pct"],
+            row["val_loss"],
+            row["val_acc_pct"],
+            " (best)" if improved else "",
+            row["train_images_per_s"],
+        )
 
 
 def probe_batch(ds: PreparedImages, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -636,8 +763,10 @@ def probe_batch(ds: PreparedImages, batch_size: int) -> tuple[torch.Tensor, torc
 def with_interval(prefix: str, correct: int, n: int) -> dict:
     """`<prefix>_ci_low_pct`, `<prefix>_ci_high_pct`: the 95% Wilson interval of correct / n."""
     low, high = wilson(correct, n)
-    return {f"{prefix}_ci_low_pct": round(100 * low, 2),
-            f"{prefix}_ci_high_pct": round(100 * high, 2)}
+    return {
+        f"{prefix}_ci_low_pct": round(100 * low, 2),
+        f"{prefix}_ci_high_pct": round(100 * high, 2),
+    }
 
 
 @dataclass
@@ -665,23 +794,41 @@ def evaluate(state: TrainState, wall: float) -> Evaluation:
     val_n = len(state.val_loader.dataset)
     val_correct = round(at_best["val_acc_pct"] * val_n / 100)
     test_n, test_correct = int(len(true)), int(np.trace(cm))
-    metrics = {"selected_by": best["selected_by"], "best_epoch": best["best_epoch"],
-               "best_val_loss": round(best["best_val_loss"], 6),
-               "best_val_acc_pct": at_best["val_acc_pct"], "val_images": val_n,
-               **with_interval("val_acc", val_correct, val_n),
-               "test_acc_pct": round(100 * report["accuracy"], 4), "test_images": test_n,
-               **with_interval("test_acc", test_correct, test_n),
-               "recipe": cfg.train.recipe, "probe_epochs": probe_epochs(cfg.train),
-               "epochs_run": epochs_run, "epochs_configured": cfg.train.epochs,
-               "batch_size": cfg.train.batch_size, "precision": state.precision,
-               **state.precision_choice, "wall_time_s": round(wall, 2),
-               "train_images_per_s": round(train_images / train_seconds, 2) if train_seconds else 0,
-               **{f"test.{k}": v for k, v in report.items() if k != "accuracy"}}
-    log.info("test accuracy %.2f%% (%d of %d, 95%% interval %.1f-%.1f%%); checkpoint of epoch %d "
-             "of %d run, by val loss %.4f (val accuracy %.2f%%, %d images)",
-             metrics["test_acc_pct"], test_correct, test_n, metrics["test_acc_ci_low_pct"],
-             metrics["test_acc_ci_high_pct"], metrics["best_epoch"], epochs_run,
-             metrics["best_val_loss"], metrics["best_val_acc_pct"], val_n)
+    metrics = {
+        "selected_by": best["selected_by"],
+        "best_epoch": best["best_epoch"],
+        "best_val_loss": round(best["best_val_loss"], 6),
+        "best_val_acc_pct": at_best["val_acc_pct"],
+        "val_images": val_n,
+        **with_interval("val_acc", val_correct, val_n),
+        "test_acc_pct": round(100 * report["accuracy"], 4),
+        "test_images": test_n,
+        **with_interval("test_acc", test_correct, test_n),
+        "recipe": cfg.train.recipe,
+        "probe_epochs": probe_epochs(cfg.train),
+        "epochs_run": epochs_run,
+        "epochs_configured": cfg.train.epochs,
+        "batch_size": cfg.train.batch_size,
+        "precision": state.precision,
+        **state.precision_choice,
+        "wall_time_s": round(wall, 2),
+        "train_images_per_s": round(train_images / train_seconds, 2) if train_seconds else 0,
+        **{f"test.{k}": v for k, v in report.items() if k != "accuracy"},
+    }
+    log.info(
+        "test accuracy %.2f%% (%d of %d, 95%% interval %.1f-%.1f%%); checkpoint of epoch %d "
+        "of %d run, by val loss %.4f (val accuracy %.2f%%, %d images)",
+        metrics["test_acc_pct"],
+        test_correct,
+        test_n,
+        metrics["test_acc_ci_low_pct"],
+        metrics["test_acc_ci_high_pct"],
+        metrics["best_epoch"],
+        epochs_run,
+        metrics["best_val_loss"],
+        metrics["best_val_acc_pct"],
+        val_n,
+    )
     return Evaluation(best, pred, true, cm, metrics)
 
 
@@ -691,16 +838,26 @@ def write(state: TrainState, result: Evaluation, tracker: StageRun) -> None:
     plots = path(cfg, "plots")
     save_checkpoint(path(cfg, "checkpoint"), **result.best)
     write_json(path(cfg, "metrics") / "train.json", metrics)
-    write_csv(plots / "train_history.csv", HISTORY_FIELDS,
-              [[h[k] for k in HISTORY_FIELDS] for h in state.history])
-    write_csv(plots / "confusion.csv", ["actual", "predicted"],
-              [(classes[t], classes[p]) for t, p in zip(result.true, result.pred, strict=True)])
+    write_csv(
+        plots / "train_history.csv",
+        HISTORY_FIELDS,
+        [[h[k] for k in HISTORY_FIELDS] for h in state.history],
+    )
+    write_csv(
+        plots / "confusion.csv",
+        ["actual", "predicted"],
+        [(classes[t], classes[p]) for t, p in zip(result.true, result.pred, strict=True)],
+    )
     confusion_png(result.cm, classes, plots / "confusion.png")
 
     tracker.log_metrics(metrics)  # every accuracy in percent, as its `_pct` says
     tracker.log_dataset(cfg)
-    for f in (path(cfg, "metrics") / "train.json", plots / "train_history.csv",
-              plots / "confusion.csv", plots / "confusion.png"):
+    for f in (
+        path(cfg, "metrics") / "train.json",
+        plots / "train_history.csv",
+        plots / "confusion.csv",
+        plots / "confusion.png",
+    ):
         tracker.log_artifact(f)
     if cfg.runtime.log_model:
         size = cfg.model.input_size
@@ -720,8 +877,14 @@ def confusion_png(cm: np.ndarray, classes: list[str], file: Path) -> None:
         ax.set_ylabel("actual")
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black",
+                )
         ax.set_title("test confusion matrix")
 
 

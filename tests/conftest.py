@@ -25,8 +25,14 @@ from oipipe.core.config import PROJECT_ROOT, compose, path
 from stages import download, prepare, train
 
 # Small, fast settings: tiny images, quick retries (the backoff sleeps add up across faults).
-FAST = ["data.image_size=48", "runtime.fetch.backoff=0.01", "runtime.fetch.retries=3",
-        "runtime.fetch.timeout=5", "runtime.fetch.workers=4", "tracking.enabled=false"]
+FAST = [
+    "data.image_size=48",
+    "runtime.fetch.backoff=0.01",
+    "runtime.fetch.retries=3",
+    "runtime.fetch.timeout=5",
+    "runtime.fetch.workers=4",
+    "tracking.enabled=false",
+]
 
 
 @pytest.fixture(scope="session")
@@ -69,9 +75,23 @@ def serve_mlflow(db: Path, log: Path, *args: str) -> Iterator[str]:
     `log`; yields its URL once /health answers, stops it (and its workers) afterwards."""
     port = free_port()
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-         f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *args],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            *args,
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -90,8 +110,11 @@ def serve_mlflow(db: Path, log: Path, *args: str) -> Iterator[str]:
 
 
 def mirror_overrides(srv: MirrorServer) -> list[str]:
-    return ["data=mirror", f"data.metadata_url={srv.metadata_url}",
-            f"data.images_url={srv.images_url}"]
+    return [
+        "data=mirror",
+        f"data.metadata_url={srv.metadata_url}",
+        f"data.images_url={srv.images_url}",
+    ]
 
 
 @pytest.fixture
@@ -120,33 +143,54 @@ def git_dvc_init(dst: Path) -> None:
     """Make `dst` (a copy of the project) a git repository with DVC (Hydra composition on) and
     commit it: what `dvc repro` and `dvc exp run` need."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "test@localhost"],
-                ["git", "config", "user.name", "test"], ["dvc", "init", "-q"],
-                ["dvc", "config", "hydra.enabled", "true"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=dst, capture_output=True, text=True, timeout=120, env=env,
-                       check=True)
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "test@localhost"],
+        ["git", "config", "user.name", "test"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "hydra.enabled", "true"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "init"],
+    ):
+        subprocess.run(
+            cmd, cwd=dst, capture_output=True, text=True, timeout=120, env=env, check=True
+        )
 
 
-def run_stage(stage: str, params: Path, *overrides: str, env: dict | None = None,
-              cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
+def run_stage(
+    stage: str, params: Path, *overrides: str, env: dict | None = None, cwd: Path = PROJECT_ROOT
+) -> subprocess.CompletedProcess:
     """Run a stage's real entry point in a fresh process."""
-    return subprocess.run(stage_cmd(stage, params, *overrides), cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        stage_cmd(stage, params, *overrides),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
-def logits_in_fresh_process(x: torch.Tensor, folder: Path, tmp: Path,
-                            body: str) -> dict[str, np.ndarray]:
+def logits_in_fresh_process(
+    x: torch.Tensor, folder: Path, tmp: Path, body: str
+) -> dict[str, np.ndarray]:
     """Run `body` in a new Python process, with `x` (this batch), `d` (`folder`) and an empty dict
     `out` in scope; returns what it put in `out` (name -> logits). Proves an artifact loads alone,
     with nothing of this process (imports, registrations, caches) behind it."""
     np.save(tmp / "x.npy", x.numpy())
-    code = ("import sys, json, numpy as np, torch\nfrom pathlib import Path\n"
-            "x = torch.from_numpy(np.load(sys.argv[1]))\nd = Path(sys.argv[2])\nout = {}\n"
-            f"{body}\n"
-            "print(json.dumps({k: np.asarray(v).tolist() for k, v in out.items()}))\n")
-    res = subprocess.run([sys.executable, "-c", code, str(tmp / "x.npy"), str(folder)],
-                         capture_output=True, text=True, timeout=300, check=True)
+    code = (
+        "import sys, json, numpy as np, torch\nfrom pathlib import Path\n"
+        "x = torch.from_numpy(np.load(sys.argv[1]))\nd = Path(sys.argv[2])\nout = {}\n"
+        f"{body}\n"
+        "print(json.dumps({k: np.asarray(v).tolist() for k, v in out.items()}))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(tmp / "x.npy"), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return {k: np.array(v) for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
 
 
@@ -156,10 +200,18 @@ def prepared(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("train-data")
     generate(tmp / "mirror", images_per_class=30, seed=1)
     with MirrorServer(tmp / "mirror") as srv:
-        cfg = compose([f"paths.root={tmp}", "data=mirror", f"data.metadata_url={srv.metadata_url}",
-                       f"data.images_url={srv.images_url}", "data.image_size=72",
-                       "tracking.enabled=false", "runtime.fetch.backoff=0.01",
-                       "data.split.ratios={train: 0.5, val: 0.25, test: 0.25}"])
+        cfg = compose(
+            [
+                f"paths.root={tmp}",
+                "data=mirror",
+                f"data.metadata_url={srv.metadata_url}",
+                f"data.images_url={srv.images_url}",
+                "data.image_size=72",
+                "tracking.enabled=false",
+                "runtime.fetch.backoff=0.01",
+                "data.split.ratios={train: 0.5, val: 0.25, test: 0.25}",
+            ]
+        )
         download.run(cfg)
         prepare.run(cfg)
     return path(cfg, "prepared")
@@ -169,9 +221,20 @@ def prepared(tmp_path_factory) -> Path:
 def trained(prepared, tmp_path_factory) -> Path:
     """A quickly trained checkpoint (linear probe, one epoch, 64 px) on `prepared`."""
     root = tmp_path_factory.mktemp("trained")
-    cfg = compose(["data=mirror", f"paths.root={root}", f"paths.prepared={prepared}",
-                   "model.input_size=64", "train.epochs=1", "train.recipe=linear_probe",
-                   "train.lr=0.01", "runtime.train_workers=0", "runtime.log_model=false",
-                   "runtime.system_metrics=false", "tracking.enabled=false"])
+    cfg = compose(
+        [
+            "data=mirror",
+            f"paths.root={root}",
+            f"paths.prepared={prepared}",
+            "model.input_size=64",
+            "train.epochs=1",
+            "train.recipe=linear_probe",
+            "train.lr=0.01",
+            "runtime.train_workers=0",
+            "runtime.log_model=false",
+            "runtime.system_metrics=false",
+            "tracking.enabled=false",
+        ]
+    )
     train.run(cfg)
     return path(cfg, "checkpoint")

@@ -27,19 +27,26 @@ from oipipe.training import models
 from stages import benchmark, export, optimize
 
 VARIANTS = ["onnxruntime_fp32", "onnxruntime_int8", "eager_bf16", "trt_fp16"]
-TINY = ["benchmark.presets.default.batch_sizes=[1,8]", "benchmark.presets.default.trials=2",
-        "benchmark.presets.default.warmup_iters=1",
-        "benchmark.presets.default.warmup_seconds=0", "benchmark.presets.default.min_iters=3",
-        "benchmark.presets.default.min_seconds=0.05", "benchmark.threads=1",
-        "benchmark.throughput_mode.batch_sizes=[8]", "benchmark.throughput_mode.concurrency=2"]
+TINY = [
+    "benchmark.presets.default.batch_sizes=[1,8]",
+    "benchmark.presets.default.trials=2",
+    "benchmark.presets.default.warmup_iters=1",
+    "benchmark.presets.default.warmup_seconds=0",
+    "benchmark.presets.default.min_iters=3",
+    "benchmark.presets.default.min_seconds=0.05",
+    "benchmark.threads=1",
+    "benchmark.throughput_mode.batch_sizes=[8]",
+    "benchmark.throughput_mode.concurrency=2",
+]
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite store."""
     tmp = tmp_path_factory.mktemp("mlflow-server")
-    with serve_mlflow(tmp / "m.db", tmp / "server.log", "--default-artifact-root",
-                      (tmp / "artifacts").as_uri()) as url:
+    with serve_mlflow(
+        tmp / "m.db", tmp / "server.log", "--default-artifact-root", (tmp / "artifacts").as_uri()
+    ) as url:
         yield url
 
 
@@ -50,12 +57,23 @@ def cfg(prepared, trained, tmp_path_factory):
     export.max_batch=4: the ExportedProgram of eager_bf16 refuses batch 8, a failure in the middle
     of its benchmark (batch 1 has been timed by then)."""
     root = tmp_path_factory.mktemp("bench")
-    cfg = compose(["data=mirror", f"paths.root={root}", f"paths.prepared={prepared}",
-                   f"paths.models={trained.parent}", "tracking.enabled=true",
-                   "export.formats=[onnx]", "export.verify_batch_sizes=[1,2]",
-                   "export.max_batch=4", "optimize.calibration_images=16",
-                   "optimize.calibration_batch=4", "optimize.eval_batch=4",
-                   f"optimize.variants=[{','.join(VARIANTS)}]", *TINY])
+    cfg = compose(
+        [
+            "data=mirror",
+            f"paths.root={root}",
+            f"paths.prepared={prepared}",
+            f"paths.models={trained.parent}",
+            "tracking.enabled=true",
+            "export.formats=[onnx]",
+            "export.verify_batch_sizes=[1,2]",
+            "export.max_batch=4",
+            "optimize.calibration_images=16",
+            "optimize.calibration_batch=4",
+            "optimize.eval_batch=4",
+            f"optimize.variants=[{','.join(VARIANTS)}]",
+            *TINY,
+        ]
+    )
     export.run(cfg)
     for v in VARIANTS:
         optimize.run(cfg, v)
@@ -74,11 +92,16 @@ def table(cfg, mlflow_server):
 
 def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> None:
     rows = table["rows"]
-    expected = {f"{v}.b{b}" for v in ["eager_fp32", "eager_fp32_nchw", *VARIANTS]
-                for b in (1, 8)}
+    expected = {f"{v}.b{b}" for v in ["eager_fp32", "eager_fp32_nchw", *VARIANTS] for b in (1, 8)}
     assert set(rows) == expected
-    for key in ("eager_fp32.b1", "eager_fp32.b8", "eager_fp32_nchw.b8", "onnxruntime_fp32.b8",
-                "onnxruntime_int8.b8", "eager_bf16.b1"):
+    for key in (
+        "eager_fp32.b1",
+        "eager_fp32.b8",
+        "eager_fp32_nchw.b8",
+        "onnxruntime_fp32.b8",
+        "onnxruntime_int8.b8",
+        "eager_bf16.b1",
+    ):
         r = rows[key]
         assert r["status"] == "ok", r
         assert r["throughput"] > 0 and r["iterations"] >= 6 and r["trials"] == 2
@@ -97,14 +120,16 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
         # 2 trials: their median is their mean, their std half their spread
         assert r["throughput"] == pytest.approx((r["throughput_min"] + r["throughput_max"]) / 2)
         assert r["throughput_std"] == pytest.approx(
-            (r["throughput_max"] - r["throughput_min"]) / 2, abs=1e-9)
+            (r["throughput_max"] - r["throughput_min"]) / 2, abs=1e-9
+        )
         # the latencies are ms per batch of the same timed calls: images over their total time
         # is a time-weighted mean of the trials' rates, so it lies between them
         pooled = r["batch"] * 1000 / r["latency_mean_ms"]
         assert r["throughput_min"] * (1 - 1e-9) <= pooled <= r["throughput_max"] * (1 + 1e-9), key
         # the model's FLOPs per image (table, 4 decimals) times images/s; 3 decimals
-        assert r["gflops_per_s"] == pytest.approx(table["gflops_per_image"] * r["throughput"],
-                                                  abs=5e-5 * r["throughput"] + 5e-4), key
+        assert r["gflops_per_s"] == pytest.approx(
+            table["gflops_per_image"] * r["throughput"], abs=5e-5 * r["throughput"] + 5e-4
+        ), key
     assert rows["eager_fp32.b8"]["speedup"] == 1.0
     # every speed-up divides by the baseline at the same batch size, rounded to 3 decimals
     base = {b: rows[f"eager_fp32.b{b}"] for b in (1, 8)}
@@ -114,18 +139,23 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
             assert r["speedup"] == round(r["throughput"] / b["throughput"], 3), key
             if r["throughput_concurrent"]:
                 assert r["speedup_concurrent"] == round(
-                    r["throughput_concurrent"] / b["throughput_concurrent"], 3), key
+                    r["throughput_concurrent"] / b["throughput_concurrent"], 3
+                ), key
     # the NCHW row is divided by the channels_last baseline, like every other row
     nchw = rows["eager_fp32_nchw.b8"]
     assert nchw["speedup"] == pytest.approx(  # speed-ups are rounded to 3 decimals
-        nchw["throughput"] / rows["eager_fp32.b8"]["throughput"], abs=6e-4)
+        nchw["throughput"] / rows["eager_fp32.b8"]["throughput"], abs=6e-4
+    )
     assert table["baseline_note"] == "eager fp32, channels_last, inference_mode"
     assert table["eval_splits"] == ["val", "test"]
     # the winner at each batch: the fastest row whose verdict is not a fail
     for b in ("1", "8"):
         w = table["winners"][b]
-        eligible = [r for r in rows.values() if r["batch"] == int(b) and r["status"] == "ok"
-                    and r["verdict"] != "fail"]
+        eligible = [
+            r
+            for r in rows.values()
+            if r["batch"] == int(b) and r["status"] == "ok" and r["verdict"] != "fail"
+        ]
         assert w["variant"] == max(eligible, key=lambda r: r["throughput"])["variant"]
         assert w["verdict"] == rows[f"{w['variant']}.b{b}"]["verdict"]
     assert table["best_variant"] == table["winners"]["8"]["variant"]
@@ -133,15 +163,21 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
     for key, r in rows.items():
         if r["batch"] == 8 and r["status"] == "ok":
             assert r["concurrency"] == 2 and r["throughput_concurrent"] > 0, r
-            assert r["throughput_concurrent_min"] <= r["throughput_concurrent"] <= \
-                r["throughput_concurrent_max"], key
+            assert (
+                r["throughput_concurrent_min"]
+                <= r["throughput_concurrent"]
+                <= r["throughput_concurrent_max"]
+            ), key
             assert r["concurrency_method"] == "2 processes x 1 threads, one request each"
         else:
             assert r["throughput_concurrent"] is None and r["concurrency"] is None, key
     assert rows["eager_fp32.b8"]["speedup_concurrent"] == 1.0
     w = table["winners_throughput_mode"]["8"]
-    eligible = [r for r in rows.values() if r["batch"] == 8 and r["throughput_concurrent"]
-                and r["verdict"] != "fail"]
+    eligible = [
+        r
+        for r in rows.values()
+        if r["batch"] == 8 and r["throughput_concurrent"] and r["verdict"] != "fail"
+    ]
     assert w["variant"] == max(eligible, key=lambda r: r["throughput_concurrent"])["variant"]
     assert w["concurrency_method"] == rows[f"{w['variant']}.b8"]["concurrency_method"]
     assert set(table["winners_throughput_mode"]) == {"8"}
@@ -167,7 +203,7 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
     cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for name, series in (("throughput", 1), ("latency", 3), ("speedup", 1)):
         png = matplotlib.image.imread(path(cfg, "plots") / f"benchmark_{name}.png")[..., :3]
-        drawn = [_pixels(png, colour) for colour in cycle[:series + 1]]
+        drawn = [_pixels(png, colour) for colour in cycle[: series + 1]]
         assert min(drawn[:series]) > 500 and drawn[series] == 0, (name, drawn)
     pareto = read_csv(path(cfg, "plots") / "pareto.csv")
     ok8 = {k for k, r in rows.items() if r["batch"] == 8 and r["status"] == "ok"}
@@ -175,7 +211,8 @@ def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> 
     for p in pareto:
         r = rows[f"{p['variant']}.b8"]
         assert {k: p[k] for k in ("throughput", "top1_pct", "verdict")} == {
-            k: _as_csv(r[k]) for k in ("throughput", "top1_pct", "verdict")}
+            k: _as_csv(r[k]) for k in ("throughput", "top1_pct", "verdict")
+        }
     fastest = max(pareto, key=lambda p: float(p["throughput"]))
     assert fastest["on_frontier"] == "True"  # nothing is faster, so nothing dominates it
     png = matplotlib.image.imread(path(cfg, "plots") / "pareto.png")[..., :3]
@@ -195,24 +232,34 @@ def _pixels(png: np.ndarray, colour: str) -> int:
 
 def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server, cfg) -> None:
     def post(endpoint: str, body: dict) -> dict:
-        req = urllib.request.Request(f"{mlflow_server}/api/2.0/mlflow/{endpoint}",
-                                     data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{mlflow_server}/api/2.0/mlflow/{endpoint}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
     exps = post("experiments/search", {"max_results": 10})["experiments"]
     exp_id = next(e["experiment_id"] for e in exps if e["name"] == "oi-pipeline")
     runs = post("runs/search", {"experiment_ids": [exp_id], "max_results": 100})["runs"]
-    parents = [r for r in runs if not any(t["key"] == "mlflow.parentRunId"
-                                          for t in r["data"].get("tags", []))]
+    parents = [
+        r
+        for r in runs
+        if not any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))
+    ]
     assert len(parents) == 1
     parent = parents[0]
     ptags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
     assert ptags["machine.cpu"] and ptags["machine.torch"] and ptags["git_commit"]
-    children = post("runs/search", {
-        "experiment_ids": [exp_id], "max_results": 100,
-        "filter": f"tags.mlflow.parentRunId = '{parent['info']['run_id']}'"})["runs"]
+    children = post(
+        "runs/search",
+        {
+            "experiment_ids": [exp_id],
+            "max_results": 100,
+            "filter": f"tags.mlflow.parentRunId = '{parent['info']['run_id']}'",
+        },
+    )["runs"]
     assert len(children) == len(table["rows"])
     by_name, runs_of = {}, {}
     for c in children:
@@ -238,8 +285,12 @@ def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server, cfg) -> Non
     for name, (tags, status) in runs_of.items():
         assert tags["model.name"] == cfg.model.name, name
         assert tags["pipeline_key"] == ptags["pipeline_key"], name
-        assert status == {"ok": "FINISHED", "failed": "FAILED", "skipped": "KILLED"}[
-            table["rows"][name]["status"]], name
+        assert (
+            status
+            == {"ok": "FINISHED", "failed": "FAILED", "skipped": "KILLED"}[
+                table["rows"][name]["status"]
+            ]
+        ), name
     assert runs_of["eager_bf16.b8"][1] == "FAILED" and runs_of["trt_fp16.b8"][1] == "KILLED"
     # the parent explains its best_speedup: which variant, its verdict, the winner per batch
     pmetrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
@@ -247,8 +298,10 @@ def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server, cfg) -> Non
     assert pmetrics["benchmark.best_speedup"] == pytest.approx(table["best_speedup"])
     best_row = table["rows"][f"{table['best_variant']}.b{table['reference_batch']}"]
     assert pmetrics["benchmark.best_throughput"] == pytest.approx(best_row["throughput"])
-    assert pmetrics["benchmark.best_verdict_code"] == {"pass": 1, "undecided": 0}[
-        table["best_verdict"]]
+    assert (
+        pmetrics["benchmark.best_verdict_code"]
+        == {"pass": 1, "undecided": 0}[table["best_verdict"]]
+    )
     for b in ("1", "8"):
         assert ptags[f"benchmark.winner.b{b}"] == str(table["winners"][b]["variant"])
     exp = post("experiments/search", {"max_results": 10})["experiments"]
@@ -256,26 +309,49 @@ def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server, cfg) -> Non
     assert kind["mlflow.experimentKind"] == "custom_model_development"
 
 
-def _row(variant: str, batch: int, throughput: float, verdict: str, top1: float = 90.0,
-         status: str = "ok") -> dict:
-    return {"variant": variant, "batch": batch, "status": status, "throughput": throughput,
-            "verdict": verdict, "top1_pct": top1, "top1_ci_low_pct": top1 - 5,
-            "top1_ci_high_pct": top1 + 5,
-            "eval_images": 72, "latency_p99_ms": 1.0, "speedup": throughput / 10}
+def _row(
+    variant: str,
+    batch: int,
+    throughput: float,
+    verdict: str,
+    top1: float = 90.0,
+    status: str = "ok",
+) -> dict:
+    return {
+        "variant": variant,
+        "batch": batch,
+        "status": status,
+        "throughput": throughput,
+        "verdict": verdict,
+        "top1_pct": top1,
+        "top1_ci_low_pct": top1 - 5,
+        "top1_ci_high_pct": top1 + 5,
+        "eval_images": 72,
+        "latency_p99_ms": 1.0,
+        "speedup": throughput / 10,
+    }
 
 
 def test_the_winner_is_the_fastest_variant_that_does_not_fail() -> None:
-    rows = [_row("eager_fp32", 32, 10, "pass"), _row("inductor_int8", 32, 80, "fail", 70.0),
-            _row("onnxruntime_int8", 32, 60, "undecided"), _row("inductor_fp32", 32, 40, "pass"),
-            _row("trt_fp16", 32, 500, "pass", status="skipped"),
-            _row("inductor_int8", 1, 9, "fail")]
+    rows = [
+        _row("eager_fp32", 32, 10, "pass"),
+        _row("inductor_int8", 32, 80, "fail", 70.0),
+        _row("onnxruntime_int8", 32, 60, "undecided"),
+        _row("inductor_fp32", 32, 40, "pass"),
+        _row("trt_fp16", 32, 500, "pass", status="skipped"),
+        _row("inductor_int8", 1, 9, "fail"),
+    ]
     w = benchmark.winner(rows, 32)
     assert (w["variant"], w["verdict"], w["speedup"]) == ("onnxruntime_int8", "undecided", 6.0)
     assert benchmark.winner(rows, 1) == {"variant": None, "batch": 1}
     front = {p["variant"]: p["on_frontier"] for p in pareto.pareto_points(rows, 32)}
     # int8 is fastest (on the frontier, drawn red); inductor_fp32 is slower and no more accurate
-    assert front == {"eager_fp32": False, "inductor_int8": True, "onnxruntime_int8": True,
-                     "inductor_fp32": False}
+    assert front == {
+        "eager_fp32": False,
+        "inductor_int8": True,
+        "onnxruntime_int8": True,
+        "inductor_fp32": False,
+    }
 
 
 def test_the_baseline_is_channels_last_under_inference_mode(trained) -> None:
@@ -288,12 +364,14 @@ def test_the_baseline_is_channels_last_under_inference_mode(trained) -> None:
     assert rt.call(x).is_inference()
     nchw = eager_runtime(models.load_trained(trained)[0], "cpu", channels_last=False)
     assert nchw.prepare(torch.rand(2, 3, 32, 32)).is_contiguous()
-    np.testing.assert_allclose(rt(torch.ones(2, 3, 32, 32)), nchw(torch.ones(2, 3, 32, 32)),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        rt(torch.ones(2, 3, 32, 32)), nchw(torch.ones(2, 3, 32, 32)), rtol=1e-4, atol=1e-4
+    )
 
 
 def sleeper(seconds: float, classes: int = 3) -> Runtime:
     """A model whose forward takes a known time and returns the fp32 model's answer."""
+
     def call(x: torch.Tensor) -> torch.Tensor:
         time.sleep(seconds)
         return torch.nn.functional.one_hot(x[:, 0, 0, 0].long().abs() % classes, classes).float()
@@ -303,8 +381,13 @@ def sleeper(seconds: float, classes: int = 3) -> Runtime:
 
 def test_a_model_that_sleeps_a_known_time_measures_that_time() -> None:
     batches = [torch.rand(4, 3, 8, 8) for _ in range(3)]
-    protocol = {"warmup_iters": 2, "warmup_seconds": 0.0, "min_iters": 10, "min_seconds": 0.3,
-                "trials": 3}
+    protocol = {
+        "warmup_iters": 2,
+        "warmup_seconds": 0.0,
+        "min_iters": 10,
+        "min_seconds": 0.3,
+        "trials": 3,
+    }
     res = timing.time_runtime(sleeper(0.02), batches, protocol)
     # sleep(0.02) overshoots by the scheduler's slack (~0.1-1 ms); never undershoots
     assert 0.020 <= res["latency_p50_ms"] / 1000 < 0.024
@@ -357,8 +440,13 @@ def test_warm_up_calls_are_made_and_never_timed() -> None:
     """The first 5 calls take 250 ms (a JIT compiling); warmup_iters=5 keeps all of them out:
     timed without a warm-up, 5 of the 9 timed calls would be slow and so would their median."""
     probe = Probe(slow_calls=5, slow_s=0.25)
-    protocol = {"warmup_iters": 5, "warmup_seconds": 0.0, "min_iters": 9, "min_seconds": 0.0,
-                "trials": 1}
+    protocol = {
+        "warmup_iters": 5,
+        "warmup_seconds": 0.0,
+        "min_iters": 9,
+        "min_seconds": 0.0,
+        "trials": 1,
+    }
     res = timing.time_runtime(probe.runtime(), Probe.batches(3), protocol)
     assert res["latency_p50_ms"] < FAST_MS, res
     assert res["iterations"] == 9 and len(probe.calls) == 5 + 9  # made, and not counted
@@ -368,8 +456,13 @@ def test_input_conversion_is_never_timed() -> None:
     """`prepare` sleeps 250 ms; it runs once per batch before timing, and every timed call gets
     its prepared input: a harness that converted inside the timed loop would read >= 250 ms."""
     probe = Probe(prepare_s=0.25)
-    protocol = {"warmup_iters": 1, "warmup_seconds": 0.0, "min_iters": 5, "min_seconds": 0.0,
-                "trials": 2}
+    protocol = {
+        "warmup_iters": 1,
+        "warmup_seconds": 0.0,
+        "min_iters": 5,
+        "min_seconds": 0.0,
+        "trials": 2,
+    }
     res = timing.time_runtime(probe.runtime(), Probe.batches(2), protocol)
     assert res["latency_p50_ms"] < FAST_MS, res
     assert probe.prepared == 2
@@ -380,10 +473,15 @@ def test_every_input_batch_is_timed_in_turn() -> None:
     """The timed calls (the last `iterations` ones) go through all 3 batches in rotation, so a
     variant cannot be timed on one batch it has cached."""
     probe = Probe()
-    protocol = {"warmup_iters": 2, "warmup_seconds": 0.0, "min_iters": 9, "min_seconds": 0.0,
-                "trials": 2}
+    protocol = {
+        "warmup_iters": 2,
+        "warmup_seconds": 0.0,
+        "min_iters": 9,
+        "min_seconds": 0.0,
+        "trials": 2,
+    }
     res = timing.time_runtime(probe.runtime(), Probe.batches(3), protocol)
-    timed = probe.calls[-res["iterations"]:]
+    timed = probe.calls[-res["iterations"] :]
     assert len(timed) == res["iterations"] == 18
     assert sorted(timed.count(tag) for tag in (0.5, 1.5, 2.5)) == [6, 6, 6], timed
     assert all(a != b for a, b in zip(timed, timed[1:], strict=False)), timed  # never twice
@@ -393,8 +491,13 @@ def test_a_power_source_gives_each_row_its_power_and_energy_per_image() -> None:
     """What a GPU row gets through NVML, with a source that draws a known 150 W: the energy per
     image is the power over the images per second of the same trials."""
     batches = [torch.rand(4, 3, 8, 8) for _ in range(3)]
-    protocol = {"warmup_iters": 1, "warmup_seconds": 0.0, "min_iters": 5, "min_seconds": 0.3,
-                "trials": 3}
+    protocol = {
+        "warmup_iters": 1,
+        "warmup_seconds": 0.0,
+        "min_iters": 5,
+        "min_seconds": 0.3,
+        "trials": 3,
+    }
     res = timing.time_runtime(sleeper(0.02), batches, protocol, PowerSource(lambda: 150.0))
     assert res["power_avg_w"] == pytest.approx(150.0)
     assert res["power_source"] == "nvml_power_samples"
@@ -406,25 +509,47 @@ def test_throughput_mode_runs_its_processes_together() -> None:
     """2 processes of a model that sleeps 40 ms per batch of 4: together 200 images/s, twice
     what one call at a time gives; processes that ran one after another would show 100."""
     batches = [torch.rand(4, 3, 8, 8) for _ in range(3)]
-    protocol = {"warmup_iters": 1, "warmup_seconds": 0.0, "min_iters": 5, "min_seconds": 0.4,
-                "trials": 2}
-    res = timing.time_processes(functools.partial(sleeper, 0.04), batches, protocol,
-                                   concurrency=2, threads=2)
+    protocol = {
+        "warmup_iters": 1,
+        "warmup_seconds": 0.0,
+        "min_iters": 5,
+        "min_seconds": 0.4,
+        "trials": 2,
+    }
+    res = timing.time_processes(
+        functools.partial(sleeper, 0.04), batches, protocol, concurrency=2, threads=2
+    )
     assert (res["concurrency"], res["concurrency_method"]) == (
-        2, "2 processes x 1 threads, one request each")
+        2,
+        "2 processes x 1 threads, one request each",
+    )
     assert 2 * 4 / 0.046 < res["throughput_concurrent"] <= 2 * 4 / 0.040
-    assert res["throughput_concurrent_min"] <= res["throughput_concurrent"] <= \
-        res["throughput_concurrent_max"]
+    assert (
+        res["throughput_concurrent_min"]
+        <= res["throughput_concurrent"]
+        <= res["throughput_concurrent_max"]
+    )
 
 
 def test_a_failing_throughput_mode_process_is_an_error_not_a_hang() -> None:
     batches = [torch.rand(4, 3, 8, 8) for _ in range(2)]
-    protocol = {"warmup_iters": 1, "warmup_seconds": 0.0, "min_iters": 2, "min_seconds": 0.0,
-                "trials": 2}
+    protocol = {
+        "warmup_iters": 1,
+        "warmup_seconds": 0.0,
+        "min_iters": 2,
+        "min_seconds": 0.0,
+        "trials": 2,
+    }
     t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match="throughput-mode process failed: .*no such artifact"):
-        timing.time_processes(functools.partial(_missing, "no such artifact"), batches,
-                                 protocol, concurrency=2, threads=2, timeout=120)
+        timing.time_processes(
+            functools.partial(_missing, "no such artifact"),
+            batches,
+            protocol,
+            concurrency=2,
+            threads=2,
+            timeout=120,
+        )
     assert time.perf_counter() - t0 < 60
 
 
@@ -441,17 +566,22 @@ def test_garbage_outputs_and_constant_inputs_fail_before_timing() -> None:
         timing.check_inputs([real[0], real[0].clone()])
     reference = [np.eye(3)[np.arange(8) % 3] for _ in real]
     rng = np.random.default_rng(0)
-    fast_garbage = Runtime(call=lambda x: None, prepare=lambda x: x,
-                           logits=lambda y: rng.normal(size=(8, 3)))
-    with pytest.raises(timing.CheckFailed,
-                       match=r"agreement with fp32 .* is \d+\.\d%, below .*min_agreement_pct=90"):
+    fast_garbage = Runtime(
+        call=lambda x: None, prepare=lambda x: x, logits=lambda y: rng.normal(size=(8, 3))
+    )
+    with pytest.raises(
+        timing.CheckFailed,
+        match=r"agreement with fp32 .* is \d+\.\d%, below .*min_agreement_pct=90",
+    ):
         timing.check_outputs(fast_garbage, real, reference, 90)
-    nan = Runtime(call=lambda x: None, prepare=lambda x: x,
-                  logits=lambda y: np.full((8, 3), np.nan))
+    nan = Runtime(
+        call=lambda x: None, prepare=lambda x: x, logits=lambda y: np.full((8, 3), np.nan)
+    )
     with pytest.raises(timing.CheckFailed, match="non-finite"):
         timing.check_outputs(nan, real, reference, 90)
-    right = Runtime(call=lambda x: None, prepare=lambda x: x,
-                    logits=lambda y: np.eye(3)[np.arange(8) % 3])
+    right = Runtime(
+        call=lambda x: None, prepare=lambda x: x, logits=lambda y: np.eye(3)[np.arange(8) % 3]
+    )
     assert timing.check_outputs(right, real, reference, 90) == 100.0
 
 
@@ -476,8 +606,14 @@ def test_notebook_protocol_and_bad_settings(cfg) -> None:
         compose(["benchmark.protocol=fast"])
     with pytest.raises(ConfigError, match="input_batches"):
         compose(["benchmark.input_batches=1"])
-    missing = compose([f"paths.root={cfg.paths.root}", f"paths.models={cfg.paths.models}",
-                       f"paths.prepared={cfg.paths.prepared}", "data=mirror",
-                       "optimize.variants=[inductor_int8]"])
+    missing = compose(
+        [
+            f"paths.root={cfg.paths.root}",
+            f"paths.models={cfg.paths.models}",
+            f"paths.prepared={cfg.paths.prepared}",
+            "data=mirror",
+            "optimize.variants=[inductor_int8]",
+        ]
+    )
     with pytest.raises(InputError, match=r"optimize@inductor_int8"):
         benchmark.run(missing)

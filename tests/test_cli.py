@@ -20,8 +20,14 @@ from oipipe.core.variants import OPTIMIZE_VARIANTS
 def cli(*args: str) -> subprocess.CompletedProcess:
     """`python -m <args>` in a fresh process, from the project root of the code under test."""
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    return subprocess.run([sys.executable, "-m", *args], cwd=PROJECT_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def one_line(stderr: str) -> str:
@@ -44,14 +50,19 @@ def entry_error(caplog, *argv: str) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize(("content", "where", "says"), [
-    (b"data: [1, 2\n", "line 2, column 1", "flow sequence at line 1, column 7"),
-    (b"paths:\n\troot: .\n", "line 2, column 1", "spaces, never tabs"),
-    (b"paths:\n  root: .\x00\n", "line 2, column 10", "'\\x00'"),
-    (b"paths:\n  root: \xff\xfe\n", "line 2, column 9", "not UTF-8"),
-], ids=["unclosed-list", "tab", "nul-byte", "not-utf8"])
+@pytest.mark.parametrize(
+    ("content", "where", "says"),
+    [
+        (b"data: [1, 2\n", "line 2, column 1", "flow sequence at line 1, column 7"),
+        (b"paths:\n\troot: .\n", "line 2, column 1", "spaces, never tabs"),
+        (b"paths:\n  root: .\x00\n", "line 2, column 10", "'\\x00'"),
+        (b"paths:\n  root: \xff\xfe\n", "line 2, column 9", "not UTF-8"),
+    ],
+    ids=["unclosed-list", "tab", "nul-byte", "not-utf8"],
+)
 def test_malformed_params_file_is_one_line_naming_file_line_and_column(
-        tmp_path: Path, caplog, content: bytes, where: str, says: str) -> None:
+    tmp_path: Path, caplog, content: bytes, where: str, says: str
+) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(content)
     msg = entry_error(caplog, "--params", str(bad))
@@ -66,8 +77,7 @@ def test_malformed_override_names_the_override(tmp_path: Path, caplog) -> None:
     assert "not KEY=VALUE" in entry_error(caplog, "--params", str(params), "data.classes")
 
 
-def test_unknown_key_in_params_or_override_suggests_the_known_one(tmp_path: Path,
-                                                                   caplog) -> None:
+def test_unknown_key_in_params_or_override_suggests_the_known_one(tmp_path: Path, caplog) -> None:
     good = (PROJECT_ROOT / "params.yaml").read_text()
     params = tmp_path / "params.yaml"
     params.write_text(good)
@@ -125,8 +135,11 @@ def test_broken_conf_file_is_named_with_line_and_column(tmp_path: Path) -> None:
     train.write_text(train.read_text() + "epochs: [1\n")
     with pytest.raises(ConfigError, match=rf"train/default.yaml, line {lines + 2}, column 1"):
         compose([], conf)
-    with pytest.raises(ConfigError, match=r"conf/model has no option 'resnet19'; did you mean "
-                                          r"'resnet18'\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"conf/model has no option 'resnet19'; did you mean "
+        r"'resnet18'\?",
+    ):
         compose(["model=resnet19"])
 
 
@@ -140,20 +153,30 @@ def test_optimize_help_lists_every_variant() -> None:
 
 # Every stage builds its help with cli.stage_parser: one plain stage and one with options of
 # its own stand for them (a stage module that imports torch takes ~5 s to start).
-@pytest.mark.parametrize("module, own_option", [
-    ("stages.download", "--params"), ("oitools.compare", "--sweep"),
-])
+@pytest.mark.parametrize(
+    "module, own_option",
+    [
+        ("stages.download", "--params"),
+        ("oitools.compare", "--sweep"),
+    ],
+)
 def test_every_entry_point_helps_with_its_own_options(module: str, own_option: str) -> None:
     res = cli(module, "--help")
-    assert res.returncode == 0 and own_option in res.stdout and "Exit codes" in res.stdout, \
+    assert res.returncode == 0 and own_option in res.stdout and "Exit codes" in res.stdout, (
         res.stdout + res.stderr
+    )
 
 
 def checkout_copy(dst: Path) -> Path:
     """The repository's files (tracked and not ignored, as they are on disk) copied to `dst`: what a
     fresh clone holds, with the edits under test."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for rel in filter(None, listed.split("\0")):
         src = PROJECT_ROOT / rel
         if src.is_file():
@@ -177,21 +200,30 @@ def test_every_entry_point_runs_from_a_fresh_checkout(tmp_path: Path) -> None:
     tools = ["oitools.sweep", "oitools.compare", "oitools.stream", "oitools.params", "oimirror"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     runs = {m: [sys.executable, "-m", m, "--help"] for m in modules + tools}
-    runs["oitools/stream_sender.py"] = [sys.executable, str(clone / "oitools/stream_sender.py"),
-                                        "--help"]
-    runs["where"] = [sys.executable, "-c", "import stages.train, oitools.stream.client as c; "
-                     "print(stages.train.__file__, c.__file__)"]
+    runs["oitools/stream_sender.py"] = [
+        sys.executable,
+        str(clone / "oitools/stream_sender.py"),
+        "--help",
+    ]
+    runs["where"] = [
+        sys.executable,
+        "-c",
+        "import stages.train, oitools.stream.client as c; print(stages.train.__file__, c.__file__)",
+    ]
 
     def run(cmd: list[str]) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True,
-                              timeout=300)
+        return subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=300)
 
     with ThreadPoolExecutor(4) as pool:
         done = dict(zip(runs, pool.map(run, runs.values()), strict=True))
     for name, res in done.items():
         assert res.returncode == 0, f"{name}: exit {res.returncode}\n{res.stderr[-2000:]}"
         if name != "where":
-            assert "usage" in res.stdout.lower() or "hydra" in res.stdout.lower(), (name,
-                                                                                    res.stdout)
-    assert done["where"].stdout.split() == [str(clone / "stages/train.py"),
-                                            str(clone / "oitools/stream/client.py")]
+            assert "usage" in res.stdout.lower() or "hydra" in res.stdout.lower(), (
+                name,
+                res.stdout,
+            )
+    assert done["where"].stdout.split() == [
+        str(clone / "stages/train.py"),
+        str(clone / "oitools/stream/client.py"),
+    ]

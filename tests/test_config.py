@@ -25,12 +25,14 @@ def test_params_yaml_matches_a_fresh_composition_of_conf(tmp_path: Path) -> None
     write_params(fresh)
     committed = (PROJECT_ROOT / "params.yaml").read_text()
     assert fresh.read_text() == committed, (
-        "params.yaml differs from conf/ composed: run `make params` and commit the result")
+        "params.yaml differs from conf/ composed: run `make params` and commit the result"
+    )
 
 
 # conf/hydra/ holds Hydra's own settings for sweeps (tests/test_sweep.py composes them)
-@pytest.mark.parametrize("group", sorted(p.name for p in CONF_DIR.iterdir()
-                                         if p.is_dir() and p.name != "hydra"))
+@pytest.mark.parametrize(
+    "group", sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+)
 def test_every_option_of_every_group_composes_and_validates(group: str) -> None:
     options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
     assert options, f"conf/{group} has no option"
@@ -61,19 +63,29 @@ def assert_holds(expected: dict, got: dict, where: str) -> None:
 
 def test_animals7_holds_the_seven_homework_classes() -> None:
     cfg = compose(["data=animals7"])
-    assert list(cfg.data.classes) == ["Rhinoceros", "Sea turtle", "Sparrow", "Whale", "Zebra",
-                                      "Blue jay", "Armadillo"]
+    assert list(cfg.data.classes) == [
+        "Rhinoceros",
+        "Sea turtle",
+        "Sparrow",
+        "Whale",
+        "Zebra",
+        "Blue jay",
+        "Armadillo",
+    ]
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("+data.colour=red", "colour"),                   # unknown key
-    ("data.max_images_per_class=lots", "max_images_per_class"),   # wrong type
-    ("data.multiclass_policy=keep", "data.multiclass_policy"),    # not a valid choice
-    ("paths.checkpoint=sub/model.pt", "paths.checkpoint"),         # must lie inside models
-    ("data.classes=[]", "data.classes is empty"),
-    ("data.split.ratios.train=0.5", "must sum to 1"),
-    ("data.official_splits=[train,dev]", "data.official_splits"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+data.colour=red", "colour"),  # unknown key
+        ("data.max_images_per_class=lots", "max_images_per_class"),  # wrong type
+        ("data.multiclass_policy=keep", "data.multiclass_policy"),  # not a valid choice
+        ("paths.checkpoint=sub/model.pt", "paths.checkpoint"),  # must lie inside models
+        ("data.classes=[]", "data.classes is empty"),
+        ("data.split.ratios.train=0.5", "must sum to 1"),
+        ("data.official_splits=[train,dev]", "data.official_splits"),
+    ],
+)
 def test_bad_config_fails_before_any_work_naming_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         compose([override])
@@ -104,7 +116,11 @@ def test_validated_config_is_read_only() -> None:
 def test_the_schema_holds_no_values() -> None:
     """conf/ is the one place values live: the schema gives types, ranges and allowed values, and
     a key that conf/ (or params.yaml) lacks is an error, not a default from code."""
-    with_default = [f"{model.__name__}.{name}" for model in Schema.__subclasses__()
-                    for name, f in model.model_fields.items() if not f.is_required()]
+    with_default = [
+        f"{model.__name__}.{name}"
+        for model in Schema.__subclasses__()
+        for name, f in model.model_fields.items()
+        if not f.is_required()
+    ]
     assert not with_default, f"schema fields with a default: {with_default}"
     assert PipelineConf in Schema.__subclasses__()

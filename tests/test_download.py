@@ -32,8 +32,11 @@ def image_path(split: str, iid: str) -> str:
 
 
 def downloadable(manifest: dict) -> dict[str, tuple[str, str]]:
-    return {e["id"]: (e["split"], name) for name, items in manifest["downloadable"].items()
-            for e in items}
+    return {
+        e["id"]: (e["split"], name)
+        for name, items in manifest["downloadable"].items()
+        for e in items
+    }
 
 
 def test_end_to_end_with_faults(make_cfg, mirror, manifest) -> None:
@@ -65,8 +68,9 @@ def test_end_to_end_with_faults(make_cfg, mirror, manifest) -> None:
             im.load()
     assert len(list((raw / "images").rglob("*.jpg"))) == len(expected)
     missing = {r["ImageID"]: r["reason"] for r in read_csv(raw / "missing.csv")}
-    assert {e["id"] for e in manifest["missing"]} | {e["id"] for e in manifest["not_jpeg"]} \
-        == set(missing)
+    assert {e["id"] for e in manifest["missing"]} | {e["id"] for e in manifest["not_jpeg"]} == set(
+        missing
+    )
     assert all(missing[e["id"]].startswith("missing: ") for e in manifest["missing"])
     # attribution comes from the image-ID CSVs, whose authors and titles contain commas/quotes
     truth = {}
@@ -82,20 +86,21 @@ def test_end_to_end_with_faults(make_cfg, mirror, manifest) -> None:
     # the statistics: printed table rows add up, and the DVC metrics file holds the same
     on_disk = json.loads((path(cfg, "metrics") / "download.json").read_text())
     assert on_disk == metrics
-    assert metrics["all.images"] == sum(metrics[f"{s}.images"] for s in ("train", "validation",
-                                                                          "test"))
+    assert metrics["all.images"] == sum(
+        metrics[f"{s}.images"] for s in ("train", "validation", "test")
+    )
     assert metrics["all.Zebra.count"] == 10
     assert metrics["all.Zebra.share_pct"] == pytest.approx(100 / 3, abs=1e-2)
 
 
-def test_rerun_and_new_classes_fetch_only_what_is_not_cached(make_cfg, mirror,
-                                                            manifest) -> None:
+def test_rerun_and_new_classes_fetch_only_what_is_not_cached(make_cfg, mirror, manifest) -> None:
     def carrying(name: str) -> set[str]:
         # alone among the requested classes, a multi-class image is a single-class one
-        return ({e["id"] for e in manifest["downloadable"][name]}
-                | {e["id"] for e in manifest["multi_class"] if name in e["classes"]}
-                | {e["id"] for e in manifest["missing"] + manifest["not_jpeg"]
-                   if e["class"] == name})
+        return (
+            {e["id"] for e in manifest["downloadable"][name]}
+            | {e["id"] for e in manifest["multi_class"] if name in e["classes"]}
+            | {e["id"] for e in manifest["missing"] + manifest["not_jpeg"] if e["class"] == name}
+        )
 
     download.run(make_cfg("data.classes=[Zebra]", srv=mirror))
     assert {Path(p).stem for p in mirror.requests if p.endswith(".jpg")} == carrying("Zebra")
@@ -109,8 +114,9 @@ def test_rerun_and_new_classes_fetch_only_what_is_not_cached(make_cfg, mirror,
     download.run(make_cfg("data.classes=[Zebra, Blue jay]", srv=mirror))
     # the metadata CSVs are cached: none is fetched again when the classes change
     assert not any(p.endswith(".csv") for p in mirror.requests)
-    assert {Path(p).stem for p in mirror.requests} == (carrying("Blue jay") - carrying("Zebra")
-                                                       ) | failed
+    assert {Path(p).stem for p in mirror.requests} == (
+        carrying("Blue jay") - carrying("Zebra")
+    ) | failed
 
 
 def test_cap_and_sampling_are_deterministic_per_seed(make_cfg, mirror, manifest) -> None:
@@ -154,8 +160,9 @@ def test_jpeg_cut_short_with_a_matching_content_length_is_invalid(make_cfg, tmp_
     assert not [p for p in cache.rglob("*") if p.stem in cut], "a cut JPEG reached the cache"
 
 
-def test_an_image_over_max_image_mb_is_invalid_and_never_written(make_cfg, private_mirror,
-                                                                 manifest) -> None:
+def test_an_image_over_max_image_mb_is_invalid_and_never_written(
+    make_cfg, private_mirror, manifest
+) -> None:
     # a real JPEG that decodes, just too big: only the size cap can reject it
     big = manifest["downloadable"]["Zebra"][0]
     noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)
@@ -174,8 +181,9 @@ def test_an_image_over_max_image_mb_is_invalid_and_never_written(make_cfg, priva
     assert not list(path(cfg, "raw").rglob(f"{big['id']}*"))
 
 
-def test_multiclass_policy_first_assigns_the_first_requested_class(make_cfg, mirror,
-                                                                   manifest) -> None:
+def test_multiclass_policy_first_assigns_the_first_requested_class(
+    make_cfg, mirror, manifest
+) -> None:
     cfg = make_cfg("data.multiclass_policy=first", srv=mirror)
     metrics = download.run(cfg)
     labels = {r["ImageID"]: r["class"] for r in read_csv(path(cfg, "raw") / "labels.csv")}
@@ -199,8 +207,9 @@ def test_metadata_download_resumes_with_http_range(make_cfg, mirror) -> None:
     assert cached.read_bytes() == (mirror.root / rel).read_bytes()
 
 
-def test_resumed_download_of_a_changed_file_restarts_with_the_new_file(private_mirror,
-                                                                     tmp_path) -> None:
+def test_resumed_download_of_a_changed_file_restarts_with_the_new_file(
+    private_mirror, tmp_path
+) -> None:
     # The first attempt breaks off halfway; the file then changes on the server (same size, new
     # content). Resuming must not splice the old half onto the new file's tail: the If-Range
     # validator (the ETag kept beside the .part) makes the server send the new file whole.
@@ -233,13 +242,18 @@ def test_resumed_download_of_a_changed_file_restarts_with_the_new_file(private_m
     assert not part.exists() and not dest.with_name(dest.name + ".part.json").exists()
 
 
-def test_killed_download_resumes_without_refetching_completed_images(make_cfg, mirror_dir,
-                                                                     tmp_path) -> None:
+def test_killed_download_resumes_without_refetching_completed_images(
+    make_cfg, mirror_dir, tmp_path
+) -> None:
     with MirrorServer(mirror_dir, latency=0.15) as srv:
         cfg = make_cfg("runtime.fetch.workers=2", srv=srv)
         params = write_params(cfg, tmp_path / "params.yaml")
-        proc = subprocess.Popen(stage_cmd("download", params), cwd=PROJECT_ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            stage_cmd("download", params),
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 120
         while sum(1 for p in srv.requests if p.endswith(".jpg")) < 8:
             assert proc.poll() is None, "download finished before it could be killed"
@@ -273,8 +287,10 @@ def test_unknown_and_miscased_class_names(make_cfg, mirror, caplog) -> None:
         download.run(make_cfg("data.classes=[Personal flotation device]", srv=mirror))
     mirror.reset_counts()
     # the entry point turns it into exit code 2 before anything is fetched
-    params = write_params(make_cfg("data.classes=[Zebra, Whael]", srv=mirror),
-                          Path(cfg.paths.root).parent / "bad.yaml")
+    params = write_params(
+        make_cfg("data.classes=[Zebra, Whael]", srv=mirror),
+        Path(cfg.paths.root).parent / "bad.yaml",
+    )
     assert cli.run_stage("download", download.run, ["--params", str(params)]) == 2
     assert "unknown class 'Whael': did you mean" in caplog.text and "'Whale'" in caplog.text
     assert not mirror.requests
@@ -285,21 +301,23 @@ def test_class_with_no_image_is_an_error_or_a_counted_skip(make_cfg, mirror) -> 
     with pytest.raises(InputError, match=r"Armadillo.*on_empty_class=skip"):
         download.run(cfg)
     assert not path(cfg, "raw").exists(), "a failed run must not leave outputs"
-    metrics = download.run(make_cfg("data.classes=[Zebra, Armadillo]",
-                                    "data.on_empty_class=skip", srv=mirror))
+    metrics = download.run(
+        make_cfg("data.classes=[Zebra, Armadillo]", "data.on_empty_class=skip", srv=mirror)
+    )
     assert metrics["empty_classes"] == 1 and metrics["all.Armadillo.count"] == 0
     assert metrics["downloaded"] == metrics["all.Zebra.count"] > 0
 
 
-def test_bad_rows_and_traversal_ids_are_counted_never_fetched(make_cfg, private_mirror,
-                                                              manifest) -> None:
+def test_bad_rows_and_traversal_ids_are_counted_never_fetched(
+    make_cfg, private_mirror, manifest
+) -> None:
     zebra = manifest["classes"]["Zebra"]
     labels = private_mirror / "openimages" / LABEL_FILES["train"]
     with open(labels, "a") as f:
         f.write(f"../../etc/passwd,verification,{zebra},1\n")
-        f.write(f"ABCDEF0123456789,verification,{zebra},1\n")   # upper case: not an ImageID
+        f.write(f"ABCDEF0123456789,verification,{zebra},1\n")  # upper case: not an ImageID
         f.write(f"0123456789abcdef,verification,{zebra},yes\n")  # bad confidence
-        f.write(f"0123456789abcdee,verification,{zebra}\n")      # missing field
+        f.write(f"0123456789abcdee,verification,{zebra}\n")  # missing field
     scan = scan_labels(labels, [zebra])
     assert scan.bad_ids == 2 and scan.malformed == 1 + 2
     with MirrorServer(private_mirror) as srv:
@@ -336,8 +354,9 @@ def test_parallel_jobs_sharing_a_cache_fetch_a_metadata_file_once(mirror, tmp_pa
     dest = tmp_path / "cache" / rel
     fetchers = [Fetcher(retries=1, backoff=0.01, timeout=10) for _ in range(3)]
     with ThreadPoolExecutor(3) as pool:
-        got = list(pool.map(lambda f: f.download_file(f"{mirror.metadata_url}{rel}", dest),
-                            fetchers))
+        got = list(
+            pool.map(lambda f: f.download_file(f"{mirror.metadata_url}{rel}", dest), fetchers)
+        )
     assert got == [dest] * 3
     assert mirror.requests[f"openimages/{rel}"] == 1
     with urllib.request.urlopen(f"{mirror.metadata_url}{rel}") as r:

@@ -43,8 +43,12 @@ def sh(*cmd: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProces
 
 
 def tree_hashes(root: Path, folders: tuple[str, ...] = OUTPUTS) -> dict[str, str]:
-    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for d in folders for f in sorted((root / d).rglob("*")) if f.is_file()}
+    return {
+        str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for d in folders
+        for f in sorted((root / d).rglob("*"))
+        if f.is_file()
+    }
 
 
 def make_project(dst: Path, srv: MirrorServer) -> Path:
@@ -52,24 +56,25 @@ def make_project(dst: Path, srv: MirrorServer) -> Path:
     dst.mkdir()
     # the stages, the library they import, and photos/ (data.folder, a download dependency)
     for name in ("conf", "stages", "oipipe", "photos"):
-        shutil.copytree(PROJECT_ROOT / name, dst / name,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            PROJECT_ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__")
+        )
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(PROJECT_ROOT / name, dst / name)
     tiny = {
         "data": f"defaults: [mirror, _self_]\nmetadata_url: {srv.metadata_url}\n"
-                f"images_url: {srv.images_url}\nimage_size: 48\n",
+        f"images_url: {srv.images_url}\nimage_size: 48\n",
         "model": "defaults: [efficientnet_lite0, _self_]\ninput_size: 48\n",
         "train": "defaults: [default, _self_]\nepochs: 1\nprecision: fp32\n",
         "export": "defaults: [default, _self_]\nformats: [onnx]\nverify_batch_sizes: [1, 2]\n",
         "optimize": "defaults: [default, _self_]\nvariants: [onnxruntime_fp32]\n"
-                    "calibration_images: 8\n",
+        "calibration_images: 8\n",
         "benchmark": "defaults: [default, _self_]\nthreads: 1\npresets:\n  default:\n"
-                     "    batch_sizes: [2]\n    warmup_iters: 1\n    warmup_seconds: 0\n"
-                     "    min_iters: 2\n    min_seconds: 0\n    trials: 2\n",
+        "    batch_sizes: [2]\n    warmup_iters: 1\n    warmup_seconds: 0\n"
+        "    min_iters: 2\n    min_seconds: 0\n    trials: 2\n",
         "tracking": "defaults: [default, _self_]\nenabled: false\n",
         "runtime": "defaults: [default, _self_]\ntrain_workers: 0\nsystem_metrics: false\n"
-                   "log_model: false\nfetch: {backoff: 0.01, retries: 3, timeout: 5, workers: 4}\n",
+        "log_model: false\nfetch: {backoff: 0.01, retries: 3, timeout: 5, workers: 4}\n",
     }
     config = dst / "conf" / "config.yaml"
     text = config.read_text()
@@ -131,15 +136,24 @@ def _failed_logs(project: Path, status: str) -> str:
     for line in status.splitlines():
         if "Failed" in line and line.split():
             task = line.split()[0]
-            res = subprocess.run(["dvc", "queue", "logs", task], cwd=project, env=ENV,
-                                 capture_output=True, text=True, timeout=60)
-            out.append(f"\n--- dvc queue logs {task} (last 60 lines):\n"
-                       + "\n".join((res.stdout + res.stderr).splitlines()[-60:]))
+            res = subprocess.run(
+                ["dvc", "queue", "logs", task],
+                cwd=project,
+                env=ENV,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            out.append(
+                f"\n--- dvc queue logs {task} (last 60 lines):\n"
+                + "\n".join((res.stdout + res.stderr).splitlines()[-60:])
+            )
     return "".join(out)
 
 
 def test_queued_experiments_run_in_parallel_and_share_the_download_cache(
-        reproduced: Path, served: MirrorServer, manifest: dict) -> None:
+    reproduced: Path, served: MirrorServer, manifest: dict
+) -> None:
     project = reproduced
     baseline_requests = Counter(served.requests)
     # the baseline fetched every metadata file and every image once
@@ -149,8 +163,20 @@ def test_queued_experiments_run_in_parallel_and_share_the_download_cache(
     # tracking on (the baseline ran without), so both create the project's store at once
     store = project / "mlflow.db"
     assert not store.exists()
-    sh("dvc", "exp", "run", "--queue", "train", "-S", "train.lr=0.01,0.003",
-       "-S", "data.max_images_per_class=8", "-S", "tracking.enabled=true", cwd=project)
+    sh(
+        "dvc",
+        "exp",
+        "run",
+        "--queue",
+        "train",
+        "-S",
+        "train.lr=0.01,0.003",
+        "-S",
+        "data.max_images_per_class=8",
+        "-S",
+        "tracking.enabled=true",
+        cwd=project,
+    )
     queued = sh("dvc", "queue", "status", cwd=project).stdout
     assert queued.count("Queued") == 2, queued
     t0 = time.monotonic()
@@ -158,8 +184,9 @@ def test_queued_experiments_run_in_parallel_and_share_the_download_cache(
         sh("dvc", "queue", "start", "-j", "2", cwd=project)
         status = wait_for_queue(project, timeout=300)
     finally:  # the workers leave after 10 s idle; stop them now (a no-op if they have)
-        subprocess.run(["dvc", "queue", "stop"], cwd=project, env=ENV, capture_output=True,
-                       timeout=60)
+        subprocess.run(
+            ["dvc", "queue", "stop"], cwd=project, env=ENV, capture_output=True, timeout=60
+        )
     print(f"2 queued experiments with -j 2: {time.monotonic() - t0:.0f} s")
     assert status.count("Success") == 2, status + _failed_logs(project, status)
 
@@ -200,15 +227,19 @@ def test_queued_experiments_run_in_parallel_and_share_the_download_cache(
     # metadata file and no image the mirror has was fetched again. Only what the cache cannot
     # hold is asked for again, once by each experiment: the images the mirror lacks or serves
     # broken (which also shows that both ran `download` against the mirror).
-    uncacheable = {f"open-images-dataset/{e['split']}/{e['id']}.jpg"
-                   for kind in ("missing", "not_jpeg") for e in manifest[kind]}
+    uncacheable = {
+        f"open-images-dataset/{e['split']}/{e['id']}.jpg"
+        for kind in ("missing", "not_jpeg")
+        for e in manifest[kind]
+    }
     again = Counter(served.requests) - baseline_requests
     assert set(again) <= uncacheable, sorted(set(again) - uncacheable)
     assert again and set(again.values()) == {2}, again
 
 
 def test_push_to_a_local_remote_then_clone_and_pull_restores_every_output(
-        reproduced: Path, tmp_path: Path) -> None:
+    reproduced: Path, tmp_path: Path
+) -> None:
     project = reproduced
     remote = tmp_path / "remote"
     sh("dvc", "remote", "add", "-d", "local", str(remote), cwd=project)
@@ -224,6 +255,10 @@ def test_push_to_a_local_remote_then_clone_and_pull_restores_every_output(
     status = sh("dvc", "status", "export", cwd=clone).stdout.strip()
     assert status == "Data and pipelines are up to date.", status
     expected = tree_hashes(project)
-    assert {"models/model.pt", "artifacts/exported/model.onnx", "data/raw/labels.csv",
-            "data/prepared/train.csv"} <= set(expected)
+    assert {
+        "models/model.pt",
+        "artifacts/exported/model.onnx",
+        "data/raw/labels.csv",
+        "data/prepared/train.csv",
+    } <= set(expected)
     assert tree_hashes(clone) == expected

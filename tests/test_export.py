@@ -22,9 +22,17 @@ from stages import export
 @pytest.fixture
 def export_cfg(prepared, trained, tmp_path):
     def make(*overrides: str):
-        return compose(["data=mirror", f"paths.root={tmp_path}", f"paths.prepared={prepared}",
-                        f"paths.models={trained.parent}", "tracking.enabled=false",
-                        "export.verify_batch_sizes=[1,8]", *overrides])
+        return compose(
+            [
+                "data=mirror",
+                f"paths.root={tmp_path}",
+                f"paths.prepared={prepared}",
+                f"paths.models={trained.parent}",
+                "tracking.enabled=false",
+                "export.verify_batch_sizes=[1,8]",
+                *overrides,
+            ]
+        )
 
     return make
 
@@ -33,9 +41,16 @@ def export_cfg(prepared, trained, tmp_path):
 def exported(prepared, trained, tmp_path_factory):
     """One export of every format, shared by the tests that only read it."""
     root = tmp_path_factory.mktemp("exported")
-    cfg = compose(["data=mirror", f"paths.root={root}", f"paths.prepared={prepared}",
-                   f"paths.models={trained.parent}", "tracking.enabled=false",
-                   "export.verify_batch_sizes=[1,8]"])
+    cfg = compose(
+        [
+            "data=mirror",
+            f"paths.root={root}",
+            f"paths.prepared={prepared}",
+            f"paths.models={trained.parent}",
+            "tracking.enabled=false",
+            "export.verify_batch_sizes=[1,8]",
+        ]
+    )
     return cfg, export.run(cfg)
 
 
@@ -74,11 +89,17 @@ def test_artifacts_round_trip_in_a_fresh_process(exported, trained, tmp_path) ->
     x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # batch 5: unseen
     with torch.no_grad():
         want = model(x).numpy()
-    got = logits_in_fresh_process(x, path(cfg, "exported"), tmp_path, (
-        "from oipipe.core.variants import FORMATS\n"
-        "from oipipe.deploy.runtime import load_artifact\n"
-        "for f, row in FORMATS.items():\n"
-        "    out[f] = load_artifact(d / row.file)[0](x)"))
+    got = logits_in_fresh_process(
+        x,
+        path(cfg, "exported"),
+        tmp_path,
+        (
+            "from oipipe.core.variants import FORMATS\n"
+            "from oipipe.deploy.runtime import load_artifact\n"
+            "for f, row in FORMATS.items():\n"
+            "    out[f] = load_artifact(d / row.file)[0](x)"
+        ),
+    )
     for fmt in FORMATS:
         np.testing.assert_allclose(got[fmt], want, rtol=1e-4, atol=1e-4 * abs(want).max())
 
@@ -93,8 +114,9 @@ def test_a_failed_check_fails_the_stage_after_writing_the_report(export_cfg) -> 
     assert report["torchscript.ok"] is False
 
 
-def test_missing_corrupt_or_foreign_checkpoint_is_a_clear_error(export_cfg, trained,
-                                                                tmp_path) -> None:
+def test_missing_corrupt_or_foreign_checkpoint_is_a_clear_error(
+    export_cfg, trained, tmp_path
+) -> None:
     with pytest.raises(models.WeightsError, match="does not exist: run the train stage first"):
         export.run(export_cfg(f"paths.models={tmp_path / 'none'}"))
     bad = tmp_path / "bad"

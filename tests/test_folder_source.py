@@ -74,9 +74,9 @@ def test_download_imports_what_decodes_and_lists_the_rest(make_cfg, tree: Path) 
     metrics = download.run(cfg)
     raw = path(cfg, "raw")
 
-    assert {k: metrics[k] for k in ("found", "imported", "undecodable", "not_an_image",
-                                    "duplicates")} == {
-        "found": 17, "imported": 14, "undecodable": 1, "not_an_image": 1, "duplicates": 1}
+    assert {
+        k: metrics[k] for k in ("found", "imported", "undecodable", "not_an_image", "duplicates")
+    } == {"found": 17, "imported": 14, "undecodable": 1, "not_an_image": 1, "duplicates": 1}
     assert json.loads((path(cfg, "metrics") / "download.json").read_text()) == metrics
     assert [metrics[f"all.{c}.count"] for c in ("Airplane", "Bird", "Plastic bag")] == [4, 5, 5]
     missing = {r["source"]: r["reason"] for r in read_csv(raw / "missing.csv")}
@@ -128,8 +128,9 @@ def test_prepare_orients_resizes_and_splits_stratified(make_cfg, tree: Path) -> 
     assert metrics["skipped_undecodable"] == 0
     assert read_csv(out / "stats.csv")  # the per-split table is written as well as printed
 
-    attribution = {r["source"]: r["ImageID"] for r in read_csv(path(cfg, "raw")
-                                                                / "attribution.csv")}
+    attribution = {
+        r["source"]: r["ImageID"] for r in read_csv(path(cfg, "raw") / "attribution.csv")
+    }
     with Image.open(tree / "Bird" / "rotated.jpg") as im:
         assert im.size == (120, 80)
     with Image.open(out / "images" / f"{attribution['Bird/rotated.jpg']}.jpg") as im:
@@ -142,11 +143,15 @@ def test_classes_select_and_order_folders(make_cfg, tree: Path) -> None:
     cfg = folder_cfg(make_cfg, tree, "data.classes=[Plastic bag,Bird]")
     metrics = download.run(cfg)
     prepare.run(cfg)
-    assert (path(cfg, "prepared") / "labels.txt").read_text().splitlines() == ["Plastic bag",
-                                                                               "Bird"]
+    assert (path(cfg, "prepared") / "labels.txt").read_text().splitlines() == [
+        "Plastic bag",
+        "Bird",
+    ]
     assert metrics["found"] == 11 and metrics["imported"] == 10
-    assert {r["class"] for r in read_csv(path(cfg, "raw") / "labels.csv")} == {"Plastic bag",
-                                                                               "Bird"}
+    assert {r["class"] for r in read_csv(path(cfg, "raw") / "labels.csv")} == {
+        "Plastic bag",
+        "Bird",
+    }
 
     with pytest.raises(InputError) as err:
         download.run(folder_cfg(make_cfg, tree, "data.classes=[Bird,Cat]"))

@@ -58,8 +58,7 @@ class Server(ThreadingHTTPServer):
 @pytest.fixture
 def server() -> Iterator[Server]:
     srv = Server()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield srv
@@ -73,17 +72,20 @@ def status(code: int, **headers: str) -> Responder:
         body = f"{code}\n".encode()
         h.head(code, {"Content-Length": str(len(body)), **headers})
         h.wfile.write(body)
+
     return answer
 
 
 def ok(body: bytes = BODY, keep: float = 1.0) -> Responder:
     """200 with the whole Content-Length; with keep < 1 only that share of the body is sent
     before the connection closes (a dropped link)."""
+
     def answer(h: Handler) -> None:
         h.head(200, {"Content-Length": str(len(body)), "ETag": '"v1"'})
         h.wfile.write(body[: int(len(body) * keep)])
         if keep < 1.0:
             h.close_connection = True
+
     return answer
 
 
@@ -94,6 +96,7 @@ def hang_up(h: Handler) -> None:
 
 def headers_then_silence(length: int) -> Responder:
     """Headers announcing `length` bytes, then no byte of body until the client hangs up."""
+
     def answer(h: Handler) -> None:
         h.head(200, {"Content-Length": str(length)})
         h.wfile.flush()
@@ -101,11 +104,13 @@ def headers_then_silence(length: int) -> Responder:
         if readable and not h.connection.recv(1):
             h.server.hung_up.set()
         h.close_connection = True
+
     return answer
 
 
 def endless_chunks(limit: int) -> Responder:
     """A chunked body with no Content-Length, streamed until the client hangs up (or `limit`)."""
+
     def answer(h: Handler) -> None:
         h.head(200, {"Transfer-Encoding": "chunked"})
         chunk, sent = b"\xff" * (1 << 16), 0
@@ -118,6 +123,7 @@ def endless_chunks(limit: int) -> Responder:
             h.server.sent[h.path] = sent
             h.server.hung_up.set()
         h.close_connection = True
+
     return answer
 
 
@@ -140,8 +146,9 @@ def test_retry_after_is_waited_for(server: Server, tmp_path: Path, code: int, ho
 
 
 @pytest.mark.parametrize("how", ["get_bytes", "download_file"])
-def test_one_retry_budget_across_urllib3_and_the_resume_loop(server: Server, tmp_path: Path,
-                                                             how: str) -> None:
+def test_one_retry_budget_across_urllib3_and_the_resume_loop(
+    server: Server, tmp_path: Path, how: str
+) -> None:
     # A body cut short (retried by Fetcher's own loop), then 503s (retried by urllib3): 3 retries
     # in all make 4 requests, not 3 resumes of 1 + 3 urllib3 attempts each.
     server.routes["/f"] = [ok(keep=0.5), status(503)]
@@ -153,8 +160,9 @@ def test_one_retry_budget_across_urllib3_and_the_resume_loop(server: Server, tmp
 
 
 @pytest.mark.parametrize("how", ["get_bytes", "download_file"])
-def test_dropped_connections_spend_the_same_budget(server: Server, tmp_path: Path,
-                                                   how: str) -> None:
+def test_dropped_connections_spend_the_same_budget(
+    server: Server, tmp_path: Path, how: str
+) -> None:
     server.routes["/f"] = [hang_up]  # urllib3 retries these itself, inside one GET
     fetcher = Fetcher(retries=2, backoff=0.01, timeout=5)
     with pytest.raises(FetchError, match=r"gave up after 2 retries \(ConnectionError"):
@@ -188,5 +196,6 @@ def test_a_body_without_length_is_cut_off_once_past_the_cap(server: Server) -> N
 
 def test_a_body_within_the_cap_arrives_whole(server: Server) -> None:
     server.routes["/ok.jpg"] = [ok()]
-    assert Fetcher(retries=0, timeout=5).get_bytes(server.url("/ok.jpg"),
-                                                   max_bytes=len(BODY)) == BODY
+    assert (
+        Fetcher(retries=0, timeout=5).get_bytes(server.url("/ok.jpg"), max_bytes=len(BODY)) == BODY
+    )

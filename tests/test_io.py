@@ -72,8 +72,13 @@ write_csv(Path(sys.argv[1]), ["i", "payload"], rows())
 def test_a_process_killed_mid_write_leaves_the_old_file_whole(tmp_path: Path) -> None:
     target = tmp_path / "raw" / "labels.csv"
     write_text(target, OLD)
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(target)], cwd=PROJECT_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, str(target)],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()  # blocks until the writer is 1 MiB in
         assert line == "writing\n", f"the writer did not start: {proc.communicate()[1]}"
@@ -129,13 +134,17 @@ def tree(folder: Path) -> dict[str, bytes] | None:
     """Every file under `folder` with its bytes; None if there is no such folder."""
     if not folder.is_dir():
         return None
-    return {p.relative_to(folder).as_posix(): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("swap", ["exchange", "rename"])
-def test_a_process_killed_at_any_step_of_a_folder_swap_loses_nothing(tmp_path: Path,
-                                                                      swap: str) -> None:
+def test_a_process_killed_at_any_step_of_a_folder_swap_loses_nothing(
+    tmp_path: Path, swap: str
+) -> None:
     old = {"labels.csv": b"old", "images/a.jpg": b"old image"}
     new = {"labels.csv": b"new", "images/b.jpg": b"new image"}
     work, out = tmp_path / "work", tmp_path / "work" / "raw"
@@ -147,8 +156,13 @@ def test_a_process_killed_at_any_step_of_a_folder_swap_loses_nothing(tmp_path: P
             (out / name).write_bytes(data)
 
     def swap_dying_after(n: int) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", DYING_SWAP, str(out), str(n), swap],
-                              cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-c", DYING_SWAP, str(out), str(n), swap],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     previous_output()
     full = swap_dying_after(0)

@@ -13,17 +13,32 @@ import pytest
 from oipipe.core.config import PROJECT_ROOT
 from oipipe.measure import machine
 
-KEYS = ["cpu", "cores", "native_bf16", "cpu_flags_relevant", "gpu", "gpu_driver", "cuda",
-        "python", "platform", "torch", "torchvision", "onnxruntime", "torchao", "torch_tensorrt",
-        "tensorrt"]
+KEYS = [
+    "cpu",
+    "cores",
+    "native_bf16",
+    "cpu_flags_relevant",
+    "gpu",
+    "gpu_driver",
+    "cuda",
+    "python",
+    "platform",
+    "torch",
+    "torchvision",
+    "onnxruntime",
+    "torchao",
+    "torch_tensorrt",
+    "tensorrt",
+]
 
 
 def fake_nvidia_smi(folder: Path, stdout: str, code: int = 0) -> Path:
     """An `nvidia-smi` on PATH that prints `stdout`, exits with `code`, and logs its arguments."""
     folder.mkdir(parents=True, exist_ok=True)
     exe = folder / "nvidia-smi"
-    exe.write_text(f"#!/bin/sh\necho \"$@\" >> '{folder}/args'\nprintf '%s' '{stdout}'\n"
-                   f"exit {code}\n")
+    exe.write_text(
+        f"#!/bin/sh\necho \"$@\" >> '{folder}/args'\nprintf '%s' '{stdout}'\nexit {code}\n"
+    )
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     return folder / "args"
 
@@ -39,8 +54,9 @@ def only_fake_path(tmp_path, monkeypatch) -> Path:
 
 
 def test_gpu_name_and_driver_come_from_nvidia_smi(only_fake_path) -> None:
-    args = fake_nvidia_smi(only_fake_path, "NVIDIA H100 80GB HBM3, 570.86.15\n"
-                                           "NVIDIA H100 80GB HBM3, 570.86.15\n")
+    args = fake_nvidia_smi(
+        only_fake_path, "NVIDIA H100 80GB HBM3, 570.86.15\nNVIDIA H100 80GB HBM3, 570.86.15\n"
+    )
     info = machine.machine_info()
     assert (info["gpu"], info["gpu_driver"]) == ("NVIDIA H100 80GB HBM3", "570.86.15")
     assert args.read_text().split() == ["--query-gpu=name,driver_version", "--format=csv,noheader"]
@@ -77,8 +93,13 @@ def test_relevant_cpu_flags_and_native_bf16(monkeypatch) -> None:
     monkeypatch.setattr(machine, "cpuinfo", lambda: {"model name": "Test CPU", "flags": flags})
     info = machine.machine_info()
     assert info["cpu"] == "Test CPU"
-    assert info["cpu_flags_relevant"] == ["amx_tile", "avx512_bf16", "avx512_vnni", "avx512f",
-                                          "avx_vnni"]
+    assert info["cpu_flags_relevant"] == [
+        "amx_tile",
+        "avx512_bf16",
+        "avx512_vnni",
+        "avx512f",
+        "avx_vnni",
+    ]
     assert info["native_bf16"] is True
     monkeypatch.setattr(machine, "cpuinfo", lambda: {"flags": "fpu avx2 avx512f"})
     assert machine.cpu_flags() == {"fpu", "avx2", "avx512f"}
@@ -94,10 +115,13 @@ def test_library_versions_from_package_metadata() -> None:
 
 
 def test_machine_facts_do_not_import_torch() -> None:
-    code = ("import sys, oipipe.measure.machine as m; info = m.machine_info(); "
-            "assert 'torch' not in sys.modules, 'torch imported'; print(info['torch'])")
-    res = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True,
-                         text=True, timeout=120)
+    code = (
+        "import sys, oipipe.measure.machine as m; info = m.machine_info(); "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(info['torch'])"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == metadata.version("torch")
 
@@ -106,11 +130,22 @@ def test_one_answer_to_whether_the_cpu_has_native_bf16() -> None:
     # Training once asked torch's private probes (torch.cpu._is_avx512_bf16_supported,
     # _is_amx_tile_supported) while optimize read /proc/cpuinfo: two answers that could
     # disagree. machine.cpu_has_native_bf16 is the one; nothing else asks the CPU itself.
-    probes = ("/proc/cpuinfo", "torch.cpu._is_", "_is_avx512_bf16_supported",
-              "_is_amx_tile_supported")
-    files = [f for folder in ("stages", "oipipe", "oitools", "oimirror", "benchmarks")
-             for f in (PROJECT_ROOT / folder).rglob("*.py")
-             if f != PROJECT_ROOT / "oipipe" / "measure" / "machine.py"]
-    askers = [f"{f.relative_to(PROJECT_ROOT)}: {p}" for f in sorted(files) for p in probes
-              if p in f.read_text()]
+    probes = (
+        "/proc/cpuinfo",
+        "torch.cpu._is_",
+        "_is_avx512_bf16_supported",
+        "_is_amx_tile_supported",
+    )
+    files = [
+        f
+        for folder in ("stages", "oipipe", "oitools", "oimirror", "benchmarks")
+        for f in (PROJECT_ROOT / folder).rglob("*.py")
+        if f != PROJECT_ROOT / "oipipe" / "measure" / "machine.py"
+    ]
+    askers = [
+        f"{f.relative_to(PROJECT_ROOT)}: {p}"
+        for f in sorted(files)
+        for p in probes
+        if p in f.read_text()
+    ]
     assert not askers, askers

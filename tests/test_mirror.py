@@ -278,8 +278,9 @@ def test_deterministic_and_padded(tmp_path: Path) -> None:
 
 def test_class_names_resolve_as_the_download_stage_resolves_them(tmp_path: Path) -> None:
     # any case, as data.classes accepts it; the manifest holds the Open Images display name
-    m = generate(tmp_path / "any-case", classes=["sea TURTLE"], images_per_class=1,
-                 distractor_classes=())
+    m = generate(
+        tmp_path / "any-case", classes=["sea TURTLE"], images_per_class=1, distractor_classes=()
+    )
     assert m["classes"] == {"Sea turtle": "/m/0120dh"} and list(m["downloadable"]) == ["Sea turtle"]
 
 
@@ -327,10 +328,16 @@ def test_cli_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     api = tmp_path / "api"
     generate(api, classes=["Zebra", "Sea turtle"], images_per_class=3, seed=5, truncated=1)
     assert tree(out) == tree(api)
-    assert_one_line_error(capsys, ["generate", str(out), "--classes", "Personal flotation device"],
-                          r"unknown class 'Personal flotation device'")
-    assert_one_line_error(capsys, ["serve", str(tmp_path / "nothing")],
-                          r"has no openimages/ and open-images-dataset/: run .* generate")
+    assert_one_line_error(
+        capsys,
+        ["generate", str(out), "--classes", "Personal flotation device"],
+        r"unknown class 'Personal flotation device'",
+    )
+    assert_one_line_error(
+        capsys,
+        ["serve", str(tmp_path / "nothing")],
+        r"has no openimages/ and open-images-dataset/: run .* generate",
+    )
 
 
 def assert_one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], match: str) -> None:
@@ -566,15 +573,20 @@ def test_from_folders_lays_photos_out_as_open_images_serves_them(
     assert {s: n for s, (n, _) in sources.items()} == {
         **{f"zebra/z{i}.jpg": "Zebra" for i in range(4)},
         "zebra/more/0123456789abcdef.jpg": "Zebra",
-        **{f"Sea turtle/t{i}.jpg": "Sea turtle" for i in range(3)}}
+        **{f"Sea turtle/t{i}.jpg": "Sea turtle" for i in range(3)},
+    }
     # every served image is listed, in exactly one split, and nothing else is in the bucket
     served = {p.stem: p.parent.name for p in (out / "open-images-dataset").rglob("*.jpg")}
     assert served == {e["id"]: e["split"] for v in manifest["downloadable"].values() for e in v}
     assert {e["split"] for e in manifest["downloadable"]["Zebra"]} == set(SPLITS)  # 5 -> 3/1/1
     assert sum(len(r) for r in labels.values()) == 8
     skipped = {s["source"]: s["reason"].split(":")[0] for s in manifest["skipped"]}
-    assert skipped == {"zebra/broken.jpg": "unreadable", "zebra/notes.txt": "unreadable",
-                       "Sea turtle/png.jpg": "unreadable", "zebra/zz-copy.jpg": "duplicate"}
+    assert skipped == {
+        "zebra/broken.jpg": "unreadable",
+        "zebra/notes.txt": "unreadable",
+        "Sea turtle/png.jpg": "unreadable",
+        "zebra/zz-copy.jpg": "duplicate",
+    }
     assert manifest["skip_reasons"] == {"unreadable": 3, "duplicate": 1}
     # same photos and seed, same mirror
     again = generate_from_folders(tmp_path / "again", photos, seed=1)
@@ -582,8 +594,9 @@ def test_from_folders_lays_photos_out_as_open_images_serves_them(
     assert tree(tmp_path / "again" / "openimages") == tree(meta)
 
 
-def test_from_folders_cli_and_its_errors(tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_from_folders_cli_and_its_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     photos = tmp_path / "photos"
     for i in range(3):
         jpeg(photos / "Zebra" / f"z{i}.jpg", (80 * i, 10, 10))
@@ -593,21 +606,33 @@ def test_from_folders_cli_and_its_errors(tmp_path: Path,
     assert mirror_main([*argv, "--classes", "Zebra", "--images-per-class", "2"]) == 0
     printed = capsys.readouterr().out
     o = re.escape(str(out))
-    assert re.fullmatch(rf"wrote {o} in [\d.]+s: 2 photos \(Zebra 2\), 0 skipped; manifest "
-                        rf"{o}/manifest\.json\n", printed), printed
+    assert re.fullmatch(
+        rf"wrote {o} in [\d.]+s: 2 photos \(Zebra 2\), 0 skipped; manifest "
+        rf"{o}/manifest\.json\n",
+        printed,
+    ), printed
     assert_one_line_error(capsys, [*argv, "--truncated", "1"], "synthetic mirror only")
     assert_one_line_error(capsys, [*argv, "--classes", "Zebras"], r"no folder 'Zebras'")
     (photos / "Zebras").mkdir()
-    assert_one_line_error(capsys, argv, r"must be named after an Open Images class: unknown "
-                                        r"class 'Zebras': did you mean 'Zebra'")
+    assert_one_line_error(
+        capsys,
+        argv,
+        r"must be named after an Open Images class: unknown "
+        r"class 'Zebras': did you mean 'Zebra'",
+    )
     (photos / "Zebras").rmdir()
     (photos / "Sea turtle").mkdir()
     assert_one_line_error(capsys, argv, r"Sea turtle: empty class folder")
     (photos / "Sea turtle" / "notes.txt").write_text("to do: add photos\n")
-    assert_one_line_error(capsys, argv, r"Sea turtle: no whole JPEG among its 1 file\(s\) "
-                                        r"\(first: unreadable: not a JPEG")
-    assert_one_line_error(capsys, ["generate", str(out), "--from-folders", str(tmp_path / "x")],
-                          "is not a folder")
+    assert_one_line_error(
+        capsys,
+        argv,
+        r"Sea turtle: no whole JPEG among its 1 file\(s\) "
+        r"\(first: unreadable: not a JPEG",
+    )
+    assert_one_line_error(
+        capsys, ["generate", str(out), "--from-folders", str(tmp_path / "x")], "is not a folder"
+    )
     # the failed runs checked before they wrote: the earlier mirror is as it was
     kept = json.loads((out / "manifest.json").read_text())["downloadable"]
     assert list(kept) == ["Zebra"] and all(image_path(out, e).is_file() for e in kept["Zebra"])
@@ -620,13 +645,15 @@ def test_real_photos_through_the_mirror_and_the_download_stage(make_cfg, tmp_pat
         pytest.skip(f"real photos not found at {REALDATA} (the shared folder beside the clone)")
     manifest = generate_from_folders(tmp_path / "mirror", REALDATA, images_per_class=4, seed=0)
     assert list(manifest["classes"]) == ["Airplane", "Bird", "Plastic bag"]
-    source_of = {e["id"]: (name, e["source"]) for name, v in manifest["downloadable"].items()
-                 for e in v}
+    source_of = {
+        e["id"]: (name, e["source"]) for name, v in manifest["downloadable"].items() for e in v
+    }
     # Plastic bag's files are named by their real Open Images ImageIDs, and keep them
     assert all(Path(s).stem == iid for iid, (n, s) in source_of.items() if n == "Plastic bag")
     with MirrorServer(tmp_path / "mirror") as srv:
-        cfg = make_cfg("data.classes=[Airplane, Bird, Plastic bag]",
-                       "data.max_images_per_class=3", srv=srv)
+        cfg = make_cfg(
+            "data.classes=[Airplane, Bird, Plastic bag]", "data.max_images_per_class=3", srv=srv
+        )
         metrics = download.run(cfg)
     assert (metrics["selected"], metrics["downloaded"], metrics["missing"]) == (9, 9, 0)
     raw = config.path(cfg, "raw")

@@ -26,15 +26,29 @@ from stages import export, optimize
 # (test_openvino_bf16_is_skipped_without_native_bf16); these machines differ, so ask this one.
 NATIVE_BF16 = cpu_has_native_bf16()
 OPENVINO = ["openvino_fp32", *(["openvino_bf16"] if NATIVE_BF16 else []), "openvino_int8"]
-CPU_VARIANTS = ["eager_bf16", "inductor_fp32", "inductor_bf16", "inductor_int8", "onnxruntime_fp32",
-                "onnxruntime_int8", *OPENVINO]
+CPU_VARIANTS = [
+    "eager_bf16",
+    "inductor_fp32",
+    "inductor_bf16",
+    "inductor_int8",
+    "onnxruntime_fp32",
+    "onnxruntime_int8",
+    *OPENVINO,
+]
 HAS_TRT = build.missing(("torch_tensorrt", "cuda")) is None
 
 
 def base(root: Path, prepared: Path, trained: Path, *overrides: str) -> list[str]:
-    return ["data=mirror", f"paths.root={root}", f"paths.prepared={prepared}",
-            f"paths.models={trained.parent}", "tracking.enabled=false",
-            "export.verify_batch_sizes=[1,2]", "optimize.calibration_images=32", *overrides]
+    return [
+        "data=mirror",
+        f"paths.root={root}",
+        f"paths.prepared={prepared}",
+        f"paths.models={trained.parent}",
+        "tracking.enabled=false",
+        "export.verify_batch_sizes=[1,2]",
+        "optimize.calibration_images=32",
+        *overrides,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +101,13 @@ def test_cpu_variant_builds_reloads_and_passes_its_accuracy_bar(built, cfg, name
     assert rec["top1_delta_ci_low_pct"] <= rec["top1_delta_pct"] <= rec["top1_delta_ci_high_pct"]
     assert rec["agreement_ci_low_pct"] <= rec["agreement_pct"] <= rec["agreement_ci_high_pct"]
     assert rec["top1_delta_pct"] == pytest.approx(
-        100 * (rec["discordant_better"] - rec["discordant_worse"]) / held_out, abs=1e-3)
+        100 * (rec["discordant_better"] - rec["discordant_worse"]) / held_out, abs=1e-3
+    )
     folder = path(cfg, "optimized") / name
     artifact = path(cfg, "root") / rec["artifact"]
-    assert artifact.parent == folder and optimize.artifact_bytes(artifact) / 2**20 == \
-        pytest.approx(rec["size_mb"], abs=1e-3)
+    assert artifact.parent == folder and optimize.artifact_bytes(artifact) / 2**20 == pytest.approx(
+        rec["size_mb"], abs=1e-3
+    )
     assert rec["build_seconds"] >= 0  # onnxruntime_fp32 copies the exported file: ~0 s
     if rec["backend"] == "aot_inductor":
         assert rec["build_seconds"] > 1  # generates and compiles C++
@@ -104,7 +120,8 @@ def test_cpu_variant_builds_reloads_and_passes_its_accuracy_bar(built, cfg, name
 
 
 def test_an_int8_package_without_int8_kernels_is_a_failed_build(
-        built, cfg, exported_root, prepared, trained, tmp_path, monkeypatch) -> None:
+    built, cfg, exported_root, prepared, trained, tmp_path, monkeypatch
+) -> None:
     """The guard against Inductor's silent fp32 fallback (pytorch/ao#4566): a real fp32
     AOTInductor package (inductor_fp32's) counts no int8 kernel where inductor_int8's counts its
     own; handed to build_torch.inductor_int8 as if its compile had fallen back, the variant is
@@ -113,18 +130,33 @@ def test_an_int8_package_without_int8_kernels_is_a_failed_build(
     root = path(cfg, "root")
     fp32_package = root / built["inductor_fp32"]["artifact"]
     assert build_torch.count_int8_kernels(fp32_package) == 0
-    assert build_torch.count_int8_kernels(root / built["inductor_int8"]["artifact"]) == \
-        built["inductor_int8"]["int8_kernels"] > 10
-    monkeypatch.setattr(build_torch, "aoti_package",
-                        lambda ep, dst: shutil.copyfile(fp32_package, dst))
-    elsewhere = compose(base(exported_root, prepared, trained,
-                             f"paths.optimized={tmp_path / 'opt'}",
-                             f"paths.metrics={tmp_path / 'metrics'}"))
+    assert (
+        build_torch.count_int8_kernels(root / built["inductor_int8"]["artifact"])
+        == built["inductor_int8"]["int8_kernels"]
+        > 10
+    )
+    monkeypatch.setattr(
+        build_torch, "aoti_package", lambda ep, dst: shutil.copyfile(fp32_package, dst)
+    )
+    elsewhere = compose(
+        base(
+            exported_root,
+            prepared,
+            trained,
+            f"paths.optimized={tmp_path / 'opt'}",
+            f"paths.metrics={tmp_path / 'metrics'}",
+        )
+    )
     rec = optimize.run(elsewhere, "inductor_int8")
     assert (rec["status"], rec["int8_kernels"], rec["artifact"], rec["size_mb"]) == (
-        "failed", 0, None, None), rec
-    assert rec["error"].startswith("BuildFailed: the AOTInductor package has no int8 "
-                                   "(qconv/qlinear) kernel"), rec["error"]
+        "failed",
+        0,
+        None,
+        None,
+    ), rec
+    assert rec["error"].startswith(
+        "BuildFailed: the AOTInductor package has no int8 (qconv/qlinear) kernel"
+    ), rec["error"]
     assert "top1_pct" not in rec and rec["calibration_images"] == 32  # calibrated, then refused
     folder = tmp_path / "opt" / "inductor_int8"
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "record.json"]
@@ -151,29 +183,39 @@ def test_quantized_and_low_precision_artifacts_differ_from_fp32(built) -> None:
 
 
 @pytest.mark.parametrize("name", OPENVINO)
-def test_openvino_variants_compile_what_their_name_says(built, cfg, trained, tmp_path,
-                                                        name) -> None:
+def test_openvino_variants_compile_what_their_name_says(
+    built, cfg, trained, tmp_path, name
+) -> None:
     """Loaded alone from the IR on disk (in a fresh process, see `built`): metadata from
     rt_info, batch 1 and 5 (dynamic), fp32 logits close to PyTorch's, and the precision
     OpenVINO compiled is the one named."""
     rec, folder = built[name], path(cfg, "optimized") / name
     assert rec["status"] == "ok", rec["error"]
-    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "model.bin", "model.xml",
-                                                        "record.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "meta.json",
+        "model.bin",
+        "model.xml",
+        "record.json",
+    ]
     meta = json.loads((folder / "meta.json").read_text())
     assert meta == _meta(cfg)
     model, _ = models.load_trained(trained)
     images, _ = evaluation.images(path(cfg, "prepared"), ["test"], meta)
     with torch.no_grad():
         fp32 = model(images[:5]).numpy()
-    got = logits_in_fresh_process(images[:5], folder, tmp_path, """
+    got = logits_in_fresh_process(
+        images[:5],
+        folder,
+        tmp_path,
+        """
 import openvino.properties.hint as hints
 from oipipe.deploy import runtime
 rt, meta, record = runtime.load_variant(d)
 assert json.loads(rt.extra["meta.json"]) == meta, rt.extra
 compiled, _ = runtime.openvino_compile(d / "model.xml", record["precision"])
 out["precision"] = [ord(c) for c in compiled.get_property(hints.inference_precision).to_string()]
-out["b1"], out["b5"] = rt(x[:1]), rt(x)""")
+out["b1"], out["b5"] = rt(x[:1]), rt(x)""",
+    )
     precision = runtime.OPENVINO_PRECISIONS[rec["precision"]]
     assert "".join(map(chr, got["precision"].astype(int))) == precision
     assert rec["inference_precision"] == precision and rec["performance_hint"] == "LATENCY"
@@ -193,27 +235,40 @@ def test_openvino_throughput_mode_runs_its_own_streams(built, cfg, tmp_path) -> 
     asked, an AsyncInferQueue; run in a fresh process (see `built`)."""
     folder = path(cfg, "optimized") / "openvino_fp32"
     images, _ = evaluation.images(path(cfg, "prepared"), ["test"], _meta(cfg))
-    got = logits_in_fresh_process(images[:8], folder, tmp_path, """
+    got = logits_in_fresh_process(
+        images[:8],
+        folder,
+        tmp_path,
+        """
 from oipipe.measure import timing
 rec = json.loads((d / "record.json").read_text())
 p = {"warmup_iters": 1, "warmup_seconds": 0.0, "min_iters": 6, "min_seconds": 0.1, "trials": 2}
 r = timing.time_openvino_async(d, rec, [x[:4], x[4:]], p, threads=2, streams=2)
 out["r"] = [r[k] for k in ("throughput_concurrent", "throughput_concurrent_min",
                            "throughput_concurrent_max", "concurrency")]
-out["method"] = [ord(c) for c in r["concurrency_method"]]""")
+out["method"] = [ord(c) for c in r["concurrency_method"]]""",
+    )
     rate, low, high, streams = got["r"]
     assert streams == 2 and 0 < low <= rate <= high
     method = "".join(map(chr, got["method"].astype(int)))
     assert method.startswith("OpenVINO THROUGHPUT hint: 2 streams, AsyncInferQueue of "), method
 
 
-def test_openvino_bf16_is_skipped_without_native_bf16(exported_root, prepared, trained,
-                                                     tmp_path, monkeypatch) -> None:
+def test_openvino_bf16_is_skipped_without_native_bf16(
+    exported_root, prepared, trained, tmp_path, monkeypatch
+) -> None:
     """What a CPU without AVX512-BF16 or AMX records (this one is asked to say it has none);
     written beside, not over, the module's built variants."""
     monkeypatch.setattr(build, "cpu_has_native_bf16", lambda: False)
-    cfg = compose(base(exported_root, prepared, trained, f"paths.optimized={tmp_path / 'opt'}",
-                       f"paths.metrics={tmp_path / 'metrics'}"))
+    cfg = compose(
+        base(
+            exported_root,
+            prepared,
+            trained,
+            f"paths.optimized={tmp_path / 'opt'}",
+            f"paths.metrics={tmp_path / 'metrics'}",
+        )
+    )
     rec = optimize.run(cfg, "openvino_bf16")
     assert rec["status"] == "skipped" and "no native bf16" in rec["reason"], rec
 
@@ -224,11 +279,17 @@ def test_variants_reload_alone_in_a_fresh_process(built, cfg, trained, tmp_path)
     x = images[:5]  # real test images, batch 5: a size no build saw
     with torch.no_grad():
         fp32 = model(x).numpy()
-    got = logits_in_fresh_process(x, path(cfg, "optimized"), tmp_path, (
-        "from oipipe.deploy.runtime import load_artifact\n"
-        "for v in sorted(d.iterdir()):\n"
-        "    if json.loads((v / 'record.json').read_text())['status'] == 'ok':\n"
-        "        out[v.name] = load_artifact(v)[0](x)"))
+    got = logits_in_fresh_process(
+        x,
+        path(cfg, "optimized"),
+        tmp_path,
+        (
+            "from oipipe.deploy.runtime import load_artifact\n"
+            "for v in sorted(d.iterdir()):\n"
+            "    if json.loads((v / 'record.json').read_text())['status'] == 'ok':\n"
+            "        out[v.name] = load_artifact(v)[0](x)"
+        ),
+    )
     assert set(got) >= set(CPU_VARIANTS)
     for name in CPU_VARIANTS:
         fresh = got[name]
@@ -240,8 +301,9 @@ def test_variants_reload_alone_in_a_fresh_process(built, cfg, trained, tmp_path)
         assert np.abs(fresh - fp32).max() <= bound, name
 
 
-def test_load_artifact_takes_any_artifact_and_imports_only_what_it_needs(built, cfg, trained,
-                                                                         tmp_path) -> None:
+def test_load_artifact_takes_any_artifact_and_imports_only_what_it_needs(
+    built, cfg, trained, tmp_path
+) -> None:
     """A variant's folder or its file, an exported file, the checkpoint: the same logits and
     metadata; an ONNX file loads without torchvision, timm or build code (an edge box)."""
     opt, exported = path(cfg, "optimized"), path(cfg, "exported")
@@ -250,7 +312,11 @@ def test_load_artifact_takes_any_artifact_and_imports_only_what_it_needs(built, 
     x = images[:3]
     with torch.no_grad():
         fp32 = model(x).numpy()
-    got = logits_in_fresh_process(x, opt, tmp_path, f"""
+    got = logits_in_fresh_process(
+        x,
+        opt,
+        tmp_path,
+        f"""
 from oipipe.deploy.runtime import load_artifact
 rt, meta = load_artifact(Path({str(exported / "model.onnx")!r}))
 out["onnx"] = rt(x)
@@ -259,7 +325,8 @@ out["heavy"] = [m in sys.modules for m in ("torchvision", "timm", "torchao",
                                            "stages.optimize", "stages.export", "onnx")]
 out["folder"] = load_artifact(d / "onnxruntime_int8")[0](x)
 out["file"] = load_artifact(d / "onnxruntime_int8" / "model.onnx")[0](x)
-out["classes"] = [len(meta["classes"]), meta["input_size"]]""")
+out["classes"] = [len(meta["classes"]), meta["input_size"]]""",
+    )
     assert got["heavy"].tolist() == [False] * 7
     assert got["classes"].tolist() == [len(meta["classes"]), meta["input_size"]]
     np.testing.assert_allclose(got["onnx"], fp32, rtol=1e-4, atol=1e-4)
@@ -270,11 +337,12 @@ out["classes"] = [len(meta["classes"]), meta["input_size"]]""")
     assert rt.prepare(x).is_contiguous(memory_format=torch.channels_last)
     nchw, _ = runtime.load_artifact(trained, channels_last=False)
     assert nchw.prepare(x).is_contiguous()
-    for bad, why in ((tmp_path / "nothing", "does not exist"),
-                     (exported, "a folder without record.json: name one of its artifacts "
-                                "(model.onnx)"),
-                     (exported / "meta.json", "not an artifact of the pipeline"),
-                     (_skipped(tmp_path / "trt_fp16"), "variant trt_fp16 is skipped: no GPU")):
+    for bad, why in (
+        (tmp_path / "nothing", "does not exist"),
+        (exported, "a folder without record.json: name one of its artifacts (model.onnx)"),
+        (exported / "meta.json", "not an artifact of the pipeline"),
+        (_skipped(tmp_path / "trt_fp16"), "variant trt_fp16 is skipped: no GPU"),
+    ):
         with pytest.raises(InputError, match=re.escape(why)):
             runtime.load_artifact(bad)
     stray = tmp_path / "inductor_int8"
@@ -290,8 +358,9 @@ out["classes"] = [len(meta["classes"]), meta["input_size"]]""")
 
 def _skipped(folder: Path) -> Path:
     folder.mkdir()
-    (folder / "record.json").write_text(json.dumps({"variant": "trt_fp16", "status": "skipped",
-                                                    "reason": "no GPU"}))
+    (folder / "record.json").write_text(
+        json.dumps({"variant": "trt_fp16", "status": "skipped", "reason": "no GPU"})
+    )
     return folder
 
 
@@ -325,8 +394,10 @@ def test_cuda_variants_build_and_hold_their_bar_on_a_gpu(cfg, name) -> None:
     assert rec["precision"] == "fp16" and rec["verdict"] != "fail", rec["verdict_reason"]
 
 
-@pytest.mark.skipif(not HAS_TRT, reason=f"TensorRT build needs CUDA and torch_tensorrt: "
-                                         f"{build.missing(('torch_tensorrt',))}")
+@pytest.mark.skipif(
+    not HAS_TRT,
+    reason=f"TensorRT build needs CUDA and torch_tensorrt: {build.missing(('torch_tensorrt',))}",
+)
 @pytest.mark.parametrize("name", ["trt_fp32", "trt_fp16"])
 def test_tensorrt_variants_build_on_a_gpu(cfg, name) -> None:
     rec = optimize.run(cfg, name)
@@ -342,8 +413,11 @@ def test_tensorrt_settings_are_built_without_a_gpu() -> None:
     assert fp16["dtype"] == torch.float16 and fp32["dtype"] == torch.float32
     # enabled_precisions is silently ignored since Torch-TensorRT 2.13: never rely on it
     assert "enabled_precisions" not in fp16["kwargs"]
-    assert fp16["input"] == {"min_shape": (1, 3, 224, 224), "opt_shape": (32, 3, 224, 224),
-                             "max_shape": (128, 3, 224, 224)}
+    assert fp16["input"] == {
+        "min_shape": (1, 3, 224, 224),
+        "opt_shape": (32, 3, 224, 224),
+        "max_shape": (128, 3, 224, 224),
+    }
     assert fp16["also_torchscript"] is False
     # the engine is tuned for the export example's batch: export from opt_batch images
     assert fp16["export_batch"] == 32 == fp16["input"]["opt_shape"][0]
@@ -379,8 +453,13 @@ def test_a_variant_that_fails_is_recorded_and_leaves_the_others(built, cfg, tmp_
 
 
 def _overrides(cfg) -> list[str]:
-    return [f"paths.prepared={cfg.paths.prepared}", f"paths.models={cfg.paths.models}",
-            "data=mirror", "tracking.enabled=false", "optimize.calibration_images=32"]
+    return [
+        f"paths.prepared={cfg.paths.prepared}",
+        f"paths.models={cfg.paths.models}",
+        "data=mirror",
+        "tracking.enabled=false",
+        "optimize.calibration_images=32",
+    ]
 
 
 def _logits(labels: np.ndarray, wrong: np.ndarray) -> np.ndarray:
@@ -408,16 +487,18 @@ def test_a_variant_that_flips_many_predictions_fails() -> None:
     fp32_wrong[:10] = True
     flipped = fp32_wrong.copy()
     flipped[10:40] = True  # 30 more wrong: -15 points
-    acc = evaluation.against_fp32(_logits(labels, fp32_wrong), _logits(labels, flipped), labels,
-                                  1.5)
+    acc = evaluation.against_fp32(
+        _logits(labels, fp32_wrong), _logits(labels, flipped), labels, 1.5
+    )
     assert acc["verdict"] == "fail", acc["verdict_reason"]
     assert acc["top1_delta_ci_high_pct"] < -1.5 and acc["agreement_pct"] == 85.0
     assert acc["mcnemar_p"] < 1e-6
     # a few flips on few images cannot be decided, and the record says how many would
     few = fp32_wrong[:37].copy()
     few[10:12] = True
-    acc = evaluation.against_fp32(_logits(labels[:37], fp32_wrong[:37]), _logits(labels[:37], few),
-                             labels[:37], 1.5)
+    acc = evaluation.against_fp32(
+        _logits(labels[:37], fp32_wrong[:37]), _logits(labels[:37], few), labels[:37], 1.5
+    )
     assert acc["verdict"] == "undecided" and acc["images_to_decide"] > 37
 
 
@@ -427,8 +508,13 @@ def test_calibration_on_a_small_training_split_uses_every_image(cfg) -> None:
     gen = evaluation.calibration_batches(path(cfg, "prepared"), _meta(cfg), 100000, 4)
     seen = [len(b) for b in gen()]
     assert sum(seen) == train_images and max(seen) == 4
-    assert sum(len(b) for b in evaluation.calibration_batches(
-        path(cfg, "prepared"), _meta(cfg), 5, 4)()) == 5
+    assert (
+        sum(
+            len(b)
+            for b in evaluation.calibration_batches(path(cfg, "prepared"), _meta(cfg), 5, 4)()
+        )
+        == 5
+    )
 
 
 def test_bad_inputs_are_clear_errors(cfg, trained, tmp_path) -> None:
@@ -440,11 +526,17 @@ def test_bad_inputs_are_clear_errors(cfg, trained, tmp_path) -> None:
     bad.mkdir()
     (bad / "model.pt").write_bytes(trained.read_bytes()[:5000])
     with pytest.raises(models.WeightsError, match="cannot be read"):
-        optimize.run(compose([*_overrides(cfg), f"paths.root={tmp_path}",
-                              f"paths.models={bad}"]), "onnxruntime_fp32")
+        optimize.run(
+            compose([*_overrides(cfg), f"paths.root={tmp_path}", f"paths.models={bad}"]),
+            "onnxruntime_fp32",
+        )
     with pytest.raises(models.WeightsError, match="does not exist"):
-        optimize.run(compose([*_overrides(cfg), f"paths.root={tmp_path}",
-                              f"paths.models={tmp_path / 'none'}"]), "onnxruntime_fp32")
+        optimize.run(
+            compose(
+                [*_overrides(cfg), f"paths.root={tmp_path}", f"paths.models={tmp_path / 'none'}"]
+            ),
+            "onnxruntime_fp32",
+        )
 
 
 def test_entry_point_exit_codes(cfg, tmp_path) -> None:

@@ -45,8 +45,9 @@ def test_a_chart_that_fails_to_render_leaves_the_previous_png(tmp_path) -> None:
     # While the PNG was being rendered, it went to a temp file beside the old one.
     held, names = artist.seen
     assert held == old
-    assert len(names) == 2 and any(n.startswith(".chart.png.") and n.endswith(".tmp")
-                                   for n in names), names
+    assert len(names) == 2 and any(
+        n.startswith(".chart.png.") and n.endswith(".tmp") for n in names
+    ), names
     # After the failure: the old PNG, whole, and no temp file.
     assert file.read_bytes() == old
     assert [p.name for p in tmp_path.iterdir()] == ["chart.png"]

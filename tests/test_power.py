@@ -91,8 +91,10 @@ def test_ramp_integrates_to_the_exact_energy_over_uneven_samples() -> None:
 
 def test_the_energy_counter_is_preferred_to_the_samples() -> None:
     start = time.perf_counter()
-    counter = PowerSource(watts=lambda: 10.0,  # deliberately not the counter's 250 W
-                          joules=lambda: 5_000.0 + 250.0 * (time.perf_counter() - start))
+    counter = PowerSource(
+        watts=lambda: 10.0,  # deliberately not the counter's 250 W
+        joules=lambda: 5_000.0 + 250.0 * (time.perf_counter() - start),
+    )
     with PowerSampler(counter, interval=0.05) as sampler:
         time.sleep(WINDOW_S)
     r = sampler.result
@@ -111,8 +113,7 @@ def test_a_sampler_times_several_windows_one_after_another() -> None:
             time.sleep(0.03)
         mine = ramp.times[before:]  # this window's readings, none of the last one's
         assert sampler.result["samples"] == len(mine)
-        assert sampler.result["energy_j"] == pytest.approx(ramp.energy(mine[0], mine[-1]),
-                                                           rel=1e-3)
+        assert sampler.result["energy_j"] == pytest.approx(ramp.energy(mine[0], mine[-1]), rel=1e-3)
         time.sleep(0.02)  # a gap between windows that must not count
     assert no_sampler_thread()
 

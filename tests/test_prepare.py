@@ -33,8 +33,9 @@ def test_prepare_end_to_end(downloaded, manifest) -> None:
     truth = {e["id"]: (name, e) for name, items in manifest["downloadable"].items() for e in items}
     for split, rs in rows.items():
         # stratified: 10 per class split 8/1/1
-        assert Counter(r["class"] for r in rs) == {c: {"train": 8, "val": 1, "test": 1}[split]
-                                                    for c in classes}
+        assert Counter(r["class"] for r in rs) == {
+            c: {"train": 8, "val": 1, "test": 1}[split] for c in classes
+        }
         for r in rs:
             name, entry = truth[r["image_id"]]
             assert r["class"] == name and classes[int(r["label"])] == name
@@ -51,8 +52,9 @@ def test_prepare_end_to_end(downloaded, manifest) -> None:
 
 def test_exif_rotated_image_is_stored_upright(downloaded, manifest) -> None:
     prepare.run(downloaded)
-    rotated = [e for items in manifest["downloadable"].values() for e in items
-               if e["exif_orientation"]]
+    rotated = [
+        e for items in manifest["downloadable"].values() for e in items if e["exif_orientation"]
+    ]
     for e in rotated:
         raw = path(downloaded, "raw") / "images" / e["split"] / f"{e['id']}.jpg"
         with Image.open(raw) as im:
@@ -68,16 +70,21 @@ def test_split_is_seeded_and_official_mode_keeps_official_splits(make_cfg, mirro
         cfg = make_cfg(*overrides, srv=mirror)
         download.run(cfg)
         prepare.run(cfg)
-        return {r["image_id"]: (s, r["official_split"]) for s in ("train", "val", "test")
-                for r in read_csv(path(cfg, "prepared") / f"{s}.csv")}
+        return {
+            r["image_id"]: (s, r["official_split"])
+            for s in ("train", "val", "test")
+            for r in read_csv(path(cfg, "prepared") / f"{s}.csv")
+        }
 
     a, b = splits(), splits()
     assert a == b
     c = splits("data.seed=7")
     assert {k: v[0] for k, v in a.items() if k in c} != {k: v[0] for k, v in c.items() if k in a}
     official = splits("data.split.mode=official")
-    assert all({"train": "train", "validation": "val", "test": "test"}[o] == s
-               for s, o in official.values())
+    assert all(
+        {"train": "train", "validation": "val", "test": "test"}[o] == s
+        for s, o in official.values()
+    )
 
 
 def test_undecodable_images_are_skipped_and_counted(downloaded) -> None:

@@ -19,9 +19,9 @@ from oipipe.measure import optypes
 from stages import profile
 
 N, FEATURES, OUT = 256, 1024, 768  # the matmul: 256 x 1024 @ 1024 x 768 (not square: the
-C, HW = 64, 28                   # the depthwise conv: 64 channels of 28 x 28, 3 x 3 kernel
+C, HW = 64, 28  # the depthwise conv: 64 channels of 28 x 28, 3 x 3 kernel
 MATMUL_FLOPS = 2 * N * FEATURES * OUT  # formula must pick the right dimension); 403 MFLOP, 3 MB
-DEPTHWISE_FLOPS = 2 * N * C * HW * HW * 9                  # 231 MFLOP on 2 x 51 MB of activations
+DEPTHWISE_FLOPS = 2 * N * C * HW * HW * 9  # 231 MFLOP on 2 x 51 MB of activations
 
 
 class Known(nn.Module):
@@ -40,8 +40,9 @@ class Known(nn.Module):
 @pytest.fixture(scope="module")
 def known() -> dict:
     torch.manual_seed(0)
-    return profile.profile_model(Known().eval(), torch.randn(N, C, HW, HW), ["eager"], [N],
-                                 iterations=3, warmup=1)
+    return profile.profile_model(
+        Known().eval(), torch.randn(N, C, HW, HW), ["eager"], [N], iterations=3, warmup=1
+    )
 
 
 def test_grouping_and_flops_are_exact(known: dict) -> None:
@@ -81,14 +82,31 @@ def test_depthwise_convolution_is_told_apart_by_shapes_and_by_groups() -> None:
 
 def fake(types: dict[str, tuple[float, float]]) -> dict:
     """A profile dict from (time share, FLOP share) per type, in percent."""
-    return {"profiles": {"eager@b32": {"mode": "eager", "batch": 32, "total_ms": 10.0, "types": {
-        k: {"time_share_pct": t, "flop_share_pct": f, "time_ms": t / 10, "gflops_per_s": 2.1,
-            "intensity": 3.0} for k, (t, f) in types.items()}}}}
+    return {
+        "profiles": {
+            "eager@b32": {
+                "mode": "eager",
+                "batch": 32,
+                "total_ms": 10.0,
+                "types": {
+                    k: {
+                        "time_share_pct": t,
+                        "flop_share_pct": f,
+                        "time_ms": t / 10,
+                        "gflops_per_s": 2.1,
+                        "intensity": 3.0,
+                    }
+                    for k, (t, f) in types.items()
+                },
+            }
+        }
+    }
 
 
 def test_paragraph_names_the_memory_bound_types_with_figures() -> None:
-    text = optypes.paragraph(fake({optypes.DEPTHWISE: (31, 4), optypes.CONV: (50, 90),
-                                   optypes.OTHER: (19, 6)}))
+    text = optypes.paragraph(
+        fake({optypes.DEPTHWISE: (31, 4), optypes.CONV: (50, 90), optypes.OTHER: (19, 6)})
+    )
     assert "memory-bound" in text
     assert "depthwise convolution: 31% of time, 4% of FLOPs, 2.1 GFLOP/s, 3.0 FLOP/byte" in text
     assert "convolution: 50% of time, 90% of FLOPs" in text  # the comparison, not a culprit
@@ -111,9 +129,14 @@ def test_modes_registry_matches_config() -> None:
 
 
 def test_stage_writes_metrics_csv_and_chart(make_cfg, prepared: Path, trained: Path) -> None:
-    cfg = make_cfg(f"paths.prepared={prepared}", f"paths.models={trained.parent}",
-                   "profile.modes=[eager]", "profile.batch_sizes=[1,4]", "profile.iterations=2",
-                   "profile.warmup=1")
+    cfg = make_cfg(
+        f"paths.prepared={prepared}",
+        f"paths.models={trained.parent}",
+        "profile.modes=[eager]",
+        "profile.batch_sizes=[1,4]",
+        "profile.iterations=2",
+        "profile.warmup=1",
+    )
     result = profile.run(cfg)
     saved = json.loads((path(cfg, "metrics") / "profile.json").read_text())
     assert saved == json.loads(json.dumps(result))

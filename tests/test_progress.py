@@ -29,11 +29,17 @@ from stages import benchmark, export, optimize
 BAR = r"{}: +\d+%\|"
 ANY_BAR = r"\d+%\|"
 HAS_TRT = build.missing(("torch_tensorrt", "cuda")) is None
-TINY = ["benchmark.presets.default.batch_sizes=[1,2]", "benchmark.presets.default.trials=1",
-        "benchmark.presets.default.warmup_iters=1",
-        "benchmark.presets.default.warmup_seconds=0", "benchmark.presets.default.min_iters=2",
-        "benchmark.presets.default.min_seconds=0", "benchmark.threads=1",
-        "benchmark.throughput_mode.batch_sizes=[]", "benchmark.input_batches=2"]
+TINY = [
+    "benchmark.presets.default.batch_sizes=[1,2]",
+    "benchmark.presets.default.trials=1",
+    "benchmark.presets.default.warmup_iters=1",
+    "benchmark.presets.default.warmup_seconds=0",
+    "benchmark.presets.default.min_iters=2",
+    "benchmark.presets.default.min_seconds=0",
+    "benchmark.threads=1",
+    "benchmark.throughput_mode.batch_sizes=[]",
+    "benchmark.input_batches=2",
+]
 
 
 @contextlib.contextmanager
@@ -76,12 +82,23 @@ def cfg(prepared, trained, tmp_path_factory):
     """The ONNX export, the record of trt_fp16 (skipped without TensorRT: the benchmark then
     times the two eager baselines alone, the quickest benchmark), and their config."""
     root = tmp_path_factory.mktemp("progress")
-    cfg = compose(["data=mirror", f"paths.root={root}", f"paths.prepared={prepared}",
-                   f"paths.models={trained.parent}", "tracking.enabled=false",
-                   "export.formats=[onnx]", "export.verify_batch_sizes=[1,2]",
-                   "optimize.calibration_images=16", "optimize.calibration_batch=4",
-                   "optimize.eval_batch=8", "optimize.variants=[trt_fp16]",
-                   "benchmark.device=cpu", *TINY])
+    cfg = compose(
+        [
+            "data=mirror",
+            f"paths.root={root}",
+            f"paths.prepared={prepared}",
+            f"paths.models={trained.parent}",
+            "tracking.enabled=false",
+            "export.formats=[onnx]",
+            "export.verify_batch_sizes=[1,2]",
+            "optimize.calibration_images=16",
+            "optimize.calibration_batch=4",
+            "optimize.eval_batch=8",
+            "optimize.variants=[trt_fp16]",
+            "benchmark.device=cpu",
+            *TINY,
+        ]
+    )
     export.run(cfg)
     optimize.run(cfg, "trt_fp16")
     return cfg
@@ -98,13 +115,21 @@ def test_quiet_follows_ci_and_the_terminal(no_ci) -> None:
         assert progress.quiet()
 
 
-def test_export_draws_its_bar_on_a_terminal_and_none_under_ci(cfg, no_ci, tmp_path,
-                                                               caplog) -> None:
+def test_export_draws_its_bar_on_a_terminal_and_none_under_ci(cfg, no_ci, tmp_path, caplog) -> None:
     # TorchScript alone (the quickest format), into folders of its own
-    mine = compose([f"paths.root={cfg.paths.root}", f"paths.prepared={cfg.paths.prepared}",
-                    f"paths.models={cfg.paths.models}", "data=mirror", "tracking.enabled=false",
-                    "export.formats=[torchscript]", "export.verify_batch_sizes=[1,2]",
-                    f"paths.exported={tmp_path / 'exported'}", f"paths.metrics={tmp_path}"])
+    mine = compose(
+        [
+            f"paths.root={cfg.paths.root}",
+            f"paths.prepared={cfg.paths.prepared}",
+            f"paths.models={cfg.paths.models}",
+            "data=mirror",
+            "tracking.enabled=false",
+            "export.formats=[torchscript]",
+            "export.verify_batch_sizes=[1,2]",
+            f"paths.exported={tmp_path / 'exported'}",
+            f"paths.metrics={tmp_path}",
+        ]
+    )
     with stderr_on_terminal(no_ci) as shown:
         export.run(mine)
     assert re.search(BAR.format("export torchscript"), shown[0]), shown
@@ -121,8 +146,7 @@ def test_an_int8_build_counts_its_calibration_on_a_terminal_only(cfg, no_ci, cap
     with stderr_on_terminal(no_ci) as shown:
         optimize.run(cfg, "onnxruntime_int8")
     # 16 images in batches of 4; the last redraw may be skipped (tqdm's mininterval)
-    assert re.search(BAR.format("onnxruntime_int8 calibration") + r".*\| \d/4 ", shown[0]), \
-        shown
+    assert re.search(BAR.format("onnxruntime_int8 calibration") + r".*\| \d/4 ", shown[0]), shown
     assert re.search(BAR.format("onnxruntime_int8 evaluation"), shown[0]), shown
     capfd.readouterr()
     record = optimize.run(cfg, "onnxruntime_int8")  # stderr: pytest's capture file, no terminal
@@ -138,6 +162,9 @@ def test_the_benchmark_bar_names_the_variant_and_batch_being_timed(cfg, no_ci) -
     rows = 2 * len(timed)  # batch sizes 1 and 2
     for variant in timed:
         for b in (1, 2):
-            assert re.search(BAR.format(f"{variant} b{b}") + rf".*\| \d/{rows} ", shown[0]), \
-                (variant, b, shown)
+            assert re.search(BAR.format(f"{variant} b{b}") + rf".*\| \d/{rows} ", shown[0]), (
+                variant,
+                b,
+                shown,
+            )
     assert f"| {rows}/{rows} " in shown[0], shown  # a redraw per row, the last one included

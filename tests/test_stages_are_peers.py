@@ -90,8 +90,9 @@ def imports_in(source: str, package: str) -> set[str]:
 # The tables' import strings, by the module whose code imports them (`imported(...)`).
 LAZY: dict[str, set[str]] = {
     "oipipe.deploy.build": {v.builder for v in VARIANTS.values()},
-    "oipipe.deploy.runtime": ({v.loader for v in VARIANTS.values()}
-                              | {f.loader for f in FORMATS.values()}),
+    "oipipe.deploy.runtime": (
+        {v.loader for v in VARIANTS.values()} | {f.loader for f in FORMATS.values()}
+    ),
     "stages.export": {f.writer for f in FORMATS.values()},
 }
 
@@ -124,8 +125,9 @@ def declared_files(body: dict) -> set[str]:
             continue
         p = PROJECT_ROOT / dep
         if p.is_dir():
-            out |= {str(f.relative_to(PROJECT_ROOT)) for f in p.rglob("*.py")
-                    if f.name != "__init__.py"}
+            out |= {
+                str(f.relative_to(PROJECT_ROOT)) for f in p.rglob("*.py") if f.name != "__init__.py"
+            }
         elif p.suffix == ".py":
             out.add(dep)  # data files (the class table, templates) are deps, not imports
     return out
@@ -139,12 +141,21 @@ STAGE_MODULES = {name: stage_module(body) for name, body in dvc_stages().items()
 
 
 def test_stages_holds_the_dvc_stages_and_nothing_else() -> None:
-    assert set(STAGE_MODULES) == {"download", "prepare", "train", "export", "optimize",
-                                  "benchmark", "profile", "report"}
+    assert set(STAGE_MODULES) == {
+        "download",
+        "prepare",
+        "train",
+        "export",
+        "optimize",
+        "benchmark",
+        "profile",
+        "report",
+    }
     in_folder = {m for m in MODULES if m.startswith("stages.")}
     assert in_folder == set(STAGE_MODULES.values()), (
         f"stages/ holds modules DVC does not run: {sorted(in_folder - set(STAGE_MODULES.values()))}"
-        "; library code goes to oipipe/, entry points that are not stages to oitools/")
+        "; library code goes to oipipe/, entry points that are not stages to oitools/"
+    )
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -154,17 +165,19 @@ def test_imports_follow_the_layers(module: str) -> None:
     bad = sorted(m for m in imports(module) if m.split(".")[0] not in allowed)
     if top == STAGES:  # stages are peers: what two share belongs in the library
         bad += sorted(m for m in imports(module) if m.startswith("stages.") and m != module)
-    assert not bad, (f"{MODULES[module].relative_to(PROJECT_ROOT)} imports {bad}; {top}/ may "
-                     f"import only {sorted(allowed)} (and no stage another stage)")
+    assert not bad, (
+        f"{MODULES[module].relative_to(PROJECT_ROOT)} imports {bad}; {top}/ may "
+        f"import only {sorted(allowed)} (and no stage another stage)"
+    )
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
 def test_dvc_deps_are_the_files_the_stage_imports(stage: str) -> None:
     wanted, listed = wanted_files(STAGE_MODULES[stage]), declared_files(dvc_stages()[stage])
     missing, extra = sorted(wanted - listed), sorted(listed - wanted)
-    problems = ([f"missing {missing} (imported: a change to them must rerun it)"] if missing
-                else []) + ([f"extra {extra} (not imported: a change to them reruns it for "
-                             "nothing)"] if extra else [])
+    problems = (
+        [f"missing {missing} (imported: a change to them must rerun it)"] if missing else []
+    ) + ([f"extra {extra} (not imported: a change to them reruns it for nothing)"] if extra else [])
     assert not problems, f"dvc.yaml stage {stage!r} deps: " + "; ".join(problems)
 
 
@@ -176,8 +189,11 @@ def test_every_table_row_names_functions_that_exist() -> None:
     for spec in sorted(specs):
         module, _, name = spec.partition(":")
         assert module in MODULES, f"{spec}: no module {module}"
-        defined = {n.name for n in ast.parse(MODULES[module].read_text()).body
-                   if isinstance(n, ast.FunctionDef)}
+        defined = {
+            n.name
+            for n in ast.parse(MODULES[module].read_text()).body
+            if isinstance(n, ast.FunctionDef)
+        }
         assert name in defined, f"{spec}: {MODULES[module].name} defines no function {name!r}"
 
 
@@ -188,8 +204,11 @@ def test_package_inits_hold_no_code() -> None:
     for file in source_files():
         if file.name == "__init__.py" and not file.is_relative_to(PROJECT_ROOT / MIRROR):
             body = ast.parse(file.read_text()).body
-            code = [n for n in body if not (isinstance(n, ast.Expr)
-                                            and isinstance(n.value, ast.Constant))]
+            code = [
+                n
+                for n in body
+                if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
+            ]
             assert not code, f"{file.relative_to(PROJECT_ROOT)} holds code; put it in a module"
 
 
@@ -197,16 +216,21 @@ def test_no_module_is_named_like_the_standard_library() -> None:
     """`python oitools/stream_sender.py` puts oitools/ first on sys.path: a module there named
     `http` or `io` would replace the standard library's for everything that process imports.
     Stage modules run only as `python -m stages.<name>`, and `profile` is the DVC stage's name."""
-    clash = sorted(f"{f.relative_to(PROJECT_ROOT)}" for f in source_files()
-                   if f.stem in sys.stdlib_module_names and not f.is_relative_to(
-                       PROJECT_ROOT / STAGES))
+    clash = sorted(
+        f"{f.relative_to(PROJECT_ROOT)}"
+        for f in source_files()
+        if f.stem in sys.stdlib_module_names and not f.is_relative_to(PROJECT_ROOT / STAGES)
+    )
     assert not clash, f"named like a standard-library module: {clash}"
 
 
 def test_dvc_deps_name_existing_paths() -> None:
-    missing = [f"{name}: {dep}" for name, body in dvc_stages().items()
-               for dep in body.get("deps", [])
-               if str(dep).split("/")[0] in PACKAGES and not (PROJECT_ROOT / str(dep)).exists()]
+    missing = [
+        f"{name}: {dep}"
+        for name, body in dvc_stages().items()
+        for dep in body.get("deps", [])
+        if str(dep).split("/")[0] in PACKAGES and not (PROJECT_ROOT / str(dep)).exists()
+    ]
     assert not missing, missing
 
 
@@ -214,21 +238,28 @@ def test_dvc_deps_name_existing_paths() -> None:
 def test_readers_do_not_import_torch(module: str) -> None:
     """The report reads files and compare reads MLflow; loading torch would cost them seconds
     and gigabytes for nothing."""
-    code = (f"import sys, {module}; "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
-    res = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True,
-                         text=True, timeout=120)
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch was imported'"
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
 
 
 def test_the_import_reader_sees_every_form() -> None:
     """The import reader is what every test above rests on: a stage importing another is seen
     through each import form, inside a function too."""
-    forms = ["import stages.train", "from stages import train", "from stages.train import run",
-             "from . import train", "from .train import run",
-             "def f():\n    from stages import train"]
+    forms = [
+        "import stages.train",
+        "from stages import train",
+        "from stages.train import run",
+        "from . import train",
+        "from .train import run",
+        "def f():\n    from stages import train",
+    ]
     for code in forms:
         assert "stages.train" in imports_in(code, "stages"), code
-    assert imports_in("from ..core import config", "oipipe.data") == {"oipipe.core",
-                                                                      "oipipe.core.config"}
+    assert imports_in("from ..core import config", "oipipe.data") == {
+        "oipipe.core",
+        "oipipe.core.config",
+    }
     assert imports_in("import os, json", "stages") == set()

@@ -14,21 +14,24 @@ from oipipe.measure.intervals import (
 )
 
 
-@pytest.mark.parametrize(("k", "n", "low", "high"), [
-    # Newcombe (1998a), "Two-sided confidence intervals for the single proportion", Table I,
-    # method 3 (Wilson score): 81/263, 15/148, 0/20, 1/29.
-    (81, 263, 0.2553, 0.3662),
-    (15, 148, 0.0624, 0.1605),
-    (0, 20, 0.0, 0.1611),
-    (1, 29, 0.0061, 0.1718),
-])
+@pytest.mark.parametrize(
+    ("k", "n", "low", "high"),
+    [
+        # Newcombe (1998a), "Two-sided confidence intervals for the single proportion", Table I,
+        # method 3 (Wilson score): 81/263, 15/148, 0/20, 1/29.
+        (81, 263, 0.2553, 0.3662),
+        (15, 148, 0.0624, 0.1605),
+        (0, 20, 0.0, 0.1611),
+        (1, 29, 0.0061, 0.1718),
+    ],
+)
 def test_wilson_matches_newcombe(k, n, low, high) -> None:
     lo, hi = wilson(k, n)
     assert lo == pytest.approx(low, abs=6e-5) and hi == pytest.approx(high, abs=6e-5)
 
 
 def test_wilson_edges_and_errors() -> None:
-    assert wilson(0, 0) == (0.0, 1.0)             # no image: nothing known
+    assert wilson(0, 0) == (0.0, 1.0)  # no image: nothing known
     assert wilson(37, 37)[1] == 1.0 and wilson(37, 37)[0] < 1.0
     assert wilson(9, 10, 0.99)[0] < wilson(9, 10, 0.95)[0]  # wider at higher confidence
     assert z_value(0.99) == pytest.approx(2.5758, abs=1e-4)
@@ -36,15 +39,18 @@ def test_wilson_edges_and_errors() -> None:
         wilson(5, 4)
 
 
-@pytest.mark.parametrize(("b", "c", "p"), [
-    # Bentur et al. 2009 in Fagerland, Lydersen & Laake (2014): 1 and 7 discordant -> 0.0703
-    (1, 7, 0.0703125),
-    (7, 1, 0.0703125),              # symmetric in the two directions
-    (0, 5, 2 * 0.5 ** 5),           # all five one way: 2 * (1/2)^5
-    (3, 3, 1.0),                    # balanced: capped at 1
-    (0, 0, 1.0),                    # no discordant pair: no evidence of any difference
-    (6, 16, 0.052478790283203),     # Cavo et al. 2012 (Fagerland et al. 2014): 6 vs 16
-])
+@pytest.mark.parametrize(
+    ("b", "c", "p"),
+    [
+        # Bentur et al. 2009 in Fagerland, Lydersen & Laake (2014): 1 and 7 discordant -> 0.0703
+        (1, 7, 0.0703125),
+        (7, 1, 0.0703125),  # symmetric in the two directions
+        (0, 5, 2 * 0.5**5),  # all five one way: 2 * (1/2)^5
+        (3, 3, 1.0),  # balanced: capped at 1
+        (0, 0, 1.0),  # no discordant pair: no evidence of any difference
+        (6, 16, 0.052478790283203),  # Cavo et al. 2012 (Fagerland et al. 2014): 6 vs 16
+    ],
+)
 def test_mcnemar_exact(b, c, p) -> None:
     assert mcnemar_exact(b, c) == pytest.approx(p, rel=1e-9)
 
@@ -107,8 +113,9 @@ def test_too_few_images_is_undecided_with_how_many_would_decide() -> None:
     scaled = paired_difference(round(30 * f), round(3 * f), 0, need - round(30 * f) - round(3 * f))
     assert verdict(scaled, 0.015).verdict == "fail"
     f = (need - 1) / 37
-    fewer = paired_difference(round(30 * f), round(3 * f), 0,
-                              need - 1 - round(30 * f) - round(3 * f))
+    fewer = paired_difference(
+        round(30 * f), round(3 * f), 0, need - 1 - round(30 * f) - round(3 * f)
+    )
     assert verdict(fewer, 0.015).verdict == "undecided"
 
 
@@ -119,8 +126,9 @@ def test_slightly_worse_but_within_the_bar_decides_to_pass_with_more_images() ->
     assert v.verdict == "undecided" and v.images_to_decide is not None
     f = v.images_to_decide / 100
     n = v.images_to_decide
-    more = paired_difference(round(80 * f), round(2 * f), round(1 * f),
-                             n - round(80 * f) - round(2 * f) - round(1 * f))
+    more = paired_difference(
+        round(80 * f), round(2 * f), round(1 * f), n - round(80 * f) - round(2 * f) - round(1 * f)
+    )
     assert verdict(more, 0.05).verdict == "pass"
 
 

@@ -60,9 +60,17 @@ def gst() -> None:
 def onnx_model(prepared, trained, tmp_path_factory) -> Path:
     """The `trained` fixture exported to ONNX alone (the export stage, checked at batch 1)."""
     root = tmp_path_factory.mktemp("stream-export")
-    cfg = compose(["data=mirror", f"paths.root={root}", f"paths.prepared={prepared}",
-                   f"paths.models={trained.parent}", "tracking.enabled=false",
-                   "export.formats=[onnx]", "export.verify_batch_sizes=[1]"])
+    cfg = compose(
+        [
+            "data=mirror",
+            f"paths.root={root}",
+            f"paths.prepared={prepared}",
+            f"paths.models={trained.parent}",
+            "tracking.enabled=false",
+            "export.formats=[onnx]",
+            "export.verify_batch_sizes=[1]",
+        ]
+    )
     export.run(cfg)
     return path(cfg, "exported") / "model.onnx"
 
@@ -72,8 +80,11 @@ def photos(prepared) -> list[np.ndarray]:
     """Six real photographs as RGB arrays: two per class of ../shared/realdata beside the clone
     (CI has it), else the prepared test split's images."""
     if (REALDATA / "Bird").is_dir():
-        files = [f for c in sorted(p for p in REALDATA.iterdir() if p.is_dir())[:3]
-                 for f in sorted(c.glob("*.jpg"))[:2]]
+        files = [
+            f
+            for c in sorted(p for p in REALDATA.iterdir() if p.is_dir())[:3]
+            for f in sorted(c.glob("*.jpg"))[:2]
+        ]
     else:
         files = [prepared / r["file"] for r in read_csv(prepared / "test.csv")[:6]]
     out = []
@@ -138,9 +149,13 @@ class Lines:
 
 
 def client(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, Lines, Lines]:
-    proc = subprocess.Popen([sys.executable, "-m", "oitools.stream", *args], cwd=PROJECT_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oitools.stream", *args],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
     return proc, Lines(proc.stdout), Lines(proc.stderr)
 
 
@@ -160,8 +175,9 @@ def reference(model: Path, frames_bgr: list[np.ndarray]) -> tuple[list[str], np.
     """What the artifact predicts for these frames through the pipeline's own preprocessing."""
     runtime, meta = load_artifact(model)
     tf = eval_transform(meta["input_size"], meta["mean"], meta["std"], meta["crop_pct"])
-    x = torch.stack([tf(torch.from_numpy(f[..., ::-1].copy()).permute(2, 0, 1))
-                     for f in frames_bgr])
+    x = torch.stack(
+        [tf(torch.from_numpy(f[..., ::-1].copy()).permute(2, 0, 1)) for f in frames_bgr]
+    )
     p = stream.softmax(runtime(x))
     return [meta["classes"][i] for i in p.argmax(1)], p.max(1)
 
@@ -173,17 +189,18 @@ def test_preprocessing_matches_eval_transform_on_real_photos(photos, onnx_model)
     """Pillow's antialiased bilinear, the crop and the normalisation against torchvision's
     eval_transform: within one grey level everywhere, and the same top-1 from the artifact."""
     runtime, meta = load_artifact(onnx_model)
-    for size, crop, mean, std in [(meta["input_size"], meta["crop_pct"], meta["mean"],
-                                   meta["std"]),
-                                  (224, 0.875, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]:
+    for size, crop, mean, std in [
+        (meta["input_size"], meta["crop_pct"], meta["mean"], meta["std"]),
+        (224, 0.875, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ]:
         pre = preprocess.Preprocess(size, mean, std, crop)
         tf = eval_transform(size, mean, std, crop)
         ours = np.stack([pre(np.ascontiguousarray(rgb[..., ::-1])) for rgb in photos])
         theirs = torch.stack([tf(pil_to_tensor(Image.fromarray(rgb))) for rgb in photos])
         assert ours.shape == tuple(theirs.shape) == (len(photos), 3, size, size)
-        level = (np.abs(ours - theirs.numpy()) * np.array(std).reshape(1, 3, 1, 1) * 255)
-        assert level.max() <= 1.0 + 1e-3, level.max()   # at most one grey level apart
-        assert level.mean() < 0.05, level.mean()         # and almost everywhere identical
+        level = np.abs(ours - theirs.numpy()) * np.array(std).reshape(1, 3, 1, 1) * 255
+        assert level.max() <= 1.0 + 1e-3, level.max()  # at most one grey level apart
+        assert level.mean() < 0.05, level.mean()  # and almost everywhere identical
         if size == meta["input_size"]:
             a, b = runtime(torch.from_numpy(ours)), runtime(theirs)
             assert (a.argmax(1) == b.argmax(1)).all()
@@ -191,14 +208,21 @@ def test_preprocessing_matches_eval_transform_on_real_photos(photos, onnx_model)
 
 
 def test_the_client_runs_an_onnx_file_without_torchvision(onnx_model, photos) -> None:
-    code = ("import sys, numpy as np, torch\nfrom oitools.stream import client as stream\n"
-            "from oitools.stream import preprocess\n"
-            "rt, meta = stream.load_model(sys.argv[1])\n"
-            "x = preprocess.Preprocess.from_meta(meta)(np.zeros((48, 64, 3), np.uint8))\n"
-            "rt(torch.from_numpy(x[None]))\n"
-            "assert 'torchvision' not in sys.modules, 'torchvision was imported'\n")
-    res = subprocess.run([sys.executable, "-c", code, str(onnx_model)], cwd=PROJECT_ROOT,
-                         capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, numpy as np, torch\nfrom oitools.stream import client as stream\n"
+        "from oitools.stream import preprocess\n"
+        "rt, meta = stream.load_model(sys.argv[1])\n"
+        "x = preprocess.Preprocess.from_meta(meta)(np.zeros((48, 64, 3), np.uint8))\n"
+        "rt(torch.from_numpy(x[None]))\n"
+        "assert 'torchvision' not in sys.modules, 'torchvision was imported'\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(onnx_model)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
 
 
@@ -208,9 +232,11 @@ def test_display_transformations() -> None:
     assert gray.shape == img.shape and (gray[..., 0] == gray[..., 2]).all()
     assert (sinks.TRANSFORMS["flip"](img) == img[:, ::-1]).all()
     assert (sinks.TRANSFORMS["vflip"](img) == img[::-1]).all()
-    edges = sinks.TRANSFORMS["edges"](np.kron(np.eye(2, dtype=np.uint8) * 255,
-                                               np.ones((12, 16), np.uint8))[..., None]
-                                       .repeat(3, 2))
+    edges = sinks.TRANSFORMS["edges"](
+        np.kron(np.eye(2, dtype=np.uint8) * 255, np.ones((12, 16), np.uint8))[..., None].repeat(
+            3, 2
+        )
+    )
     assert set(np.unique(edges)) == {0, 255}
     with pytest.raises(stream.InputError, match=r"unknown transform\(s\) \['sepia'\]"):
         stream.StreamOptions("videotestsrc", Path("m.onnx"), transforms=["sepia"]).check()
@@ -227,16 +253,41 @@ def test_loopback_rtp_h264_from_the_server(gst, onnx_model, tmp_path) -> None:
     out, stats_file = tmp_path / "annotated.avi", tmp_path / "stats.json"
     proc, stdout, stderr = client(
         f"udpsrc port={port} caps={RTP_CAPS} ! rtph264depay ! avdec_h264 ! videoconvert",
-        "--model", str(onnx_model), "--out", str(out), "--json", "--stats", str(stats_file),
-        "--drop", "no")
+        "--model",
+        str(onnx_model),
+        "--out",
+        str(out),
+        "--json",
+        "--stats",
+        str(stats_file),
+        "--drop",
+        "no",
+    )
     try:
         stderr.wait_for("playing (live source)", 90, proc)
         kids = gst_children(proc.pid)
         assert len(kids) == 1
         server = subprocess.run(
-            [sys.executable, "-m", "oitools.stream_sender", "--source", "test", "--port",
-             str(port), "--num-buffers", str(n), "--width", "320", "--height", "240"],
-            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+            [
+                sys.executable,
+                "-m",
+                "oitools.stream_sender",
+                "--source",
+                "test",
+                "--port",
+                str(port),
+                "--num-buffers",
+                str(n),
+                "--width",
+                "320",
+                "--height",
+                "240",
+            ],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert server.returncode == 0, server.stderr
         count, quiet_since = -1, time.monotonic()
         while time.monotonic() - quiet_since < 1.5:  # until the last frame is out
@@ -257,8 +308,9 @@ def test_loopback_rtp_h264_from_the_server(gst, onnx_model, tmp_path) -> None:
     assert stats["frames_processed"] == stats["frames_received"] == len(frames)
     assert stats["frames_dropped"] == 0 and stats["live"] is True
     assert [f["frame"] for f in frames] == list(range(len(frames)))
-    assert all(f["label"] in classes and 0 < f["score"] <= 1 and f["latency_ms"] > 0
-               for f in frames)
+    assert all(
+        f["label"] in classes and 0 < f["score"] <= 1 and f["latency_ms"] > 0 for f in frames
+    )
     written = video_frames(out)
     assert len(written) == len(frames)
     assert all(f.shape == (240, 320, 3) for f in written)
@@ -266,15 +318,18 @@ def test_loopback_rtp_h264_from_the_server(gst, onnx_model, tmp_path) -> None:
     assert (bars.max(2) - bars.min(2)).mean() > 60  # in colour, not grey
 
 
-def test_file_of_real_photos_gets_the_artifacts_labels(gst, onnx_model, photos, tmp_path,
-                                                       capsys, caplog) -> None:
+def test_file_of_real_photos_gets_the_artifacts_labels(
+    gst, onnx_model, photos, tmp_path, capsys, caplog
+) -> None:
     """A lossless video (FFV1) of real photographs, decoded by GStreamer, from the file and over
     HTTP: each frame gets the label and score the artifact gives the same frame through
     eval_transform; the stream ends at its end (exit 0), every frame kept (neither is live), up
     to 4 a model call; the grey transformation reaches the annotated video; the summary is logged to
     MLflow."""
-    frames = [cv2.resize(np.ascontiguousarray(rgb[..., ::-1]), (320, 240),
-                         interpolation=cv2.INTER_AREA) for rgb in photos]
+    frames = [
+        cv2.resize(np.ascontiguousarray(rgb[..., ::-1]), (320, 240), interpolation=cv2.INTER_AREA)
+        for rgb in photos
+    ]
     video = tmp_path / "photos.mkv"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"FFV1"), 5, (320, 240))
     for f in frames:
@@ -289,12 +344,28 @@ def test_file_of_real_photos_gets_the_artifacts_labels(gst, onnx_model, photos, 
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{httpd.server_address[1]}/{video.name}"
         db = tmp_path / "mlflow.db"
-        for source, extra in [(str(video), ["--mlflow", "--tracking-uri", f"sqlite:///{db}"]),
-                              (url, [])]:
+        for source, extra in [
+            (str(video), ["--mlflow", "--tracking-uri", f"sqlite:///{db}"]),
+            (url, []),
+        ]:
             out, stats_file = tmp_path / "gray.avi", tmp_path / "stats.json"
-            rc = stream.main([source, "--model", str(onnx_model), "--json", "--out", str(out),
-                              "--transform", "gray", "--stats", str(stats_file), "--batch", "4",
-                              *extra])
+            rc = stream.main(
+                [
+                    source,
+                    "--model",
+                    str(onnx_model),
+                    "--json",
+                    "--out",
+                    str(out),
+                    "--transform",
+                    "gray",
+                    "--stats",
+                    str(stats_file),
+                    "--batch",
+                    "4",
+                    *extra,
+                ]
+            )
             assert rc == 0, caplog.text
             got = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
             assert [g["label"] for g in got] == labels, source
@@ -324,25 +395,44 @@ def test_rows_padded_to_four_bytes_are_read_whole(gst, onnx_model, tmp_path, cap
     unsheared (SMPTE's bars stay vertical) and the right size (the video file, written by
     OpenCV, drops the odd column)."""
     out, stats = tmp_path / "odd.mkv", tmp_path / "stats.json"
-    rc = stream.main(["videotestsrc num-buffers=3 ! video/x-raw,width=321,height=240",
-                      "--model", str(onnx_model), "--out", str(out), "--stats", str(stats)])
+    rc = stream.main(
+        [
+            "videotestsrc num-buffers=3 ! video/x-raw,width=321,height=240",
+            "--model",
+            str(onnx_model),
+            "--out",
+            str(out),
+            "--stats",
+            str(stats),
+        ]
+    )
     assert rc == 0, caplog.text
     assert json.loads(stats.read_text())["width"] == 321
     written = video_frames(out)
     assert len(written) == 3 and written[0].shape == (240, 320, 3)
     bars = written[-1][110:150].astype(int)  # below the text box, inside the bars
     assert (bars.max(0) - bars.min(0)).max() <= 2  # each column one colour
-    assert len(np.unique(bars[0], axis=0)) >= 7    # the seven bars
+    assert len(np.unique(bars[0], axis=0)) >= 7  # the seven bars
 
 
-def test_stale_frames_are_dropped_when_the_model_is_slower(gst, onnx_model, tmp_path,
-                                                            capsys, caplog) -> None:
+def test_stale_frames_are_dropped_when_the_model_is_slower(
+    gst, onnx_model, tmp_path, capsys, caplog
+) -> None:
     """--drop yes with a source far faster than the model (videotestsrc, not live, unpaced):
     frames are dropped and counted, the newest are kept, and none is lost uncounted."""
     stats_file = tmp_path / "stats.json"
-    rc = stream.main(["videotestsrc num-buffers=100 ! video/x-raw,width=320,height=240",
-                      "--model", str(onnx_model), "--drop", "yes", "--json",
-                      "--stats", str(stats_file)])
+    rc = stream.main(
+        [
+            "videotestsrc num-buffers=100 ! video/x-raw,width=320,height=240",
+            "--model",
+            str(onnx_model),
+            "--drop",
+            "yes",
+            "--json",
+            "--stats",
+            str(stats_file),
+        ]
+    )
     assert rc == 0, caplog.text
     stats = json.loads(stats_file.read_text())
     seen = [json.loads(ln)["frame"] for ln in capsys.readouterr().out.splitlines()]
@@ -378,9 +468,23 @@ def test_window_under_xvfb_shows_the_annotated_flipped_frame(gst, onnx_model, tm
     transformation: SMPTE's blue bar left of its yellow one) with the text box drawn on it."""
     _require("Xvfb", "xvfb")
     r, w = os.pipe()
-    xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(w), "-screen", "0", "640x480x24",
-                             "-fbdir", str(tmp_path), "-nolisten", "tcp", "-br"],
-                            pass_fds=(w,), stderr=subprocess.DEVNULL)
+    xvfb = subprocess.Popen(
+        [
+            "Xvfb",
+            "-displayfd",
+            str(w),
+            "-screen",
+            "0",
+            "640x480x24",
+            "-fbdir",
+            str(tmp_path),
+            "-nolisten",
+            "tcp",
+            "-br",
+        ],
+        pass_fds=(w,),
+        stderr=subprocess.DEVNULL,
+    )
     os.close(w)
     proc = None
     try:
@@ -388,8 +492,13 @@ def test_window_under_xvfb_shows_the_annotated_flipped_frame(gst, onnx_model, tm
         assert display, "Xvfb did not start"
         proc, _, stderr = client(
             "videotestsrc is-live=true ! video/x-raw,width=320,height=240,framerate=30/1",
-            "--model", str(onnx_model), "--display", "--transform", "flip",
-            env={"DISPLAY": f":{display}", "QT_QPA_PLATFORM": "xcb"})
+            "--model",
+            str(onnx_model),
+            "--display",
+            "--transform",
+            "flip",
+            env={"DISPLAY": f":{display}", "QT_QPA_PLATFORM": "xcb"},
+        )
         deadline, screen = time.monotonic() + 90, None
         while time.monotonic() < deadline and proc.poll() is None:
             shot = read_xwd(tmp_path / "Xvfb_screen0")
@@ -409,7 +518,7 @@ def test_window_under_xvfb_shows_the_annotated_flipped_frame(gst, onnx_model, tm
         xvfb.wait(timeout=10)
         os.close(r)
     ys, xs = np.nonzero(screen.sum(2) > 60)
-    win = screen[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(int)
+    win = screen[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(int)
     assert win.shape[:2] == (240, 320), win.shape
     band = win[110:150]
     r_, g_, b_ = band[..., 0], band[..., 1], band[..., 2]
@@ -442,9 +551,13 @@ def test_errors_name_their_cause(gst, onnx_model, tmp_path, caplog) -> None:
     broken.write_bytes(onnx_model.read_bytes()[:2000])
     fails(2, f"{broken} cannot be loaded as onnx", "videotestsrc", model=broken)
     port = free_udp_port()
-    fails(1, "no video from the source within 1 s (--stall-timeout)",
-          f"udpsrc port={port} caps={RTP_CAPS} ! rtph264depay ! avdec_h264 ! videoconvert",
-          "--stall-timeout", "1")
+    fails(
+        1,
+        "no video from the source within 1 s (--stall-timeout)",
+        f"udpsrc port={port} caps={RTP_CAPS} ! rtph264depay ! avdec_h264 ! videoconvert",
+        "--stall-timeout",
+        "1",
+    )
     # a stall mid-stream: three raw frames through a named pipe that then stays open, silent
     fifo = tmp_path / "frames"
     os.mkfifo(fifo)
@@ -453,9 +566,16 @@ def test_errors_name_their_cause(gst, onnx_model, tmp_path, caplog) -> None:
         os.write(fd, np.zeros((3, 48, 64, 3), np.uint8).tobytes())
         stats = tmp_path / "stall.json"
         # filesrc reads whole blocks: one frame (64 * 48 * 3 bytes) each
-        fails(1, "no frame for 1 s (--stall-timeout) after 3 frame(s): the stream stalled",
-              f"filesrc location={fifo} blocksize=9216 ! rawvideoparse width=64 height=48 "
-              "format=bgr framerate=30/1", "--stall-timeout", "1", "--stats", str(stats))
+        fails(
+            1,
+            "no frame for 1 s (--stall-timeout) after 3 frame(s): the stream stalled",
+            f"filesrc location={fifo} blocksize=9216 ! rawvideoparse width=64 height=48 "
+            "format=bgr framerate=30/1",
+            "--stall-timeout",
+            "1",
+            "--stats",
+            str(stats),
+        )
         assert json.loads(stats.read_text())["end"] == "stall"
     finally:
         os.close(fd)
@@ -467,8 +587,10 @@ def test_server_streams_the_test_pattern_without_a_camera(capsys) -> None:
     assert "no camera at /dev/no-such-camera: streaming the test pattern" in out.err
     assert "videotestsrc is-live=true" in out.out and "x264enc tune=zerolatency" in out.out
     assert "rtph264pay config-interval=1 pt=96 ! udpsink host=127.0.0.1 port=5000" in out.out
-    assert stream_server.main(["--source", "camera", "--device", "/dev/no-such-camera",
-                               "--dry-run"]) == 2
+    assert (
+        stream_server.main(["--source", "camera", "--device", "/dev/no-such-camera", "--dry-run"])
+        == 2
+    )
     assert "no camera at /dev/no-such-camera" in capsys.readouterr().err
 
 

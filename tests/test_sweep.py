@@ -38,36 +38,61 @@ from oitools import sweep as sweep_module
 from stages import download, prepare
 
 # test_pipeline.py's tiny settings, as command-line overrides.
-TINY = ["data.image_size=48", "runtime.fetch.backoff=0.01", "runtime.fetch.retries=3",
-        "runtime.fetch.timeout=5", "runtime.fetch.workers=4",
-        "model=mobilenet_v3_small", "model.weights=none", "model.input_size=48",
-        "train.epochs=1", "runtime.train_workers=0", "train.precision=fp32",
-        "runtime.system_metrics=false", "runtime.log_model=false",
-        "export.formats=[onnx]", "export.verify_batch_sizes=[1,2]",
-        "optimize.variants=[onnxruntime_fp32]", "optimize.calibration_images=8",
-        "benchmark.threads=1", "benchmark.presets.default.batch_sizes=[2]",
-        "benchmark.presets.default.warmup_iters=1",
-        "benchmark.presets.default.warmup_seconds=0",
-        "benchmark.presets.default.min_iters=2", "benchmark.presets.default.min_seconds=0",
-        "benchmark.presets.default.trials=2",
-        "profile.modes=[eager]", "profile.batch_sizes=[2]", "profile.warmup=1",
-        "profile.iterations=2"]
+TINY = [
+    "data.image_size=48",
+    "runtime.fetch.backoff=0.01",
+    "runtime.fetch.retries=3",
+    "runtime.fetch.timeout=5",
+    "runtime.fetch.workers=4",
+    "model=mobilenet_v3_small",
+    "model.weights=none",
+    "model.input_size=48",
+    "train.epochs=1",
+    "runtime.train_workers=0",
+    "train.precision=fp32",
+    "runtime.system_metrics=false",
+    "runtime.log_model=false",
+    "export.formats=[onnx]",
+    "export.verify_batch_sizes=[1,2]",
+    "optimize.variants=[onnxruntime_fp32]",
+    "optimize.calibration_images=8",
+    "benchmark.threads=1",
+    "benchmark.presets.default.batch_sizes=[2]",
+    "benchmark.presets.default.warmup_iters=1",
+    "benchmark.presets.default.warmup_seconds=0",
+    "benchmark.presets.default.min_iters=2",
+    "benchmark.presets.default.min_seconds=0",
+    "benchmark.presets.default.trials=2",
+    "profile.modes=[eager]",
+    "profile.batch_sizes=[2]",
+    "profile.warmup=1",
+    "profile.iterations=2",
+]
 
 
-@pytest.mark.parametrize("option", sorted(
-    f"hydra/{f.parent.name}={f.stem}" for f in (CONF_DIR / "hydra").glob("*/*.yaml")))
-def test_hydra_options_compose_and_jobs_get_their_paths(option: str, tmp_path: Path,
-                                                        monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "option",
+    sorted(f"hydra/{f.parent.name}={f.stem}" for f in (CONF_DIR / "hydra").glob("*/*.yaml")),
+)
+def test_hydra_options_compose_and_jobs_get_their_paths(
+    option: str, tmp_path: Path, monkeypatch
+) -> None:
     """Every conf/hydra option composes (with its plugin); a job's config, Hydra's node included,
     validates with its own root and the data folder its data config names."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfgs = [hydra_compose("config", [option, *extra], return_hydra_config=True)
-                for extra in ([], ["data.image_size=64"], ["runtime.fetch.workers=2"])]
+        cfgs = [
+            hydra_compose("config", [option, *extra], return_hydra_config=True)
+            for extra in ([], ["data.image_size=64"], ["runtime.fetch.workers=2"])
+        ]
     output = OmegaConf.to_container(cfgs[0].hydra, resolve=False)
     assert output["sweep"]["subdir"] == "job${hydra.job.num}" and not output["job"]["chdir"]
-    jobs = [sweep_module.job_config(c, tmp_path / f"job{i}", tmp_path, PROJECT_ROOT,
-                                    {"sweep_job": str(i)}) for i, c in enumerate(cfgs)]
+    jobs = [
+        sweep_module.job_config(
+            c, tmp_path / f"job{i}", tmp_path, PROJECT_ROOT, {"sweep_job": str(i)}
+        )
+        for i, c in enumerate(cfgs)
+    ]
     assert Path(jobs[0].paths.root) == tmp_path / "job0"
     assert Path(jobs[0].data.folder) == PROJECT_ROOT / "photos"  # not under the job folder
     assert jobs[0].tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -77,8 +102,9 @@ def test_hydra_options_compose_and_jobs_get_their_paths(option: str, tmp_path: P
     assert data[0].parent == tmp_path / "shared" and Path(jobs[0].paths.cache).parent == data[0]
 
 
-def test_jobs_at_the_same_time_download_and_prepare_a_data_config_once(tmp_path: Path,
-                                                                       monkeypatch) -> None:
+def test_jobs_at_the_same_time_download_and_prepare_a_data_config_once(
+    tmp_path: Path, monkeypatch
+) -> None:
     """Three jobs (threads: `flock` excludes two opens of one file in one process as it does two
     processes) reach the shared data at once; the first works, the others wait and reuse."""
     calls = []
@@ -88,13 +114,21 @@ def test_jobs_at_the_same_time_download_and_prepare_a_data_config_once(tmp_path:
             calls.append(stage)
             time.sleep(0.5)  # long enough for the other jobs to arrive meanwhile
             write_json(path(cfg, "metrics") / f"{stage}.json", {"stage": stage})
+
         return run
 
     monkeypatch.setattr(download, "run", slow("download"))
     monkeypatch.setattr(prepare, "run", slow("prepare"))
-    jobs = [sweep_module.job_config(compose(["tracking.enabled=false", f"train.lr={lr}"]),
-                                    tmp_path / f"job{i}", tmp_path, PROJECT_ROOT, {})
-            for i, lr in enumerate((1e-3, 1e-2, 1e-1))]
+    jobs = [
+        sweep_module.job_config(
+            compose(["tracking.enabled=false", f"train.lr={lr}"]),
+            tmp_path / f"job{i}",
+            tmp_path,
+            PROJECT_ROOT,
+            {},
+        )
+        for i, lr in enumerate((1e-3, 1e-2, 1e-1))
+    ]
     timings = [{} for _ in jobs]
     with ThreadPoolExecutor(len(jobs)) as pool:
         reused = list(pool.map(sweep_module.shared_data, jobs, timings))
@@ -107,9 +141,14 @@ def test_jobs_at_the_same_time_download_and_prepare_a_data_config_once(tmp_path:
 
 def sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([sys.executable, "-m", "oitools.sweep", "-m",
-                           f"hydra.sweep.dir={sweep_dir}", *overrides],
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=540, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "oitools.sweep", "-m", f"hydra.sweep.dir={sweep_dir}", *overrides],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        env=env,
+    )
 
 
 @dataclass
@@ -121,8 +160,11 @@ class Sweep:
 
     @property
     def logs(self) -> str:
-        return self.out.stdout + self.out.stderr + "".join(
-            f.read_text(errors="replace") for f in self.root.rglob("*.log"))
+        return (
+            self.out.stdout
+            + self.out.stderr
+            + "".join(f.read_text(errors="replace") for f in self.root.rglob("*.log"))
+        )
 
 
 @pytest.fixture(scope="module")
@@ -131,20 +173,32 @@ def parallel_sweep(tmp_path_factory: pytest.TempPathFactory, mirror_dir: Path) -
     tmp = tmp_path_factory.mktemp("parallel-sweep")
     root, db = tmp / "sweep", tmp / "mlflow.db"
     with MirrorServer(mirror_dir) as srv:
-        out = sweep(root, "hydra/launcher=submitit_local", *mirror_overrides(srv), *TINY,
-                    f"tracking.uri=sqlite:///{db}", "train.recipe=linear_probe,full,bogus")
+        out = sweep(
+            root,
+            "hydra/launcher=submitit_local",
+            *mirror_overrides(srv),
+            *TINY,
+            f"tracking.uri=sqlite:///{db}",
+            "train.recipe=linear_probe,full,bogus",
+        )
         return Sweep(root, db, out, Counter(srv.requests))
 
 
 def test_parallel_sweep_shares_data_serialises_benchmarks_and_reports_failures(
-        parallel_sweep: Sweep) -> None:
-    root, db, out, logs = (parallel_sweep.root, parallel_sweep.db, parallel_sweep.out,
-                           parallel_sweep.logs)
+    parallel_sweep: Sweep,
+) -> None:
+    root, db, out, logs = (
+        parallel_sweep.root,
+        parallel_sweep.db,
+        parallel_sweep.out,
+        parallel_sweep.logs,
+    )
     assert out.returncode == 1, logs  # a job failed: the sweep says so
 
     # the failure: its overrides and error in one line; its folder holds no report
-    failures = [json.loads(line) for line in (root / "sweep_failures.jsonl").read_text()
-                .splitlines()]
+    failures = [
+        json.loads(line) for line in (root / "sweep_failures.jsonl").read_text().splitlines()
+    ]
     assert [f["job"] for f in failures] == [2], failures
     assert "train.recipe=bogus" in failures[0]["overrides"]
     assert "invalid value 'bogus' for 'train.recipe'" in failures[0]["error"]
@@ -187,8 +241,11 @@ def test_parallel_sweep_shares_data_serialises_benchmarks_and_reports_failures(
     # each job's MLflow parent run carries the sweep, its number and its overrides
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("oi-pipeline")
-    parents = [r for r in client.search_runs([exp.experiment_id])
-               if "mlflow.parentRunId" not in r.data.tags]
+    parents = [
+        r
+        for r in client.search_runs([exp.experiment_id])
+        if "mlflow.parentRunId" not in r.data.tags
+    ]
     tags = {r.data.tags.get("sweep_job"): r.data.tags for r in parents}
     assert set(tags) == {"0", "1"}, tags
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # as the stages make it
@@ -203,10 +260,13 @@ def test_the_default_launcher_runs_on_after_a_failing_job(tmp_path: Path) -> Non
     root = tmp_path / "sweep"
     out = sweep(root, "tracking.enabled=false", "train.recipe=bogus,also_bogus")
     assert out.returncode == 1, out.stdout + out.stderr
-    failures = [json.loads(line) for line in (root / "sweep_failures.jsonl").read_text()
-                .splitlines()]
+    failures = [
+        json.loads(line) for line in (root / "sweep_failures.jsonl").read_text().splitlines()
+    ]
     assert [(f["job"], f["overrides"][-1]) for f in failures] == [
-        (0, "train.recipe=bogus"), (1, "train.recipe=also_bogus")]
+        (0, "train.recipe=bogus"),
+        (1, "train.recipe=also_bogus"),
+    ]
     assert "invalid value 'also_bogus' for 'train.recipe'" in failures[1]["error"]
 
 
@@ -215,9 +275,15 @@ def test_the_default_launcher_runs_on_after_a_failing_job(tmp_path: Path) -> Non
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 # What a root process in a sandbox with no internet needs: no sandboxing of its own, no GPU, and no
 # background connections to Google (refused here, many at a time).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def js_number(x: float) -> str:
@@ -243,11 +309,13 @@ def add_column(page, metric: str) -> None:
         page.get_by_role("button", name="Columns", exact=True).click()
     dialog.get_by_placeholder("Search columns").fill(metric)
     closed = dialog.locator(".du-bois-light-tree-treenode", has_text="Metrics (").locator(
-        ".du-bois-light-tree-switcher_close")
+        ".du-bois-light-tree-switcher_close"
+    )
     if closed.count():
         closed.click()
     dialog.locator(".du-bois-light-tree-title").filter(
-        has_text=re.compile(f"^{re.escape(metric)}$")).click()
+        has_text=re.compile(f"^{re.escape(metric)}$")
+    ).click()
 
 
 def compare_row(page, metric: str) -> list[str]:
@@ -285,8 +353,9 @@ def close_assistant(page) -> None:
         close.click()
 
 
-def test_mlflow_ui_shows_each_jobs_accuracy_and_throughput(parallel_sweep: Sweep,
-                                                           tmp_path: Path) -> None:
+def test_mlflow_ui_shows_each_jobs_accuracy_and_throughput(
+    parallel_sweep: Sweep, tmp_path: Path
+) -> None:
     """`mlflow server` on the finished sweep's store, read in headless Chromium: the experiment's
     runs table (with the two metric columns added through its column picker) and the compare view
     of the two jobs show each job's test accuracy and best throughput; screenshots are kept."""
@@ -298,9 +367,14 @@ def test_mlflow_ui_shows_each_jobs_accuracy_and_throughput(parallel_sweep: Sweep
 
     client = MlflowClient(f"sqlite:///{parallel_sweep.db}")
     exp = client.get_experiment_by_name("oi-pipeline")
-    jobs = sorted((r for r in client.search_runs([exp.experiment_id])
-                   if "mlflow.parentRunId" not in r.data.tags),
-                  key=lambda r: r.data.tags["sweep_job"])
+    jobs = sorted(
+        (
+            r
+            for r in client.search_runs([exp.experiment_id])
+            if "mlflow.parentRunId" not in r.data.tags
+        ),
+        key=lambda r: r.data.tags["sweep_job"],
+    )
     assert [r.data.tags["sweep_job"] for r in jobs] == ["0", "1"], parallel_sweep.logs
     metrics = ("benchmark.best_throughput", "train.test_acc_pct")
     want = {r.info.run_name: [r.data.metrics[m] for m in metrics] for r in jobs}
@@ -309,8 +383,7 @@ def test_mlflow_ui_shows_each_jobs_accuracy_and_throughput(parallel_sweep: Sweep
     shots.mkdir()
     ml = "workflowType=machine_learning"  # else MLflow 3.17 shows its GenAI view (README)
 
-    with serve_mlflow(parallel_sweep.db, tmp_path / "server.log") as base, \
-            sync_playwright() as pw:
+    with serve_mlflow(parallel_sweep.db, tmp_path / "server.log") as base, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 2000, "height": 900})
@@ -339,8 +412,10 @@ def test_mlflow_ui_shows_each_jobs_accuracy_and_throughput(parallel_sweep: Sweep
 
             # the compare view of the two jobs: the same numbers side by side
             ids = json.dumps([r.info.run_id for r in jobs])
-            page.goto(f"{base}/#/compare-runs?runs={ids}&experiments="
-                      f"{json.dumps([exp.experiment_id])}&{ml}")
+            page.goto(
+                f"{base}/#/compare-runs?runs={ids}&experiments="
+                f"{json.dumps([exp.experiment_id])}&{ml}"
+            )
             page.get_by_text(f"Comparing {len(jobs)} Runs").wait_for()
             for name in want:
                 page.get_by_text(name, exact=True).first.wait_for()
@@ -348,14 +423,18 @@ def test_mlflow_ui_shows_each_jobs_accuracy_and_throughput(parallel_sweep: Sweep
             for k, metric in enumerate(metrics):
                 shown = compare_row(page, metric)
                 assert shown == [mlflow_format_metric(v[k]) for v in want.values()], (
-                    metric, shown, want)
+                    metric,
+                    shown,
+                    want,
+                )
             # the metrics table, scrolled to the last metric read (test accuracy)
             page.screenshot(path=shots / "compare_jobs.png")
         finally:
             browser.close()
     print(f"screenshots: {shots}")
-    assert all((shots / f).stat().st_size > 10_000
-               for f in ("experiment_runs.png", "compare_jobs.png"))
+    assert all(
+        (shots / f).stat().st_size > 10_000 for f in ("experiment_runs.png", "compare_jobs.png")
+    )
 
 
 def test_the_stage_order_is_dvc_yamls_and_each_stage_follows_what_it_reads() -> None:
@@ -364,15 +443,19 @@ def test_the_stage_order_is_dvc_yamls_and_each_stage_follows_what_it_reads() -> 
     dvc = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
     assert [s.name for s in order] == list(dvc)
     assert {s.module for s in order} == {
-        f"stages.{p.stem}" for p in (PROJECT_ROOT / "stages").glob("*.py") if p.stem != "__init__"}
+        f"stages.{p.stem}" for p in (PROJECT_ROOT / "stages").glob("*.py") if p.stem != "__init__"
+    }
     assert [s.foreach for s in order if s.foreach] == ["optimize.variants"]
 
     def entries(body: dict, key: str) -> list[str]:
         body = body.get("do", body)
         return [e if isinstance(e, str) else next(iter(e)) for e in body.get(key, [])]
 
-    made_by = {out.replace("/${item}", ""): name
-               for name, body in dvc.items() for out in entries(body, "outs")}
+    made_by = {
+        out.replace("/${item}", ""): name
+        for name, body in dvc.items()
+        for out in entries(body, "outs")
+    }
     position = {s.name: i for i, s in enumerate(order)}
     checked = 0
     for name, body in dvc.items():
@@ -389,8 +472,12 @@ def test_the_objective_is_the_configured_metric(tmp_path: Path) -> None:
     assert cfg.sweep.objective == "train.best_val_acc_pct"
     write_json(path(cfg, "metrics") / "train.json", {"best_val_acc_pct": 75.0, "nested": {"x": 3}})
     assert sweep_module.objective(cfg) == 75.0
-    assert sweep_module.objective(compose([f"paths.root={tmp_path}",
-                                           "sweep.objective=train.nested.x"])) == 3.0
+    assert (
+        sweep_module.objective(
+            compose([f"paths.root={tmp_path}", "sweep.objective=train.nested.x"])
+        )
+        == 3.0
+    )
     with pytest.raises(ValueError, match="metrics/train.json has no number at 'nested'"):
         sweep_module.objective(compose([f"paths.root={tmp_path}", "sweep.objective=train.nested"]))
     with pytest.raises(ConfigError, match="sweep.objective"):

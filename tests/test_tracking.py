@@ -35,12 +35,14 @@ def runs_of(db: Path) -> tuple[MlflowClient, object, list]:
     return client, exp, client.search_runs([exp.experiment_id])
 
 
-def test_run_name_tags_and_experiment_kind(make_cfg, new_store: Path, tmp_path: Path,
-                                           monkeypatch) -> None:
+def test_run_name_tags_and_experiment_kind(
+    make_cfg, new_store: Path, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    cfg = make_cfg("tracking.enabled=true", "++tracking.tags.sweep_name=grid",
-                   "++tracking.tags.sweep_job=3")
+    cfg = make_cfg(
+        "tracking.enabled=true", "++tracking.tags.sweep_name=grid", "++tracking.tags.sweep_job=3"
+    )
     path(cfg, "root").mkdir(parents=True)
     shutil.copy(new_store, path(cfg, "root") / "mlflow.db")  # the default store, empty
     for stage in ("download", "prepare"):  # two stages, one run; the second resumes it
@@ -48,8 +50,11 @@ def test_run_name_tags_and_experiment_kind(make_cfg, new_store: Path, tmp_path: 
             t.log_metrics({"acc_pct": 50.0, "flag": True, "name": "x"})  # numbers only
             if stage == "download":  # a child that carries the key, like a benchmark row
                 parent = mlflow.active_run()
-                mlflow.start_run(nested=True, experiment_id=parent.info.experiment_id,
-                                 tags={KEY_TAG: parent.data.tags[KEY_TAG]})
+                mlflow.start_run(
+                    nested=True,
+                    experiment_id=parent.info.experiment_id,
+                    tags={KEY_TAG: parent.data.tags[KEY_TAG]},
+                )
                 mlflow.end_run("KILLED")
     client, exp, runs = runs_of(path(cfg, "root") / "mlflow.db")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -74,9 +79,9 @@ def test_run_name_tags_and_experiment_kind(make_cfg, new_store: Path, tmp_path: 
     assert "mine" in {r.info.run_name for r in runs_of(path(cfg, "root") / "mlflow.db")[2]}
 
 
-def test_one_parent_run_per_pipeline_execution_keyed_by_config(make_cfg, new_store: Path,
-                                                               tmp_path: Path,
-                                                               monkeypatch) -> None:
+def test_one_parent_run_per_pipeline_execution_keyed_by_config(
+    make_cfg, new_store: Path, tmp_path: Path, monkeypatch
+) -> None:
     """Two configs (same root, same store, same commit) are two executions: two runs, each
     holding every stage of its own. The same config again is the same execution: its run
     resumed, not a third one."""
@@ -125,8 +130,12 @@ def test_default_store_follows_dvc_root(make_cfg, tmp_path: Path, monkeypatch) -
 
 
 def test_dataset_digest_changes_with_the_split(tmp_path: Path) -> None:
-    for name, text in {"train.csv": "a\n1\n", "val.csv": "a\n2\n", "test.csv": "a\n3\n",
-                       "labels.txt": "Cat\n"}.items():
+    for name, text in {
+        "train.csv": "a\n1\n",
+        "val.csv": "a\n2\n",
+        "test.csv": "a\n3\n",
+        "labels.txt": "Cat\n",
+    }.items():
         (tmp_path / name).write_text(text)
     before = tracking.dataset_digest(tmp_path)
     assert tracking.dataset_digest(tmp_path) == before
@@ -146,14 +155,28 @@ def test_concurrent_stages_on_a_fresh_sqlite_store(make_cfg, mirror, tmp_path: P
         for j in range(jobs):
             root = tmp_path / f"a{attempt}" / f"job{j}"
             shutil.copytree(path(src, "raw"), root / src.paths.raw)
-            cfg = make_cfg(f"paths.root={root}", "tracking.enabled=true",
-                           f"tracking.uri=sqlite:///{db}", srv=mirror)
+            cfg = make_cfg(
+                f"paths.root={root}",
+                "tracking.enabled=true",
+                f"tracking.uri=sqlite:///{db}",
+                srv=mirror,
+            )
             params = write_params(cfg, root / "params.yaml")
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_EXP_NAME")}
-            procs.append(subprocess.Popen(stage_cmd("prepare", params), cwd=PROJECT_ROOT,
-                                          env=env, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, text=True))
+            env = {
+                k: v
+                for k, v in os.environ.items()
+                if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_EXP_NAME")
+            }
+            procs.append(
+                subprocess.Popen(
+                    stage_cmd("prepare", params),
+                    cwd=PROJECT_ROOT,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
         errors = [p.communicate(timeout=300)[1] for p in procs]
         for p, err in zip(procs, errors, strict=True):
             assert p.returncode == 0, f"attempt {attempt}:\n{err[-3000:]}"
@@ -163,7 +186,8 @@ def test_concurrent_stages_on_a_fresh_sqlite_store(make_cfg, mirror, tmp_path: P
         assert all(r.info.status == "FINISHED" for r in runs)
 
 
-@pytest.mark.parametrize("verdict,code", [("pass", 1), ("undecided", 0), ("fail", -1),
-                                          (None, None)])
+@pytest.mark.parametrize(
+    "verdict,code", [("pass", 1), ("undecided", 0), ("fail", -1), (None, None)]
+)
 def test_verdict_codes(verdict, code) -> None:
     assert tracking.verdict_code(verdict) == code

@@ -29,26 +29,48 @@ from oipipe.training import models
 from stages import export, train
 
 # 64 px inputs and two epochs keep a run to seconds on 2 cores.
-TINY = ["data.image_size=72", "model.input_size=64", "train.epochs=2", "train.batch_size=16",
-        "runtime.train_workers=0", "train.warmup_epochs=0", "runtime.log_model=false",
-        "runtime.system_metrics=false", "tracking.enabled=false"]
+TINY = [
+    "data.image_size=72",
+    "model.input_size=64",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "runtime.train_workers=0",
+    "train.warmup_epochs=0",
+    "runtime.log_model=false",
+    "runtime.system_metrics=false",
+    "tracking.enabled=false",
+]
 
 
 @pytest.fixture
 def train_cfg(prepared, tmp_path):
     def make(*overrides: str, root: Path | None = None):
-        return compose(["data=mirror", f"paths.root={root or tmp_path}",
-                        f"paths.prepared={prepared}", *TINY, *overrides])
+        return compose(
+            [
+                "data=mirror",
+                f"paths.root={root or tmp_path}",
+                f"paths.prepared={prepared}",
+                *TINY,
+                *overrides,
+            ]
+        )
 
     return make
 
 
-def test_training_end_to_end_beats_chance_and_writes_everything(train_cfg, prepared,
-                                                                 tmp_path) -> None:
+def test_training_end_to_end_beats_chance_and_writes_everything(
+    train_cfg, prepared, tmp_path
+) -> None:
     # the default recipe (lp_ft), with a one-epoch probe so that both phases run
-    cfg = train_cfg("train.epochs=3", "train.probe_epochs=1", "train.lr=0.003",
-                    "runtime.train_workers=2", "tracking.enabled=true", "runtime.log_model=true",
-                    "runtime.system_metrics=true")
+    cfg = train_cfg(
+        "train.epochs=3",
+        "train.probe_epochs=1",
+        "train.lr=0.003",
+        "runtime.train_workers=2",
+        "tracking.enabled=true",
+        "runtime.log_model=true",
+        "runtime.system_metrics=true",
+    )
     assert cfg.train.recipe == "lp_ft" and cfg.train.precision == "auto"
     metrics = train.run(cfg)
 
@@ -61,8 +83,10 @@ def test_training_end_to_end_beats_chance_and_writes_everything(train_cfg, prepa
     assert metrics["recipe"] == "lp_ft" and metrics["probe_epochs"] == 1
     # accuracies carry their number of images and a 95% Wilson interval
     assert metrics["val_images"] == len(read_csv(prepared / "val.csv"))
-    for acc, n, prefix in (("test_acc_pct", "test_images", "test_acc"),
-                           ("best_val_acc_pct", "val_images", "val_acc")):
+    for acc, n, prefix in (
+        ("test_acc_pct", "test_images", "test_acc"),
+        ("best_val_acc_pct", "val_images", "val_acc"),
+    ):
         k = round(metrics[acc] * metrics[n] / 100)
         low, high = metrics[f"{prefix}_ci_low_pct"], metrics[f"{prefix}_ci_high_pct"]
         assert (low, high) == pytest.approx([100 * w for w in wilson(k, metrics[n])], abs=1e-2)
@@ -73,8 +97,16 @@ def test_training_end_to_end_beats_chance_and_writes_everything(train_cfg, prepa
         assert metrics["precision_chosen_by"] == "measured" and fp32 > 0 and bf16 > 0
         assert metrics["precision"] == train.choose_precision(fp32, bf16)
     ck = torch.load(path(cfg, "checkpoint"), map_location="cpu", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_val_loss", "selected_by",
-            "config"} <= set(ck)
+    assert {
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "best_val_loss",
+        "selected_by",
+        "config",
+    } <= set(ck)
     assert ck["selected_by"] == metrics["selected_by"] == "val_loss"
     assert ck["meta"]["classes"] == ["Zebra", "Sea turtle", "Blue jay"]
     assert ck["meta"]["mean"] == [0.5, 0.5, 0.5] and ck["meta"]["input_size"] == 64
@@ -93,8 +125,14 @@ def test_training_end_to_end_beats_chance_and_writes_everything(train_cfg, prepa
     assert len(client.get_metric_history(run.info.run_id, "train.val_acc_pct")) == 3
     # every accuracy is a percentage, in train.json and in MLflow alike
     m = run.data.metrics
-    for k in ("test_acc_pct", "test_acc_ci_low_pct", "test_acc_ci_high_pct", "best_val_acc_pct",
-              "val_acc_ci_low_pct", "val_acc_ci_high_pct"):
+    for k in (
+        "test_acc_pct",
+        "test_acc_ci_low_pct",
+        "test_acc_ci_high_pct",
+        "best_val_acc_pct",
+        "val_acc_ci_low_pct",
+        "val_acc_ci_high_pct",
+    ):
         assert m[f"train.{k}"] == pytest.approx(metrics[k]) and 0 <= metrics[k] <= 100, k
     history = read_csv(path(cfg, "plots") / "train_history.csv")
     for k in ("val_acc_pct", "train_acc_pct"):
@@ -106,10 +144,14 @@ def test_training_end_to_end_beats_chance_and_writes_everything(train_cfg, prepa
     assert data.dataset.name == "openimages: Zebra, Sea turtle, Blue jay"
     assert data.dataset.digest == tracking.dataset_digest(prepared)
     assert {a.path for a in client.list_artifacts(run.info.run_id, "train")} >= {
-        "train/train.json", "train/confusion.png", "train/train_history.csv"}
+        "train/train.json",
+        "train/confusion.png",
+        "train/train_history.csv",
+    }
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (logged,) = mlflow.search_logged_models(experiment_ids=[exp.experiment_id],
-                                            output_format="list")
+    (logged,) = mlflow.search_logged_models(
+        experiment_ids=[exp.experiment_id], output_format="list"
+    )
     assert logged.source_run_id == run.info.run_id
     model = mlflow.pytorch.load_model(logged.model_uri)
     x = torch.randn(2, 3, 64, 64)
@@ -117,10 +159,16 @@ def test_training_end_to_end_beats_chance_and_writes_everything(train_cfg, prepa
     assert any(k.startswith("system/") for k in run.data.metrics)
 
 
-@pytest.mark.parametrize(("name", "n_blocks"), [("resnet18", 4), ("mobilenet_v3_small", 13),
-                                                ("efficientnet_lite0", 8),
-                                                ("efficientnet_lite1", 8),
-                                                ("efficientnet_lite2", 8)])
+@pytest.mark.parametrize(
+    ("name", "n_blocks"),
+    [
+        ("resnet18", 4),
+        ("mobilenet_v3_small", 13),
+        ("efficientnet_lite0", 8),
+        ("efficientnet_lite1", 8),
+        ("efficientnet_lite2", 8),
+    ],
+)
 def test_each_recipe_freezes_exactly_what_it_should(name: str, n_blocks: int) -> None:
     model = models.replace_head(models.create(name), 3)
     head = model.get_submodule(models.head_name(model))
@@ -133,7 +181,8 @@ def test_each_recipe_freezes_exactly_what_it_should(name: str, n_blocks: int) ->
     assert trainable() == count(head.parameters()) == head.in_features * 3 + 3
     train.apply_recipe(model, "partial", 2)
     assert trainable() == count(head.parameters()) + count(
-        p for b in blocks[-2:] for p in b.parameters())
+        p for b in blocks[-2:] for p in b.parameters()
+    )
     train.apply_recipe(model, "full", 2)
     assert trainable() == count(model.parameters())
     with pytest.raises(InputError, match="has 4 blocks" if n_blocks == 4 else "blocks"):
@@ -151,9 +200,19 @@ def test_linear_probe_keeps_frozen_batchnorm_statistics(train_cfg) -> None:
     assert not torch.equal(before.state_dict()["classifier.weight"], after["classifier.weight"])
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v3_small",
-                                  "mobilenet_v3_large", "efficientnet_b0", "efficientnet_lite0",
-                                  "efficientnet_lite1", "efficientnet_lite2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet18",
+        "resnet50",
+        "mobilenet_v3_small",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+    ],
+)
 def test_every_ready_model_config_gets_a_new_head(name: str) -> None:
     cfg = compose([f"model={name}", "model.weights=none"])
     model, source = models.build(cfg.model.name, 5, cfg.model.weights)
@@ -181,18 +240,30 @@ train.main()
 """
 
 
-def test_killed_training_resumes_and_matches_an_uninterrupted_run(train_cfg, tmp_path,
-                                                                   monkeypatch) -> None:
+def test_killed_training_resumes_and_matches_an_uninterrupted_run(
+    train_cfg, tmp_path, monkeypatch
+) -> None:
     # lp_ft with a one-epoch probe: killed in epoch 2, the run resumes at the switch to all
     # layers, with the optimiser and schedule of both phases restored
-    over = ["train.epochs=3", "train.probe_epochs=1", "train.deterministic=true",
-            "model=mobilenet_v3_small", "model.weights=none", "train.lr=0.003"]
+    over = [
+        "train.epochs=3",
+        "train.probe_epochs=1",
+        "train.deterministic=true",
+        "model=mobilenet_v3_small",
+        "model.weights=none",
+        "train.lr=0.003",
+    ]
     reference = train.run(train_cfg(*over, root=tmp_path / "ref"))
 
     cfg = train_cfg(*over, root=tmp_path / "killed")
     params = write_params(cfg, tmp_path / "params.yaml")
-    killed = subprocess.run([sys.executable, "-c", KILLED_IN_EPOCH_2, "--params", str(params)],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_EPOCH_2, "--params", str(params)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     work = path(cfg, "cache") / "train"
     (last,) = work.glob("*/last.pt")
@@ -220,7 +291,8 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(train_cfg, tmp
     # epoch 1's row is the killed process's, as its checkpoint had it, timings included (a
     # rerun would time the epoch anew)
     assert {k: float(got[0][k]) for k in train.HISTORY_FIELDS} == {
-        k: float(saved["history"][0][k]) for k in train.HISTORY_FIELDS}
+        k: float(saved["history"][0][k]) for k in train.HISTORY_FIELDS
+    }
     with open(tmp_path / "ref" / "plots" / "train_history.csv") as f:
         want = list(csv.DictReader(f))
     assert [r["epoch"] for r in got] == ["1", "2", "3"]
@@ -250,15 +322,20 @@ def test_bad_weights_files_are_clear_errors(tmp_path) -> None:
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(models.WeightsError, match=r"truncated\.pth cannot be read.*truncated"):
         models.build("resnet18", 3, str(truncated))
-    with pytest.raises(models.WeightsError,
-                       match=r"resnet18\.pth do not fit mobilenet_v3_small.*another architecture"):
+    with pytest.raises(
+        models.WeightsError,
+        match=r"resnet18\.pth do not fit mobilenet_v3_small.*another architecture",
+    ):
         models.build("mobilenet_v3_small", 3, str(good))
     with pytest.raises(models.WeightsError, match=r"nope\.pth does not exist"):
         models.build("resnet18", 3, str(tmp_path / "nope.pth"))
     with pytest.raises(models.WeightsError, match=r"unknown weights 'IMAGENET9K'.*IMAGENET1K_V1"):
         models.build("resnet18", 3, "IMAGENET9K")
-    with pytest.raises(models.WeightsError, match="bundled exists only for efficientnet_lite0, "
-                       "efficientnet_lite1, efficientnet_lite2, not resnet18"):
+    with pytest.raises(
+        models.WeightsError,
+        match="bundled exists only for efficientnet_lite0, "
+        "efficientnet_lite1, efficientnet_lite2, not resnet18",
+    ):
         models.build("resnet18", 3, "bundled")
     # a file of the right architecture loads, with the new head kept
     model, source = models.build("resnet18", 3, str(good))
@@ -266,8 +343,7 @@ def test_bad_weights_files_are_clear_errors(tmp_path) -> None:
     assert torch.equal(model.conv1.weight, sd["conv1.weight"])
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1",
-                                  "efficientnet_lite2"])
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 def test_bundled_weights_classify_real_photographs(name: str) -> None:
     """The key-by-key mapping is right only if ImageNet classes come out right on real photos,
     preprocessed as the model's config says (lite0/1/2: 224/240/260 px, crop_pct
@@ -340,12 +416,18 @@ def test_auto_precision_takes_bf16_only_where_measured_clearly_faster() -> None:
 
     precision, how = train.select_precision("auto", cpu, measure)
     assert precision == "fp32" and calls == [1]
-    assert how == {"precision_chosen_by": "measured", "precision_fp32_images_per_s": 16.0,
-                   "precision_bf16_images_per_s": 13.6, "precision_bf16_speedup": 0.85,
-                   "precision_bf16_min_speedup": train.BF16_MIN_SPEEDUP}
+    assert how == {
+        "precision_chosen_by": "measured",
+        "precision_fp32_images_per_s": 16.0,
+        "precision_bf16_images_per_s": 13.6,
+        "precision_bf16_speedup": 0.85,
+        "precision_bf16_min_speedup": train.BF16_MIN_SPEEDUP,
+    }
     # no timing where it would decide nothing: explicit, CUDA, or a bit-reproducible run
-    assert train.select_precision("bf16", cpu, measure) == ("bf16", {"precision_chosen_by":
-                                                                       "config"})
+    assert train.select_precision("bf16", cpu, measure) == (
+        "bf16",
+        {"precision_chosen_by": "config"},
+    )
     assert train.select_precision("auto", cuda, measure)[0] == "fp16"
     assert train.select_precision("auto", cpu, measure, deterministic=True)[0] == "fp32"
     assert calls == [1]
@@ -399,8 +481,9 @@ def test_augmentation_depends_on_seed_and_epoch_not_on_workers(prepared) -> None
 
 def test_early_stopping_after_patience_epochs_without_improvement(train_cfg) -> None:
     # a learning rate this small leaves the val loss exactly where epoch 1 put it
-    cfg = train_cfg("train.epochs=6", "train.patience=2", "train.lr=1e-12",
-                    "train.recipe=linear_probe")
+    cfg = train_cfg(
+        "train.epochs=6", "train.patience=2", "train.lr=1e-12", "train.recipe=linear_probe"
+    )
     metrics = train.run(cfg)
     assert metrics["best_epoch"] == 1
     assert metrics["epochs_run"] == 3 and metrics["epochs_configured"] == 6
@@ -409,8 +492,14 @@ def test_early_stopping_after_patience_epochs_without_improvement(train_cfg) -> 
 def test_lp_ft_probes_the_head_then_trains_everything_across_one_schedule() -> None:
     assert set(train.RECIPES) == set(CHOICES["train.recipe"])
     # constant rates within a phase (no warmup, no decay) to read them off
-    cfg = compose(["train.epochs=4", "train.probe_epochs=2", "train.warmup_epochs=0",
-                   "train.min_lr_ratio=1.0"]).train
+    cfg = compose(
+        [
+            "train.epochs=4",
+            "train.probe_epochs=2",
+            "train.warmup_epochs=0",
+            "train.min_lr_ratio=1.0",
+        ]
+    ).train
     assert cfg.recipe == "lp_ft", "lp_ft is the default recipe"
     assert [train.layers_at(cfg, e) for e in (1, 2, 3, 4)] == ["linear_probe"] * 2 + ["full"] * 2
     model = models.replace_head(models.create("mobilenet_v3_small"), 3)
@@ -427,14 +516,21 @@ def test_lp_ft_probes_the_head_then_trains_everything_across_one_schedule() -> N
     assert rates == [pytest.approx(probe)] * 10 + [pytest.approx(tune)] * 10
 
 
-def test_checkpoint_and_early_stopping_follow_the_validation_loss(train_cfg, prepared,
-                                                                   monkeypatch) -> None:
+def test_checkpoint_and_early_stopping_follow_the_validation_loss(
+    train_cfg, prepared, monkeypatch
+) -> None:
     # Scripted validation results, epoch -> (mean loss, accuracy): accuracy peaks at epoch 1 as
     # on the issue's real photos, the loss bottoms at epoch 3. By accuracy, epoch 1 would be kept
     # and patience 2 would stop the run after epoch 3; by loss, epoch 3 is kept and the run stops
     # after two epochs without a lower loss, epoch 5.
-    script = {1: (0.9, 1.0), 2: (0.6, 0.5), 3: (0.2, 0.75), 4: (0.4, 1.0), 5: (0.3, 1.0),
-              6: (0.1, 1.0)}
+    script = {
+        1: (0.9, 1.0),
+        2: (0.6, 0.5),
+        3: (0.2, 0.75),
+        4: (0.4, 1.0),
+        5: (0.3, 1.0),
+        6: (0.1, 1.0),
+    }
     val_files = [prepared / r["file"] for r in read_csv(prepared / "val.csv")]
     real_predict, epochs = train.predict, iter(script)
     # the weights each epoch was validated with, and those the test split was evaluated with
@@ -450,12 +546,12 @@ def test_checkpoint_and_early_stopping_follow_the_validation_loss(train_cfg, pre
         weights[epoch] = snapshot
         loss, acc = script[epoch]
         right = np.arange(len(targets)) < round(acc * len(targets))
-        return (np.full(len(targets), loss), np.where(right, targets, (targets + 1) % 3),
-                targets)
+        return (np.full(len(targets), loss), np.where(right, targets, (targets + 1) % 3), targets)
 
     monkeypatch.setattr(train, "predict", predict)
-    cfg = train_cfg("train.recipe=linear_probe", "train.lr=0.01", "train.epochs=6",
-                    "train.patience=2")
+    cfg = train_cfg(
+        "train.recipe=linear_probe", "train.lr=0.01", "train.epochs=6", "train.patience=2"
+    )
     metrics = train.run(cfg)
 
     with open(path(cfg, "plots") / "train_history.csv") as f:
@@ -473,8 +569,9 @@ def test_checkpoint_and_early_stopping_follow_the_validation_loss(train_cfg, pre
         return [k for k in a if not torch.equal(a[k], b[k])]
 
     # model.pt holds epoch 3's weights, not only its number; test accuracy comes from them too
-    moved, saved, tested = (differ(w, weights[3]) for w in (weights[5], kept["model"],
-                                                              weights["test"]))
+    moved, saved, tested = (
+        differ(w, weights[3]) for w in (weights[5], kept["model"], weights["test"])
+    )
     assert moved == ["classifier.weight", "classifier.bias"], "only the head trains, and does"
     assert not saved, f"model.pt holds other weights than epoch 3's: {saved}"
     assert not tested, f"the test split was evaluated with other weights: {tested}"
@@ -482,18 +579,36 @@ def test_checkpoint_and_early_stopping_follow_the_validation_loss(train_cfg, pre
 
 def test_early_stopping_never_fires_in_the_probe_phase(train_cfg) -> None:
     # rates this small leave the val loss where epoch 1 put it all through the probe
-    cfg = train_cfg("train.epochs=5", "train.probe_epochs=4", "train.patience=1",
-                    "train.lr=1e-12", "train.probe_lr=1e-12")
+    cfg = train_cfg(
+        "train.epochs=5",
+        "train.probe_epochs=4",
+        "train.patience=1",
+        "train.lr=1e-12",
+        "train.probe_lr=1e-12",
+    )
     metrics = train.run(cfg)
     assert metrics["epochs_run"] == 5  # counting the probe, patience 1 would stop after epoch 2
 
 
 def test_default_recipe_is_at_least_as_good_as_a_linear_probe(train_cfg, tmp_path) -> None:
     # fp32 for both: a timed precision choice could differ between the two runs
-    probe = train.run(train_cfg("train.recipe=linear_probe", "train.lr=0.01", "train.epochs=4",
-                                "train.precision=fp32", root=tmp_path / "linear_probe"))
-    default = train.run(train_cfg("train.epochs=4", "train.probe_epochs=2",
-                                  "train.precision=fp32", root=tmp_path / "lp_ft"))
+    probe = train.run(
+        train_cfg(
+            "train.recipe=linear_probe",
+            "train.lr=0.01",
+            "train.epochs=4",
+            "train.precision=fp32",
+            root=tmp_path / "linear_probe",
+        )
+    )
+    default = train.run(
+        train_cfg(
+            "train.epochs=4",
+            "train.probe_epochs=2",
+            "train.precision=fp32",
+            root=tmp_path / "lp_ft",
+        )
+    )
     assert default["recipe"] == "lp_ft"
     assert default["test_acc_pct"] >= probe["test_acc_pct"], (default, probe)
 
@@ -542,31 +657,42 @@ def _edited(trained: Path, edit) -> dict:
 # What is written at paths.checkpoint -> what the one line must say about it
 BAD_CHECKPOINTS = {
     "empty": (lambda trained: b"", r"cannot be read: it is empty \(0 bytes\)"),
-    "truncated": (lambda trained: trained.read_bytes()[:5000],
-                  r"cannot be read: it is truncated or damaged \(a zip archive of 5000 bytes"),
-    "text": (lambda trained: b"model: efficientnet_lite0\n",
-             r"cannot be read: it is not a PyTorch file"),
-    "whole pickled model": (lambda trained: models.create("resnet18"),
-                            r"holds pickled Python objects \(torchvision\.models\.resnet\.ResNet\)"
-                            r".*would run code from the file; save only tensors"),
-    "foreign state dict": (lambda trained: models.create("resnet18").state_dict(),
-                           r"is not a checkpoint of the train stage \(it holds a bare state dict "
-                           r"of 122 tensors"),
-    "meta without crop_pct": (lambda trained: _edited(trained, lambda c: c["meta"].pop("crop_pct")),
-                              r"its meta lacks \['crop_pct'\]"),
+    "truncated": (
+        lambda trained: trained.read_bytes()[:5000],
+        r"cannot be read: it is truncated or damaged \(a zip archive of 5000 bytes",
+    ),
+    "text": (
+        lambda trained: b"model: efficientnet_lite0\n",
+        r"cannot be read: it is not a PyTorch file",
+    ),
+    "whole pickled model": (
+        lambda trained: models.create("resnet18"),
+        r"holds pickled Python objects \(torchvision\.models\.resnet\.ResNet\)"
+        r".*would run code from the file; save only tensors",
+    ),
+    "foreign state dict": (
+        lambda trained: models.create("resnet18").state_dict(),
+        r"is not a checkpoint of the train stage \(it holds a bare state dict "
+        r"of 122 tensors",
+    ),
+    "meta without crop_pct": (
+        lambda trained: _edited(trained, lambda c: c["meta"].pop("crop_pct")),
+        r"its meta lacks \['crop_pct'\]",
+    ),
     "other classes": (
         lambda trained: _edited(trained, lambda c: c["meta"].update(classes=["Zebra", "Bee"])),
         r"does not fit its own meta \(efficientnet_lite0 with 2 classes\): 2 with other shapes "
-        r"\(e\.g\. \['classifier\.weight \(3, 1280\) vs \(2, 1280\)'"),
+        r"\(e\.g\. \['classifier\.weight \(3, 1280\) vs \(2, 1280\)'",
+    ),
     "other architecture": (
         lambda trained: _edited(trained, lambda c: c["meta"].update(arch="resnet18")),
-        r"does not fit its own meta \(resnet18 with 3 classes\): \d+ missing \(e\.g\. \['conv1\."),
+        r"does not fit its own meta \(resnet18 with 3 classes\): \d+ missing \(e\.g\. \['conv1\.",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
-def test_bad_checkpoint_is_one_line_exit_2_naming_the_file(case, trained, tmp_path,
-                                                          caplog) -> None:
+def test_bad_checkpoint_is_one_line_exit_2_naming_the_file(case, trained, tmp_path, caplog) -> None:
     cfg = compose(["data=mirror", f"paths.root={tmp_path}", "tracking.enabled=false"])
     file = path(cfg, "checkpoint")
     file.parent.mkdir(parents=True)
@@ -582,13 +708,20 @@ def test_bad_checkpoint_is_one_line_exit_2_naming_the_file(case, trained, tmp_pa
     assert msg.endswith("run the train stage to write it again (`dvc repro train`)"), msg
 
 
-@pytest.mark.parametrize(("content", "says"), [
-    (b"", r"cannot be read: it is empty \(0 bytes\)"),
-    (b"\x80\x02}q\x00(X", r"cannot be read: it is truncated or damaged \(torch's legacy format"),
-    (None, r"holds pickled Python objects \(torchvision\.models\.resnet\.ResNet\)"),
-])
-def test_bad_weights_file_is_one_line_exit_2_naming_the_file(content, says, train_cfg, tmp_path,
-                                                             caplog) -> None:
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"", r"cannot be read: it is empty \(0 bytes\)"),
+        (
+            b"\x80\x02}q\x00(X",
+            r"cannot be read: it is truncated or damaged \(torch's legacy format",
+        ),
+        (None, r"holds pickled Python objects \(torchvision\.models\.resnet\.ResNet\)"),
+    ],
+)
+def test_bad_weights_file_is_one_line_exit_2_naming_the_file(
+    content, says, train_cfg, tmp_path, caplog
+) -> None:
     weights = tmp_path / "weights.pth"
     if content is None:
         torch.save(models.create("resnet18"), weights)  # the whole model, not its state dict
@@ -601,13 +734,16 @@ def test_bad_weights_file_is_one_line_exit_2_naming_the_file(content, says, trai
     assert msg.endswith("a torchvision weights name (DEFAULT, IMAGENET1K_V1...) or none"), msg
 
 
-def test_damaged_checkpoint_of_an_interrupted_run_says_how_to_start_over(train_cfg, prepared,
-                                                                         tmp_path, caplog) -> None:
+def test_damaged_checkpoint_of_an_interrupted_run_says_how_to_start_over(
+    train_cfg, prepared, tmp_path, caplog
+) -> None:
     cfg = train_cfg()
     work = path(cfg, "cache") / "train" / train.run_key(cfg, prepared)
     work.mkdir(parents=True)
     (work / "last.pt").write_bytes(b"")  # say, a disk that filled up
     msg = entry_point_error(caplog, "train", train.run, cfg, tmp_path)
-    assert msg == (f"train: checkpoint {work / 'last.pt'} cannot be read: it is empty (0 bytes), "
-                   f"as an interrupted save or copy leaves it; delete {work} to start the run "
-                   "over"), msg
+    assert msg == (
+        f"train: checkpoint {work / 'last.pt'} cannot be read: it is empty (0 bytes), "
+        f"as an interrupted save or copy leaves it; delete {work} to start the run "
+        "over"
+    ), msg

@@ -22,15 +22,19 @@ STEM = "[CONVOLUTION]-[aten_ops.convolution.default]-[convolution] + "
 def test_fp16_sample_counts() -> None:
     """Dynamic batch: no format is shown, so the 7 convolutions are known by their Half weights
     and the 4 other layers are unknown."""
-    assert trt_layers.layer_precisions(FP16) == {"layers": {"fp16": 7, "unknown": 4},
-                                                 "convolutions": {"fp16": 7}}
+    assert trt_layers.layer_precisions(FP16) == {
+        "layers": {"fp16": 7, "unknown": 4},
+        "convolutions": {"fp16": 7},
+    }
 
 
 def test_mixed_sample_counts() -> None:
     """Static batch: formats shown, read from the output; the FP32 stem and the FP32 output
     reformat count as fp32, the fully connected layer run as a convolution counts as one."""
-    assert trt_layers.layer_precisions(MIXED) == {"layers": {"fp16": 6, "fp32": 2},
-                                                  "convolutions": {"fp16": 3, "fp32": 1}}
+    assert trt_layers.layer_precisions(MIXED) == {
+        "layers": {"fp16": 6, "fp32": 2},
+        "convolutions": {"fp16": 3, "fp32": 1},
+    }
     reformat = json.loads(MIXED)["Layers"][1]  # FP32 in, FP16 out: counted by what it writes
     assert reformat["LayerType"] == "Reformat" and trt_layers.layer_dtype(reformat) == "fp16"
 
@@ -41,8 +45,9 @@ def test_fp16_check_passes_on_the_fp16_sample() -> None:
 
 
 def test_fp16_check_fails_on_a_float_convolution() -> None:
-    with pytest.raises(trt_layers.LayerPrecisionError,
-                       match=r"runs 1 of 4 convolution layers in another precision") as e:
+    with pytest.raises(
+        trt_layers.LayerPrecisionError, match=r"runs 1 of 4 convolution layers in another precision"
+    ) as e:
         trt_layers.check_fp16(MIXED)
     assert STEM in str(e.value) and "(fp32)" in str(e.value)
 
@@ -76,8 +81,11 @@ def test_fp16_check_fails_without_a_convolution() -> None:
 @pytest.mark.parametrize("parse", [trt_layers.layer_precisions, trt_layers.check_fp16])
 def test_names_only_layer_information_is_refused(parse) -> None:
     """What an engine built outside a Debugger reports (ProfilingVerbosity LAYER_NAMES_ONLY)."""
-    with pytest.raises(ValueError, match=r"only layer names \(11 of 11 layers.*"
-                                         r"ProfilingVerbosity\.DETAILED.*save_layer_info=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"only layer names \(11 of 11 layers.*"
+        r"ProfilingVerbosity\.DETAILED.*save_layer_info=True",
+    ):
         parse(NAMES_ONLY)
 
 
@@ -86,14 +94,22 @@ def test_other_json_is_refused() -> None:
         trt_layers.layer_precisions({"Bindings": ["x"]})
 
 
-@pytest.mark.parametrize(("description", "dtype"), [
-    ("Channel major FP16 format where channel % 8 == 0", "fp16"),
-    ("Row major linear FP32", "fp32"),
-    ("Row major linear FP16 format (kLINEAR)", "fp16"),
-    ("Thirty-two wide channel vectorized row major Int8 format.", "int8"),
-    ("Channel major BFloat16 format where channel % 8 == 0", "bf16"),
-    ("Half", "fp16"), ("Float", "fp32"), ("Int32", "int32"),
-    ("N/A due to dynamic shapes", None), ("Unknown format", None), (None, None)])
+@pytest.mark.parametrize(
+    ("description", "dtype"),
+    [
+        ("Channel major FP16 format where channel % 8 == 0", "fp16"),
+        ("Row major linear FP32", "fp32"),
+        ("Row major linear FP16 format (kLINEAR)", "fp16"),
+        ("Thirty-two wide channel vectorized row major Int8 format.", "int8"),
+        ("Channel major BFloat16 format where channel % 8 == 0", "bf16"),
+        ("Half", "fp16"),
+        ("Float", "fp32"),
+        ("Int32", "int32"),
+        ("N/A due to dynamic shapes", None),
+        ("Unknown format", None),
+        (None, None),
+    ],
+)
 def test_tensor_dtype(description: str | None, dtype: str | None) -> None:
     assert trt_layers.tensor_dtype(description) == dtype
 

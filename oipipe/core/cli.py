@@ -29,8 +29,11 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
 
-def guarded(name: str, work: Callable[[], Any],
-            interrupted: str = "interrupted; completed work is kept, rerun to resume") -> int:
+def guarded(
+    name: str,
+    work: Callable[[], Any],
+    interrupted: str = "interrupted; completed work is kept, rerun to resume",
+) -> int:
     """Run `work` and turn what it raises into an exit code, logged in one line under `name`."""
     setup_logging()
     try:
@@ -47,21 +50,35 @@ def guarded(name: str, work: Callable[[], Any],
     return 0
 
 
-def stage_parser(name: str, description: str | None = None,
-                 module: str | None = None) -> argparse.ArgumentParser:
+def stage_parser(
+    name: str, description: str | None = None, module: str | None = None
+) -> argparse.ArgumentParser:
     """The options every stage takes (`--params`, overrides); one with options of its own adds
     them to this parser. `module`: what `python -m` runs, `stages.<name>` unless given."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module or f'stages.{name}'}",
-                                     description=description, epilog=EXIT_CODES)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="composed config (default: ./params.yaml, what DVC runs with)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="overrides of params.yaml, e.g. data.seed=1 'data.classes=[Cat,Dog]'")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module or f'stages.{name}'}", description=description, epilog=EXIT_CODES
+    )
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="composed config (default: ./params.yaml, what DVC runs with)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides of params.yaml, e.g. data.seed=1 'data.classes=[Cat,Dog]'",
+    )
     return parser
 
 
-def run_stage(name: str, run: Callable[[DictConfig], Any], argv: Sequence[str] | None = None,
-              args: argparse.Namespace | None = None) -> int:
+def run_stage(
+    name: str,
+    run: Callable[[DictConfig], Any],
+    argv: Sequence[str] | None = None,
+    args: argparse.Namespace | None = None,
+) -> int:
     """Parse, load `params.yaml` with the overrides, run, and return the exit code.
 
     `args`: already parsed by an entry point with options of its own (`stage_parser` plus them).

@@ -29,8 +29,17 @@ from oipipe.core.schema import ALL_KEYS, CHOICES, PipelineConf, is_model, schema
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
-__all__ = ["ALL_KEYS", "CHOICES", "CONF_DIR", "PROJECT_ROOT", "compose", "load_params", "path",
-           "validate", "write_params"]
+__all__ = [
+    "ALL_KEYS",
+    "CHOICES",
+    "CONF_DIR",
+    "PROJECT_ROOT",
+    "compose",
+    "load_params",
+    "path",
+    "validate",
+    "write_params",
+]
 
 
 # --- validation and its one-line errors --------------------------------------------------------
@@ -80,14 +89,17 @@ def _error_line(err: dict) -> str:
 def _one_line(e: ValidationError) -> str:
     errors = e.errors(include_url=False)
     missing = [_dotted(x["loc"]) for x in errors if x["type"] == "missing"]
-    others = sorted((x for x in errors if x["type"] != "missing"),
-                    key=lambda x: x["type"] != "extra_forbidden")  # a typo explains a missing key
+    others = sorted(
+        (x for x in errors if x["type"] != "missing"), key=lambda x: x["type"] != "extra_forbidden"
+    )  # a typo explains a missing key
     if others:
         first = _error_line(others[0])
         more = len(others) - 1 + len(missing)
         return first + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
-    return (f"config is missing required value(s): {', '.join(missing)}; conf/ sets every value "
-            "(after editing conf/, run `make params`)")
+    return (
+        f"config is missing required value(s): {', '.join(missing)}; conf/ sets every value "
+        "(after editing conf/, run `make params`)"
+    )
 
 
 def validate(cfg: DictConfig | dict) -> DictConfig:
@@ -103,8 +115,10 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         msg = (getattr(e, "msg", None) or str(e) or type(e).__name__).splitlines()[0]
         raise ConfigError(f"invalid config at key {key!r}: {msg}") from e
     if not isinstance(raw, dict):
-        raise ConfigError(f"expected a mapping of config groups "
-                          f"({', '.join(PipelineConf.model_fields)}), got a {type(raw).__name__}")
+        raise ConfigError(
+            f"expected a mapping of config groups "
+            f"({', '.join(PipelineConf.model_fields)}), got a {type(raw).__name__}"
+        )
     try:
         checked = PipelineConf.model_validate(raw)
     except ValidationError as e:
@@ -124,8 +138,10 @@ def _yaml_problem(e: yaml.YAMLError, text: str) -> tuple[int, int, str]:
         mark = e.problem_mark or e.context_mark
         line, column, what = mark.line + 1, mark.column + 1, e.problem or e.context
         if e.problem and e.context and e.context_mark:
-            what += (f" ({e.context} at line {e.context_mark.line + 1}, "
-                     f"column {e.context_mark.column + 1})")
+            what += (
+                f" ({e.context} at line {e.context_mark.line + 1}, "
+                f"column {e.context_mark.column + 1})"
+            )
     elif isinstance(e, yaml.reader.ReaderError):
         pos, char = e.position, e.character
         line, column = text.count("\n", 0, pos) + 1, pos - (text.rfind("\n", 0, pos) + 1) + 1
@@ -145,16 +161,19 @@ def _load_yaml(path: Path) -> DictConfig:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ConfigError(f"{path}, line {line}, column {column}: not UTF-8 text (byte "
-                          f"{data[e.start]:#04x}): is it the params file?") from None
+        raise ConfigError(
+            f"{path}, line {line}, column {column}: not UTF-8 text (byte "
+            f"{data[e.start]:#04x}): is it the params file?"
+        ) from None
     try:
         cfg = OmegaConf.load(io.StringIO(text))
     except yaml.YAMLError as e:
         line, column, what = _yaml_problem(e, text)
         raise ConfigError(f"{path}, line {line}, column {column}: invalid YAML: {what}") from None
     if isinstance(cfg, ListConfig):
-        raise ConfigError(f"{path}: expected a mapping of config groups (paths:, data:, ...), "
-                          "found a list")
+        raise ConfigError(
+            f"{path}: expected a mapping of config groups (paths:, data:, ...), found a list"
+        )
     return cfg
 
 
@@ -169,15 +188,17 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             update = OmegaConf.from_dotlist([item])
         except yaml.YAMLError as e:
             _, column, what = _yaml_problem(e, value)
-            raise ConfigError(f"override {item!r}: invalid YAML value at column {column} of "
-                              f"{value!r}: {what}") from None
+            raise ConfigError(
+                f"override {item!r}: invalid YAML value at column {column} of {value!r}: {what}"
+            ) from None
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
         try:
             cfg = OmegaConf.merge(cfg, update)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"override {item!r} does not fit the config: "
-                              f"{str(e).splitlines()[0]}") from None
+            raise ConfigError(
+                f"override {item!r} does not fit the config: {str(e).splitlines()[0]}"
+            ) from None
     return cfg
 
 
@@ -185,7 +206,8 @@ def load_params(path: Path, overrides: Sequence[str] = ()) -> DictConfig:
     """Load a composed `params.yaml` (what DVC runs with) plus dotlist overrides, validated."""
     if not path.is_file():
         raise ConfigError(
-            f"{path}: no such params file; run from the project root or pass --params")
+            f"{path}: no such params file; run from the project root or pass --params"
+        )
     cfg = _apply_overrides(_load_yaml(path), overrides)
     try:
         return validate(cfg)
@@ -204,9 +226,11 @@ def _hydra_errors(overrides: Sequence[str]) -> Iterator[None]:
         try:
             parser.parse_override(item)
         except HydraException as e:
-            raise ConfigError(f"override {item!r} cannot be parsed: {str(e).splitlines()[0]} "
-                              "(Hydra's grammar: key=value, lists as [a,b], quote special "
-                              "characters)") from None
+            raise ConfigError(
+                f"override {item!r} cannot be parsed: {str(e).splitlines()[0]} "
+                "(Hydra's grammar: key=value, lists as [a,b], quote special "
+                "characters)"
+            ) from None
     try:
         yield
     except MissingConfigException as e:  # `model=resnet19`: no such file in a group
@@ -214,8 +238,9 @@ def _hydra_errors(overrides: Sequence[str]) -> Iterator[None]:
         options = list(e.options or [])
         near = difflib.get_close_matches(option, options, n=1)
         hint = f"did you mean {near[0]!r}? " if near else ""
-        raise ConfigError(f"conf/{group} has no option {option!r}; {hint}expected one of "
-                          f"{options}") from None
+        raise ConfigError(
+            f"conf/{group} has no option {option!r}; {hint}expected one of {options}"
+        ) from None
     except HydraException as e:
         key = getattr(e.__cause__, "full_key", None)
         if key:  # `train.lrr=0.1`: a key conf/ does not have
@@ -233,8 +258,10 @@ def compose(overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> DictC
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with _hydra_errors(overrides), initialize_config_dir(config_dir=str(config_dir),
-                                                         version_base=None):
+    with (
+        _hydra_errors(overrides),
+        initialize_config_dir(config_dir=str(config_dir), version_base=None),
+    ):
         cfg = hydra_compose(config_name="config", overrides=list(overrides))
     return validate(cfg)
 
@@ -260,8 +287,11 @@ def path(cfg: DictConfig, key: str) -> Path:
     return root / cfg.paths[key]
 
 
-def write_params(output: Path = PROJECT_ROOT / "params.yaml", overrides: Sequence[str] = (),
-                 config_dir: Path = CONF_DIR) -> None:
+def write_params(
+    output: Path = PROJECT_ROOT / "params.yaml",
+    overrides: Sequence[str] = (),
+    config_dir: Path = CONF_DIR,
+) -> None:
     """Compose `conf/` into `output` exactly as `dvc exp run` does (DVC's own function), and
     write it only when it validates: a bad override leaves the previous file as it was."""
     from dvc.utils.hydra import compose_and_dump
@@ -269,8 +299,9 @@ def write_params(output: Path = PROJECT_ROOT / "params.yaml", overrides: Sequenc
     with tempfile.TemporaryDirectory(prefix="params-") as tmp:
         composed = Path(tmp) / "params.yaml"
         with _hydra_errors(overrides):
-            compose_and_dump(composed, str(config_dir), None, "config", str(PROJECT_ROOT),
-                             list(overrides))
+            compose_and_dump(
+                composed, str(config_dir), None, "config", str(PROJECT_ROOT), list(overrides)
+            )
         text = composed.read_text(encoding="utf-8")
     validate(OmegaConf.create(text))
     write_text(output, text)

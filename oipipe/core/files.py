@@ -122,8 +122,9 @@ def _restore_previous(path: Path, old: Path) -> None:
     if path.exists():  # the swap finished; only the clean-up was cut short
         shutil.rmtree(old)
         return
-    log.warning("%s: restoring the previous output from %s (a run was killed mid-swap)",
-                path, old.name)
+    log.warning(
+        "%s: restoring the previous output from %s (a run was killed mid-swap)", path, old.name
+    )
     os.replace(old, path)
     fsync_dir(path.parent)
 

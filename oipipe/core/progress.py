@@ -33,8 +33,9 @@ def bar(iterable: Iterable | None = None, **kwargs) -> tqdm:
 
 
 @contextlib.contextmanager
-def steps(total: int | None, desc: str, unit: str = "step", tick: float | None = 1.0,
-          **kwargs) -> Iterator[tqdm]:
+def steps(
+    total: int | None, desc: str, unit: str = "step", tick: float | None = 1.0, **kwargs
+) -> Iterator[tqdm]:
     """A bar over the steps of a long job (update it per step, set its description to the step).
 
     While it is shown, log lines print above it rather than through it, and with `tick` its
@@ -62,8 +63,9 @@ def steps(total: int | None, desc: str, unit: str = "step", tick: float | None =
                     clock.join()
 
 
-def counted(iterable: Iterable[T], total: int | None, desc: str, unit: str = "batch") -> \
-        Iterator[T]:
+def counted(
+    iterable: Iterable[T], total: int | None, desc: str, unit: str = "batch"
+) -> Iterator[T]:
     """`iterable`'s items, counted on a bar (e.g. calibration batches pulled by a quantizer)."""
     with steps(total, desc, unit) as b:
         for item in iterable:

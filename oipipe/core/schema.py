@@ -87,8 +87,9 @@ class PathsConf(Schema):
     def _a_file_name(cls, name: str) -> str:
         # dvc.yaml declares `paths.models` as train's output: the checkpoint is a file inside it.
         if not name or Path(name).name != name:
-            raise ValueError(f"{name!r} must be a file name (it lies inside paths.models, "
-                             "train's DVC output)")
+            raise ValueError(
+                f"{name!r} must be a file name (it lies inside paths.models, train's DVC output)"
+            )
         return name
 
 
@@ -134,15 +135,20 @@ class DataConf(Schema):
     @model_validator(mode="after")
     def _source_needs(self) -> DataConf:
         if self.source == "openimages" and not self.classes:
-            raise ValueError("data.classes is empty: name at least one Open Images class (or set "
-                             "data.source=folder to read class-per-folder photos)")
+            raise ValueError(
+                "data.classes is empty: name at least one Open Images class (or set "
+                "data.source=folder to read class-per-folder photos)"
+            )
         if self.source == "folder":
             if not self.folder:
-                raise ValueError("data.folder is empty: name the photo folder "
-                                 "(DIR/<class>/<image>)")
+                raise ValueError(
+                    "data.folder is empty: name the photo folder (DIR/<class>/<image>)"
+                )
             if self.split.mode != "resplit":
-                raise ValueError(f"data.split.mode={self.split.mode} needs official splits, which "
-                                 "a photo folder has not: use data.split.mode=resplit")
+                raise ValueError(
+                    f"data.split.mode={self.split.mode} needs official splits, which "
+                    "a photo folder has not: use data.split.mode=resplit"
+                )
         return self
 
 
@@ -205,6 +211,7 @@ class TrtConf(Schema):
 
 class AccuracyBars(Schema):
     """How much worse than fp32 a variant of each precision may be, in top-1 percentage points."""
+
     fp32: NonNegativeFloat
     fp16: NonNegativeFloat
     bf16: NonNegativeFloat
@@ -213,11 +220,13 @@ class AccuracyBars(Schema):
 
 class InductorInt8Settings(Schema):
     """torchao's get_default_x86_inductor_quantization_config arguments (static, not QAT)."""
+
     reduce_range: bool
 
 
 class OrtInt8Settings(Schema):
     """onnxruntime.quantization.quantize_static's quantization arguments."""
+
     quant_format: Literal["QDQ", "QOperator"]
     per_channel: bool
     activation_type: Literal["QUInt8", "QInt8"]
@@ -226,12 +235,14 @@ class OrtInt8Settings(Schema):
 
 class OpenVinoInt8Settings(Schema):
     """nncf.quantize's arguments."""
+
     preset: Literal["performance", "mixed"]
     fast_bias_correction: bool
 
 
 class VariantSettings(Schema):
     """A block per variant with quantizer or compiler settings (the TensorRT pair: `trt`)."""
+
     inductor_int8: InductorInt8Settings
     onnxruntime_int8: OrtInt8Settings
     openvino_int8: OpenVinoInt8Settings
@@ -251,13 +262,16 @@ class OptimizeConf(Schema):
     @classmethod
     def _distinct(cls, splits: list[str]) -> list[str]:
         if len(set(splits)) != len(splits):
-            raise ValueError(f"{splits}: expected distinct names among val, test (and train, "
-                             "which the model has seen)")
+            raise ValueError(
+                f"{splits}: expected distinct names among val, test (and train, "
+                "which the model has seen)"
+            )
         return splits
 
 
 class ProtocolConf(Schema):
     """How one variant is timed at one batch size."""
+
     batch_sizes: BatchSizes
     warmup_iters: NonNegativeInt
     warmup_seconds: NonNegativeFloat
@@ -286,8 +300,10 @@ class BenchmarkConf(Schema):
     @model_validator(mode="after")
     def _protocol_is_defined(self) -> BenchmarkConf:
         if self.protocol not in self.presets:
-            raise ValueError(f"unknown benchmark.protocol {self.protocol!r}; expected one of "
-                             f"{sorted(self.presets)}")
+            raise ValueError(
+                f"unknown benchmark.protocol {self.protocol!r}; expected one of "
+                f"{sorted(self.presets)}"
+            )
         return self
 
 
@@ -309,6 +325,7 @@ class TrackingConf(Schema):
 
 class RuntimeConf(Schema):
     """How the stages run, not what they produce: no DVC param, no part of a resume key."""
+
     fetch: FetchConf
     prepare_workers: PositiveInt
     train_workers: NonNegativeInt
@@ -337,8 +354,10 @@ class PipelineConf(Schema):
     def _batches_fit_the_artifacts(self) -> PipelineConf:
         opt, max_batch = self.optimize, self.export.max_batch
         if max(opt.calibration_batch, opt.eval_batch) > max_batch:
-            raise ValueError("optimize.calibration_batch and optimize.eval_batch must not exceed "
-                             f"export.max_batch ({max_batch}): the artifacts refuse larger batches")
+            raise ValueError(
+                "optimize.calibration_batch and optimize.eval_batch must not exceed "
+                f"export.max_batch ({max_batch}): the artifacts refuse larger batches"
+            )
         return self
 
 

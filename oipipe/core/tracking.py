@@ -82,7 +82,7 @@ def sqlite_file(uri: str) -> Path | None:
     """The database file of a `sqlite:///` URI, None for any other store (server, in memory)."""
     if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
         return None
-    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    return Path(uri[len("sqlite:///") :].split("?", 1)[0])
 
 
 def experiment_id(uri: str, name: str, artifact_location: str | None) -> str:
@@ -105,8 +105,9 @@ def _experiment_id(uri: str, name: str, artifact_location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            exp_id = client.create_experiment(name, artifact_location=artifact_location,
-                                              tags=EXPERIMENT_KIND)
+            exp_id = client.create_experiment(
+                name, artifact_location=artifact_location, tags=EXPERIMENT_KIND
+            )
         except MlflowException:  # created meanwhile by a job on the same server
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -122,8 +123,11 @@ def _experiment_id(uri: str, name: str, artifact_location: str | None) -> str:
 
 def run_name(cfg: DictConfig, key: str) -> str:
     """`tracking.run_name` > `DVC_EXP_NAME` > `<model.name>-<train.recipe>-<short key>`."""
-    return (cfg.tracking.run_name or os.environ.get("DVC_EXP_NAME")
-            or f"{cfg.model.name}-{cfg.train.recipe}-{key[:8]}")
+    return (
+        cfg.tracking.run_name
+        or os.environ.get("DVC_EXP_NAME")
+        or f"{cfg.model.name}-{cfg.train.recipe}-{key[:8]}"
+    )
 
 
 def dataset_digest(prepared: Path, splits: Collection[str] = ("train", "val", "test")) -> str:
@@ -138,8 +142,14 @@ def dataset_digest(prepared: Path, splits: Collection[str] = ("train", "val", "t
 @functools.cache  # one `git` subprocess per process, not one per call
 def git_commit(repo: Path = PROJECT_ROOT) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                             text=True, timeout=10, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
@@ -147,12 +157,15 @@ def git_commit(repo: Path = PROJECT_ROOT) -> str:
 
 def pipeline_key(cfg: DictConfig) -> str:
     """Same config + same commit + same DVC experiment = same pipeline execution."""
-    blob = json.dumps({
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "root": str(path(cfg, "root").resolve()),
-        "commit": git_commit(),
-        "dvc_exp": os.environ.get("DVC_EXP_NAME", ""),
-    }, sort_keys=True)
+    blob = json.dumps(
+        {
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "root": str(path(cfg, "root").resolve()),
+            "commit": git_commit(),
+            "dvc_exp": os.environ.get("DVC_EXP_NAME", ""),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -190,8 +203,11 @@ class StageRun:
         if self.enabled:
             import mlflow
 
-            clean = {f"{self.stage}.{k}": float(v) for k, v in flatten(metrics).items()
-                     if isinstance(v, int | float) and not isinstance(v, bool)}
+            clean = {
+                f"{self.stage}.{k}": float(v)
+                for k, v in flatten(metrics).items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
             mlflow.log_metrics(clean, step=step)
 
     def log_dataset(self, cfg: DictConfig) -> None:
@@ -211,8 +227,10 @@ class StageRun:
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(str(prepared))
         # 500: the length of MLflow's dataset name column
-        mlflow.log_input(MetaDataset(source, name=name[:500], digest=dataset_digest(prepared)),
-                         context="training")
+        mlflow.log_input(
+            MetaDataset(source, name=name[:500], digest=dataset_digest(prepared)),
+            context="training",
+        )
 
     def log_artifact(self, file: Path) -> None:
         if self.enabled:
@@ -234,15 +252,21 @@ class StageRun:
         # (tens of seconds) and would pin every package of this project's dev install.
         import torchvision
 
-        reqs = [f"torch=={torch.__version__.split('+')[0]}",
-                f"torchvision=={torchvision.__version__.split('+')[0]}"]
+        reqs = [
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"torchvision=={torchvision.__version__.split('+')[0]}",
+        ]
         if type(model).__module__.startswith("timm"):
             import timm
 
             reqs.append(f"timm=={timm.__version__}")
-        mlflow.pytorch.log_model(model, name="model", pip_requirements=reqs,
-                                 signature=infer_signature(example.numpy(), out.numpy()),
-                                 input_example=example.numpy())
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            pip_requirements=reqs,
+            signature=infer_signature(example.numpy(), out.numpy()),
+            input_example=example.numpy(),
+        )
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if self.enabled:
@@ -282,13 +306,24 @@ def stage_run(cfg: DictConfig, stage: str, system_metrics: bool = False) -> Iter
     if not run_id:
         # the benchmark's child runs carry the key too; the pipeline run is the one without
         # a parent
-        found = [r for r in client.search_runs(
-            [exp_id], filter_string=f"tags.{KEY_TAG} = '{key}'", max_results=1000,
-            order_by=["attribute.start_time DESC"]) if "mlflow.parentRunId" not in r.data.tags]
+        found = [
+            r
+            for r in client.search_runs(
+                [exp_id],
+                filter_string=f"tags.{KEY_TAG} = '{key}'",
+                max_results=1000,
+                order_by=["attribute.start_time DESC"],
+            )
+            if "mlflow.parentRunId" not in r.data.tags
+        ]
         run_id = found[0].info.run_id if found else None
-    tags = {**{str(k): str(v) for k, v in cfg.tracking.tags.items()},
-            KEY_TAG: key, "git_commit": git_commit(), "host": socket.gethostname(),
-            "model.name": str(cfg.model.name)}
+    tags = {
+        **{str(k): str(v) for k, v in cfg.tracking.tags.items()},
+        KEY_TAG: key,
+        "git_commit": git_commit(),
+        "host": socket.gethostname(),
+        "model.name": str(cfg.model.name),
+    }
     if os.environ.get("DVC_EXP_NAME"):
         tags[DVC_EXP_TAG] = os.environ["DVC_EXP_NAME"]
     if system_metrics:
@@ -298,8 +333,12 @@ def stage_run(cfg: DictConfig, stage: str, system_metrics: bool = False) -> Iter
     # An active run left by a caller (e.g. a sweep) would make start_run nest; end it explicitly.
     while mlflow.active_run() is not None:
         mlflow.end_run()
-    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
-                          run_name=None if run_id else run_name(cfg, key), tags=tags,
-                          log_system_metrics=system_metrics) as run:
+    with mlflow.start_run(
+        run_id=run_id,
+        experiment_id=None if run_id else exp_id,
+        run_name=None if run_id else run_name(cfg, key),
+        tags=tags,
+        log_system_metrics=system_metrics,
+    ) as run:
         log.info("MLflow: stage %s logs to run %s (%s)", stage, run.info.run_id, uri)
         yield StageRun(stage, run.info.run_id)

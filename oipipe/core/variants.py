@@ -29,62 +29,124 @@ RT = "oipipe.deploy.runtime:"
 
 @dataclass(frozen=True)
 class Variant:
-    backend: str   # torch_eager | aot_inductor | onnxruntime | openvino | torch_tensorrt
+    backend: str  # torch_eager | aot_inductor | onnxruntime | openvino | torch_tensorrt
     precision: str  # fp32 | bf16 | fp16 | int8: which accuracy bar it is judged by
-    device: str    # cpu | cuda
-    file: str      # the artifact's file name in paths.optimized/<name>/
-    builder: str   # "module:function", called as (BuildContext, artifact path)
-    loader: str    # "module:function", called as (artifact path, **loader_args) -> Runtime
+    device: str  # cpu | cuda
+    file: str  # the artifact's file name in paths.optimized/<name>/
+    builder: str  # "module:function", called as (BuildContext, artifact path)
+    loader: str  # "module:function", called as (artifact path, **loader_args) -> Runtime
     loader_args: Mapping[str, Any] = field(default_factory=dict)
     requires: tuple[str, ...] = ()
 
 
 def _openvino(precision: str, builder: str, *requires: str) -> Variant:
     """An OpenVINO IR row: compiled by its loader in the row's own precision."""
-    return Variant("openvino", precision, "cpu", "model.xml",
-                   f"oipipe.deploy.build_openvino:{builder}", RT + "openvino_runtime",
-                   {"precision": precision},
-                   requires=("package:openvino", *requires))
+    return Variant(
+        "openvino",
+        precision,
+        "cpu",
+        "model.xml",
+        f"oipipe.deploy.build_openvino:{builder}",
+        RT + "openvino_runtime",
+        {"precision": precision},
+        requires=("package:openvino", *requires),
+    )
 
 
 def _tensorrt(precision: str) -> Variant:
     """A Torch-TensorRT row: the engine built and loaded in the row's own precision."""
-    return Variant("torch_tensorrt", precision, "cuda", "model.ep",
-                   "oipipe.deploy.build_tensorrt:engine", RT + "trt_runtime",
-                   {"dtype": {"fp32": "float32", "fp16": "float16"}[precision]},
-                   requires=("torch_tensorrt", "cuda"))
+    return Variant(
+        "torch_tensorrt",
+        precision,
+        "cuda",
+        "model.ep",
+        "oipipe.deploy.build_tensorrt:engine",
+        RT + "trt_runtime",
+        {"dtype": {"fp32": "float32", "fp16": "float16"}[precision]},
+        requires=("torch_tensorrt", "cuda"),
+    )
 
 
 VARIANTS: dict[str, Variant] = {
     # what a PyTorch user gets without a compiler: the eager model cast to bf16, exported
-    "eager_bf16": Variant("torch_eager", "bf16", "cpu", "model.pt2",
-                          "oipipe.deploy.build_torch:eager_bf16", RT + "program_runtime"),
-    "inductor_fp32": Variant("aot_inductor", "fp32", "cpu", "model.pt2",
-                             "oipipe.deploy.build_torch:inductor", RT + "aoti_runtime"),
-    "inductor_bf16": Variant("aot_inductor", "bf16", "cpu", "model.pt2",
-                             "oipipe.deploy.build_torch:inductor", RT + "aoti_runtime"),
-    "inductor_int8": Variant("aot_inductor", "int8", "cpu", "model.pt2",
-                             "oipipe.deploy.build_torch:inductor_int8", RT + "aoti_runtime",
-                             requires=("package:torchao",)),
-    "onnxruntime_fp32": Variant("onnxruntime", "fp32", "cpu", "model.onnx",
-                                "oipipe.deploy.build_ort:exported_onnx", RT + "ort_runtime",
-                                requires=("package:onnxruntime",)),
-    "onnxruntime_int8": Variant("onnxruntime", "int8", "cpu", "model.onnx",
-                                "oipipe.deploy.build_ort:qdq_int8", RT + "ort_runtime",
-                                requires=("package:onnxruntime",)),
+    "eager_bf16": Variant(
+        "torch_eager",
+        "bf16",
+        "cpu",
+        "model.pt2",
+        "oipipe.deploy.build_torch:eager_bf16",
+        RT + "program_runtime",
+    ),
+    "inductor_fp32": Variant(
+        "aot_inductor",
+        "fp32",
+        "cpu",
+        "model.pt2",
+        "oipipe.deploy.build_torch:inductor",
+        RT + "aoti_runtime",
+    ),
+    "inductor_bf16": Variant(
+        "aot_inductor",
+        "bf16",
+        "cpu",
+        "model.pt2",
+        "oipipe.deploy.build_torch:inductor",
+        RT + "aoti_runtime",
+    ),
+    "inductor_int8": Variant(
+        "aot_inductor",
+        "int8",
+        "cpu",
+        "model.pt2",
+        "oipipe.deploy.build_torch:inductor_int8",
+        RT + "aoti_runtime",
+        requires=("package:torchao",),
+    ),
+    "onnxruntime_fp32": Variant(
+        "onnxruntime",
+        "fp32",
+        "cpu",
+        "model.onnx",
+        "oipipe.deploy.build_ort:exported_onnx",
+        RT + "ort_runtime",
+        requires=("package:onnxruntime",),
+    ),
+    "onnxruntime_int8": Variant(
+        "onnxruntime",
+        "int8",
+        "cpu",
+        "model.onnx",
+        "oipipe.deploy.build_ort:qdq_int8",
+        RT + "ort_runtime",
+        requires=("package:onnxruntime",),
+    ),
     "openvino_fp32": _openvino("fp32", "ir"),
     # OpenVINO does not emulate bf16: without native bf16 its CPU plugin compiles f32 whatever
     # the hint says, so the row would be fp32 under a bf16 name (unlike eager_bf16 and
     # inductor_bf16, which really run, emulated, and record native_bf16: false)
     "openvino_bf16": _openvino("bf16", "ir", "native_bf16"),
     "openvino_int8": _openvino("int8", "nncf_int8", "package:nncf"),
-    "eager_fp16_cuda": Variant("torch_eager", "fp16", "cuda", "model.pt2",
-                               "oipipe.deploy.build_torch:eager_fp16_cuda", RT + "program_runtime",
-                               {"device": "cuda", "dtype": "float16"}, requires=("cuda",)),
+    "eager_fp16_cuda": Variant(
+        "torch_eager",
+        "fp16",
+        "cuda",
+        "model.pt2",
+        "oipipe.deploy.build_torch:eager_fp16_cuda",
+        RT + "program_runtime",
+        {"device": "cuda", "dtype": "float16"},
+        requires=("cuda",),
+    ),
     # fp32 in and out on the GPU (the cast to half is inside the package)
-    "inductor_fp16_cuda": Variant("aot_inductor", "fp16", "cuda", "model.pt2",
-                                  "oipipe.deploy.build_torch:inductor_fp16_cuda",
-                                  RT + "aoti_runtime", {"device": "cuda"}, requires=("cuda",)),
+    "inductor_fp16_cuda": Variant(
+        "aot_inductor",
+        "fp16",
+        "cuda",
+        "model.pt2",
+        "oipipe.deploy.build_torch:inductor_fp16_cuda",
+        RT + "aoti_runtime",
+        {"device": "cuda"},
+        requires=("cuda",),
+    ),
     "trt_fp32": _tensorrt("fp32"),
     "trt_fp16": _tensorrt("fp16"),
 }
@@ -92,17 +154,25 @@ VARIANTS: dict[str, Variant] = {
 
 @dataclass(frozen=True)
 class ExportFormat:
-    file: str      # in paths.exported; its suffix tells the format of a file handed to a loader
-    writer: str    # "module:function", called as (model, example, dst, meta_json, export conf)
-    loader: str    # "module:function", called as (file, **loader_args) -> Runtime
+    file: str  # in paths.exported; its suffix tells the format of a file handed to a loader
+    writer: str  # "module:function", called as (model, example, dst, meta_json, export conf)
+    loader: str  # "module:function", called as (file, **loader_args) -> Runtime
     loader_args: Mapping[str, Any] = field(default_factory=dict)
 
 
 FORMATS: dict[str, ExportFormat] = {
-    "torchscript": ExportFormat("model.ts", "oipipe.deploy.export_formats:torchscript",
-                                RT + "torchscript_runtime", {"extra_files": ("meta.json",)}),
-    "exported_program": ExportFormat("model.pt2", "oipipe.deploy.export_formats:exported_program",
-                                     RT + "program_runtime", {"extra_files": ("meta.json",)}),
+    "torchscript": ExportFormat(
+        "model.ts",
+        "oipipe.deploy.export_formats:torchscript",
+        RT + "torchscript_runtime",
+        {"extra_files": ("meta.json",)},
+    ),
+    "exported_program": ExportFormat(
+        "model.pt2",
+        "oipipe.deploy.export_formats:exported_program",
+        RT + "program_runtime",
+        {"extra_files": ("meta.json",)},
+    ),
     "onnx": ExportFormat("model.onnx", "oipipe.deploy.export_formats:onnx", RT + "ort_runtime"),
 }
 

@@ -82,19 +82,24 @@ class SeededSampler(Sampler):
 
 
 def train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Transform:
-    return v2.Compose([
-        v2.RandomResizedCrop(size, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
 
 
-def eval_transform(size: int, mean: Sequence[float], std: Sequence[float],
-                   crop_pct: float = 0.875) -> v2.Transform:
-    return v2.Compose([
-        v2.Resize(round(size / crop_pct), antialias=True),
-        v2.CenterCrop(size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-    ])
+def eval_transform(
+    size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 0.875
+) -> v2.Transform:
+    return v2.Compose(
+        [
+            v2.Resize(round(size / crop_pct), antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )

@@ -26,8 +26,13 @@ CHUNK = 1 << 16
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 # A public S3 bucket answers 403 (not 404) for a key that does not exist.
 MISSING_STATUS = {403, 404, 410}
-TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-             requests.exceptions.ContentDecodingError, urllib3.exceptions.HTTPError)
+TRANSIENT = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+    urllib3.exceptions.HTTPError,
+)
 BACKOFF_MAX = 30.0
 # A Retry-After longer than this is cut to it (urllib3 would honour up to 6 hours): better to
 # spend this URL's retries and list it as failed than to stall the stage; a rerun fetches it.
@@ -65,19 +70,25 @@ class Fetcher:
     broke off. Both draw on one budget of `retries` per URL; `retried` counts what was spent.
     """
 
-    def __init__(self, retries: int = 5, backoff: float = 0.5, timeout: float = 30.0,
-                 pool: int = 16):
+    def __init__(
+        self, retries: int = 5, backoff: float = 0.5, timeout: float = 30.0, pool: int = 16
+    ):
         self.retries = retries
         self.backoff = backoff
         self.timeout = timeout
         self.pool = pool
         self.retried = 0  # total retries, for the statistics
         self._retry = Retry(
-            total=retries, allowed_methods=frozenset({"GET", "HEAD"}),
-            status_forcelist=RETRY_STATUS, backoff_factor=backoff, backoff_jitter=backoff,
-            backoff_max=BACKOFF_MAX, respect_retry_after_header=True,
+            total=retries,
+            allowed_methods=frozenset({"GET", "HEAD"}),
+            status_forcelist=RETRY_STATUS,
+            backoff_factor=backoff,
+            backoff_jitter=backoff,
+            backoff_max=BACKOFF_MAX,
+            respect_retry_after_header=True,
             retry_after_max=RETRY_AFTER_MAX,
-            raise_on_status=False)  # hand back the last error response, so its status is named
+            raise_on_status=False,
+        )  # hand back the last error response, so its status is named
         self._local = threading.local()
         self._lock = threading.Lock()
 
@@ -85,15 +96,17 @@ class Fetcher:
         s = getattr(self._local, "session", None)
         if s is None:
             s = requests.Session()
-            adapter = HTTPAdapter(pool_connections=self.pool, pool_maxsize=self.pool,
-                                  max_retries=self._retry)
+            adapter = HTTPAdapter(
+                pool_connections=self.pool, pool_maxsize=self.pool, max_retries=self._retry
+            )
             s.mount("http://", adapter)
             s.mount("https://", adapter)
             self._local.session, self._local.adapter = s, adapter
         return s
 
-    def _get(self, url: str, budget: _Budget,
-             headers: dict[str, str] | None = None) -> requests.Response:
+    def _get(
+        self, url: str, budget: _Budget, headers: dict[str, str] | None = None
+    ) -> requests.Response:
         """A streamed GET that lets urllib3 spend what is left of `budget`."""
         session = self.session()
         # this thread's own adapter: setting its Retry for one request races with nothing
@@ -169,8 +182,12 @@ class Fetcher:
             except TRANSIENT as e:
                 budget.last = f"{type(e).__name__}: {e}"
                 if budget.left > 0:
-                    log.warning("%s: %s; will resume from byte %d", url, budget.last,
-                                part.stat().st_size if part.exists() else 0)
+                    log.warning(
+                        "%s: %s; will resume from byte %d",
+                        url,
+                        budget.last,
+                        part.stat().st_size if part.exists() else 0,
+                    )
             except _Retry as e:
                 budget.last = str(e)
             else:
@@ -179,11 +196,12 @@ class Fetcher:
                 meta.unlink(missing_ok=True)
                 return dest
             if not self._backoff(budget):
-                raise FetchError(f"{url}: gave up after {self.retries} retries ({budget.last}); "
-                                 f"{part} is kept and the next run resumes from it")
+                raise FetchError(
+                    f"{url}: gave up after {self.retries} retries ({budget.last}); "
+                    f"{part} is kept and the next run resumes from it"
+                )
 
-    def _download_once(self, url: str, part: Path, meta: Path, desc: str,
-                       budget: _Budget) -> None:
+    def _download_once(self, url: str, part: Path, meta: Path, desc: str, budget: _Budget) -> None:
         """One GET from where `part` ends; returns once `part` is the whole file."""
         offset = part.stat().st_size if part.exists() else 0
         etag = json.loads(meta.read_text())["etag"] if offset and meta.exists() else None
@@ -215,9 +233,12 @@ class Fetcher:
                     write_text(meta, json.dumps({"etag": new_etag, "url": url}))
             else:
                 raise FetchError(f"{url}: HTTP {r.status_code}")
-            with open(part, mode) as f, progress.bar(total=total, initial=offset, unit="B",
-                                                     unit_scale=True, desc=desc,
-                                                     leave=False) as bar:
+            with (
+                open(part, mode) as f,
+                progress.bar(
+                    total=total, initial=offset, unit="B", unit_scale=True, desc=desc, leave=False
+                ) as bar,
+            ):
                 # read1 hands over whatever arrived, so a dropped connection keeps every byte
                 # received before it (iter_content would discard its last, partial chunk).
                 while chunk := r.raw.read1(CHUNK, decode_content=True):
@@ -234,14 +255,16 @@ def _read_body(url: str, r: requests.Response, max_bytes: int | None) -> bytes:
     """Read a streamed body whole, refusing one over `max_bytes` without reading the rest."""
     length = _content_length(r)
     if max_bytes is not None and length is not None and length > max_bytes:
-        raise TooLarge(f"{url}: body too large: Content-Length {length} bytes, over the cap "
-                       f"of {max_bytes}")
+        raise TooLarge(
+            f"{url}: body too large: Content-Length {length} bytes, over the cap of {max_bytes}"
+        )
     body = bytearray()
     while chunk := r.raw.read1(CHUNK, decode_content=True):
         body += chunk
         if max_bytes is not None and len(body) > max_bytes:
-            raise TooLarge(f"{url}: body too large: over the cap of {max_bytes} bytes, "
-                           "stopped reading")
+            raise TooLarge(
+                f"{url}: body too large: over the cap of {max_bytes} bytes, stopped reading"
+            )
     received = r.raw.tell()  # bytes on the wire, what Content-Length counts
     if length is not None and received != length:
         raise _Retry(f"truncated body: {received} of {length} bytes")

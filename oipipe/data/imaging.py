@@ -12,8 +12,15 @@ MAX_PIXELS = 64_000_000
 
 # File extension per Pillow format, for storing an image under a name that says what it is. MPO
 # (a camera's multi-picture file) is a JPEG with extra frames: any JPEG reader opens it.
-EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif",
-              "BMP": ".bmp", "TIFF": ".tif"}
+EXTENSIONS = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "GIF": ".gif",
+    "BMP": ".bmp",
+    "TIFF": ".tif",
+}
 
 
 class ImageError(ValueError):

@@ -21,16 +21,24 @@ CLASS_LIST = "class-descriptions-boxable.csv"
 IMAGE_ID_RE = re.compile(r"[0-9a-f]{16}")
 
 # Metadata files relative to the metadata base URL, per official split.
-LABEL_FILES = {s: f"v5/{s}-annotations-human-imagelabels-boxable.csv"
-               for s in ("train", "validation", "test")}
+LABEL_FILES = {
+    s: f"v5/{s}-annotations-human-imagelabels-boxable.csv" for s in ("train", "validation", "test")
+}
 IMAGE_ID_FILES = {
     "train": "2018_04/train/train-images-boxable-with-rotation.csv",
     "validation": "2018_04/validation/validation-images-with-rotation.csv",
     "test": "2018_04/test/test-images-with-rotation.csv",
 }
 LABEL_HEADER = ["ImageID", "Source", "LabelName", "Confidence"]
-ATTRIBUTION_FIELDS = ["OriginalURL", "OriginalLandingURL", "License", "AuthorProfileURL",
-                      "Author", "Title", "Thumbnail300KURL"]
+ATTRIBUTION_FIELDS = [
+    "OriginalURL",
+    "OriginalLandingURL",
+    "License",
+    "AuthorProfileURL",
+    "Author",
+    "Title",
+    "Thumbnail300KURL",
+]
 
 
 def is_image_id(s: str) -> bool:
@@ -58,8 +66,11 @@ def resolve_classes(names: Sequence[str]) -> dict[str, str]:
         name = by_lower.get(str(raw).strip().lower())
         if name is None:
             close = difflib.get_close_matches(str(raw).strip().lower(), by_lower, n=3, cutoff=0.6)
-            hint = (f"did you mean {', '.join(repr(by_lower[c]) for c in close)}?" if close
-                    else "see oipipe/data/resources/class-descriptions-boxable.csv")
+            hint = (
+                f"did you mean {', '.join(repr(by_lower[c]) for c in close)}?"
+                if close
+                else "see oipipe/data/resources/class-descriptions-boxable.csv"
+            )
             problems.append(f"unknown class {raw!r}: {hint}")
         elif name in out:
             problems.append(f"class {raw!r} is listed twice")

@@ -34,20 +34,26 @@ def folder_classes(root: Path, wanted: Sequence[str]) -> list[str]:
     """The class sub-folders to import, in label order: `wanted`, or every one sorted by name
     (as ImageFolder does). Hidden folders (`.ipynb_checkpoints`, `.git`) are never classes."""
     if not root.is_dir():
-        raise InputError(f"data.folder: {root} is not a folder; point data.folder at a "
-                         "class-per-folder photo set (DIR/<class>/<image>)")
+        raise InputError(
+            f"data.folder: {root} is not a folder; point data.folder at a "
+            "class-per-folder photo set (DIR/<class>/<image>)"
+        )
     found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not found:
-        raise InputError(f"data.folder: {root} has no class sub-folders; expected "
-                         "DIR/<class>/<image> (torchvision's ImageFolder layout)")
+        raise InputError(
+            f"data.folder: {root} has no class sub-folders; expected "
+            "DIR/<class>/<image> (torchvision's ImageFolder layout)"
+        )
     if not wanted:
         return found
     unknown = [c for c in wanted if c not in found]
     twice = sorted(c for c, n in Counter(wanted).items() if n > 1)
     if unknown or twice:
         problems = [f"no folder {c!r}" for c in unknown] + [f"{c!r} listed twice" for c in twice]
-        raise InputError(f"data.classes: {'; '.join(problems)} in {root}; its class folders "
-                         f"are {found} (or leave data.classes empty for all of them)")
+        raise InputError(
+            f"data.classes: {'; '.join(problems)} in {root}; its class folders "
+            f"are {found} (or leave data.classes empty for all of them)"
+        )
     return list(wanted)
 
 
@@ -87,8 +93,10 @@ def check_and_store(photo: Photo, root: Path, images: Path) -> Photo:
 
 def import_photos(photos: list[Photo], root: Path, images: Path, workers: int) -> list[Photo]:
     # Threads: Pillow releases the GIL while it decodes (as in prepare). map keeps list order.
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
-            progress.bar(total=len(photos), unit="img", desc="import") as bar:
+    with (
+        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+        progress.bar(total=len(photos), unit="img", desc="import") as bar,
+    ):
         out, failed = [], 0
         for ph in pool.map(lambda p: check_and_store(p, root, images), photos):
             out.append(ph)

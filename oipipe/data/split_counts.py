@@ -17,14 +17,19 @@ def split_stats(items: Iterable[tuple[str, str]], classes: Sequence[str]) -> dic
     table = {}
     for split, c in counts.items():
         n = sum(c.values())
-        table[split] = {"images": n, "classes": {k: (c[k], round(100 * c[k] / n, 2) if n else 0.0)
-                                                 for k in classes}}
+        table[split] = {
+            "images": n,
+            "classes": {k: (c[k], round(100 * c[k] / n, 2) if n else 0.0) for k in classes},
+        }
     return table
 
 
 def stats_rows(table: dict[str, dict]) -> list[tuple]:
-    return [(split, name, count, share) for split, row in table.items()
-            for name, (count, share) in row["classes"].items()]
+    return [
+        (split, name, count, share)
+        for split, row in table.items()
+        for name, (count, share) in row["classes"].items()
+    ]
 
 
 def format_table(table: dict[str, dict], title: str) -> str:
@@ -34,7 +39,9 @@ def format_table(table: dict[str, dict], title: str) -> str:
     lines = [title, "".ljust(width) + "".join(f"{s:>18}" for s in splits)]
     lines.append("images".ljust(width) + "".join(f"{table[s]['images']:>18}" for s in splits))
     for name in names:
-        cells = "".join(f"{table[s]['classes'][name][0]:>9} ({table[s]['classes'][name][1]:>5.1f}%)"
-                        for s in splits)
+        cells = "".join(
+            f"{table[s]['classes'][name][0]:>9} ({table[s]['classes'][name][1]:>5.1f}%)"
+            for s in splits
+        )
         lines.append(name.ljust(width) + cells)
     return "\n".join(lines)

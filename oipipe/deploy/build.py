@@ -43,13 +43,13 @@ class CastIO(nn.Module):
 @dataclass
 class BuildContext:
     cfg: DictConfig
-    name: str                   # the variant's name
-    variant: Variant            # its row
-    model: nn.Module            # fp32, eval mode, on CPU; never modified
+    name: str  # the variant's name
+    variant: Variant  # its row
+    model: nn.Module  # fp32, eval mode, on CPU; never modified
     meta: dict
-    example: torch.Tensor       # a real preprocessed batch (never zeros)
+    example: torch.Tensor  # a real preprocessed batch (never zeros)
     calibration: Callable[[], Iterator[torch.Tensor]]  # batches of training images
-    exported: Path              # the export stage's folder
+    exported: Path  # the export stage's folder
     notes: dict = field(default_factory=dict)  # facts a build wants in the record
 
     @property
@@ -71,8 +71,9 @@ def aoti_package(ep, dst: Path) -> None:
     (what makes int8 weight prepacking possible) and must run under no_grad; the configs dict is
     mutated by the call, hence a fresh one."""
     with torch.no_grad(), progress.phase(log, "compiling the AOTInductor package (C++)"):
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(dst),
-                                                 inductor_configs={"freezing": True})
+        torch._inductor.aoti_compile_and_package(
+            ep, package_path=str(dst), inductor_configs={"freezing": True}
+        )
 
 
 # Each requirement a variant's row may name, and why it is missing here (None: present).
@@ -91,7 +92,10 @@ def _native_bf16() -> str | None:
 
 
 REQUIREMENTS: dict[str, Callable[[], str | None]] = {
-    "cuda": _cuda, "torch_tensorrt": _torch_tensorrt, "native_bf16": _native_bf16}
+    "cuda": _cuda,
+    "torch_tensorrt": _torch_tensorrt,
+    "native_bf16": _native_bf16,
+}
 
 
 def missing(requires: tuple[str, ...]) -> str | None:
@@ -100,13 +104,18 @@ def missing(requires: tuple[str, ...]) -> str | None:
     for need in requires:
         kind, _, module = need.partition(":")
         if kind == "package":
-            reason = (None if importlib.util.find_spec(module) is not None
-                      else f"the {module} package is not installed")
+            reason = (
+                None
+                if importlib.util.find_spec(module) is not None
+                else f"the {module} package is not installed"
+            )
         elif need in REQUIREMENTS:
             reason = REQUIREMENTS[need]()
         else:
-            raise ValueError(f"unknown requirement {need!r}; expected package:<module> or one "
-                             f"of {sorted(REQUIREMENTS)}")
+            raise ValueError(
+                f"unknown requirement {need!r}; expected package:<module> or one "
+                f"of {sorted(REQUIREMENTS)}"
+            )
         if reason:
             return reason
     return None

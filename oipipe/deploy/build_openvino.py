@@ -48,11 +48,13 @@ def save_openvino(ctx: BuildContext, model: Any, dst: Path, precision: str) -> N
     # a quantized IR, so an int8 variant that silently ran float shows 0
     ctx.notes["int8_layers"] = sum(
         op.get_rt_info()["runtimePrecision"].astype(str) in ("i8", "u8")
-        for op in compiled.get_runtime_model().get_ordered_ops())
+        for op in compiled.get_runtime_model().get_ordered_ops()
+    )
     asked = OPENVINO_PRECISIONS[precision]
     if ctx.notes["inference_precision"] != asked:
-        raise BuildFailed(f"OpenVINO was asked for {asked} and compiled "
-                          f"{ctx.notes['inference_precision']}")
+        raise BuildFailed(
+            f"OpenVINO was asked for {asked} and compiled {ctx.notes['inference_precision']}"
+        )
 
 
 def ir(ctx: BuildContext, dst: Path) -> None:
@@ -76,8 +78,9 @@ def nncf_int8(ctx: BuildContext, dst: Path) -> None:
     # one dataset item is one model input (a batch), hence subset_size counts batches. NNCF
     # draws its own progress bars (rich), so no clock of ours beside them.
     log.info("NNCF: collecting statistics on %d batches and correcting biases", len(batches))
-    quantized = nncf.quantize(openvino_ir(ctx), nncf.Dataset(batches),
-                              subset_size=len(batches), **settings)
+    quantized = nncf.quantize(
+        openvino_ir(ctx), nncf.Dataset(batches), subset_size=len(batches), **settings
+    )
     ctx.notes["nncf_version"] = nncf.__version__
     save_openvino(ctx, quantized, dst, "int8")
     if ctx.notes["int8_layers"] == 0:

@@ -54,10 +54,15 @@ def qdq_int8(ctx: BuildContext, dst: Path) -> None:
     pre = dst.with_name("pre.onnx")
     quant_pre_process(str(ctx.exported / FORMATS["onnx"].file), str(pre))
     reader = Reader(ctx.calibration())
-    quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat[s["quant_format"]],
-                    per_channel=s["per_channel"],
-                    activation_type=QuantType[s["activation_type"]],
-                    weight_type=QuantType[s["weight_type"]])
+    quantize_static(
+        str(pre),
+        str(dst),
+        reader,
+        quant_format=QuantFormat[s["quant_format"]],
+        per_channel=s["per_channel"],
+        activation_type=QuantType[s["activation_type"]],
+        weight_type=QuantType[s["weight_type"]],
+    )
     pre.unlink()
     ctx.notes["calibration_images"] = reader.seen
     ctx.notes["vnni"] = bool({"avx512_vnni", "avx_vnni"} & cpu_flags())

@@ -20,8 +20,9 @@ from oipipe.measure import evaluation
 log = logging.getLogger("oipipe.deploy.build_tensorrt")
 
 
-def trt_compile_settings(precision: str, input_size: int, trt: DictConfig | dict,
-                         max_export_batch: int) -> dict:
+def trt_compile_settings(
+    precision: str, input_size: int, trt: DictConfig | dict, max_export_batch: int
+) -> dict:
     """Everything `torch_tensorrt.dynamo.compile` is called with, as plain data (testable here).
 
     FP16 is built by casting the model and its inputs to half (explicit typing). Since
@@ -33,8 +34,10 @@ def trt_compile_settings(precision: str, input_size: int, trt: DictConfig | dict
         raise ValueError(f"unknown TensorRT precision {precision!r}; expected 'fp32' or 'fp16'")
     lo, opt, hi = int(trt["min_batch"]), int(trt["opt_batch"]), int(trt["max_batch"])
     if not 1 <= lo <= opt <= hi <= max_export_batch:
-        raise ConfigError(f"optimize.trt batch range needs 1 <= min_batch ({lo}) <= opt_batch "
-                          f"({opt}) <= max_batch ({hi}) <= export.max_batch ({max_export_batch})")
+        raise ConfigError(
+            f"optimize.trt batch range needs 1 <= min_batch ({lo}) <= opt_batch "
+            f"({opt}) <= max_batch ({hi}) <= export.max_batch ({max_export_batch})"
+        )
     shape = (3, input_size, input_size)
     return {
         "dtype": torch.float16 if precision == "fp16" else torch.float32,
@@ -42,14 +45,16 @@ def trt_compile_settings(precision: str, input_size: int, trt: DictConfig | dict
         # The engine's optimisation profile follows the exported program's example, not
         # Input.opt_shape: export from opt_batch real images (evaluation.fill).
         "export_batch": opt,
-        "kwargs": {"min_block_size": int(trt["min_block_size"]),
-                   "use_fp32_acc": precision == "fp16" and bool(trt["fp32_accumulation"]),
-                   # fp32 means fp32: TensorRT runs matmuls and convolutions in TF32 on Ampere
-                   # and later unless told not to (disable_tf32 defaults to False)
-                   "disable_tf32": precision == "fp32",
-                   # everything in TensorRT, or the build fails: a graph left partly in PyTorch
-                   # would still return the cast dtype and pass the output-dtype check
-                   "require_full_compilation": True},
+        "kwargs": {
+            "min_block_size": int(trt["min_block_size"]),
+            "use_fp32_acc": precision == "fp16" and bool(trt["fp32_accumulation"]),
+            # fp32 means fp32: TensorRT runs matmuls and convolutions in TF32 on Ampere
+            # and later unless told not to (disable_tf32 defaults to False)
+            "disable_tf32": precision == "fp32",
+            # everything in TensorRT, or the build fails: a graph left partly in PyTorch
+            # would still return the cast dtype and pass the output-dtype check
+            "require_full_compilation": True,
+        },
         "also_torchscript": bool(trt["also_torchscript"]),
     }
 
@@ -62,8 +67,9 @@ def engine(ctx: BuildContext, dst: Path) -> None:
     import torch_tensorrt
 
     precision = ctx.variant.precision
-    s = trt_compile_settings(precision, ctx.meta["input_size"], ctx.cfg.optimize.trt,
-                             ctx.cfg.export.max_batch)
+    s = trt_compile_settings(
+        precision, ctx.meta["input_size"], ctx.cfg.optimize.trt, ctx.cfg.export.max_batch
+    )
     dtype = s["dtype"]
     model = copy.deepcopy(ctx.model).to("cuda", dtype)
     example = evaluation.fill(ctx.example, s["export_batch"]).to("cuda", dtype)
@@ -79,10 +85,15 @@ def engine(ctx: BuildContext, dst: Path) -> None:
     handlers, level = root.handlers[:], root.level
     with tempfile.TemporaryDirectory(prefix="trt_layers_") as logs:
         try:
-            with progress.phase(log, "building the TensorRT engine"), \
-                    torch_tensorrt.dynamo.Debugger(log_level="info", logging_dir=logs,
-                                                   save_layer_info=True,
-                                                   engine_builder_monitor=False):
+            with (
+                progress.phase(log, "building the TensorRT engine"),
+                torch_tensorrt.dynamo.Debugger(
+                    log_level="info",
+                    logging_dir=logs,
+                    save_layer_info=True,
+                    engine_builder_monitor=False,
+                ),
+            ):
                 trt_gm = torch_tensorrt.dynamo.compile(ep, arg_inputs=spec, **s["kwargs"])
         finally:
             root.handlers[:] = handlers
@@ -92,8 +103,10 @@ def engine(ctx: BuildContext, dst: Path) -> None:
         engines = trt_layers.tensorrt_submodules(trt_gm)
         fallback = trt_layers.torch_fallback_submodules(trt_gm)
         if fallback or len(engines) != 1:
-            raise BuildFailed(f"TensorRT was to run the whole model as one engine; "
-                              f"Torch-TensorRT built {engines} and left {fallback} to PyTorch")
+            raise BuildFailed(
+                f"TensorRT was to run the whole model as one engine; "
+                f"Torch-TensorRT built {engines} and left {fallback} to PyTorch"
+            )
         info = trt_layers.layer_info_file(logs).read_text(encoding="utf-8")
     counts = trt_layers.layer_precisions(info)  # recorded even if the check below fails
     ctx.notes["trt_layers"] = counts["layers"]
@@ -112,5 +125,6 @@ def engine(ctx: BuildContext, dst: Path) -> None:
     # torch_tensorrt); TorchScript, when asked for, is written beside it for deployments
     torch_tensorrt.save(trt_gm, str(dst), output_format="exported_program", arg_inputs=spec)
     if s["also_torchscript"]:  # traced with torch.jit.trace: real tensors, not Input specs
-        torch_tensorrt.save(trt_gm, str(dst.with_suffix(".ts")), output_format="torchscript",
-                            arg_inputs=[example])
+        torch_tensorrt.save(
+            trt_gm, str(dst.with_suffix(".ts")), output_format="torchscript", arg_inputs=[example]
+        )

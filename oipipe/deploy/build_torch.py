@@ -58,15 +58,18 @@ def inductor_int8(ctx: BuildContext, dst: Path) -> None:
     kernels = count_int8_kernels(dst)
     ctx.notes["int8_kernels"] = kernels
     if kernels == 0:
-        raise BuildFailed("the AOTInductor package has no int8 (qconv/qlinear) kernel: Inductor "
-                          "fell back to fp32 (pytorch/ao#4566)")
+        raise BuildFailed(
+            "the AOTInductor package has no int8 (qconv/qlinear) kernel: Inductor "
+            "fell back to fp32 (pytorch/ao#4566)"
+        )
 
 
 def count_int8_kernels(package: Path) -> int:
     """How many oneDNN int8 convolution/linear calls the package's generated C++ makes."""
     with zipfile.ZipFile(package) as z:
-        sources = [z.read(n).decode(errors="replace") for n in z.namelist()
-                   if n.endswith("wrapper.cpp")]
+        sources = [
+            z.read(n).decode(errors="replace") for n in z.namelist() if n.endswith("wrapper.cpp")
+        ]
     return sum(s.count("_qconv") + s.count("_qlinear") for s in sources)
 
 

@@ -16,8 +16,9 @@ from oipipe.core.files import atomic_open
 META_FILE = "meta.json"
 
 
-def torchscript(model: nn.Module, example: torch.Tensor, dst: Path, meta: str,
-                ex: DictConfig) -> None:
+def torchscript(
+    model: nn.Module, example: torch.Tensor, dst: Path, meta: str, ex: DictConfig
+) -> None:
     # TorchScript is deprecated upstream but still what many deployment targets load; trace
     # (not script) captures the eval-mode graph, freeze folds weights and batch norms in.
     with torch.no_grad():
@@ -26,8 +27,9 @@ def torchscript(model: nn.Module, example: torch.Tensor, dst: Path, meta: str,
         torch.jit.save(frozen, f, _extra_files={META_FILE: meta})
 
 
-def exported_program(model: nn.Module, example: torch.Tensor, dst: Path, meta: str,
-                     ex: DictConfig) -> None:
+def exported_program(
+    model: nn.Module, example: torch.Tensor, dst: Path, meta: str, ex: DictConfig
+) -> None:
     batch = torch.export.Dim("batch", min=1, max=ex.max_batch)
     ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     with atomic_open(dst, "wb") as f:
@@ -38,14 +40,21 @@ def onnx(model: nn.Module, example: torch.Tensor, dst: Path, meta: str, ex: Dict
     import onnx as onnx_lib
 
     batch = torch.export.Dim("batch", min=1, max=ex.max_batch)
-    program = torch.onnx.export(model, (example,), input_names=["images"],
-                                output_names=["logits"], dynamic_shapes=({0: batch},),
-                                opset_version=ex.onnx_opset, dynamo=True)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes=({0: batch},),
+        opset_version=ex.onnx_opset,
+        dynamo=True,
+    )
     proto = program.model_proto
     got = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if got < ex.onnx_opset:
-        raise StageError(f"ONNX export produced opset {got}, below "
-                         f"export.onnx_opset={ex.onnx_opset}")
+        raise StageError(
+            f"ONNX export produced opset {got}, below export.onnx_opset={ex.onnx_opset}"
+        )
     onnx_lib.helper.set_model_props(proto, {META_FILE: meta})
     with atomic_open(dst, "wb") as f:
         f.write(proto.SerializeToString())

@@ -42,16 +42,25 @@ class Runtime:
         return self.logits(self.call(self.prepare(x)))
 
 
-def torch_runtime(module: Callable, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                  extra: dict[str, str] | None = None) -> Runtime:
+def torch_runtime(
+    module: Callable,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    extra: dict[str, str] | None = None,
+) -> Runtime:
     def call(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return module(x)
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    return Runtime(call=call, prepare=lambda x: x.to(device=device, dtype=dtype),
-                   logits=lambda y: y.float().cpu().numpy(), device=device, sync=sync,
-                   extra=extra or {})
+    return Runtime(
+        call=call,
+        prepare=lambda x: x.to(device=device, dtype=dtype),
+        logits=lambda y: y.float().cpu().numpy(),
+        device=device,
+        sync=sync,
+        extra=extra or {},
+    )
 
 
 def torchscript_runtime(file: Path, extra_files: tuple[str, ...] = ()) -> Runtime:
@@ -64,8 +73,12 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def program_runtime(file: Path, device: str = "cpu", dtype: torch.dtype | str = torch.float32,
-                    extra_files: tuple[str, ...] = ()) -> Runtime:
+def program_runtime(
+    file: Path,
+    device: str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    extra_files: tuple[str, ...] = (),
+) -> Runtime:
     """A `torch.export` program (`.pt2` from torch.export.save, or Torch-TensorRT's `.ep`)."""
     dtype = _dtype(dtype)
     extra = dict.fromkeys(extra_files, "")
@@ -88,11 +101,13 @@ def ort_runtime(file: Path, threads: int = 0) -> Runtime:
         providers.insert(0, "CUDAExecutionProvider")
     session = ort.InferenceSession(str(file), so, providers=providers)
     name = session.get_inputs()[0].name
-    return Runtime(call=lambda x: session.run(None, {name: x})[0],
-                   prepare=lambda x: np.ascontiguousarray(x.numpy(), dtype=np.float32),
-                   logits=lambda y: np.asarray(y, dtype=np.float32),
-                   device="cuda" if session.get_providers()[0].startswith("CUDA") else "cpu",
-                   extra=dict(session.get_modelmeta().custom_metadata_map))
+    return Runtime(
+        call=lambda x: session.run(None, {name: x})[0],
+        prepare=lambda x: np.ascontiguousarray(x.numpy(), dtype=np.float32),
+        logits=lambda y: np.asarray(y, dtype=np.float32),
+        device="cuda" if session.get_providers()[0].startswith("CUDA") else "cpu",
+        extra=dict(session.get_modelmeta().custom_metadata_map),
+    )
 
 
 # OpenVINO's names for the pipeline's precisions. int8 is in the IR itself (NNCF's FakeQuantize
@@ -102,8 +117,9 @@ OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 OPENVINO_META = ("oi_pipeline", "meta.json")
 
 
-def openvino_compile(file: Path, precision: str, threads: int = 0,
-                     hint: str = "LATENCY", streams: int = 0) -> tuple[Any, dict[str, str]]:
+def openvino_compile(
+    file: Path, precision: str, threads: int = 0, hint: str = "LATENCY", streams: int = 0
+) -> tuple[Any, dict[str, str]]:
     """The IR at `file` compiled for CPU, and the metadata its rt_info carries (by file name,
     as `Runtime.extra`). `precision` one of OPENVINO_PRECISIONS, `threads` 0:
     torch's thread count (the benchmark sets it from benchmark.threads, as for ORT); `hint`
@@ -119,15 +135,19 @@ def openvino_compile(file: Path, precision: str, threads: int = 0,
     import openvino.properties.hint as hints
 
     if precision not in OPENVINO_PRECISIONS:
-        raise ValueError(f"unknown OpenVINO precision {precision!r}; expected one of "
-                         f"{sorted(OPENVINO_PRECISIONS)}")
+        raise ValueError(
+            f"unknown OpenVINO precision {precision!r}; expected one of "
+            f"{sorted(OPENVINO_PRECISIONS)}"
+        )
     core = ov.Core()
     model = core.read_model(str(file))
     key = list(OPENVINO_META)
     extra = {key[-1]: model.get_rt_info(key).astype(str)} if model.has_rt_info(key) else {}
-    config = {hints.inference_precision: OPENVINO_PRECISIONS[precision],
-              hints.performance_mode: getattr(hints.PerformanceMode, hint),
-              props.inference_num_threads: threads or torch.get_num_threads()}
+    config = {
+        hints.inference_precision: OPENVINO_PRECISIONS[precision],
+        hints.performance_mode: getattr(hints.PerformanceMode, hint),
+        props.inference_num_threads: threads or torch.get_num_threads(),
+    }
     if streams:
         config[props.num_streams] = streams
     compiled = core.compile_model(model, "CPU", config)
@@ -140,13 +160,17 @@ def openvino_runtime(file: Path, precision: str, threads: int = 0) -> Runtime:
     request = compiled.create_infer_request()
     # share_inputs: the prepared array is read in place; outputs are copied (the request's own
     # buffer is overwritten by the next call)
-    return Runtime(call=lambda x: request.infer({0: x}, share_inputs=True)[0],
-                   prepare=lambda x: np.ascontiguousarray(x.numpy(), dtype=np.float32),
-                   logits=lambda y: np.asarray(y, dtype=np.float32), extra=extra)
+    return Runtime(
+        call=lambda x: request.infer({0: x}, share_inputs=True)[0],
+        prepare=lambda x: np.ascontiguousarray(x.numpy(), dtype=np.float32),
+        logits=lambda y: np.asarray(y, dtype=np.float32),
+        extra=extra,
+    )
 
 
-def eager_runtime(model: torch.nn.Module, device: str = "cpu",
-                  channels_last: bool | None = None) -> Runtime:
+def eager_runtime(
+    model: torch.nn.Module, device: str = "cpu", channels_last: bool | None = None
+) -> Runtime:
     """The model as a competent PyTorch user runs it: `inference_mode`, and on CPU the
     channels_last memory format for weights and inputs (PyTorch's own CPU inference advice:
     oneDNN's convolutions are fastest in NHWC; benchmarks/results/design_figures.md)."""
@@ -194,8 +218,10 @@ def load_variant(folder: Path) -> tuple[Runtime, dict, dict]:
         raise InputError(f"{record_file} not found: run `dvc repro optimize` first")
     record = json.loads(record_file.read_text())
     if record["status"] != "ok":
-        raise InputError(f"variant {record['variant']} is {record['status']}: "
-                         f"{record.get('reason') or record.get('error')}")
+        raise InputError(
+            f"variant {record['variant']} is {record['status']}: "
+            f"{record.get('reason') or record.get('error')}"
+        )
     meta = json.loads((folder / META).read_text())
     row = variant_row(record["variant"])
     return load_file(row, folder / row.file), meta, record
@@ -207,8 +233,9 @@ def load_variant(folder: Path) -> tuple[Runtime, dict, dict]:
 _EXPORT_SUFFIXES = {Path(fmt.file).suffix: name for name, fmt in FORMATS.items()}
 
 
-def load_artifact(target: Path | str, device: str = "cpu",
-                  channels_last: bool | None = None) -> tuple[Runtime, dict]:
+def load_artifact(
+    target: Path | str, device: str = "cpu", channels_last: bool | None = None
+) -> tuple[Runtime, dict]:
     """Any artifact the pipeline writes, loaded the way every consumer runs it: (runtime, meta),
     meta holding the classes and the preprocessing (input_size, crop_pct, mean, std).
 
@@ -233,13 +260,16 @@ def load_artifact(target: Path | str, device: str = "cpu",
             raise InputError(f"{folder} cannot be loaded: {error_text(e)}") from e
         row = variant_row(record["variant"])
         if p.is_file() and p.name not in (row.file, RECORD, META):
-            raise InputError(f"{p} is not the artifact of variant {record['variant']} "
-                             f"({folder / row.file})")
+            raise InputError(
+                f"{p} is not the artifact of variant {record['variant']} ({folder / row.file})"
+            )
         return runtime, meta
     if p.is_dir():
         found = [f.name for f in sorted(p.iterdir()) if f.suffix in (*_EXPORT_SUFFIXES, ".pt")]
-        raise InputError(f"{p} is a folder without {RECORD}: name one of its artifacts "
-                         f"({', '.join(found) or 'none found'})")
+        raise InputError(
+            f"{p} is a folder without {RECORD}: name one of its artifacts "
+            f"({', '.join(found) or 'none found'})"
+        )
     if p.suffix == ".pt":
         from oipipe.training.models import load_trained  # torch model code: only for a checkpoint
 
@@ -247,8 +277,10 @@ def load_artifact(target: Path | str, device: str = "cpu",
         return eager_runtime(model, device, channels_last), meta
     fmt = _EXPORT_SUFFIXES.get(p.suffix)
     if fmt is None:
-        raise InputError(f"{p}: not an artifact of the pipeline (expected a variant folder, "
-                         f"{', '.join(sorted(_EXPORT_SUFFIXES))} or a .pt checkpoint)")
+        raise InputError(
+            f"{p}: not an artifact of the pipeline (expected a variant folder, "
+            f"{', '.join(sorted(_EXPORT_SUFFIXES))} or a .pt checkpoint)"
+        )
     try:
         runtime = imported(FORMATS[fmt].loader)(p, **FORMATS[fmt].loader_args)
     except Exception as e:

@@ -56,11 +56,26 @@ UNKNOWN = "unknown"
 # Words that name a datatype in "Format/Datatype" strings, in TensorRT 8's long descriptions
 # ("Channel major FP16 format where channel % 8 == 0", "Row major linear FP32") and in the short
 # names of TensorRT 10 kgen layers and weights ("Half", "Float", "Int32"; NVIDIA/TensorRT #4397).
-_DTYPE_WORDS = {"half": "fp16", "fp16": "fp16", "float": "fp32", "fp32": "fp32",
-                "bfloat16": "bf16", "bf16": "bf16", "double": "fp64", "fp8": "fp8",
-                "fp4": "fp4", "fp4e2m1": "fp4", "int4": "int4", "int8": "int8", "uint8": "uint8",
-                "int16": "int16", "uint16": "uint16", "int32": "int32", "int64": "int64",
-                "bool": "bool"}
+_DTYPE_WORDS = {
+    "half": "fp16",
+    "fp16": "fp16",
+    "float": "fp32",
+    "fp32": "fp32",
+    "bfloat16": "bf16",
+    "bf16": "bf16",
+    "double": "fp64",
+    "fp8": "fp8",
+    "fp4": "fp4",
+    "fp4e2m1": "fp4",
+    "int4": "int4",
+    "int8": "int8",
+    "uint8": "uint8",
+    "int16": "int16",
+    "uint16": "uint16",
+    "int32": "int32",
+    "int64": "int64",
+    "bool": "bool",
+}
 
 
 class LayerPrecisionError(RuntimeError):
@@ -85,9 +100,11 @@ def parse_layers(info: str | bytes | dict) -> list[dict]:
     data = json.loads(info) if isinstance(info, str | bytes) else info
     layers = data.get("Layers") if isinstance(data, dict) else None
     if not isinstance(layers, list) or not layers:
-        raise ValueError("not TensorRT engine-inspector JSON: expected an object with a non-empty "
-                         f"'Layers' list, got {type(data).__name__} with keys "
-                         f"{sorted(data) if isinstance(data, dict) else []}")
+        raise ValueError(
+            "not TensorRT engine-inspector JSON: expected an object with a non-empty "
+            f"'Layers' list, got {type(data).__name__} with keys "
+            f"{sorted(data) if isinstance(data, dict) else []}"
+        )
     names_only = [x for x in layers if not isinstance(x, dict)]
     if names_only:
         raise ValueError(
@@ -95,7 +112,8 @@ def parse_layers(info: str | bytes | dict) -> list[dict]:
             f"{len(layers)} layers, e.g. {str(names_only[0])[:80]!r}): it was built at "
             "ProfilingVerbosity LAYER_NAMES_ONLY. Layer details need ProfilingVerbosity.DETAILED, "
             "which Torch-TensorRT sets only inside torch_tensorrt.dynamo.Debugger(...): compile "
-            "inside Debugger(save_layer_info=True, logging_dir=...)")
+            "inside Debugger(save_layer_info=True, logging_dir=...)"
+        )
     return layers
 
 
@@ -103,8 +121,10 @@ def is_convolution(layer: dict) -> bool:
     """A convolution of any kind: ParameterType "Convolution" (also a deconvolution, and a fully
     connected layer TensorRT runs as a 1x1 convolution), or "Conv" in the LayerType
     (CaskConvolution, CudaDepthwiseConvolution, FusedConvActConvolution, ConvActPool, ...)."""
-    return (layer.get("ParameterType") == "Convolution"
-            or "conv" in str(layer.get("LayerType", "")).lower())
+    return (
+        layer.get("ParameterType") == "Convolution"
+        or "conv" in str(layer.get("LayerType", "")).lower()
+    )
 
 
 def _weights_dtype(layer: dict) -> str | None:
@@ -142,9 +162,12 @@ def layer_precisions(info: str | bytes | dict) -> dict[str, dict[str, int]]:
     its convolutions (see `conv_dtype`), e.g. {"layers": {"fp16": 5, "unknown": 5},
     "convolutions": {"fp16": 5}}."""
     layers = parse_layers(info)
-    return {"layers": dict(sorted(Counter(layer_dtype(x) for x in layers).items())),
-            "convolutions": dict(sorted(Counter(conv_dtype(x) for x in layers
-                                                if is_convolution(x)).items()))}
+    return {
+        "layers": dict(sorted(Counter(layer_dtype(x) for x in layers).items())),
+        "convolutions": dict(
+            sorted(Counter(conv_dtype(x) for x in layers if is_convolution(x)).items())
+        ),
+    }
 
 
 def check_fp16(info: str | bytes | dict) -> None:
@@ -157,7 +180,8 @@ def check_fp16(info: str | bytes | dict) -> None:
         types = sorted({str(x.get("LayerType", "?")) for x in layers})
         raise LayerPrecisionError(
             f"fp16 was asked for, but the engine has no convolution layer to show it ({len(layers)}"
-            f" layers of types {types}): its precision cannot be confirmed")
+            f" layers of types {types}): its precision cannot be confirmed"
+        )
     dtypes = dict(sorted(Counter(dtype for _, dtype in convs).items()))
     other = [(name, dtype) for name, dtype in convs if dtype not in ("fp16", UNKNOWN)]
     if other:
@@ -166,11 +190,13 @@ def check_fp16(info: str | bytes | dict) -> None:
             f"fp16 was asked for, but TensorRT runs {len(other)} of {len(convs)} convolution "
             f"layers in another precision (convolutions by datatype: {dtypes}), e.g. {examples}. "
             "Cast the model and its inputs to half before export (strong typing builds what the "
-            "graph says)")
+            "graph says)"
+        )
     if "fp16" not in dtypes:
         raise LayerPrecisionError(
             f"fp16 was asked for, but none of the engine's {len(convs)} convolution layers shows "
-            "its datatype (neither weights nor formats): its precision cannot be confirmed")
+            "its datatype (neither weights nor formats): its precision cannot be confirmed"
+        )
 
 
 def layer_info_file(logging_dir: str | Path) -> Path:
@@ -180,7 +206,8 @@ def layer_info_file(logging_dir: str | Path) -> Path:
         raise FileNotFoundError(
             f"{found} not found: Torch-TensorRT (2.9 or later) writes it only for a compile run "
             "inside torch_tensorrt.dynamo.Debugger(save_layer_info=True, logging_dir=...), once "
-            "per TensorRT engine it builds")
+            "per TensorRT engine it builds"
+        )
     return found
 
 

@@ -40,8 +40,10 @@ def images(prepared: Path, splits: Sequence[str], meta: dict) -> tuple[torch.Ten
         xs += [ds[i][0] for i in range(len(ds))]
         labels += ds.labels
     if not xs:
-        raise InputError(f"{prepared}: the split(s) {list(splits)} hold no image: nothing to "
-                         "measure on (raise data.split.ratios for them)")
+        raise InputError(
+            f"{prepared}: the split(s) {list(splits)} hold no image: nothing to "
+            "measure on (raise data.split.ratios for them)"
+        )
     return torch.stack(xs), np.asarray(labels, dtype=np.int64)
 
 
@@ -52,7 +54,7 @@ def fill(images: torch.Tensor, batch: int, offset: int = 0) -> torch.Tensor:
 
 
 def batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return [x[i:i + size] for i in range(0, len(x), size)]
+    return [x[i : i + size] for i in range(0, len(x), size)]
 
 
 def logits(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> list[np.ndarray]:
@@ -62,8 +64,9 @@ def logits(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> list[np.n
         return [model(x).numpy() for x in batches]
 
 
-def calibration_batches(prepared: Path, meta: dict, count: int, batch: int,
-                        seed: int = 0) -> Callable[[], Iterator[torch.Tensor]]:
+def calibration_batches(
+    prepared: Path, meta: dict, count: int, batch: int, seed: int = 0
+) -> Callable[[], Iterator[torch.Tensor]]:
     """Up to `count` training images (a seeded sample), eval preprocessing, in batches of
     `batch`. `count` is a ceiling: a training split of 108 photos calibrates on all 108 rather
     than stopping the pipeline (the record says how many were used)."""
@@ -71,14 +74,19 @@ def calibration_batches(prepared: Path, meta: dict, count: int, batch: int,
     if len(ds) == 0:
         raise InputError(f"{prepared}/train.csv has no image: nothing to calibrate int8 on")
     if count > len(ds):
-        log.warning("optimize.calibration_images=%d but the training split has %d images: "
-                    "calibrating on all %d", count, len(ds), len(ds))
+        log.warning(
+            "optimize.calibration_images=%d but the training split has %d images: "
+            "calibrating on all %d",
+            count,
+            len(ds),
+            len(ds),
+        )
     count = min(count, len(ds))
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:count].tolist()
 
     def gen() -> Iterator[torch.Tensor]:
         for i in range(0, count, batch):
-            yield torch.stack([ds[j][0] for j in order[i:i + batch]])
+            yield torch.stack([ds[j][0] for j in order[i : i + batch]])
 
     return gen
 
@@ -87,12 +95,17 @@ def top1_with_interval(logits: np.ndarray, labels: np.ndarray, confidence: float
     """Top-1 in percent with its Wilson interval and the number of images."""
     k, n = int((logits.argmax(1) == labels).sum()), int(len(labels))
     lo, hi = wilson(k, n, confidence)
-    return {"top1_pct": round(100 * k / n, 3) if n else None, "top1_ci_low_pct": round(100 * lo, 3),
-            "top1_ci_high_pct": round(100 * hi, 3), "eval_images": n}
+    return {
+        "top1_pct": round(100 * k / n, 3) if n else None,
+        "top1_ci_low_pct": round(100 * lo, 3),
+        "top1_ci_high_pct": round(100 * hi, 3),
+        "eval_images": n,
+    }
 
 
-def against_fp32(fp32: np.ndarray, got: np.ndarray, labels: np.ndarray, bar_pct: float,
-            confidence: float = 0.95) -> dict:
+def against_fp32(
+    fp32: np.ndarray, got: np.ndarray, labels: np.ndarray, bar_pct: float, confidence: float = 0.95
+) -> dict:
     """The variant (`got`) against fp32 on the same images; percentages and points."""
     if fp32.shape != got.shape or len(labels) != len(got):
         raise ValueError(f"logits {got.shape} vs fp32 {fp32.shape} on {len(labels)} labels")
@@ -102,16 +115,23 @@ def against_fp32(fp32: np.ndarray, got: np.ndarray, labels: np.ndarray, bar_pct:
     agree = int((got.argmax(1) == fp32.argmax(1)).sum())
     a_lo, a_hi = wilson(agree, len(labels), confidence)
     ref = top1_with_interval(fp32, labels, confidence)
-    return {**top1_with_interval(got, labels, confidence),
-            "fp32_top1_pct": ref["top1_pct"], "fp32_top1_ci_low_pct": ref["top1_ci_low_pct"],
-            "fp32_top1_ci_high_pct": ref["top1_ci_high_pct"],
-            "top1_delta_pct": round(100 * p.delta, 3),
-            "top1_delta_ci_low_pct": round(100 * p.low, 3),
-            "top1_delta_ci_high_pct": round(100 * p.high, 3), "discordant_worse": p.worse,
-            "discordant_better": p.better, "mcnemar_p": round(p.mcnemar_p, 6),
-            "agreement_pct": round(100 * agree / len(labels), 3),
-            "agreement_ci_low_pct": round(100 * a_lo, 3),
-            "agreement_ci_high_pct": round(100 * a_hi, 3),
-            "accuracy_bar_pct": float(bar_pct), "verdict": v.verdict,
-            "verdict_reason": v.reason, "images_to_decide": v.images_to_decide,
-            "max_abs_logit_diff": float(np.abs(got - fp32).max())}
+    return {
+        **top1_with_interval(got, labels, confidence),
+        "fp32_top1_pct": ref["top1_pct"],
+        "fp32_top1_ci_low_pct": ref["top1_ci_low_pct"],
+        "fp32_top1_ci_high_pct": ref["top1_ci_high_pct"],
+        "top1_delta_pct": round(100 * p.delta, 3),
+        "top1_delta_ci_low_pct": round(100 * p.low, 3),
+        "top1_delta_ci_high_pct": round(100 * p.high, 3),
+        "discordant_worse": p.worse,
+        "discordant_better": p.better,
+        "mcnemar_p": round(p.mcnemar_p, 6),
+        "agreement_pct": round(100 * agree / len(labels), 3),
+        "agreement_ci_low_pct": round(100 * a_lo, 3),
+        "agreement_ci_high_pct": round(100 * a_hi, 3),
+        "accuracy_bar_pct": float(bar_pct),
+        "verdict": v.verdict,
+        "verdict_reason": v.reason,
+        "images_to_decide": v.images_to_decide,
+        "max_abs_logit_diff": float(np.abs(got - fp32).max()),
+    }

@@ -63,8 +63,10 @@ def _binom_cdf_half(k: int, m: int) -> float:
     if k >= m:
         return 1.0
     log_half_m = m * math.log(0.5)
-    terms = [math.lgamma(m + 1) - math.lgamma(i + 1) - math.lgamma(m - i + 1) + log_half_m
-             for i in range(k + 1)]
+    terms = [
+        math.lgamma(m + 1) - math.lgamma(i + 1) - math.lgamma(m - i + 1) + log_half_m
+        for i in range(k + 1)
+    ]
     top = max(terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
@@ -84,12 +86,12 @@ class Paired:
     """Accuracy of a variant against a reference on the same n images (fractions)."""
 
     n: int
-    both: int       # both right
-    worse: int      # reference right, variant wrong
-    better: int     # reference wrong, variant right
-    neither: int    # both wrong
-    delta: float    # variant minus reference accuracy
-    low: float      # its interval
+    both: int  # both right
+    worse: int  # reference right, variant wrong
+    better: int  # reference wrong, variant right
+    neither: int  # both wrong
+    delta: float  # variant minus reference accuracy
+    low: float  # its interval
     high: float
     mcnemar_p: float
 
@@ -113,8 +115,9 @@ def paired_counts(reference_ok, variant_ok) -> tuple[int, int, int, int]:
     return both, worse, better, len(ref) - both - worse - better
 
 
-def paired_difference(both: int, worse: int, better: int, neither: int,
-                      confidence: float = 0.95) -> Paired:
+def paired_difference(
+    both: int, worse: int, better: int, neither: int, confidence: float = 0.95
+) -> Paired:
     """Variant minus reference accuracy with Newcombe's square-and-add interval (paired)."""
     counts = (both, worse, better, neither)
     if min(counts) < 0:
@@ -140,8 +143,17 @@ def paired_difference(both: int, worse: int, better: int, neither: int,
     low = delta - math.sqrt(max(0.0, a * a + b * b - 2 * psi * a * b))
     a, b = p_ref - l2, u1 - p_var
     high = delta + math.sqrt(max(0.0, a * a + b * b - 2 * psi * a * b))
-    return Paired(n, both, worse, better, neither, delta, max(-1.0, low), min(1.0, high),
-                  mcnemar_exact(worse, better))
+    return Paired(
+        n,
+        both,
+        worse,
+        better,
+        neither,
+        delta,
+        max(-1.0, low),
+        min(1.0, high),
+        mcnemar_exact(worse, better),
+    )
 
 
 # --- the verdict --------------------------------------------------------------------------------
@@ -152,7 +164,7 @@ MAX_IMAGES_TO_DECIDE = 10_000_000
 
 @dataclass(frozen=True)
 class Verdict:
-    verdict: str             # pass | fail | undecided
+    verdict: str  # pass | fail | undecided
     reason: str
     images_to_decide: int | None  # undecided: images at the same rates that would decide it
 
@@ -201,21 +213,35 @@ def verdict(p: Paired, bar: float, confidence: float = 0.95) -> Verdict:
     if bar < 0:
         raise ValueError(f"the accuracy bar must be >= 0, got {bar}")
     pts = 100 * bar
-    span = (f"{100 * p.delta:+.1f} points, {confidence:.0%} interval [{100 * p.low:+.1f}, "
-            f"{100 * p.high:+.1f}] on {p.n} images ({p.worse} worse, {p.better} better)")
+    span = (
+        f"{100 * p.delta:+.1f} points, {confidence:.0%} interval [{100 * p.low:+.1f}, "
+        f"{100 * p.high:+.1f}] on {p.n} images ({p.worse} worse, {p.better} better)"
+    )
     decided = _decide(p, bar)
     if decided == "fail":
-        return Verdict("fail", f"worse than fp32 by more than the {pts:g}-point bar with "
-                               f"confidence: {span}", None)
+        return Verdict(
+            "fail",
+            f"worse than fp32 by more than the {pts:g}-point bar with confidence: {span}",
+            None,
+        )
     if decided == "pass":
         if p.low >= -bar:
             return Verdict("pass", f"within the {pts:g}-point bar with confidence: {span}", None)
         # the spec's "as good or better passes": say plainly what these images cannot rule out
-        return Verdict("pass", f"as good as fp32 or better on these images: {span}; the "
-                               f"interval does not rule out a loss beyond the {pts:g}-point bar",
-                       None)
+        return Verdict(
+            "pass",
+            f"as good as fp32 or better on these images: {span}; the "
+            f"interval does not rule out a loss beyond the {pts:g}-point bar",
+            None,
+        )
     need = images_to_decide(p, bar, confidence)
-    more = (f"about {need} images at these rates would decide it" if need
-            else "no number of images at these rates would decide it")
-    return Verdict("undecided", f"too few images to tell whether it is within the {pts:g}-point "
-                                f"bar: {span}; {more}", need)
+    more = (
+        f"about {need} images at these rates would decide it"
+        if need
+        else "no number of images at these rates would decide it"
+    )
+    return Verdict(
+        "undecided",
+        f"too few images to tell whether it is within the {pts:g}-point bar: {span}; {more}",
+        need,
+    )

@@ -21,8 +21,9 @@ from typing import Any
 
 # What decides which CPU back end is fast: AVX-512 and VNNI for int8 (oneDNN's u8s8 kernels),
 # AVX512-BF16 or AMX for bf16 (without either it is emulated and slower than fp32).
-RELEVANT_CPU_FLAGS = frozenset({"avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
-                                "amx_tile", "avx_vnni"})
+RELEVANT_CPU_FLAGS = frozenset(
+    {"avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "avx_vnni"}
+)
 LIBRARIES = ("torch", "torchvision", "onnxruntime", "torchao", "torch_tensorrt", "tensorrt")
 NVIDIA_SMI_TIMEOUT_S = 20  # a wedged driver can hang nvidia-smi; these facts are not worth more
 
@@ -95,8 +96,13 @@ def torch_cuda_version() -> str | None:
     except (OSError, SyntaxError):
         return None
     for node in tree.body:
-        target = node.target if isinstance(node, ast.AnnAssign) else (
-            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        target = (
+            node.target
+            if isinstance(node, ast.AnnAssign)
+            else (
+                node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
+            )
+        )
         if isinstance(target, ast.Name) and target.id == "cuda" and node.value is not None:
             try:
                 value = ast.literal_eval(node.value)
@@ -110,8 +116,15 @@ def machine_info() -> dict[str, Any]:
     """CPU, cores, GPU, driver, CUDA, Python, platform and library versions, as flat JSON."""
     cpu = cpuinfo().get("model name") or platform.processor() or "unknown"
     gpu, driver = gpu_info()
-    return {"cpu": cpu, "cores": os.cpu_count(), "native_bf16": cpu_has_native_bf16(),
-            "cpu_flags_relevant": sorted(RELEVANT_CPU_FLAGS & cpu_flags()),
-            "gpu": gpu, "gpu_driver": driver, "cuda": torch_cuda_version() if gpu else None,
-            "python": platform.python_version(), "platform": platform.platform(),
-            **{pkg: library_version(pkg) for pkg in LIBRARIES}}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "native_bf16": cpu_has_native_bf16(),
+        "cpu_flags_relevant": sorted(RELEVANT_CPU_FLAGS & cpu_flags()),
+        "gpu": gpu,
+        "gpu_driver": driver,
+        "cuda": torch_cuda_version() if gpu else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        **{pkg: library_version(pkg) for pkg in LIBRARIES},
+    }

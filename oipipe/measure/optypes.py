@@ -12,43 +12,156 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-CONV, DEPTHWISE, BATCH_NORM, ACTIVATION = ("convolution", "depthwise convolution", "batch norm",
-                                           "activation")
-POOLING, LINEAR, ELEMENTWISE, LAYOUT = ("pooling", "linear/matmul", "elementwise add/mul",
-                                        "copies/layout")
+CONV, DEPTHWISE, BATCH_NORM, ACTIVATION = (
+    "convolution",
+    "depthwise convolution",
+    "batch norm",
+    "activation",
+)
+POOLING, LINEAR, ELEMENTWISE, LAYOUT = (
+    "pooling",
+    "linear/matmul",
+    "elementwise add/mul",
+    "copies/layout",
+)
 # Inductor's generated C++ kernels carry no profiler event of their own: their time is the self
 # time of the compiled graph's wrapper events, and each fuses batch norm, activations, adds and
 # pooling, so they are one type of their own rather than a guess at which op they were.
 FUSED, OTHER = "fused (compiled kernels)", "other"
-TYPES = (CONV, DEPTHWISE, BATCH_NORM, ACTIVATION, POOLING, LINEAR, ELEMENTWISE, LAYOUT, FUSED,
-         OTHER)
+TYPES = (
+    CONV,
+    DEPTHWISE,
+    BATCH_NORM,
+    ACTIVATION,
+    POOLING,
+    LINEAR,
+    ELEMENTWISE,
+    LAYOUT,
+    FUSED,
+    OTHER,
+)
 
 _NAMES: dict[str, tuple[str, ...]] = {
-    CONV: ("conv1d", "conv2d", "conv3d", "convolution", "_convolution", "mkldnn_convolution",
-           "_convolution_pointwise", "_slow_conv2d_forward", "thnn_conv2d", "slow_conv_dilated2d",
-           "_nnpack_spatial_convolution", "_mkl_convolution"),
-    BATCH_NORM: ("batch_norm", "_batch_norm_impl_index", "native_batch_norm",
-                 "_native_batch_norm_legit", "_native_batch_norm_legit_no_training"),
-    ACTIVATION: ("relu", "relu_", "relu6", "hardtanh", "hardtanh_", "hardswish", "hardswish_",
-                 "hardsigmoid", "hardsigmoid_", "silu", "silu_", "sigmoid", "sigmoid_", "gelu",
-                 "tanh", "tanh_", "leaky_relu", "elu", "clamp", "clamp_", "clamp_min",
-                 "clamp_min_", "softmax", "_softmax"),
-    POOLING: ("adaptive_avg_pool2d", "_adaptive_avg_pool2d", "mkldnn_adaptive_avg_pool2d",
-              "avg_pool2d", "max_pool2d", "max_pool2d_with_indices", "mean", "sum", "amax"),
+    CONV: (
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "convolution",
+        "_convolution",
+        "mkldnn_convolution",
+        "_convolution_pointwise",
+        "_slow_conv2d_forward",
+        "thnn_conv2d",
+        "slow_conv_dilated2d",
+        "_nnpack_spatial_convolution",
+        "_mkl_convolution",
+    ),
+    BATCH_NORM: (
+        "batch_norm",
+        "_batch_norm_impl_index",
+        "native_batch_norm",
+        "_native_batch_norm_legit",
+        "_native_batch_norm_legit_no_training",
+    ),
+    ACTIVATION: (
+        "relu",
+        "relu_",
+        "relu6",
+        "hardtanh",
+        "hardtanh_",
+        "hardswish",
+        "hardswish_",
+        "hardsigmoid",
+        "hardsigmoid_",
+        "silu",
+        "silu_",
+        "sigmoid",
+        "sigmoid_",
+        "gelu",
+        "tanh",
+        "tanh_",
+        "leaky_relu",
+        "elu",
+        "clamp",
+        "clamp_",
+        "clamp_min",
+        "clamp_min_",
+        "softmax",
+        "_softmax",
+    ),
+    POOLING: (
+        "adaptive_avg_pool2d",
+        "_adaptive_avg_pool2d",
+        "mkldnn_adaptive_avg_pool2d",
+        "avg_pool2d",
+        "max_pool2d",
+        "max_pool2d_with_indices",
+        "mean",
+        "sum",
+        "amax",
+    ),
     LINEAR: ("linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "_addmm_activation"),
     ELEMENTWISE: ("add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "addcmul"),
-    LAYOUT: ("to", "_to_copy", "contiguous", "copy_", "clone", "to_dense", "to_mkldnn",
-             "empty_like", "cat", "view", "_unsafe_view", "reshape", "_reshape_alias", "flatten",
-             "as_strided", "t", "transpose", "permute", "expand", "squeeze", "unsqueeze",
-             "select", "slice", "alias", "detach", "dropout"),
+    LAYOUT: (
+        "to",
+        "_to_copy",
+        "contiguous",
+        "copy_",
+        "clone",
+        "to_dense",
+        "to_mkldnn",
+        "empty_like",
+        "cat",
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "_reshape_alias",
+        "flatten",
+        "as_strided",
+        "t",
+        "transpose",
+        "permute",
+        "expand",
+        "squeeze",
+        "unsqueeze",
+        "select",
+        "slice",
+        "alias",
+        "detach",
+        "dropout",
+    ),
 }
 OP_TYPES: dict[str, str] = {name: kind for kind, names in _NAMES.items() for name in names}
 # Ops that return a view: they move no data (0 bytes), however large the tensor.
-VIEW_OPS = frozenset({"view", "_unsafe_view", "reshape", "_reshape_alias", "flatten", "as_strided",
-                      "t", "transpose", "permute", "expand", "squeeze", "unsqueeze", "select",
-                      "slice", "alias", "detach", "dropout"})
-COMPILED_MARKERS = ("CompiledFxGraph", "Torch-Compiled Region", "cpp_fused", "CompiledFunction",
-                    "inductor", "AOTInductor")
+VIEW_OPS = frozenset(
+    {
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "_reshape_alias",
+        "flatten",
+        "as_strided",
+        "t",
+        "transpose",
+        "permute",
+        "expand",
+        "squeeze",
+        "unsqueeze",
+        "select",
+        "slice",
+        "alias",
+        "detach",
+        "dropout",
+    }
+)
+COMPILED_MARKERS = (
+    "CompiledFxGraph",
+    "Torch-Compiled Region",
+    "cpp_fused",
+    "CompiledFunction",
+    "inductor",
+    "AOTInductor",
+)
 
 # A type is memory-bound in the paragraph when it takes at least this share of the time and at
 # least this many times its share of the FLOPs.
@@ -59,8 +172,9 @@ def op_name(event_name: str) -> str:
     return event_name.removeprefix("aten::").split(".")[0]
 
 
-def op_type(name: str, shapes: Sequence[Sequence[int]] | None = None,
-            groups: int | None = None) -> str | None:
+def op_type(
+    name: str, shapes: Sequence[Sequence[int]] | None = None, groups: int | None = None
+) -> str | None:
     """The type of aten op `name`, or None for an op outside the registry.
 
     A convolution is depthwise if `groups` equals the input's channels (> 1), or, with only the
@@ -81,8 +195,9 @@ def is_compiled_wrapper(event_name: str) -> bool:
     return any(m in event_name for m in COMPILED_MARKERS)
 
 
-def summarize(seconds: dict[str, float], flops: dict[str, float], nbytes: dict[str, float],
-              calls: int) -> dict[str, dict[str, float | None]]:
+def summarize(
+    seconds: dict[str, float], flops: dict[str, float], nbytes: dict[str, float], calls: int
+) -> dict[str, dict[str, float | None]]:
     """Per type, per call: time, its share, FLOPs, their share, achieved GFLOP/s, and FLOPs per
     byte moved. `seconds` are the totals over `calls` calls; `flops` and `nbytes` one call's."""
     total_t = sum(seconds.values()) or 1.0
@@ -92,18 +207,27 @@ def summarize(seconds: dict[str, float], flops: dict[str, float], nbytes: dict[s
         t, f, b = seconds.get(kind, 0.0) / calls, flops.get(kind, 0.0), nbytes.get(kind, 0.0)
         if not t and not f:
             continue
-        out[kind] = {"time_ms": t * 1000, "time_share_pct": 100 * t * calls / total_t,
-                     "flops": f, "flop_share_pct": 100 * f / total_f,
-                     "gflops_per_s": f / t / 1e9 if t and f else None,
-                     "bytes": b, "intensity": f / b if b and f else None}
+        out[kind] = {
+            "time_ms": t * 1000,
+            "time_share_pct": 100 * t * calls / total_t,
+            "flops": f,
+            "flop_share_pct": 100 * f / total_f,
+            "gflops_per_s": f / t / 1e9 if t and f else None,
+            "bytes": b,
+            "intensity": f / b if b and f else None,
+        }
     return out
 
 
 def memory_bound(types: dict[str, dict]) -> list[str]:
     """The types that take a large share of the time but a much smaller share of the FLOPs,
     by time share, largest first."""
-    hits = [k for k, v in types.items() if k not in (OTHER, LAYOUT)
-            and v["time_share_pct"] >= max(MIN_TIME_SHARE_PCT, MIN_RATIO * v["flop_share_pct"])]
+    hits = [
+        k
+        for k, v in types.items()
+        if k not in (OTHER, LAYOUT)
+        and v["time_share_pct"] >= max(MIN_TIME_SHARE_PCT, MIN_RATIO * v["flop_share_pct"])
+    ]
     return sorted(hits, key=lambda k: -types[k]["time_share_pct"])
 
 

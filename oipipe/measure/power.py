@@ -70,9 +70,12 @@ class PowerSampler:
     `source` is a `PowerSource`, or a plain callable returning watts (integrated). One sampler
     can time several windows one after another; each `with` replaces `result`."""
 
-    def __init__(self, source: PowerSource | Callable[[], float],
-                 interval: float = DEFAULT_INTERVAL_S,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        source: PowerSource | Callable[[], float],
+        interval: float = DEFAULT_INTERVAL_S,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         if not interval > 0:
             raise ValueError(f"interval must be > 0 seconds, got {interval!r}")
         self.source = source if isinstance(source, PowerSource) else PowerSource(watts=source)
@@ -104,8 +107,10 @@ class PowerSampler:
         thread.join(timeout=wait)
         problem = None
         if thread.is_alive():
-            problem = (f"the power sampler's read has not returned after {wait:.0f} s "
-                       "(a wedged NVIDIA driver?); the thread is left behind as a daemon")
+            problem = (
+                f"the power sampler's read has not returned after {wait:.0f} s "
+                "(a wedged NVIDIA driver?); the thread is left behind as a daemon"
+            )
         elif self._error is not None:
             problem = f"a power read failed: {type(self._error).__name__}: {self._error}"
         if exc is not None:  # the body's own exception is the one to report
@@ -116,8 +121,11 @@ class PowerSampler:
             raise PowerReadError(problem) from self._error
         try:
             self._sample()  # the window's last reading
-            end = ((self.clock(), float(self.source.joules()))
-                   if self.source.joules is not None else None)
+            end = (
+                (self.clock(), float(self.source.joules()))
+                if self.source.joules is not None
+                else None
+            )
         except Exception as e:
             raise PowerReadError(f"a power read failed: {type(e).__name__}: {e}") from e
         self.result = self._result(end)
@@ -139,22 +147,30 @@ class PowerSampler:
             seconds = end[0] - self._start[0]
             energy = end[1] - self._start[1]
             if energy < 0:
-                raise PowerReadError(f"the energy counter went backwards by {-energy:.3f} J: "
-                                     "the NVIDIA driver was reloaded during the window")
+                raise PowerReadError(
+                    f"the energy counter went backwards by {-energy:.3f} J: "
+                    "the NVIDIA driver was reloaded during the window"
+                )
             how = ENERGY_COUNTER
         else:
             seconds = self._samples[-1][0] - self._samples[0][0]
             energy = trapezoid_joules(self._samples)
             how = POWER_SAMPLES
-        return {"power_avg_w": energy / seconds if seconds > 0 else None, "energy_j": energy,
-                "seconds": seconds, "samples": len(self._samples), "power_source": how}
+        return {
+            "power_avg_w": energy / seconds if seconds > 0 else None,
+            "energy_j": energy,
+            "seconds": seconds,
+            "samples": len(self._samples),
+            "power_source": how,
+        }
 
 
 def trapezoid_joules(samples: Sequence[tuple[float, float]]) -> float:
     """Energy in J of (seconds, watts) samples by the trapezoid rule over their own timestamps
     (uneven spacing included); 0.0 for fewer than two samples."""
-    return sum((t1 - t0) * (w0 + w1) / 2
-               for (t0, w0), (t1, w1) in zip(samples, samples[1:], strict=False))
+    return sum(
+        (t1 - t0) * (w0 + w1) / 2 for (t0, w0), (t1, w1) in zip(samples, samples[1:], strict=False)
+    )
 
 
 def energy_per_image(result: dict[str, Any], images: int) -> float:
@@ -181,19 +197,25 @@ def nvml_sampler(device: int | str = 0) -> tuple[PowerSource | None, str | None]
     try:
         import pynvml
     except ImportError:
-        return None, ("nvidia-ml-py (module pynvml) is not installed: "
-                      "pip install -e '.[trt]' to get the power columns")
+        return None, (
+            "nvidia-ml-py (module pynvml) is not installed: "
+            "pip install -e '.[trt]' to get the power columns"
+        )
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as e:
         return None, f"NVML cannot start ({e}): no NVIDIA driver on this machine"
     try:
-        handle = (pynvml.nvmlDeviceGetHandleByPciBusId(device) if isinstance(device, str)
-                  else pynvml.nvmlDeviceGetHandleByIndex(device))
+        handle = (
+            pynvml.nvmlDeviceGetHandleByPciBusId(device)
+            if isinstance(device, str)
+            else pynvml.nvmlDeviceGetHandleByIndex(device)
+        )
         pynvml.nvmlDeviceGetPowerUsage(handle)
     except pynvml.NVMLError as e:
         pynvml.nvmlShutdown()
         return None, f"NVML cannot read the power of GPU {device!r}: {e}"
+
     def watts() -> float:
         return pynvml.nvmlDeviceGetPowerUsage(handle) / 1000
 

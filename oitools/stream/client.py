@@ -20,7 +20,6 @@ Per frame, the preprocessing of the artifact's metadata is what `datasets.eval_t
 does, in numpy and Pillow (no torchvision), so a frame is classified as the test images were.
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -57,39 +56,42 @@ DROP_MODES = ("auto", "yes", "no")
 class StreamOptions:
     source: str
     model: Path
-    backend: str = "auto"          # auto | gst-launch | opencv
-    batch: int = 1                 # frames per model call, at most (what is queued; no waiting)
-    drop: str = "auto"             # auto: drop stale frames iff the pipeline is live
+    backend: str = "auto"  # auto | gst-launch | opencv
+    batch: int = 1  # frames per model call, at most (what is queued; no waiting)
+    drop: str = "auto"  # auto: drop stale frames iff the pipeline is live
     topk: int = 3
     transforms: list[str] = field(default_factory=list)  # applied in order before display/output
     display: bool = False
-    out: Path | None = None        # annotated video (.avi, .mp4, .mkv)
-    json_lines: bool = False       # one JSON line per processed frame on stdout
-    stats: Path | None = None      # the summary as flat JSON
-    stall_timeout: float = 10.0    # seconds without a frame before the stream counts as stalled
-    max_frames: int = 0            # stop after this many processed frames (0: no limit)
+    out: Path | None = None  # annotated video (.avi, .mp4, .mkv)
+    json_lines: bool = False  # one JSON line per processed frame on stdout
+    stats: Path | None = None  # the summary as flat JSON
+    stall_timeout: float = 10.0  # seconds without a frame before the stream counts as stalled
+    max_frames: int = 0  # stop after this many processed frames (0: no limit)
     mlflow_uri: str | None = None  # log the summary to MLflow (a run under this tracking URI)
     mlflow_experiment: str = "oi-pipeline-stream"
 
     def check(self) -> None:
         if self.backend not in ("auto", *BACKENDS):
-            raise InputError(f"unknown backend {self.backend!r}; expected one of "
-                             f"{sorted(['auto', *BACKENDS])}")
+            raise InputError(
+                f"unknown backend {self.backend!r}; expected one of {sorted(['auto', *BACKENDS])}"
+            )
         if self.drop not in DROP_MODES:
-            raise InputError(f"unknown drop mode {self.drop!r}; expected one of "
-                             f"{sorted(DROP_MODES)}")
+            raise InputError(
+                f"unknown drop mode {self.drop!r}; expected one of {sorted(DROP_MODES)}"
+            )
         unknown = [t for t in self.transforms if t not in TRANSFORMS]
         if unknown:
-            raise InputError(f"unknown transform(s) {unknown}; expected any of "
-                             f"{sorted(TRANSFORMS)}")
+            raise InputError(
+                f"unknown transform(s) {unknown}; expected any of {sorted(TRANSFORMS)}"
+            )
         if self.batch < 1 or self.topk < 1 or self.max_frames < 0 or self.stall_timeout <= 0:
-            raise InputError("--batch >= 1, --topk >= 1, --max-frames >= 0 and "
-                             "--stall-timeout > 0 are required")
+            raise InputError(
+                "--batch >= 1, --topk >= 1, --max-frames >= 0 and --stall-timeout > 0 are required"
+            )
         if self.out is not None and self.out.suffix.lower() not in VIDEO_CODECS:
-            raise InputError(f"--out {self.out}: unknown video extension; expected one of "
-                             f"{sorted(VIDEO_CODECS)}")
-
-
+            raise InputError(
+                f"--out {self.out}: unknown video extension; expected one of {sorted(VIDEO_CODECS)}"
+            )
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -101,8 +103,7 @@ def load_model(target: Path) -> tuple[Any, dict]:
     runtime, meta = load_artifact(target)  # a broken artifact is an InputError naming it
     missing = [k for k in ("classes", "input_size", "mean", "std", "crop_pct") if k not in meta]
     if missing:
-        raise InputError(f"{target}: its metadata lacks {missing}; not an artifact of the "
-                         "pipeline")
+        raise InputError(f"{target}: its metadata lacks {missing}; not an artifact of the pipeline")
     return runtime, meta
 
 
@@ -116,8 +117,13 @@ def run(opts: StreamOptions) -> dict[str, Any]:
     Returns the summary; `--stats` and `--mlflow` get it too, also when the stream fails."""
     opts.check()
     runtime, meta = load_model(opts.model)
-    log.info("model %s: %s, %d classes, input %d px", opts.model, meta.get("arch", "?"),
-             len(meta["classes"]), meta["input_size"])
+    log.info(
+        "model %s: %s, %d classes, input %d px",
+        opts.model,
+        meta.get("arch", "?"),
+        len(meta["classes"]),
+        meta["input_size"],
+    )
     display = Display() if opts.display else None
     stop = threading.Event()
     handlers: dict[int, Any] = {}
@@ -166,9 +172,17 @@ def run(opts: StreamOptions) -> dict[str, Any]:
     return result
 
 
-def classify(opts: StreamOptions, runtime: Any, meta: dict, src: Any, queue: FrameQueue,
-             video: VideoOut | None, display: Display | None, stats: Stats,
-             stop: threading.Event) -> str:
+def classify(
+    opts: StreamOptions,
+    runtime: Any,
+    meta: dict,
+    src: Any,
+    queue: FrameQueue,
+    video: VideoOut | None,
+    display: Display | None,
+    stats: Stats,
+    stop: threading.Event,
+) -> str:
     """The model loop, until the queue ends ("eos"), `stop` is set ("stopped") or
     `--max-frames` is reached ("max_frames"); raises what the reader hit, or Stalled."""
     import torch  # the Runtime takes torch tensors (oipipe.deploy.runtime has imported torch)
@@ -189,10 +203,12 @@ def classify(opts: StreamOptions, runtime: Any, meta: dict, src: Any, queue: Fra
                 n = queue.received
                 raise Stalled(
                     f"no frame for {opts.stall_timeout:g} s (--stall-timeout) after {n} "
-                    "frame(s): the stream stalled" if n else
-                    f"no video from the source within {opts.stall_timeout:g} s "
+                    "frame(s): the stream stalled"
+                    if n
+                    else f"no video from the source within {opts.stall_timeout:g} s "
                     "(--stall-timeout): nothing arrives (is the sender running, the address "
-                    "and port right?)")
+                    "and port right?)"
+                )
             continue
         with cpu_and_wall(stats, "preprocess"):
             x = runtime.prepare(torch.from_numpy(np.stack([pre(f.image) for f in batch])))
@@ -211,8 +227,7 @@ def classify(opts: StreamOptions, runtime: Any, meta: dict, src: Any, queue: Fra
                 for t in transforms:
                     img = t(img)
                 if display is not None or video is not None:
-                    img = annotate(img, top, stats.fps_now(),
-                                   queue.dropped if queue.drop else None)
+                    img = annotate(img, top, stats.fps_now(), queue.dropped if queue.drop else None)
                 if video is not None:
                     video.write(img)
                 if display is not None and not display.show(img):
@@ -225,12 +240,21 @@ def classify(opts: StreamOptions, runtime: Any, meta: dict, src: Any, queue: Fra
                 stats.processed += 1
                 if opts.json_lines:
                     try:
-                        sys.stdout.write(json.dumps({
-                            "frame": f.seq, "timestamp": round(f.wall, 6), "label": top[0][0],
-                            "score": round(top[0][1], 6),
-                            "topk": [[lb, round(sc, 6)] for lb, sc in top],
-                            "latency_ms": round((done - f.arrived) * 1000, 3),
-                            "model_ms": round(model_ms, 3), "batch": len(batch)}) + "\n")
+                        sys.stdout.write(
+                            json.dumps(
+                                {
+                                    "frame": f.seq,
+                                    "timestamp": round(f.wall, 6),
+                                    "label": top[0][0],
+                                    "score": round(top[0][1], 6),
+                                    "topk": [[lb, round(sc, 6)] for lb, sc in top],
+                                    "latency_ms": round((done - f.arrived) * 1000, 3),
+                                    "model_ms": round(model_ms, 3),
+                                    "batch": len(batch),
+                                }
+                            )
+                            + "\n"
+                        )
                         sys.stdout.flush()
                     except BrokenPipeError:  # `| head`: the reader has gone
                         stop.set()
@@ -240,11 +264,20 @@ def classify(opts: StreamOptions, runtime: Any, meta: dict, src: Any, queue: Fra
 
 
 def _report(result: dict[str, Any], opts: StreamOptions) -> None:
-    log.info("%s: %d frames received, %d processed, %d dropped; %s FPS; latency p50/p99 %s/%s "
-             "ms, model p50 %s ms; CPU share decode %s%%, model %s%%", result["end"],
-             result["frames_received"], result["frames_processed"], result["frames_dropped"],
-             result["fps"], result["latency_p50_ms"], result["latency_p99_ms"],
-             result["model_p50_ms"], result["decode_share_pct"], result["model_share_pct"])
+    log.info(
+        "%s: %d frames received, %d processed, %d dropped; %s FPS; latency p50/p99 %s/%s "
+        "ms, model p50 %s ms; CPU share decode %s%%, model %s%%",
+        result["end"],
+        result["frames_received"],
+        result["frames_processed"],
+        result["frames_dropped"],
+        result["fps"],
+        result["latency_p50_ms"],
+        result["latency_p99_ms"],
+        result["model_p50_ms"],
+        result["decode_share_pct"],
+        result["model_share_pct"],
+    )
     if opts.stats is not None:
         from oipipe.core.files import write_json
 
@@ -271,47 +304,86 @@ def mlflow_target(params: Path, uri: str | None, experiment: str | None) -> tupl
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m oitools.stream",
-        description="Classify a live video stream with an artifact of the pipeline.")
-    p.add_argument("source", help="a GStreamer pipeline (quoted), a video file, a camera "
-                                  "(/dev/video0 or 0) or an rtsp:// or http(s):// URL")
-    p.add_argument("--model", type=Path, required=True,
-                   help="an artifact: model.onnx/.ts/.pt2, an optimized variant's folder, or the "
-                        "train stage's model.pt")
-    p.add_argument("--backend", default="auto", help="auto (OpenCV's GStreamer backend when "
-                   "it has one), gst-launch or opencv")
+        description="Classify a live video stream with an artifact of the pipeline.",
+    )
+    p.add_argument(
+        "source",
+        help="a GStreamer pipeline (quoted), a video file, a camera "
+        "(/dev/video0 or 0) or an rtsp:// or http(s):// URL",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="an artifact: model.onnx/.ts/.pt2, an optimized variant's folder, or the "
+        "train stage's model.pt",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="auto (OpenCV's GStreamer backend when it has one), gst-launch or opencv",
+    )
     p.add_argument("--batch", type=int, default=1, help="frames per model call, at most")
-    p.add_argument("--drop", default="auto", help="drop stale frames: auto (when the source "
-                   "is live), yes, no")
+    p.add_argument(
+        "--drop", default="auto", help="drop stale frames: auto (when the source is live), yes, no"
+    )
     p.add_argument("--topk", type=int, default=3)
-    p.add_argument("--transform", action="append", default=[], metavar="NAME",
-                   help=f"before display/output, in order: {', '.join(TRANSFORMS)}")
+    p.add_argument(
+        "--transform",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"before display/output, in order: {', '.join(TRANSFORMS)}",
+    )
     p.add_argument("--display", action="store_true", help="show a window (q or Esc stops)")
-    p.add_argument("--out", type=Path, help="annotated video file (.avi MJPG, .mp4 MPEG-4, "
-                   ".mkv FFV1 lossless)")
-    p.add_argument("--json", action="store_true", dest="json_lines",
-                   help="one JSON line per frame on stdout")
+    p.add_argument(
+        "--out", type=Path, help="annotated video file (.avi MJPG, .mp4 MPEG-4, .mkv FFV1 lossless)"
+    )
+    p.add_argument(
+        "--json", action="store_true", dest="json_lines", help="one JSON line per frame on stdout"
+    )
     p.add_argument("--stats", type=Path, help="write the summary as JSON")
-    p.add_argument("--stall-timeout", type=float, default=10.0,
-                   help="seconds without a frame before giving up (default 10)")
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=10.0,
+        help="seconds without a frame before giving up (default 10)",
+    )
     p.add_argument("--max-frames", type=int, default=0, help="stop after N processed frames")
     p.add_argument("--mlflow", action="store_true", help="log the summary to MLflow")
-    p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else the "
-                   "configured one in --params)")
-    p.add_argument("--experiment", help="MLflow experiment (default: <tracking.experiment>-"
-                   "stream)")
-    p.add_argument("--params", type=Path, default=Path("params.yaml"),
-                   help="composed config for the MLflow store (default ./params.yaml)")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow store (default: MLFLOW_TRACKING_URI, else the configured one in --params)",
+    )
+    p.add_argument("--experiment", help="MLflow experiment (default: <tracking.experiment>-stream)")
+    p.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="composed config for the MLflow store (default ./params.yaml)",
+    )
     args = p.parse_args(argv)
 
     def work() -> None:
         opts = StreamOptions(
-            source=args.source, model=args.model, backend=args.backend, batch=args.batch,
-            drop=args.drop, topk=args.topk, transforms=args.transform, display=args.display,
-            out=args.out, json_lines=args.json_lines, stats=args.stats,
-            stall_timeout=args.stall_timeout, max_frames=args.max_frames)
+            source=args.source,
+            model=args.model,
+            backend=args.backend,
+            batch=args.batch,
+            drop=args.drop,
+            topk=args.topk,
+            transforms=args.transform,
+            display=args.display,
+            out=args.out,
+            json_lines=args.json_lines,
+            stats=args.stats,
+            stall_timeout=args.stall_timeout,
+            max_frames=args.max_frames,
+        )
         if args.mlflow:
             opts.mlflow_uri, opts.mlflow_experiment = mlflow_target(
-                args.params, args.tracking_uri, args.experiment)
+                args.params, args.tracking_uri, args.experiment
+            )
         run(opts)
 
     return cli.guarded("stream", work, interrupted="interrupted")

@@ -26,8 +26,9 @@ class Preprocess:
     offset rounded (`int(round((size_in - size) / 2))`). The frame is resized in BGR (the filter
     works per channel) and turned to RGB only after the crop, on far fewer pixels."""
 
-    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float],
-                 crop_pct: float):
+    def __init__(
+        self, input_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float
+    ):
         self.size = int(input_size)
         self.short = round(input_size / crop_pct)
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
@@ -48,6 +49,6 @@ class Preprocess:
         if (nh, nw) != (h, w):
             frame = np.asarray(Image.fromarray(frame).resize((nw, nh), Image.Resampling.BILINEAR))
         top, left = int(round((nh - self.size) / 2.0)), int(round((nw - self.size) / 2.0))
-        crop = frame[top:top + self.size, left:left + self.size, ::-1]  # BGR -> RGB
+        crop = frame[top : top + self.size, left : left + self.size, ::-1]  # BGR -> RGB
         x = crop.transpose(2, 0, 1).astype(np.float32) / 255.0
         return np.ascontiguousarray((x - self.mean) / self.std)

@@ -30,25 +30,25 @@ def _gray(img: np.ndarray) -> np.ndarray:
 
 def _edges(img: np.ndarray) -> np.ndarray:
     # Canny's usual 1:2 hysteresis pair on 8-bit grey
-    return cv2.cvtColor(cv2.Canny(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), 100, 200),
-                        cv2.COLOR_GRAY2BGR)
+    return cv2.cvtColor(
+        cv2.Canny(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), 100, 200), cv2.COLOR_GRAY2BGR
+    )
 
 
 TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "gray": _gray,
-    "flip": lambda img: cv2.flip(img, 1),   # left-right, a mirror (what a webcam preview does)
+    "flip": lambda img: cv2.flip(img, 1),  # left-right, a mirror (what a webcam preview does)
     "vflip": lambda img: cv2.flip(img, 0),  # upside down
     "edges": _edges,
 }
 
 
-
-
 # --- frames out ----------------------------------------------------------------------------------
 
 
-def annotate(img: np.ndarray, top: list[tuple[str, float]], fps: float,
-             dropped: int | None) -> np.ndarray:
+def annotate(
+    img: np.ndarray, top: list[tuple[str, float]], fps: float, dropped: int | None
+) -> np.ndarray:
     """Top-k labels and scores and the running FPS, white on a black box at the top left; the
     font scales with the frame (0.6 at 480 rows)."""
     h = img.shape[0]
@@ -61,8 +61,16 @@ def annotate(img: np.ndarray, top: list[tuple[str, float]], fps: float,
     width = max(s[0][0] for s in sizes) + round(16 * scale)
     cv2.rectangle(img, (0, 0), (width, step * len(lines) + round(6 * scale)), (0, 0, 0), -1)
     for i, t in enumerate(lines):
-        cv2.putText(img, t, (round(8 * scale), step * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                    (255, 255, 255), thick, cv2.LINE_AA)
+        cv2.putText(
+            img,
+            t,
+            (round(8 * scale), step * (i + 1)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (255, 255, 255),
+            thick,
+            cv2.LINE_AA,
+        )
     return img
 
 
@@ -80,16 +88,18 @@ class VideoOut:
         self.frames = 0
 
     def write(self, img: np.ndarray) -> None:
-        img = img[:img.shape[0] & ~1, :img.shape[1] & ~1]  # OpenCV's writer wants even sizes
+        img = img[: img.shape[0] & ~1, : img.shape[1] & ~1]  # OpenCV's writer wants even sizes
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fourcc = cv2.VideoWriter_fourcc(*VIDEO_CODECS[self.path.suffix.lower()])
             h, w = img.shape[:2]
             self.writer = cv2.VideoWriter(str(self.tmp), fourcc, self.fps, (w, h))
             if not self.writer.isOpened():
-                raise InputError(f"cannot write {self.path}: OpenCV has no "
-                                 f"{VIDEO_CODECS[self.path.suffix.lower()]} writer for "
-                                 f"{w}x{h}")
+                raise InputError(
+                    f"cannot write {self.path}: OpenCV has no "
+                    f"{VIDEO_CODECS[self.path.suffix.lower()]} writer for "
+                    f"{w}x{h}"
+                )
         self.writer.write(img)
         self.frames += 1
 
@@ -106,11 +116,15 @@ class Display:
 
     def __init__(self) -> None:
         if "GUI: NONE" in re.sub(r"\s+", " ", cv2.getBuildInformation()):
-            raise InputError("--display: this OpenCV has no GUI (opencv-python-headless?); "
-                             "install opencv-python, or use --out")
+            raise InputError(
+                "--display: this OpenCV has no GUI (opencv-python-headless?); "
+                "install opencv-python, or use --out"
+            )
         if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-            raise InputError("--display needs a display and DISPLAY is not set: run it in a "
-                             "desktop session, over `ssh -X`, or under `xvfb-run`; or use --out")
+            raise InputError(
+                "--display needs a display and DISPLAY is not set: run it in a "
+                "desktop session, over `ssh -X`, or under `xvfb-run`; or use --out"
+            )
         self.opened = False
 
     def show(self, img: np.ndarray) -> bool:
@@ -120,8 +134,9 @@ class Display:
             self.opened = True
         cv2.imshow(WINDOW, img)
         key = cv2.waitKey(1) & 0xFF
-        return key not in (ord("q"), 27) and cv2.getWindowProperty(
-            WINDOW, cv2.WND_PROP_VISIBLE) >= 1
+        return (
+            key not in (ord("q"), 27) and cv2.getWindowProperty(WINDOW, cv2.WND_PROP_VISIBLE) >= 1
+        )
 
     def close(self) -> None:
         if self.opened:

@@ -37,13 +37,14 @@ log = logging.getLogger("oitools.stream")
 
 GST_LAUNCH = "gst-launch-1.0"
 SINK = "oi_sink"  # the name of the pipeline's last element, whose caps `-v` reports
-GST_PACKAGES = ("gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good "
-                "gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav")
+GST_PACKAGES = (
+    "gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good "
+    "gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav"
+)
 
 
 class Stalled(StageError):
     """No frame for `--stall-timeout` seconds."""
-
 
 
 # --- frames in -----------------------------------------------------------------------------------
@@ -51,10 +52,10 @@ class Stalled(StageError):
 
 @dataclass
 class Frame:
-    seq: int            # index among the frames received, from 0
-    image: np.ndarray   # H x W x 3 BGR uint8
-    arrived: float      # time.perf_counter() when the whole frame had been read
-    wall: float         # time.time() at the same moment
+    seq: int  # index among the frames received, from 0
+    image: np.ndarray  # H x W x 3 BGR uint8
+    arrived: float  # time.perf_counter() when the whole frame had been read
+    wall: float  # time.time() at the same moment
 
 
 class FrameQueue:
@@ -123,8 +124,9 @@ def source_head(source: str) -> tuple[list[str], str]:
     if re.fullmatch(r"\d+", s) or re.fullmatch(r"/dev/video\d+", s):
         device = f"/dev/video{s}" if s.isdigit() else s
         if not Path(device).exists():
-            raise InputError(f"no camera at {device} (is it plugged in? `v4l2-ctl "
-                             "--list-devices` lists them)")
+            raise InputError(
+                f"no camera at {device} (is it plugged in? `v4l2-ctl --list-devices` lists them)"
+            )
         # decodebin: raw frames pass straight through, an MJPEG-only webcam's get decoded
         return ["v4l2src", f"device={device}", "!", "decodebin"], "camera"
     if scheme in ("rtsp", "rtsps"):
@@ -145,11 +147,13 @@ def source_head(source: str) -> tuple[list[str], str]:
 
 def gst_description(tokens: Sequence[str]) -> str:
     """Arguments back to one pipeline string (what OpenCV takes and what a log shows)."""
+
     def quote(t: str) -> str:
         if re.search(r"\s", t) and "=" in t:
             key, value = t.split("=", 1)
             return f'{key}="{value}"'
         return t
+
     return " ".join(quote(t) for t in tokens)
 
 
@@ -161,20 +165,32 @@ def _parse_caps(caps: str) -> dict[str, Any] | None:
         return None
     fmt = re.search(r"format=\(string\)(\w+)", caps)
     fps = re.search(r"framerate=\(fraction\)(\d+)/(\d+)", caps)
-    return {"format": fmt.group(1) if fmt else None, "width": int(w.group(1)),
-            "height": int(h.group(1)),
-            "framerate": int(fps.group(1)) / int(fps.group(2)) if fps and int(fps.group(2))
-            else 0.0}
+    return {
+        "format": fmt.group(1) if fmt else None,
+        "width": int(w.group(1)),
+        "height": int(h.group(1)),
+        "framerate": int(fps.group(1)) / int(fps.group(2)) if fps and int(fps.group(2)) else 0.0,
+    }
 
 
 # GStreamer's messages that mean the request, not the stream, is wrong (exit code 2)
-_USER_ERRORS = ("not-negotiated", "Could not determine type of stream", "No decoder available",
-                "missing plugin", "Resource not found", "No such file", "Could not open device",
-                "Cannot identify device", "not a capture device", "cannot decode")
+_USER_ERRORS = (
+    "not-negotiated",
+    "Could not determine type of stream",
+    "No decoder available",
+    "missing plugin",
+    "Resource not found",
+    "No such file",
+    "Could not open device",
+    "Cannot identify device",
+    "not a capture device",
+    "cannot decode",
+)
 
 
-def gst_error(lines: Sequence[str], returncode: int | None, description: str,
-              before_video: bool = False) -> Exception:
+def gst_error(
+    lines: Sequence[str], returncode: int | None, description: str, before_video: bool = False
+) -> Exception:
     """What gst-launch's last lines say went wrong, as the exception the exit code follows:
     InputError for a pipeline that cannot be built or negotiated, a missing element or plugin,
     and (`before_video`) a file or device that gives no video; StageError otherwise."""
@@ -182,9 +198,11 @@ def gst_error(lines: Sequence[str], returncode: int | None, description: str,
     m = re.search(r'erroneous pipeline: no element "([^"]+)"', text)
     if m:
         el = m.group(1)
-        return InputError(f"GStreamer has no element {el!r} (a typo, or its plugin is not "
-                          f"installed: `gst-inspect-1.0 {el}` finds it once it is; Debian: "
-                          f"apt-get install {GST_PACKAGES})")
+        return InputError(
+            f"GStreamer has no element {el!r} (a typo, or its plugin is not "
+            f"installed: `gst-inspect-1.0 {el}` finds it once it is; Debian: "
+            f"apt-get install {GST_PACKAGES})"
+        )
     m = re.search(r"erroneous pipeline: (.*)", text)
     if m:
         return InputError(f"malformed GStreamer pipeline {description!r}: {m.group(1).strip()}")
@@ -192,16 +210,23 @@ def gst_error(lines: Sequence[str], returncode: int | None, description: str,
     for i, line in enumerate(lines):
         m = re.match(r"ERROR: from element (\S+): (.*)", line)
         if m:  # the element, its message, and the debug line two below "Additional debug info"
-            debug = lines[i + 3].strip() if i + 3 < len(lines) and lines[i + 1].startswith(
-                "Additional debug info") else ""
-            errors.append(f"{m.group(1).rsplit('/', 1)[-1]}: {m.group(2)}"
-                          + (f" ({debug})" if debug else ""))
+            debug = (
+                lines[i + 3].strip()
+                if i + 3 < len(lines) and lines[i + 1].startswith("Additional debug info")
+                else ""
+            )
+            errors.append(
+                f"{m.group(1).rsplit('/', 1)[-1]}: {m.group(2)}" + (f" ({debug})" if debug else "")
+            )
     msg = "; ".join(dict.fromkeys(errors)) or next(
-        (ln for ln in reversed(lines) if ln.strip()), f"exit code {returncode}, no message")
+        (ln for ln in reversed(lines) if ln.strip()), f"exit code {returncode}, no message"
+    )
     if "not-negotiated" in text:
-        return InputError(f"the source's output cannot be turned into BGR video (caps not "
-                          f"negotiated: does {description!r} end in decoded raw video? add a "
-                          f"decoder, e.g. decodebin): {msg}")
+        return InputError(
+            f"the source's output cannot be turned into BGR video (caps not "
+            f"negotiated: does {description!r} end in decoded raw video? add a "
+            f"decoder, e.g. decodebin): {msg}"
+        )
     if before_video or any(k in text for k in _USER_ERRORS):
         return InputError(f"GStreamer cannot read the source {description!r}: {msg}")
     return StageError(f"GStreamer failed (gst-launch-1.0 exit code {returncode}): {msg}")
@@ -222,8 +247,10 @@ class GstLaunchSource:
     def __init__(self, tokens: list[str], kind: str):
         exe = shutil.which(GST_LAUNCH)
         if exe is None:
-            raise InputError(f"{GST_LAUNCH} not found on PATH: install GStreamer (Debian: "
-                             f"apt-get install {GST_PACKAGES})")
+            raise InputError(
+                f"{GST_LAUNCH} not found on PATH: install GStreamer (Debian: "
+                f"apt-get install {GST_PACKAGES})"
+            )
         self.description = gst_description(tokens)
         self.kind = kind
         self.caps: dict[str, Any] | None = None
@@ -232,27 +259,52 @@ class GstLaunchSource:
         self.waiting_since: float | None = None  # when the reader began waiting for bytes
         self.queue: FrameQueue | None = None
         self._stop = threading.Event()
-        self._started, self._caps_known, self._exited = (threading.Event(), threading.Event(),
-                                                         threading.Event())
+        self._started, self._caps_known, self._exited = (
+            threading.Event(),
+            threading.Event(),
+            threading.Event(),
+        )
         self._caps_changed: str | None = None
         r, w = os.pipe()
         self._fd = r
-        cmd = [exe, "-v", "-f", "-X", "last-message", *tokens, "!", "videoconvert", "!",
-               "video/x-raw,format=BGR", "!", "fdsink", f"name={SINK}", f"fd={w}", "sync=false"]
+        cmd = [
+            exe,
+            "-v",
+            "-f",
+            "-X",
+            "last-message",
+            *tokens,
+            "!",
+            "videoconvert",
+            "!",
+            "video/x-raw,format=BGR",
+            "!",
+            "fdsink",
+            f"name={SINK}",
+            f"fd={w}",
+            "sync=false",
+        ]
         log.info("source: %s", self.description)
         log.debug("command: %s", shlex.join(cmd))
         self._rusage0 = _children_cpu()
         try:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, pass_fds=(w,),
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                pass_fds=(w,),
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         except OSError:
             os.close(r)
             raise
         finally:
             os.close(w)  # the child's copy is the only writer left: its exit is our end of file
-        self._messages = threading.Thread(target=self._read_messages, daemon=True,
-                                          name="gst-messages")
+        self._messages = threading.Thread(
+            target=self._read_messages, daemon=True, name="gst-messages"
+        )
         self._messages.start()
 
     def _read_messages(self) -> None:
@@ -269,8 +321,10 @@ class GstLaunchSource:
                     if self.caps is None:
                         self.caps = caps
                         self._caps_known.set()
-                    elif (caps["width"], caps["height"]) != (self.caps["width"],
-                                                             self.caps["height"]):
+                    elif (caps["width"], caps["height"]) != (
+                        self.caps["width"],
+                        self.caps["height"],
+                    ):
                         self._caps_changed = f"{caps['width']}x{caps['height']}"
                 elif line.startswith("Setting pipeline to PAUSED"):
                     self._started.set()
@@ -294,16 +348,24 @@ class GstLaunchSource:
                 if self._caps_known.is_set():
                     break
                 if self.proc.returncode == 0 and self._started.is_set():
-                    raise InputError(f"the source {self.description!r} ended before any video "
-                                     "(has it a video stream?)")
-                raise gst_error(list(self.lines), self.proc.returncode, self.description,
-                                before_video=self.kind in ("file", "camera"))
+                    raise InputError(
+                        f"the source {self.description!r} ended before any video "
+                        "(has it a video stream?)"
+                    )
+                raise gst_error(
+                    list(self.lines),
+                    self.proc.returncode,
+                    self.description,
+                    before_video=self.kind in ("file", "camera"),
+                )
             if since is None and self._started.is_set():
                 since = time.perf_counter()
             if since is not None and time.perf_counter() - since > stall_timeout:
-                raise Stalled(f"no video from the source within {stall_timeout:g} s "
-                              "(--stall-timeout): nothing arrives (is the sender running, the "
-                              "address and port right?)")
+                raise Stalled(
+                    f"no video from the source within {stall_timeout:g} s "
+                    "(--stall-timeout): nothing arrives (is the sender running, the "
+                    "address and port right?)"
+                )
         return True
 
     def start(self, queue: FrameQueue) -> None:
@@ -316,8 +378,14 @@ class GstLaunchSource:
         error: BaseException | None = None
         w, h = self.caps["width"], self.caps["height"]
         stride = (3 * w + 3) & ~3  # GStreamer's default row stride: padded to 4 bytes
-        log.info("video %dx%d BGR at %.4g fps (%s, %s)", w, h, self.caps["framerate"],
-                 self.kind, "live" if self.live else "not live")
+        log.info(
+            "video %dx%d BGR at %.4g fps (%s, %s)",
+            w,
+            h,
+            self.caps["framerate"],
+            self.kind,
+            "live" if self.live else "not live",
+        )
         seq = 0
         try:
             with open(self._fd, "rb", buffering=0, closefd=False) as pipe:
@@ -328,13 +396,17 @@ class GstLaunchSource:
                     if buf is None:
                         break
                     if self._caps_changed:
-                        raise StageError(f"the source changed its frame size from {w}x{h} to "
-                                         f"{self._caps_changed} mid-stream: not supported")
+                        raise StageError(
+                            f"the source changed its frame size from {w}x{h} to "
+                            f"{self._caps_changed} mid-stream: not supported"
+                        )
                     rows = np.frombuffer(buf, np.uint8).reshape(h, stride)
-                    image = rows.reshape(h, w, 3) if stride == 3 * w else \
-                        np.ascontiguousarray(rows[:, :3 * w].reshape(h, w, 3))
-                    self.queue.put(Frame(seq, image, time.perf_counter(), time.time()),
-                                   self._stop)
+                    image = (
+                        rows.reshape(h, w, 3)
+                        if stride == 3 * w
+                        else np.ascontiguousarray(rows[:, : 3 * w].reshape(h, w, 3))
+                    )
+                    self.queue.put(Frame(seq, image, time.perf_counter(), time.time()), self._stop)
                     seq += 1
             if not self._stop.is_set():
                 self._exited.wait()
@@ -359,8 +431,7 @@ class GstLaunchSource:
             k = pipe.readinto(view[got:])
             if not k:
                 if got:
-                    log.warning("the stream ended inside a frame (%d of %d bytes): dropped",
-                                got, n)
+                    log.warning("the stream ended inside a frame (%d of %d bytes): dropped", got, n)
                 return None
             got += k
         return buf
@@ -398,17 +469,25 @@ class OpenCVSource:
         self.queue: FrameQueue | None = None
         self._stop = threading.Event()
         log.info("source: %s (OpenCV's GStreamer backend)", self.description)
-        self.cap = cv2.VideoCapture(f"{self.description} ! videoconvert ! "
-                                    f"video/x-raw,format=BGR ! appsink name={SINK} sync=false "
-                                    "max-buffers=2 drop=false", cv2.CAP_GSTREAMER)
+        self.cap = cv2.VideoCapture(
+            f"{self.description} ! videoconvert ! "
+            f"video/x-raw,format=BGR ! appsink name={SINK} sync=false "
+            "max-buffers=2 drop=false",
+            cv2.CAP_GSTREAMER,
+        )
         if not self.cap.isOpened():
-            raise InputError(f"OpenCV's GStreamer backend cannot open {self.description!r} (a "
-                             "malformed pipeline, a missing element or an unreadable source; "
-                             "`--backend gst-launch` reports GStreamer's own message)")
+            raise InputError(
+                f"OpenCV's GStreamer backend cannot open {self.description!r} (a "
+                "malformed pipeline, a missing element or an unreadable source; "
+                "`--backend gst-launch` reports GStreamer's own message)"
+            )
         fps = self.cap.get(cv2.CAP_PROP_FPS)
-        self.caps = {"format": "BGR", "width": int(self.cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
-                     "height": int(self.cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
-                     "framerate": fps if fps and math.isfinite(fps) else 0.0}
+        self.caps = {
+            "format": "BGR",
+            "width": int(self.cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            "height": int(self.cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+            "framerate": fps if fps and math.isfinite(fps) else 0.0,
+        }
         self._cpu = 0.0
 
     def wait_ready(self, stall_timeout: float, stop: threading.Event) -> bool:
@@ -480,6 +559,8 @@ def open_source(opts: StreamOptions) -> GstLaunchSource | OpenCVSource:
     if backend == "auto":
         backend = "opencv" if opencv_has_gstreamer() else "gst-launch"
     elif backend == "opencv" and not opencv_has_gstreamer():
-        raise InputError("--backend opencv: this OpenCV was built without GStreamer "
-                         "(cv2.getBuildInformation()); use --backend gst-launch")
+        raise InputError(
+            "--backend opencv: this OpenCV was built without GStreamer "
+            "(cv2.getBuildInformation()); use --backend gst-launch"
+        )
     return BACKENDS[backend](tokens, kind)

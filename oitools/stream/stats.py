@@ -29,14 +29,16 @@ log = logging.getLogger("oitools.stream")
 class Stats:
     processed: int = 0
     batches: int = 0
-    first_out: float | None = None   # perf_counter when the first frame was out
-    last_out: float | None = None    # ... the last
-    latency_ms: list[float] = field(default_factory=list)   # per frame: arrival -> out
-    model_ms: list[float] = field(default_factory=list)     # per model call
-    wall: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("preprocess", "model", "postprocess"), 0.0))
-    cpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("preprocess", "model", "postprocess"), 0.0))
+    first_out: float | None = None  # perf_counter when the first frame was out
+    last_out: float | None = None  # ... the last
+    latency_ms: list[float] = field(default_factory=list)  # per frame: arrival -> out
+    model_ms: list[float] = field(default_factory=list)  # per model call
+    wall: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("preprocess", "model", "postprocess"), 0.0)
+    )
+    cpu: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("preprocess", "model", "postprocess"), 0.0)
+    )
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=30))
 
     def fps_now(self) -> float:
@@ -60,8 +62,14 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if len(values) else None
 
 
-def summary(stats: Stats, queue: FrameQueue | None, src: Any, decode_cpu: float,
-            end: str, opts: StreamOptions) -> dict[str, Any]:
+def summary(
+    stats: Stats,
+    queue: FrameQueue | None,
+    src: Any,
+    decode_cpu: float,
+    end: str,
+    opts: StreamOptions,
+) -> dict[str, Any]:
     """Flat JSON: counts, rates, latency percentiles and where the time went.
 
     decode_cpu_s is the GStreamer child's CPU seconds (decoding, conversion to BGR, network
@@ -73,12 +81,19 @@ def summary(stats: Stats, queue: FrameQueue | None, src: Any, decode_cpu: float,
     cpu = {"decode": decode_cpu, **stats.cpu}
     total = sum(cpu.values())
     out: dict[str, Any] = {
-        "source": opts.source, "model": str(opts.model), "backend": getattr(src, "name", None),
-        "live": getattr(src, "live", None), "width": caps.get("width"),
-        "height": caps.get("height"), "input_fps": caps.get("framerate"), "end": end,
-        "batch": opts.batch, "drop": bool(queue.drop) if queue else None,
+        "source": opts.source,
+        "model": str(opts.model),
+        "backend": getattr(src, "name", None),
+        "live": getattr(src, "live", None),
+        "width": caps.get("width"),
+        "height": caps.get("height"),
+        "input_fps": caps.get("framerate"),
+        "end": end,
+        "batch": opts.batch,
+        "drop": bool(queue.drop) if queue else None,
         "frames_received": queue.received if queue else 0,
-        "frames_processed": stats.processed, "frames_dropped": queue.dropped if queue else 0,
+        "frames_processed": stats.processed,
+        "frames_dropped": queue.dropped if queue else 0,
         "model_calls": stats.batches,
         "mean_batch": round(stats.processed / stats.batches, 3) if stats.batches else None,
         "wall_s": round(span, 4),
@@ -114,16 +129,29 @@ def log_to_mlflow(result: dict[str, Any], opts: StreamOptions) -> str:
     run = client.create_run(exp, run_name=f"stream-{Path(opts.model).name}")
     now = int(time.time() * 1000)
     params = {k: v for k, v in asdict(opts).items() if k not in ("mlflow_uri",)}
-    numbers = {f"stream.{k}": float(v) for k, v in result.items()
-               if isinstance(v, int | float) and not isinstance(v, bool)}
-    client.log_batch(run.info.run_id,
-                     metrics=[Metric(k, v, now, 0) for k, v in numbers.items()],
-                     params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-                     tags=[RunTag("kind", "stream"), RunTag("end", str(result["end"])),
-                           RunTag("backend", str(result["backend"]))])
-    client.set_terminated(run.info.run_id,
-                          "FINISHED" if result["end"] in ("eos", "stopped", "max_frames")
-                          else "FAILED")
-    log.info("MLflow: run %s in experiment %s (%s)", run.info.run_id, opts.mlflow_experiment,
-             opts.mlflow_uri)
+    numbers = {
+        f"stream.{k}": float(v)
+        for k, v in result.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(k, v, now, 0) for k, v in numbers.items()],
+        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+        tags=[
+            RunTag("kind", "stream"),
+            RunTag("end", str(result["end"])),
+            RunTag("backend", str(result["backend"])),
+        ],
+    )
+    client.set_terminated(
+        run.info.run_id,
+        "FINISHED" if result["end"] in ("eos", "stopped", "max_frames") else "FAILED",
+    )
+    log.info(
+        "MLflow: run %s in experiment %s (%s)",
+        run.info.run_id,
+        opts.mlflow_experiment,
+        opts.mlflow_uri,
+    )
     return run.info.run_id
