@@ -7,22 +7,54 @@ STAMP  := $(VENV)/.installed-stamp
 MIRROR ?= data/mirror
 PORT   ?= 8765
 
-.PHONY: install test lint pipeline params mirror offline ui clean-outputs
+.PHONY: install install-trt lock test test-fast lint typecheck docs pipeline params mirror offline ui clean-outputs
 
-$(STAMP): pyproject.toml
+LOCK   := requirements.lock
+UV_VERSION := $(shell sed -n 's/^uv==//p' $(LOCK))
+
+# The exact versions the measured figures were taken with, transitive ones included: uv installs
+# requirements.lock as it is (removing anything else from .venv), then the project without
+# resolving again. The lock is for CPython 3.11 on Linux x86_64 (torch's CUDA build, which runs
+# on the CPU too).
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade --quiet pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
+	$(BIN)/uv pip sync --quiet --python $(BIN)/python $(LOCK)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve the lock after changing pyproject.toml's dependencies; versions already in the lock
+# are kept where they still fit (`make lock UPGRADE=--upgrade` takes the newest allowed).
+lock:
+	$(BIN)/uv pip compile pyproject.toml --extra dev -o $(LOCK) --python-version 3.11.7 \
+	    --python-platform x86_64-unknown-linux-gnu --quiet $(UPGRADE)
+
+# Torch-TensorRT and NVML on a CUDA machine, on top of the lock (torch stays at its locked
+# version). tensorrt's libraries build from NVIDIA's own index, which must be reachable.
+install-trt: $(STAMP)
+	$(BIN)/uv pip install --python $(BIN)/python -c $(LOCK) -e '.[trt]'
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(STAMP) lint
+# The types of the library, the stages and the tools ([tool.mypy] in pyproject.toml).
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# The full suite: what CI runs (.ci/run).
+test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest
+
+# The edit loop: every module, none of the slow end-to-end runs (tests marked slow).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+# The docs site (mkdocs.yml, docs/) into site/; --strict turns every warning into an error.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
 
 # Runs the DVC pipeline; stages run with the virtual environment's python.
 pipeline: $(STAMP)

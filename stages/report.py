@@ -49,7 +49,8 @@ from oipipe.core import cli
 from oipipe.core.config import path
 from oipipe.core.errors import InputError
 from oipipe.core.files import read_csv, write_text
-from oipipe.core.tracking import stage_run
+from oipipe.core.tracking import git_commit, stage_run
+from oipipe.core.version import project_version
 from oipipe.measure.machine import machine_info
 from oipipe.reporting.document import (
     DASH,
@@ -936,6 +937,7 @@ def run(cfg: DictConfig) -> dict:
         *bench_blocks,
         *profile_section(cfg, prof),
         *machine_blocks,
+        Para(f"Written by oi-pipeline {project_version()} (code commit {git_commit()})."),
     ]
 
     md_file, html_file = reports / "REPORT.md", reports / "REPORT.html"
@@ -955,6 +957,7 @@ def run(cfg: DictConfig) -> dict:
         "optimize": optimized,
         "benchmark": benched if bench is not None else None,
         "machine": machine,
+        "version": project_version(),
     }
 
 

@@ -14,6 +14,7 @@ from oipipe.core.config import PROJECT_ROOT
 from oipipe.measure import machine
 
 KEYS = [
+    "oi_pipeline",
     "cpu",
     "cores",
     "native_bf16",
@@ -149,3 +150,9 @@ def test_one_answer_to_whether_the_cpu_has_native_bf16() -> None:
         if p in f.read_text()
     ]
     assert not askers, askers
+
+
+def test_the_project_version_is_the_installed_distributions() -> None:
+    from importlib import metadata
+
+    assert machine.machine_info()["oi_pipeline"] == metadata.version("oi-pipeline")

@@ -6,6 +6,7 @@ import base64
 import copy
 import io
 import re
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -508,6 +509,9 @@ def test_report_tables_hold_the_numbers(cfg) -> None:
         "Machine",
     ]
     assert "**Not run.**" in s["Where the time goes"]  # no profile.json in these inputs
+    version = metadata.version("oi-pipeline")
+    assert f"Written by oi-pipeline {version} (code commit " in s["Machine"]
+    assert out["version"] == version
 
     # Dataset: the CSV rows, not the stale prepare.json figure, and the disagreement noted.
     assert table_row(s["Dataset"], "Zebra") == ["Zebra", "6", "2", "3", "11"]

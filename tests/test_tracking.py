@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -65,6 +66,7 @@ def test_run_name_tags_and_experiment_kind(
     assert run.info.run_name == f"{cfg.model.name}-{cfg.train.recipe}-{key[:8]}"
     assert run.data.tags["sweep_name"] == "grid" and run.data.tags["sweep_job"] == "3"
     assert run.data.tags["model.name"] == cfg.model.name
+    assert run.data.tags["oi_pipeline_version"] == metadata.version("oi-pipeline")
     assert run.data.metrics == {"download.acc_pct": 50.0, "prepare.acc_pct": 50.0}
 
     monkeypatch.setenv("DVC_EXP_NAME", "bushy-lamb")  # a new key: a new run, named by DVC

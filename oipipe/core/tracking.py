@@ -46,11 +46,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from oipipe.core.config import PROJECT_ROOT, path
 from oipipe.core.files import file_lock
+from oipipe.core.version import project_version
 
 log = logging.getLogger("oipipe.core.tracking")
 
 KEY_TAG = "pipeline_key"
 DVC_EXP_TAG = "dvc_exp_name"
+VERSION_TAG = "oi_pipeline_version"  # oipipe.core.version: the code that logged the run
 # A verdict as a number, so runs can be sorted, charted and filtered by it: pass above undecided
 # above fail. The verdict itself is also a tag.
 VERDICT_CODES = {"pass": 1, "undecided": 0, "fail": -1}
@@ -321,6 +323,7 @@ def stage_run(cfg: DictConfig, stage: str, system_metrics: bool = False) -> Iter
         **{str(k): str(v) for k, v in cfg.tracking.tags.items()},
         KEY_TAG: key,
         "git_commit": git_commit(),
+        VERSION_TAG: project_version(),
         "host": socket.gethostname(),
         "model.name": str(cfg.model.name),
     }

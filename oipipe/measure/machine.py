@@ -19,6 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from oipipe.core.version import project_version
+
 # What decides which CPU back end is fast: AVX-512 and VNNI for int8 (oneDNN's u8s8 kernels),
 # AVX512-BF16 or AMX for bf16 (without either it is emulated and slower than fp32).
 RELEVANT_CPU_FLAGS = frozenset(
@@ -117,6 +119,7 @@ def machine_info() -> dict[str, Any]:
     cpu = cpuinfo().get("model name") or platform.processor() or "unknown"
     gpu, driver = gpu_info()
     return {
+        "oi_pipeline": project_version(),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "native_bf16": cpu_has_native_bf16(),
