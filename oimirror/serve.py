@@ -198,7 +198,8 @@ class MirrorServer:
         self._closing = threading.Event()
         self._httpd = _Server((host, port), _Handler)
         self._httpd.mirror = self
-        self.host, self.port = self._httpd.server_address[:2]
+        bound, self.port = self._httpd.server_address[:2]
+        self.host = bound.decode() if isinstance(bound, (bytes, bytearray)) else bound
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
             kwargs={"poll_interval": 0.05},

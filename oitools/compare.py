@@ -97,7 +97,7 @@ class Job:
     name: str  # sweep_job, else the run name, else the run id
     overrides: str  # sweep_overrides, else the run name
     model: str
-    test_acc: tuple  # (percent, low, high)
+    test_acc: tuple[Any, Any, Any]  # (percent, low, high), each None where not logged
     test_images: int | None
     machine: tuple
     rows: list[dict] = field(default_factory=list)
@@ -172,8 +172,10 @@ def job_of(run, client, experiment_id: str) -> Job:
         name=str(name),
         overrides=t.get("sweep_overrides") or run.info.run_name or DASH,
         model=p.get("model.name") or t.get("model.name") or DASH,
-        test_acc=tuple(
-            metric(m, f"train.test_acc{k}_pct", legacy) for k in ("", "_ci_low", "_ci_high")
+        test_acc=(
+            metric(m, "train.test_acc_pct", legacy),
+            metric(m, "train.test_acc_ci_low_pct", legacy),
+            metric(m, "train.test_acc_ci_high_pct", legacy),
         ),
         test_images=_int(m.get("train.test_images")),
         machine=tuple(t.get(k) for k in MACHINE_TAGS),

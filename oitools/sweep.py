@@ -36,7 +36,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import yaml
@@ -104,9 +104,9 @@ def job_config(
     cfg: DictConfig, job_dir: Path, sweep_dir: Path, launch_dir: Path, tags: dict[str, str]
 ) -> DictConfig:
     """The composed config with the sweep's paths and tags, validated like every stage's."""
-    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw = cast(dict, OmegaConf.to_container(cfg, resolve=False))
     raw.pop("hydra", None)  # Hydra's own node, when a caller passes the full composed config
-    cfg = OmegaConf.create(raw)
+    cfg = OmegaConf.create(raw)  # a dict in, a DictConfig out
     # A relative photo folder is relative to the project root the config names (`paths.root`, as
     # seen from where the sweep started), not to the job's folder.
     folder = Path(cfg.data.folder)
@@ -158,11 +158,11 @@ def shared_data(cfg: DictConfig, timings: dict[str, float]) -> bool:
     with file_lock(shared / ".lock") as waited:
         timings["data_lock_wait_s"] = round(waited, 3)
         if done.is_file():
-            for stage in DATA_STAGES:  # the job's metrics folder is complete either way
-                src = shared / "metrics" / f"{stage}.json"
+            for name in DATA_STAGES:  # the job's metrics folder is complete either way
+                src = shared / "metrics" / f"{name}.json"
                 if src.is_file():
                     metrics.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src, metrics / f"{stage}.json")
+                    shutil.copyfile(src, metrics / f"{name}.json")
             log.info(
                 "data: reusing %s (made by %s)", shared, json.loads(done.read_text()).get("job_dir")
             )

@@ -416,7 +416,7 @@ def _complete(
                 )
             }
         )
-    if out["status"] == "ok":
+    if out["status"] == "ok" and out["throughput"] is not None:  # an ok row has its throughput
         out["gflops_per_s"] = round(flops * out["throughput"] / 1e9, 3)
     return out
 
@@ -538,7 +538,9 @@ def log_child_runs(tracker, rows: list[dict], cfg: DictConfig) -> None:
                 mlflow.set_tag("concurrency_method", str(r["concurrency_method"])[:5000])
             if r.get("verdict"):
                 mlflow.set_tag("verdict", r["verdict"])
-                mlflow.log_metric("verdict_code", verdict_code(r["verdict"]))
+                code = verdict_code(r["verdict"])
+                if code is not None:  # a verdict without a code is kept as the tag alone
+                    mlflow.log_metric("verdict_code", code)
         except BaseException:
             mlflow.end_run("FAILED")
             raise

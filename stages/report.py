@@ -196,9 +196,9 @@ def dataset_section(cfg: DictConfig) -> tuple[list[Block], dict, dict[str, Count
     attribution = raw / "attribution.csv"
     n_attr = None
     if attribution.is_file():
-        rows = read_csv(attribution)
-        n_attr = len(rows)
-        licences = Counter(r.get("License") or "(none recorded)" for r in rows)
+        attributed = read_csv(attribution)
+        n_attr = len(attributed)
+        licences = Counter(r.get("License") or "(none recorded)" for r in attributed)
         blocks += [
             Para(f"`{rel(cfg, attribution)}` lists {n_attr} image(s), by licence:"),
             Table(
@@ -399,7 +399,7 @@ def training_section(
         Table(["", "value"], rows),
         Para("Accuracies with their 95% Wilson interval and number of images."),
     ]
-    per_class = {}
+    per_class: dict[str, dict[str, Any]] = {}
     for key, v in train.items():
         for m in ("precision_pct", "recall_pct"):
             if key.startswith("test.") and key.endswith(f".{m}"):
@@ -466,7 +466,8 @@ def verdict_cell(r: dict) -> str:
 def read_optimize_records(cfg: DictConfig) -> list[dict]:
     """Every optimize record, configured order first, then records of variants since dropped."""
     folder = path(cfg, "metrics") / "optimize"
-    records = [read_json(f, "optimize") for f in sorted(folder.glob("*.json"))]
+    found = (read_json(f, "optimize") for f in sorted(folder.glob("*.json")))
+    records = [r for r in found if r is not None]  # None: a file removed while listing
     configured = list(cfg.optimize.variants)
     records.sort(
         key=lambda r: (
@@ -639,7 +640,7 @@ def winner_text(w: dict, batch: int, bench: dict, records: dict[str, dict]) -> t
     elif sp is not None:
         figures += f"; {sp:.1f}× the throughput of {baseline_name(bench)} at batch {batch}"
     if w.get("verdict") == "undecided":
-        need = (records.get(v) or {}).get("images_to_decide")
+        need = (records.get(str(v)) or {}).get("images_to_decide")
         figures += (
             f"; about {need} images at the same rates would decide its accuracy (it was "
             f"measured on {num(w.get('eval_images'))})"

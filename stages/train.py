@@ -27,11 +27,11 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -207,7 +207,7 @@ def probe_epochs(train: DictConfig) -> int:
 def layers_at(train: DictConfig, epoch: int) -> str:
     """What trains in `epoch` (1-based): linear_probe, full or partial."""
     probe, main = RECIPES[train.recipe]
-    return probe if epoch <= probe_epochs(train) else main
+    return probe if probe is not None and epoch <= probe_epochs(train) else main
 
 
 def apply_recipe(model: nn.Module, layers: str, unfreeze_blocks: int) -> None:
@@ -423,7 +423,11 @@ def save_checkpoint(file: Path, **state: Any) -> None:
 
 def load_checkpoint(file: Path) -> dict:
     """A checkpoint of the work folder (last.pt, best.pt), which only this stage writes."""
-    return models.load_file(file, "checkpoint", f"delete {file.parent} to start the run over")
+    fix = f"delete {file.parent} to start the run over"
+    ck = models.load_file(file, "checkpoint", fix)
+    if not isinstance(ck, dict):
+        raise InputError(f"checkpoint {file} holds a {type(ck).__name__}, not a dict; {fix}")
+    return ck
 
 
 def run_key(cfg: DictConfig, prepared: Path) -> str:
@@ -611,7 +615,8 @@ def build(cfg: DictConfig) -> tuple[TrainState, dict | None]:
         classes=classes,
         device=device,
         model=model,
-        fwd=torch.compile(model) if train.compile else model,
+        # torch.compile of a module returns an OptimizedModule, an nn.Module wrapping it
+        fwd=cast(nn.Module, torch.compile(model)) if train.compile else model,
         train_loader=train_loader,
         sampler=sampler,
         val_loader=val_loader,
@@ -632,7 +637,7 @@ def build(cfg: DictConfig) -> tuple[TrainState, dict | None]:
             "weights_source": source,
             "precision": precision,
         },
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=cast(dict, OmegaConf.to_container(cfg, resolve=True)),
     )
     return state, last
 
@@ -791,7 +796,7 @@ def evaluate(state: TrainState, wall: float) -> Evaluation:
     train_images = sum(h["train_images"] for h in history)
     train_seconds = sum(h["epoch_seconds"] for h in history)
     at_best = next(h for h in history if h["epoch"] == best["best_epoch"])
-    val_n = len(state.val_loader.dataset)
+    val_n = len(cast(Sized, state.val_loader.dataset))
     val_correct = round(at_best["val_acc_pct"] * val_n / 100)
     test_n, test_correct = int(len(true)), int(np.trace(cm))
     metrics = {

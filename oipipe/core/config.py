@@ -16,12 +16,13 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from oipipe.core.errors import ConfigError
 from oipipe.core.files import write_text
@@ -70,7 +71,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _error_line(err: dict) -> str:
+def _error_line(err: ErrorDetails) -> str:
     loc, kind = err["loc"], err["type"]
     key = _dotted(loc)
     if kind == "extra_forbidden":
@@ -194,7 +195,7 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
         try:
-            cfg = OmegaConf.merge(cfg, update)
+            cfg = cast(DictConfig, OmegaConf.merge(cfg, update))  # merging dicts gives a dict
         except OmegaConfBaseException as e:
             raise ConfigError(
                 f"override {item!r} does not fit the config: {str(e).splitlines()[0]}"
@@ -303,5 +304,5 @@ def write_params(
                 composed, str(config_dir), None, "config", str(PROJECT_ROOT), list(overrides)
             )
         text = composed.read_text(encoding="utf-8")
-    validate(OmegaConf.create(text))
+    validate(cast(DictConfig, OmegaConf.create(text)))  # a YAML mapping
     write_text(output, text)

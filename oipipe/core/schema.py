@@ -38,18 +38,19 @@ class Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
 
-def names(kind: Any, what: str) -> Any:
-    """A list of names from a registry (a `Literal`); the error lists the unknown and the valid."""
+def known(kind: Any, what: str) -> BeforeValidator:
+    """Checks a list of names against a registry (a `Literal`); the error lists the unknown and
+    the valid names."""
     valid = get_args(kind)
 
-    def known(values: Any) -> Any:
+    def check(values: Any) -> Any:
         if isinstance(values, list):
             unknown = [v for v in values if v not in valid]
             if unknown:
                 raise ValueError(f"unknown {what}(s) {unknown}; expected any of {sorted(valid)}")
         return values
 
-    return Annotated[list[kind], BeforeValidator(known)]
+    return BeforeValidator(check)
 
 
 DataSource = Literal["openimages", "folder"]  # stages.download.SOURCES (a test keeps them equal)
@@ -59,9 +60,9 @@ Device = Literal["auto", "cpu", "cuda"]
 ProfileMode = Literal["eager", "inductor"]  # stages.profile.MODES (a test keeps them equal)
 ZeroToOne = Annotated[float, Field(ge=0, le=1)]
 BatchSizes = Annotated[list[PositiveInt], Field(min_length=1)]
-ExportFormats = names(ExportFormatName, "export format")
-VariantNames = names(VariantName, "variant")
-ProfileModes = names(ProfileMode, "profile mode")
+ExportFormats = Annotated[list[ExportFormatName], known(ExportFormatName, "export format")]
+VariantNames = Annotated[list[VariantName], known(VariantName, "variant")]
+ProfileModes = Annotated[list[ProfileMode], known(ProfileMode, "profile mode")]
 
 OFFICIAL_SPLITS: tuple[str, ...] = get_args(OfficialSplit)
 PROFILE_MODES: tuple[str, ...] = get_args(ProfileMode)

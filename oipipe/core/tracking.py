@@ -200,8 +200,9 @@ class StageRun:
             # MLflow params are strings of at most 6000 characters; lists become their repr.
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Numbers only, prefixed with the stage, as the stage's files hold them."""
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Numbers only (nested mappings flattened to dotted keys; other values, None and bools
+        left out), prefixed with the stage, as the stage's files hold them."""
         if self.enabled:
             import mlflow
 
@@ -230,7 +231,8 @@ class StageRun:
             source = resolve_dataset_source(str(prepared))
         # 500: the length of MLflow's dataset name column
         mlflow.log_input(
-            MetaDataset(source, name=name[:500], digest=dataset_digest(prepared)),
+            # MetaDataset leaves `profile` abstract in its type; MLflow instantiates it itself
+            MetaDataset(source, name=name[:500], digest=dataset_digest(prepared)),  # type: ignore[abstract]
             context="training",
         )
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 RT = "oipipe.deploy.runtime:"
 
@@ -176,8 +176,12 @@ FORMATS: dict[str, ExportFormat] = {
     "onnx": ExportFormat("model.onnx", "oipipe.deploy.export_formats:onnx", RT + "ort_runtime"),
 }
 
-VariantName = Literal[tuple(VARIANTS)]  # type: ignore[valid-type]
-ExportFormatName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # a Literal built from the tables is a value to mypy; the checker sees str
+    VariantName = str
+    ExportFormatName = str
+else:
+    VariantName = Literal[tuple(VARIANTS)]
+    ExportFormatName = Literal[tuple(FORMATS)]
 OPTIMIZE_VARIANTS: tuple[str, ...] = get_args(VariantName)
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormatName)
 

@@ -64,8 +64,7 @@ def _decode(data: bytes | str, max_pixels: int) -> tuple[Image.Image, str]:
                 raise ImageError(f"{im.width}x{im.height} exceeds {max_pixels} pixels")
             fmt = im.format or "unknown"
             im.load()
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB"), fmt
+            return ImageOps.exif_transpose(im).convert("RGB"), fmt
     except UnidentifiedImageError as e:
         # Pillow's own message holds an object address: not a stable thing to write to a file
         what = f"{len(data)} bytes, starts with {data[:8]!r}" if isinstance(data, bytes) else data

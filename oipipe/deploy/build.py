@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -56,7 +56,7 @@ class BuildContext:
     def settings(self) -> dict[str, Any]:
         """The variant's block of conf/optimize (`optimize.settings.<name>`), or {}."""
         block = (self.cfg.optimize.get("settings") or {}).get(self.name)
-        return OmegaConf.to_container(block) if block is not None else {}
+        return cast(dict, OmegaConf.to_container(block)) if block is not None else {}
 
     def export(self, module: nn.Module, example: torch.Tensor | None = None):
         """torch.export with the batch dimension dynamic up to export.max_batch."""

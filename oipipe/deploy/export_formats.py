@@ -49,6 +49,8 @@ def onnx(model: nn.Module, example: torch.Tensor, dst: Path, meta: str, ex: Dict
         opset_version=ex.onnx_opset,
         dynamo=True,
     )
+    if program is None:  # only the TorchScript exporter (dynamo=False) returns nothing
+        raise StageError("torch.onnx.export returned no ONNX program")
     proto = program.model_proto
     got = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if got < ex.onnx_opset:

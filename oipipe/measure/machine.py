@@ -98,16 +98,16 @@ def torch_cuda_version() -> str | None:
     except (OSError, SyntaxError):
         return None
     for node in tree.body:
-        target = (
-            node.target
-            if isinstance(node, ast.AnnAssign)
-            else (
-                node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
-            )
-        )
-        if isinstance(target, ast.Name) and target.id == "cuda" and node.value is not None:
+        target: ast.expr
+        if isinstance(node, ast.AnnAssign):
+            target, value_node = node.target, node.value
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value_node = node.targets[0], node.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id == "cuda" and value_node is not None:
             try:
-                value = ast.literal_eval(node.value)
+                value = ast.literal_eval(value_node)
             except ValueError:
                 return None
             return value if isinstance(value, str) else None

@@ -103,6 +103,8 @@ class PowerSampler:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._stop.set()
         thread, self._thread = self._thread, None
+        if thread is None:
+            raise RuntimeError("the power sampler was left without being entered")
         wait = max(JOIN_TIMEOUT_S, 10 * self.interval)
         thread.join(timeout=wait)
         problem = None

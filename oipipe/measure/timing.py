@@ -102,6 +102,8 @@ def time_runtime(
                 runtime.sync()
                 times.append(time.perf_counter() - t)
         if sampler is not None:
+            if sampler.result is None:  # __exit__ sets it or raises
+                raise RuntimeError("the power sampler ended its window without a result")
             windows.append((sampler.result, n * len(times)))
         latencies += times
         throughputs.append(n * len(times) / sum(times))

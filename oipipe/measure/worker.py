@@ -16,7 +16,7 @@ import json
 import logging
 import resource
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -45,7 +45,7 @@ PROGRESS = "benchmark-progress"  # the stdout lines the parent's bar follows
 
 
 def protocol_settings(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg.benchmark.presets[cfg.benchmark.protocol])
+    return cast(dict, OmegaConf.to_container(cfg.benchmark.presets[cfg.benchmark.protocol]))
 
 
 def request_count(cfg: DictConfig) -> int:

@@ -16,6 +16,7 @@ import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeGuard, cast
 
 import torch
 from torch import nn
@@ -101,9 +102,10 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     if hasattr(model, "layer4"):  # resnet, resnext, wide_resnet, regnet-like
         return [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
     if hasattr(model, "blocks") and hasattr(model, "conv_head"):  # timm efficientnet(-lite)
-        return [*model.blocks.children(), nn.ModuleList([model.conv_head, model.bn2])]
+        head = [cast(nn.Module, model.conv_head), cast(nn.Module, model.bn2)]
+        return [*cast(nn.Module, model.blocks).children(), nn.ModuleList(head)]
     if isinstance(getattr(model, "features", None), nn.Sequential):  # mobilenet, efficientnet...
-        return list(model.features.children())
+        return list(cast(nn.Module, model.features).children())
     raise ValueError(
         f"train.recipe=partial does not know the blocks of {type(model).__name__}; "
         "use train.recipe=linear_probe or full"
@@ -181,7 +183,7 @@ def _damage(file: Path, head: bytes) -> str:
     return f"it is not a PyTorch file (torch.save writes a zip archive; this begins {head!r})"
 
 
-def _is_state_dict(obj: object) -> bool:
+def _is_state_dict(obj: object) -> TypeGuard[dict[str, torch.Tensor]]:
     return isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 

@@ -147,7 +147,10 @@ def run(opts: StreamOptions) -> dict[str, Any]:
             # is classified)
             queue = FrameQueue(opts.batch if drop else 2 * opts.batch, drop)
             src.start(queue)
-            video = VideoOut(opts.out, src.caps["framerate"]) if opts.out else None
+            caps = src.caps  # wait_ready returned True: the first frame's caps are known
+            if caps is None:
+                raise RuntimeError("the source was ready without its caps")
+            video = VideoOut(opts.out, caps["framerate"]) if opts.out else None
             end = classify(opts, runtime, meta, src, queue, video, display, stats, stop)
     except Stalled:
         end = "stall"

@@ -91,7 +91,7 @@ class VideoOut:
         img = img[: img.shape[0] & ~1, : img.shape[1] & ~1]  # OpenCV's writer wants even sizes
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fourcc = cv2.VideoWriter_fourcc(*VIDEO_CODECS[self.path.suffix.lower()])
+            fourcc = cv2.VideoWriter.fourcc(*VIDEO_CODECS[self.path.suffix.lower()])
             h, w = img.shape[:2]
             self.writer = cv2.VideoWriter(str(self.tmp), fourcc, self.fps, (w, h))
             if not self.writer.isOpened():

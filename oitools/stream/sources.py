@@ -482,7 +482,7 @@ class OpenCVSource:
                 "`--backend gst-launch` reports GStreamer's own message)"
             )
         fps = self.cap.get(cv2.CAP_PROP_FPS)
-        self.caps = {
+        self.caps: dict[str, Any] | None = {
             "format": "BGR",
             "width": int(self.cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
             "height": int(self.cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
@@ -528,7 +528,10 @@ class OpenCVSource:
         return self._cpu
 
 
-BACKENDS = {"gst-launch": GstLaunchSource, "opencv": OpenCVSource}
+BACKENDS: dict[str, type[GstLaunchSource] | type[OpenCVSource]] = {
+    "gst-launch": GstLaunchSource,
+    "opencv": OpenCVSource,
+}
 
 
 def opencv_has_gstreamer() -> bool:
@@ -541,6 +544,7 @@ def _children_cpu() -> float:
 
 
 _PR_SET_PDEATHSIG = 1
+_prctl: Any
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
 except (OSError, AttributeError):  # not Linux

@@ -76,7 +76,8 @@ def summary(
     and depayloading), from getrusage once it has exited (with the OpenCV backend, the CPU time
     of the thread that called read()); the other parts are this process's CPU seconds around
     each step of the loop. The shares divide by their sum: where the machine's work went."""
-    span = stats.last_out - stats.first_out if stats.first_out is not None else 0.0
+    first, last = stats.first_out, stats.last_out
+    span = last - first if first is not None and last is not None else 0.0
     caps = getattr(src, "caps", None) or {}
     cpu = {"decode": decode_cpu, **stats.cpu}
     total = sum(cpu.values())
