@@ -61,7 +61,7 @@ def assert_holds(expected: dict, got: dict, where: str) -> None:
             assert got[key] == value, f"{where}.{key} is {got[key]!r}, the file says {value!r}"
 
 
-def test_animals7_holds_the_seven_homework_classes() -> None:
+def test_animals7_holds_the_seven_animal_classes() -> None:
     cfg = compose(["data=animals7"])
     assert list(cfg.data.classes) == [
         "Rhinoceros",

@@ -386,6 +386,7 @@ def test_cuda_variants_record_an_honest_skip_without_a_gpu(cfg, name) -> None:
         runtime.load_variant(path(cfg, "optimized") / name)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("name", ["eager_fp16_cuda", "inductor_fp16_cuda"])
 def test_cuda_variants_build_and_hold_their_bar_on_a_gpu(cfg, name) -> None:
@@ -394,6 +395,7 @@ def test_cuda_variants_build_and_hold_their_bar_on_a_gpu(cfg, name) -> None:
     assert rec["precision"] == "fp16" and rec["verdict"] != "fail", rec["verdict_reason"]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(
     not HAS_TRT,
     reason=f"TensorRT build needs CUDA and torch_tensorrt: {build.missing(('torch_tensorrt',))}",

@@ -245,6 +245,7 @@ def test_display_transformations() -> None:
 # --- sources ---------------------------------------------------------------------------------
 
 
+@pytest.mark.gstreamer
 def test_loopback_rtp_h264_from_the_server(gst, onnx_model, tmp_path) -> None:
     """The server's test pattern over RTP/H.264 on 127.0.0.1 to the client: about N colour
     frames of the right size, each classified, the annotated video plays back with as many
@@ -318,6 +319,7 @@ def test_loopback_rtp_h264_from_the_server(gst, onnx_model, tmp_path) -> None:
     assert (bars.max(2) - bars.min(2)).mean() > 60  # in colour, not grey
 
 
+@pytest.mark.gstreamer
 def test_file_of_real_photos_gets_the_artifacts_labels(
     gst, onnx_model, photos, tmp_path, capsys, caplog
 ) -> None:
@@ -390,6 +392,7 @@ def test_file_of_real_photos_gets_the_artifacts_labels(
     assert run.data.metrics["stream.model_p50_ms"] > 0
 
 
+@pytest.mark.gstreamer
 def test_rows_padded_to_four_bytes_are_read_whole(gst, onnx_model, tmp_path, caplog) -> None:
     """321 px of BGR is 963 bytes, which GStreamer pads to 964: every frame must come out
     unsheared (SMPTE's bars stay vertical) and the right size (the video file, written by
@@ -415,6 +418,7 @@ def test_rows_padded_to_four_bytes_are_read_whole(gst, onnx_model, tmp_path, cap
     assert len(np.unique(bars[0], axis=0)) >= 7  # the seven bars
 
 
+@pytest.mark.gstreamer
 def test_stale_frames_are_dropped_when_the_model_is_slower(
     gst, onnx_model, tmp_path, capsys, caplog
 ) -> None:
@@ -463,6 +467,7 @@ def read_xwd(file: Path) -> np.ndarray:
     return np.stack([channel(m) for m in masks], axis=2)
 
 
+@pytest.mark.gstreamer
 def test_window_under_xvfb_shows_the_annotated_flipped_frame(gst, onnx_model, tmp_path) -> None:
     """A real window on a virtual X server: the screen shows the frame mirrored (the `flip`
     transformation: SMPTE's blue bar left of its yellow one) with the text box drawn on it."""
@@ -533,6 +538,7 @@ def test_window_under_xvfb_shows_the_annotated_flipped_frame(gst, onnx_model, tm
 # --- errors ----------------------------------------------------------------------------------
 
 
+@pytest.mark.gstreamer
 def test_errors_name_their_cause(gst, onnx_model, tmp_path, caplog) -> None:
     def fails(code: int, text: str, source: str, *args: str, model: Path = onnx_model) -> None:
         caplog.clear()

@@ -353,6 +353,7 @@ def close_assistant(page) -> None:
         close.click()
 
 
+@pytest.mark.browser
 def test_mlflow_ui_shows_each_jobs_accuracy_and_throughput(
     parallel_sweep: Sweep, tmp_path: Path
 ) -> None:
