@@ -1,9 +1,11 @@
 """The docs name only what exists: config keys and options, repository files, make targets and
-`python -m` modules quoted in README.md, CONTRIBUTING.md and docs/ are checked against the tree,
-and the docs site builds with `mkdocs build --strict`."""
+`python -m` modules quoted in README.md, CONTRIBUTING.md and docs/ are checked against the tree;
+the README's example is the committed example report's; the docs site builds with
+`mkdocs build --strict`."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 import shutil
@@ -17,17 +19,16 @@ from omegaconf import OmegaConf
 
 from oipipe.core.config import PROJECT_ROOT
 
+DOCS = PROJECT_ROOT / "docs"
+README = PROJECT_ROOT / "README.md"
+EXAMPLE = DOCS / "example"
 # Pages a person wrote. docs/example/report.md is the report stage's output (its names are the
 # pipeline's outputs, checked by the report's own tests); the optimize research notes quote
 # other projects' APIs.
 PAGES = sorted(
     p
-    for p in [
-        PROJECT_ROOT / "README.md",
-        PROJECT_ROOT / "CONTRIBUTING.md",
-        *(PROJECT_ROOT / "docs").rglob("*.md"),
-    ]
-    if p.name != "optimize-research.md" and "example" not in p.relative_to(PROJECT_ROOT).parts
+    for p in [README, PROJECT_ROOT / "CONTRIBUTING.md", *DOCS.rglob("*.md")]
+    if p.name != "optimize-research.md" and EXAMPLE not in p.parents
 )
 # Where files live: a quoted path under one of these, or one of the root files, must exist.
 TREE_ROOTS = ("conf", "stages", "oipipe", "oitools", "oimirror", "benchmarks", "tests", "docs")
@@ -42,11 +43,13 @@ CODE = re.compile(r"`([^`\n]+)`")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 
 
+@functools.cache
 def params() -> dict:
     return yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
 
 
-def outputs() -> tuple[set[str], set[str]]:
+@functools.cache
+def outputs() -> tuple[frozenset[str], frozenset[str]]:
     """(declared, folders): the paths dvc.yaml declares as stages' outputs, metrics and plots (a
     foreach stage's up to its `${item}`), and the folders of `conf/paths` and the Makefile's
     mirror, relative to the root."""
@@ -66,10 +69,10 @@ def outputs() -> tuple[set[str], set[str]]:
                 name = name.split("${item}")[0].rstrip("/")
                 if "${" not in name:
                     declared.add(Path(name).as_posix().removeprefix("./"))
-    return declared, folders
+    return frozenset(declared), frozenset(folders)
 
 
-def written(path: str, declared: set[str], folders: set[str], source: str) -> bool:
+def written(path: str, declared: frozenset[str], folders: frozenset[str], source: str) -> bool:
     """Whether the pipeline writes `path`: a declared output, a folder holding one or inside
     one, a file the code names (`metrics/sweep.json`: the sweep writes it, not a stage), or a
     file in a conf/paths folder that dvc.yaml does not list file by file."""
@@ -86,6 +89,7 @@ def written(path: str, declared: set[str], folders: set[str], source: str) -> bo
     )
 
 
+@functools.cache
 def code_names() -> str:
     """The library's, the stages' and the tools' source: MLflow metric and tag names
     (`<stage>.<key>`) are the keys the code writes."""
@@ -96,14 +100,14 @@ def code_names() -> str:
     )
 
 
-def make_targets() -> set[str]:
+@functools.cache
+def make_targets() -> frozenset[str]:
     text = (PROJECT_ROOT / "Makefile").read_text()
-    return set(re.findall(r"^([a-z][a-z0-9-]*):", text, re.M))
+    return frozenset(re.findall(r"^([a-z][a-z0-9-]*):", text, re.M))
 
 
-def snippets(page: Path) -> list[tuple[int, str]]:
+def snippets(text: str) -> list[tuple[int, str]]:
     """(line, text) of every inline code span and every line of a fenced block."""
-    text = page.read_text(encoding="utf-8")
     found: list[tuple[int, str]] = []
     for block in FENCE.finditer(text):
         first = text.count("\n", 0, block.start()) + 1
@@ -136,12 +140,12 @@ def logged_name(dotted: str, source: str) -> bool:
     )
 
 
-def problems_in(page: Path) -> list[str]:
+def problems_in(text: str, name: str) -> list[str]:
+    """One line per name in `text` (the page `name`) that does not exist, with its line."""
     cfg, (declared, folders), targets, source = params(), outputs(), make_targets(), code_names()
     groups = set(cfg)
     bad: list[str] = []
-    rel = page.relative_to(PROJECT_ROOT)
-    for line, snippet in snippets(page):
+    for line, snippet in snippets(text):
         words = snippet.split()
         for i, word in enumerate(words):
             word = word.strip(",;:()'\"")
@@ -149,57 +153,93 @@ def problems_in(page: Path) -> list[str]:
                 continue
             if i and words[i - 1] == "make":
                 if word not in targets and not word.startswith("-") and "=" not in word:
-                    bad.append(f"{rel}:{line}: `make {word}`: no such Makefile target")
+                    bad.append(f"{name}:{line}: `make {word}`: no such Makefile target")
             if i > 1 and words[i - 1] == "-m" and "python" in words[i - 2]:
                 if importlib.util.find_spec(word) is None:
-                    bad.append(f"{rel}:{line}: `python -m {word}`: no such module")
+                    bad.append(f"{name}:{line}: `python -m {word}`: no such module")
             key, _, value = word.partition("=")
             key = key.removeprefix("++").removeprefix("+")
             head = key.split(".")[0]
             if head in groups and "/" not in key and not FILE_SUFFIX.search(key):
                 if "." in key and not key_exists(cfg, key) and not logged_name(key, source):
-                    bad.append(f"{rel}:{line}: `{key}`: no such config key (params.yaml)")
+                    bad.append(f"{name}:{line}: `{key}`: no such config key (params.yaml)")
                 elif "." not in key and value and not value.startswith("["):
                     for option in value.split(","):  # a sweep lists several
                         if not (PROJECT_ROOT / "conf" / key / f"{option}.yaml").is_file():
-                            bad.append(f"{rel}:{line}: `{word}`: no conf/{key}/{option}.yaml")
+                            bad.append(f"{name}:{line}: `{word}`: no conf/{key}/{option}.yaml")
             path = word.split(":")[0].rstrip("/")
             first = path.split("/")[0]
             if "/" in path and first in TREE_ROOTS or path in ROOT_FILES:
                 if not (PROJECT_ROOT / path).exists():
-                    bad.append(f"{rel}:{line}: `{path}`: no such file in the repository")
+                    bad.append(f"{name}:{line}: `{path}`: no such file in the repository")
             elif "/" in path and any(o.split("/")[0] == first for o in declared | folders):
                 if not written(path, declared, folders, source):
-                    bad.append(f"{rel}:{line}: `{path}`: no dvc.yaml stage writes it")
+                    bad.append(f"{name}:{line}: `{path}`: no dvc.yaml stage writes it")
     return bad
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(PROJECT_ROOT)))
+def page_id(page: Path) -> str:
+    return page.relative_to(PROJECT_ROOT).as_posix()
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
 def test_every_name_a_page_quotes_exists(page: Path) -> None:
-    bad = problems_in(page)
+    bad = problems_in(page.read_text(encoding="utf-8"), page_id(page))
     assert not bad, "\n".join(bad)
 
 
-def test_the_check_catches_a_renamed_key_file_target_and_module(tmp_path: Path) -> None:
-    page = PROJECT_ROOT / "docs" / "_broken_check.md"
-    page.write_text(
+def test_the_check_catches_a_renamed_key_option_file_output_target_and_module() -> None:
+    page = (
         "`optimize.accuracy_bars` and `data=nowhere`\n\n"
         "```bash\nmake no-such-target\npython -m oitools.no_such_tool\n```\n\n"
         "`oipipe/core/no_such_module.py`, `metrics/nothing_writes_this.json`\n"
     )
-    try:
-        bad = "\n".join(problems_in(page))
-    finally:
-        page.unlink()
-    for name in (
-        "`optimize.accuracy_bars`: no such config key",
-        "`data=nowhere`: no conf/data/nowhere.yaml",
-        "`make no-such-target`",
-        "`python -m oitools.no_such_tool`",
-        "`oipipe/core/no_such_module.py`: no such file",
-        "`metrics/nothing_writes_this.json`: no dvc.yaml stage writes it",
+    bad = "\n".join(problems_in(page, "broken.md"))
+    for line, name in (
+        (1, "`optimize.accuracy_bars`: no such config key"),
+        (1, "`data=nowhere`: no conf/data/nowhere.yaml"),
+        (4, "`make no-such-target`: no such Makefile target"),
+        (5, "`python -m oitools.no_such_tool`: no such module"),
+        (8, "`oipipe/core/no_such_module.py`: no such file"),
+        (8, "`metrics/nothing_writes_this.json`: no dvc.yaml stage writes it"),
     ):
-        assert name in bad, bad
+        assert f"broken.md:{line}: {name}" in bad, bad
+
+
+def squeeze(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def test_the_readme_quotes_the_example_report_and_shows_its_chart() -> None:
+    """The README's quote is the first lines of docs/example/report.md, word for word, and its
+    chart is that report's Pareto chart: replacing the example updates the README or fails."""
+    report = (EXAMPLE / "report.md").read_text(encoding="utf-8")
+    start = report.find("**Ship")
+    assert start >= 0, "docs/example/report.md has no '**Ship ...' line (a report with a benchmark)"
+    end = report.find("\n## ", start)
+    headline = squeeze(report[start : end if end >= 0 else None])
+    readme = README.read_text(encoding="utf-8")
+    quoted = squeeze(" ".join(re.findall(r"^> ?(.*)$", readme, re.M)))
+    assert quoted == headline, (
+        f"README.md quotes\n  {quoted}\nbut docs/example/report.md says\n  {headline}"
+    )
+    assert "](docs/example/pareto_b32.png)" in readme
+    chart = EXAMPLE / "pareto.png"  # the chart the report itself shows, beside it
+    if chart.is_file():
+        assert (EXAMPLE / "pareto_b32.png").read_bytes() == chart.read_bytes(), (
+            "docs/example/pareto_b32.png is not the example report's pareto.png: copy it over"
+        )
+
+
+def test_the_docs_home_page_is_the_readme() -> None:
+    """docs/index.md is README.md up to its "## More" links (which point at repository files
+    on GitHub and at pages on the site), with the links into docs/ made relative to it."""
+    readme = README.read_text(encoding="utf-8")
+    home = (DOCS / "index.md").read_text(encoding="utf-8")
+    cut = readme.index("\n## More")
+    assert home[: home.index("\n## More")] == readme[:cut].replace("](docs/", "]("), (
+        "docs/index.md differs from README.md before '## More': copy the README's text over"
+    )
 
 
 def test_the_docs_site_builds_strictly(tmp_path: Path) -> None:
