@@ -928,6 +928,7 @@ def run(cfg: DictConfig) -> dict:
             f"{ok} of {len(optimized['variants'])} optimized variant(s) built"
             + (f"; accuracy verdicts: {said}." if said else ".")
         )
+    version = project_version()
     blocks: list[Block] = [
         Heading(1, title),
         *ship,
@@ -938,7 +939,7 @@ def run(cfg: DictConfig) -> dict:
         *bench_blocks,
         *profile_section(cfg, prof),
         *machine_blocks,
-        Para(f"Written by oi-pipeline {project_version()} (code commit {git_commit()})."),
+        Para(f"Written by oi-pipeline {version} (code commit {git_commit()})."),
     ]
 
     md_file, html_file = reports / "REPORT.md", reports / "REPORT.html"
@@ -958,7 +959,7 @@ def run(cfg: DictConfig) -> dict:
         "optimize": optimized,
         "benchmark": benched if bench is not None else None,
         "machine": machine,
-        "version": project_version(),
+        "version": version,
     }
 
 

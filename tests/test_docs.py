@@ -76,9 +76,9 @@ def written(path: str, declared: frozenset[str], folders: frozenset[str], source
     """Whether the pipeline writes `path`: a declared output, a folder holding one or inside
     one, a file the code names (`metrics/sweep.json`: the sweep writes it, not a stage), or a
     file in a conf/paths folder that dvc.yaml does not list file by file."""
-    if path in folders or any(o == path or o.startswith(path + "/") for o in declared):
-        return True
-    if any(path.startswith(o + "/") for o in declared):
+    if path in folders or any(
+        o == path or o.startswith(path + "/") or path.startswith(o + "/") for o in declared
+    ):
         return True
     name = path.rsplit("/", 1)[-1]
     if re.search(r"[\"'/]" + re.escape(name) + r"[\"']", source):
