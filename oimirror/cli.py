@@ -2,7 +2,7 @@
 
   generate OUT                         synthetic images of --classes, faults baked in
   generate OUT --from-folders PHOTOS   real photos, PHOTOS/<class>/<image>.jpg
-  serve ROOT --port N                  serve a generated folder until Ctrl-C
+  serve ROOT --port N                  serve a generated folder until Ctrl-C or SIGTERM
 
 Point the pipeline at a served mirror with data.metadata_url=http://127.0.0.1:N/openimages/ and
 data.images_url=http://127.0.0.1:N/open-images-dataset/ (conf/data/mirror.yaml holds them).
@@ -11,6 +11,7 @@ data.images_url=http://127.0.0.1:N/open-images-dataset/ (conf/data/mirror.yaml h
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0,
         help="pad the train label file to at least this many bytes",
     )
-    srv = sub.add_parser("serve", help="serve a generated mirror until Ctrl-C")
+    srv = sub.add_parser("serve", help="serve a generated mirror until Ctrl-C or SIGTERM")
     srv.add_argument("root", type=Path)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8765)
@@ -144,6 +145,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(
             f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); pick another --port"
         ) from None
+    # Ctrl-C and SIGTERM (`kill`, `make offline`'s trap) both stop it cleanly. SIGINT's handler is
+    # set explicitly: a process started in the background by a shell or under a parent that
+    # ignores SIGINT inherits the ignore, and would never stop on Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     with server:
         print(f"metadata base: {server.metadata_url}")
         print(f"images base:   {server.images_url}", flush=True)
@@ -153,3 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("stopping", file=sys.stderr)
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

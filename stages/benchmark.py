@@ -1,33 +1,10 @@
 """Stage `benchmark`: throughput, latency and accuracy of every variant, measured to be trusted.
 
-The baseline is the eager fp32 model as a competent PyTorch user runs it (`inference_mode`, and
-channels_last on CPU: PyTorch's own advice for CPU inference); on CPU the NCHW figure is kept as
-its own row, `eager_fp32_nchw`, so the difference shows. Speed-ups divide by the baseline.
-Every variant whose `optimize` record says `ok` is timed at each batch size of the protocol, each
-in its own fresh process (one crash loses nothing else, and no variant inherits another's warm
-caches or threads). Variants
-that were skipped or failed in `optimize`, and runs that fail here, stay in the table as rows with
-their reason: nothing is dropped.
-
-Timing discipline, per (variant, batch size):
-- inputs are real preprocessed held-out images (`optimize.eval_splits`),
-  `benchmark.input_batches` different batches used in rotation, checked to be non-constant and
-  distinct;
-- before any timing the variant's outputs on those inputs are compared with the fp32 model's:
-  top-1 agreement below `benchmark.min_agreement_pct` (or a non-finite logit) fails the row, since a
-  variant that returns garbage fast is not a win;
-- warm-up runs until both `warmup_iters` calls and `warmup_seconds` have passed (compilation,
-  autotuning and allocation stay out); each trial then times single calls with
-  `time.perf_counter` until both `min_iters` calls and `min_seconds` have passed; on CUDA each
-  timed call ends with a synchronisation, so the time is the device's, not the launch's;
-- inputs are already on the device and in the variant's dtype: host-side conversion is not timed.
-
-Outputs: `paths.metrics/benchmark.json` (DVC metrics: a row per variant x batch size, the
-machine, and the winner at each batch size: the fastest row whose accuracy verdict is not `fail`),
-`paths.plots/benchmark.csv` (the same rows, DVC plots), PNG charts, and the speed-accuracy Pareto
-chart `paths.plots/pareto.{png,csv}` at the reference batch.
-MLflow: the pipeline run is the parent (tagged with the machine and library versions); each row
-is a nested child run with params backend, precision, batch size and the row's metrics.
+Each variant is timed in its own fresh process (`run_worker` starts `oipipe.measure.worker`:
+one crash loses nothing else, no warm caches or threads are inherited); a row that fails, here or
+in `optimize`, stays in the table with its reason. The timing itself is `oipipe.measure.timing`;
+the winner and the Pareto front `oipipe.measure.pareto`. The protocol, outputs, settings and exit
+codes: docs/stages/benchmark.md.
 """
 
 from __future__ import annotations

@@ -1,26 +1,8 @@
 """Stage `download`: the raw images and labels, from one of the sources in `SOURCES`.
 
-`openimages` (the default): an Open Images subset by class name. Reads the human-verified image
-labels of the official splits, picks up to `data.max_images_per_class` images per requested class
-(deterministic for `data.seed`), fetches them concurrently. Metadata CSVs and fetched images are
-cached under `paths.cache` (per base URL), so a rerun, or a run with other classes, fetches only
-what it does not have yet.
-
-`folder`: your own photos, class per sub-folder of `data.folder` (torchvision's ImageFolder
-layout). Every file is decoded before it is imported; what does not decode is listed, never fatal.
-
-Either writes, under `paths.raw`, what `prepare` reads:
-
-    images/<split>/<ImageID>.jpg   openimages: every image that arrived whole and decodes
-    images/<ImageID>.<ext>         folder: ImageID = sha256 of the bytes[:16], ext = real format
-    labels.csv                     ImageID, split (official; empty for folder), class,
-                                   label_name (Open Images MID), file (relative to paths.raw)
-    classes.txt                    the classes in label order, one a line
-    attribution.csv                openimages: license, author and URLs; folder: source path
-    missing.csv                    what could not be fetched or imported, and why
-    stats.csv                      split, class, count, share_pct
-
-and the flat metrics file `paths.metrics/download.json`.
+`openimages` (an Open Images subset by class name, fetched concurrently, cached per base URL) or
+`folder` (your photos, class per sub-folder). Either writes the same files under `paths.raw`, so
+`prepare` is one for both. Inputs, outputs, settings and exit codes: docs/stages/download.md.
 """
 
 from __future__ import annotations

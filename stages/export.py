@@ -1,16 +1,7 @@
-"""Stage `export`: deployable artifacts of the trained model, each checked against it.
-
-Writes, under `paths.exported`:
-
-    model.ts      TorchScript (traced on the eval model, frozen), metadata in its extra files
-    model.pt2     ExportedProgram (torch.export, dynamic batch), metadata in its extra files
-    model.onnx    ONNX (dynamic batch), metadata in its metadata_props
-    meta.json     the same metadata as a sidecar: arch, classes, mean, std, input size, crop
-
-and `paths.metrics/export.json`: per artifact and verification batch size, the largest logit
-difference to the eager model (absolute and relative to the largest eager logit) and the top-1
-agreement on real test images. An artifact outside `export.rtol` or below 100% agreement fails
-the stage, after the report is written.
+"""Stage `export`: deployable artifacts of the trained model (TorchScript, torch.export, ONNX),
+each checked against it on real test images; an artifact outside `export.rtol` or below 100%
+agreement fails the stage after `metrics/export.json` is written. Inputs, outputs, settings and
+exit codes: docs/stages/export.md.
 """
 
 from __future__ import annotations

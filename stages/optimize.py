@@ -1,29 +1,11 @@
 """Stage `optimize`: one optimized variant of the trained model per entry of `optimize.variants`.
 
 DVC runs one instance per variant (`optimize@inductor_int8`, ...), so a failing variant never
-erases the others. Each instance writes, under `paths.optimized/<variant>/`:
-
-    <artifact>    the deployable file (AOTInductor package, ONNX, OpenVINO IR (model.xml with
-                  model.bin beside it), ExportedProgram, TRT program)
-    meta.json     classes, normalisation and input size, so the artifact can be loaded alone
-    record.json   status (ok | skipped | failed), reason or error, artifact path (relative to
-                  `paths.root`), size, build time, and its accuracy against the fp32 model on
-                  the held-out images (`optimize.eval_splits`, by default val + test): top-1
-                  with its Wilson interval, the paired difference with its interval, agreement,
-                  exact McNemar, and the verdict against the precision's bar: pass, fail or
-                  undecided (with how many images would decide it), see oipipe/measure/intervals.py
-
-and the same record, flat, as `paths.metrics/optimize/<variant>.json` (DVC metrics). An expected
-failure (the compiler raised, TensorRT built FP32 when FP16 was asked for) is recorded as `failed`
-and the stage exits 0 so the benchmark can show the row; bad input (no checkpoint, unknown variant,
-empty training split to calibrate on) is an error before any work.
-
-What a variant is (backend, precision, file, what it requires) and which functions build and
-load it is its row in `oipipe.core.variants.VARIANTS`; the build functions are one module per
-backend in oipipe/deploy/ (build_torch, build_ort, build_openvino, build_tensorrt), and each
-variant's settings its block in conf/optimize. A row whose requirement is missing here records
-`skipped` with the reason (`oipipe.deploy.build.missing`). Every variant is loaded back from disk
-before it is evaluated, the way every consumer loads it (`oipipe.deploy.runtime.load_file`).
+erases the others. What a variant is (backend, precision, file, requirements, build and load
+functions) is its row in `oipipe.core.variants.VARIANTS`; the builders are one module per backend
+in oipipe/deploy/, each variant's settings its block in conf/optimize. Every variant is loaded
+back from disk (`oipipe.deploy.runtime.load_file`) before it is evaluated against fp32
+(`oipipe.measure.evaluation`). Outputs, statuses and exit codes: docs/stages/optimize.md.
 """
 
 from __future__ import annotations

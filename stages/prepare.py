@@ -1,19 +1,8 @@
-"""Stage `prepare`: the dataset the trainer reads.
-
-Decodes every downloaded image once (EXIF orientation applied), resizes its short side to
-`data.image_size`, and writes, under `paths.prepared`:
-
-    images/<ImageID>.jpg           resized JPEGs (quality 90): a few KB each, fast to decode
-    train.csv, val.csv, test.csv   file, label, class, image_id, official_split
-    labels.txt                     the class index: line i is class i
-    stats.csv, skipped.csv         per-split counts and shares; undecodable images and why
-
-and `paths.metrics/prepare.json`. The split is stratified by class and seeded; by default the
-union of the official splits is re-split (`data.split.mode=resplit`) because the official
-validation and test sets are tiny, or empty, for rare classes.
+"""Stage `prepare`: the dataset the trainer reads (decoded once, EXIF-rotated, resized, split).
 
 It reads only what `download` wrote (labels.csv, classes.txt, the images), so it is the same for
-every source: a photo folder's images simply have no official split.
+every source: a photo folder's images simply have no official split. Inputs, outputs, settings
+and exit codes: docs/stages/prepare.md.
 """
 
 from __future__ import annotations

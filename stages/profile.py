@@ -1,33 +1,13 @@
 """Stage `profile`: where the inference time goes, per operator type, and why fewer FLOPs need not
 mean less time.
 
-For each mode of `profile.modes` and batch size of `profile.batch_sizes`, on real preprocessed
-held-out images (`optimize.eval_splits`, repeated to fill a batch):
-
-- `eager`: the benchmark's baseline exactly (`runtime.eager_runtime`: channels_last on CPU,
-  `inference_mode`);
-- `inductor`: the same channels_last model through `torch.compile(backend="inductor")` (static
-  shapes, compiled during warm-up), not the optimize stage's AOTInductor package: the same
-  Inductor code generation, and it needs no optimize run.
-
-`torch.profiler` (CPU, `record_shapes=True`) records `profile.iterations` calls after
-`profile.warmup`. Each recorded event's self CPU time goes to the type (`measure.optypes`) of its
-outermost ancestor that the registry knows, so the children of `aten::conv2d` (`mkldnn_convolution`,
+Each recorded event's self CPU time goes to the type (`measure.optypes`) of its outermost
+ancestor that the registry knows, so the children of `aten::conv2d` (`mkldnn_convolution`,
 `empty`...) count as convolution; a depthwise convolution is told apart by its weight's shape.
-Time in no known op goes to `fused (compiled kernels)` inside a compiled graph (Inductor's C++
-kernels have no event of their own), else to `other` (Python and dispatch overhead).
-
+Time in no known op goes to `fused (compiled kernels)` inside a compiled graph, else to `other`.
 FLOPs and bytes come from one eager call under a `TorchDispatchMode`, which sees every aten op
-with its tensors (functional adds and multiplies included, which module hooks miss):
-convolution and matmul FLOPs as `torch.utils.flop_counter` counts them (a multiply-add is 2,
-bias not counted; the tests check the totals agree), batch norm 2 per output element, activation
-and elementwise 1, pooling 1 per input element; bytes are every input (weights included) and
-output tensor's size, 0 for views. Fused kernels move less, so the intensity is the unfused one,
-for both modes.
-
-Writes `paths.metrics/profile.json` (per `mode@b<batch>`, per type: time, shares, FLOPs,
-GFLOP/s, FLOP/byte; and the paragraph naming the memory-bound types), `paths.plots/profile.csv`
-and `paths.plots/profile.png` (time share against FLOP share per type).
+(functional adds and multiplies included, which module hooks miss); convolution and matmul FLOPs
+as `torch.utils.flop_counter` counts them. Modes, outputs and settings: docs/stages/profile.md.
 """
 
 from __future__ import annotations

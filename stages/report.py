@@ -1,38 +1,10 @@
 """Stage `report`: one readable summary of a pipeline run, from the files the stages wrote.
 
-Reads (all optional except `paths.metrics/train.json`):
-
-    paths.prepared/labels.txt, {train,val,test}.csv     classes and images per split
-    paths.raw/attribution.csv                           per-image licences
-    paths.metrics/download.json, prepare.json, train.json
-    paths.metrics/optimize/<variant>.json               one record per optimized variant
-    paths.metrics/benchmark.json                        benchmark rows, winners, the machine
-    paths.metrics/profile.json                          time and FLOPs per operator type
-    paths.plots/train_history.csv, confusion.png, benchmark_{throughput,latency,speedup}.png,
-                pareto.png, profile.png
-
-Writes, under `paths.reports`:
-
-    REPORT.md            Markdown; charts are linked by relative path
-    REPORT.html          the same content, self-contained: charts inlined as base64 PNGs
-    training_curves.png  loss and accuracy per epoch, drawn from train_history.csv
-
-The first lines say what to ship: the winner at the benchmark's reference batch (the fastest
-variant whose accuracy verdict is not `fail`), its throughput, p99 latency, accuracy and speed-up
-against the named baseline, then the winner at every other batch size. Every accuracy carries its
-number of images and 95% interval, as the stages recorded them; where a file has only the count
-(the fp32 reference of the optimize records, per-class recall), the Wilson interval the stages
-use is computed from it.
-
-An input a later stage has not produced yet (no benchmark, no optimize record) gives a section that
-says "not run" and which stage to run; only a missing `train.json` is an error, since a report
-without a trained model has nothing to say.
-
-Both documents are rendered from one list of blocks (heading, paragraph, list, table, image; in
-`oipipe.reporting.document`, shared with `oitools.compare`), by one template each, so the two
-never drift.
-Nothing here imports torch (machine facts come from `oipipe.measure.machine`): the report reads
-files.
+Both documents (REPORT.md and the self-contained REPORT.html) are rendered from one list of
+blocks (`oipipe.reporting.document`, shared with `oitools.compare`), by one template each, so the
+two never drift. Only a missing `train.json` is an error; a section whose stage has not run says
+so. Nothing here imports torch: the report reads files. What it reads and writes:
+docs/stages/report.md.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """Stage `train`: fine-tune a pretrained model on the prepared subset (transfer learning).
 
-Writes the checkpoint of the epoch with the lowest validation loss to `paths.checkpoint`
-(weights, optimiser, scheduler, scaler, epoch, best metric, resolved config, and what inference
-needs: architecture, class names, normalisation, input size), `paths.metrics/train.json`, and the
-DVC plots `paths.plots/train_history.csv`, `confusion.csv` and `confusion.png`.
-
-Why validation loss and not accuracy: on a few dozen validation images accuracy moves in steps
-of 1/n and ties (real photos, 38 images: the best accuracy, 35 of 38, came at epoch 1 with
-training accuracy 0.62 and was kept while the validation loss kept falling for 5 more epochs).
-The loss is the mean cross-entropy without label smoothing, a continuous signal.
-
-While it runs, a complete checkpoint of the last epoch sits in a work folder under `paths.cache`
-keyed by everything that defines the run; a killed run started again with the same config and
-data resumes there and finishes with the same epochs (and, with `train.deterministic`, the same
-numbers) as an uninterrupted one.
+The checkpoint kept is the epoch with the lowest validation loss, not the best accuracy: on a few
+dozen validation images accuracy moves in steps of 1/n and ties. While it runs, a complete
+checkpoint of the last epoch sits in a work folder under `paths.cache` keyed by everything that
+defines the run, so a killed run started again resumes there. Recipes, precision, outputs and
+exit codes: docs/stages/train.md.
 """
 
 from __future__ import annotations

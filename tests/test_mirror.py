@@ -348,9 +348,16 @@ def assert_one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], m
     assert re.search(match, err), err
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_cli_serve_serves_the_generated_mirror(
-    generated: tuple[Path, dict[str, Any]],
+    generated: tuple[Path, dict[str, Any]], stop: signal.Signals
 ) -> None:
+    """Served until Ctrl-C or SIGTERM, even when started as a shell's background job (`&`, as
+    `make offline` does), which inherits SIGINT ignored."""
     root, manifest = generated
     port = free_port()
     proc = subprocess.Popen(
@@ -358,6 +365,7 @@ def test_cli_serve_serves_the_generated_mirror(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ignore_sigint,
     )
     try:
         lines = [proc.stdout.readline(), proc.stdout.readline()]
@@ -371,7 +379,7 @@ def test_cli_serve_serves_the_generated_mirror(
         assert r.status_code == 200 and r.content == (root / key).read_bytes()
         r = requests.get(f"{base}openimages/{LABEL_FILES['train']}", timeout=5)
         assert r.content == (root / "openimages" / LABEL_FILES["train"]).read_bytes()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         assert proc.wait(timeout=10) == 0
         assert "stopping" in proc.stderr.read()
     finally:
