@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from oimirror import MirrorServer, generate
 from oipipe.core.config import PROJECT_ROOT, compose, path
-from stages import download, prepare, train
+from stages import download, export, prepare, train
 
 # Small, fast settings: tiny images, quick retries (the backoff sleeps add up across faults).
 FAST = [
@@ -238,3 +238,32 @@ def trained(prepared, tmp_path_factory) -> Path:
     )
     train.run(cfg)
     return path(cfg, "checkpoint")
+
+
+@pytest.fixture(scope="session")
+def exported_onnx(prepared, trained, tmp_path_factory) -> Path:
+    """`trained` exported to ONNX by the export stage (checked at batches 1 and 2) once for the
+    session: a root holding `artifacts/exported/` and `metrics/export.json`. Read-only: a module
+    that builds on it copies it into its own root (`copy_export`)."""
+    root = tmp_path_factory.mktemp("exported-onnx")
+    cfg = compose(
+        [
+            "data=mirror",
+            f"paths.root={root}",
+            f"paths.prepared={prepared}",
+            f"paths.models={trained.parent}",
+            "tracking.enabled=false",
+            "export.formats=[onnx]",
+            "export.verify_batch_sizes=[1,2]",
+        ]
+    )
+    export.run(cfg)
+    return root
+
+
+def copy_export(exported_root: Path, cfg: DictConfig) -> None:
+    """The session's ONNX export, where `cfg` reads the export stage's outputs."""
+    shutil.copytree(exported_root / "artifacts" / "exported", path(cfg, "exported"))
+    metrics = path(cfg, "metrics")
+    metrics.mkdir(parents=True, exist_ok=True)
+    shutil.copy(exported_root / "metrics" / "export.json", metrics / "export.json")

@@ -90,6 +90,7 @@ def table(cfg, mlflow_server):
         mp.undo()
 
 
+@pytest.mark.slow
 def test_every_variant_and_batch_size_is_a_row_failures_included(table, cfg) -> None:
     rows = table["rows"]
     expected = {f"{v}.b{b}" for v in ["eager_fp32", "eager_fp32_nchw", *VARIANTS] for b in (1, 8)}
@@ -230,6 +231,7 @@ def _pixels(png: np.ndarray, colour: str) -> int:
     return int((np.abs(png - rgb) < 1.5 / 255).all(axis=-1).sum())
 
 
+@pytest.mark.slow
 def test_child_runs_reach_a_real_mlflow_server(table, mlflow_server, cfg) -> None:
     def post(endpoint: str, body: dict) -> dict:
         req = urllib.request.Request(
@@ -505,6 +507,7 @@ def test_a_power_source_gives_each_row_its_power_and_energy_per_image() -> None:
     assert "power_avg_w" not in timing.time_runtime(sleeper(0.0), batches, protocol)
 
 
+@pytest.mark.slow
 def test_throughput_mode_runs_its_processes_together() -> None:
     """2 processes of a model that sleeps 40 ms per batch of 4: together 200 images/s, twice
     what one call at a time gives; processes that ran one after another would show 100."""
@@ -531,6 +534,7 @@ def test_throughput_mode_runs_its_processes_together() -> None:
     )
 
 
+@pytest.mark.slow
 def test_a_failing_throughput_mode_process_is_an_error_not_a_hang() -> None:
     batches = [torch.rand(4, 3, 8, 8) for _ in range(2)]
     protocol = {
@@ -585,6 +589,7 @@ def test_garbage_outputs_and_constant_inputs_fail_before_timing() -> None:
     assert timing.check_outputs(right, real, reference, 90) == 100.0
 
 
+@pytest.mark.slow
 def test_a_crashing_variant_process_becomes_failed_rows(table, cfg, tmp_path) -> None:
     artifact = path(cfg, "optimized") / "onnxruntime_int8" / "model.onnx"
     good = artifact.read_bytes()
@@ -597,6 +602,7 @@ def test_a_crashing_variant_process_becomes_failed_rows(table, cfg, tmp_path) ->
     assert all(r["status"] == "failed" and "exited with code 1" in r["error"] for r in rows)
 
 
+@pytest.mark.slow
 def test_notebook_protocol_and_bad_settings(cfg) -> None:
     nb = compose(["benchmark.protocol=notebook"]).benchmark
     p = nb.presets[nb.protocol]

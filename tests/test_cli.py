@@ -143,6 +143,7 @@ def test_broken_conf_file_is_named_with_line_and_column(tmp_path: Path) -> None:
         compose(["model=resnet19"])
 
 
+@pytest.mark.slow
 def test_optimize_help_lists_every_variant() -> None:
     res = cli("stages.optimize", "--help")
     assert res.returncode == 0, res.stderr
@@ -185,6 +186,7 @@ def checkout_copy(dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_every_entry_point_runs_from_a_fresh_checkout(tmp_path: Path) -> None:
     """`python -m` of every stage and tool, and the sender by its path (which puts oitools/ first
     on sys.path, where a module named like the standard library's would shadow it), each from a

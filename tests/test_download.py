@@ -242,6 +242,7 @@ def test_resumed_download_of_a_changed_file_restarts_with_the_new_file(
     assert not part.exists() and not dest.with_name(dest.name + ".part.json").exists()
 
 
+@pytest.mark.slow
 def test_killed_download_resumes_without_refetching_completed_images(
     make_cfg, mirror_dir, tmp_path
 ) -> None:

@@ -151,6 +151,7 @@ def _failed_logs(project: Path, status: str) -> str:
     return "".join(out)
 
 
+@pytest.mark.slow
 def test_queued_experiments_run_in_parallel_and_share_the_download_cache(
     reproduced: Path, served: MirrorServer, manifest: dict
 ) -> None:
@@ -237,6 +238,7 @@ def test_queued_experiments_run_in_parallel_and_share_the_download_cache(
     assert again and set(again.values()) == {2}, again
 
 
+@pytest.mark.slow
 def test_push_to_a_local_remote_then_clone_and_pull_restores_every_output(
     reproduced: Path, tmp_path: Path
 ) -> None:

@@ -54,6 +54,7 @@ def exported(prepared, trained, tmp_path_factory):
     return cfg, export.run(cfg)
 
 
+@pytest.mark.slow
 def test_every_format_is_exported_verified_and_carries_its_metadata(exported, trained) -> None:
     cfg, report = exported
     _, meta = models.load_trained(trained)
@@ -71,6 +72,7 @@ def test_every_format_is_exported_verified_and_carries_its_metadata(exported, tr
     assert json.loads((path(cfg, "metrics") / "export.json").read_text()) == report
 
 
+@pytest.mark.slow
 def test_files_have_the_usual_mode_and_the_program_keeps_only_its_example(exported) -> None:
     cfg, _ = exported
     out = path(cfg, "exported")
@@ -83,6 +85,7 @@ def test_files_have_the_usual_mode_and_the_program_keeps_only_its_example(export
     assert example.untyped_storage().nbytes() == 2 * 3 * 64 * 64 * 4  # not the whole batch
 
 
+@pytest.mark.slow
 def test_artifacts_round_trip_in_a_fresh_process(exported, trained, tmp_path) -> None:
     cfg, _ = exported
     model, meta = models.load_trained(trained)

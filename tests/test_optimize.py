@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import logits_in_fresh_process, run_stage, write_params
+from conftest import copy_export, logits_in_fresh_process, run_stage, write_params
 
 from oipipe.core.config import compose, path
 from oipipe.core.errors import ConfigError, InputError
@@ -20,7 +20,7 @@ from oipipe.deploy import build, build_tensorrt, build_torch, runtime
 from oipipe.measure import evaluation
 from oipipe.measure.machine import cpu_has_native_bf16
 from oipipe.training import models
-from stages import export, optimize
+from stages import optimize
 
 # OpenVINO does not emulate bf16: on a CPU without AVX512-BF16 or AMX, openvino_bf16 is skipped
 # (test_openvino_bf16_is_skipped_without_native_bf16); these machines differ, so ask this one.
@@ -52,10 +52,11 @@ def base(root: Path, prepared: Path, trained: Path, *overrides: str) -> list[str
 
 
 @pytest.fixture(scope="module")
-def exported_root(prepared, trained, tmp_path_factory) -> Path:
-    """The export stage's output (ONNX only: the only format a variant reads) for the module."""
+def exported_root(exported_onnx, prepared, trained, tmp_path_factory) -> Path:
+    """The module's output root, holding the export stage's ONNX (the only format a variant
+    reads)."""
     root = tmp_path_factory.mktemp("optimize")
-    export.run(compose(base(root, prepared, trained, "export.formats=[onnx]")))
+    copy_export(exported_onnx, compose(base(root, prepared, trained)))
     return root
 
 
@@ -88,6 +89,7 @@ def test_registry_and_config_name_the_same_variants() -> None:
     assert set(compose().optimize.variants) <= set(OPTIMIZE_VARIANTS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CPU_VARIANTS)
 def test_cpu_variant_builds_reloads_and_passes_its_accuracy_bar(built, cfg, name) -> None:
     rec = built[name]
@@ -119,6 +121,7 @@ def test_cpu_variant_builds_reloads_and_passes_its_accuracy_bar(built, cfg, name
         assert rec["int8_kernels"] > 10
 
 
+@pytest.mark.slow
 def test_an_int8_package_without_int8_kernels_is_a_failed_build(
     built, cfg, exported_root, prepared, trained, tmp_path, monkeypatch
 ) -> None:
@@ -169,6 +172,7 @@ def _meta(cfg) -> dict:
     return json.loads((path(cfg, "exported") / "meta.json").read_text())
 
 
+@pytest.mark.slow
 def test_quantized_and_low_precision_artifacts_differ_from_fp32(built) -> None:
     # a variant that silently returned the fp32 model would pass any accuracy bar
     assert built["inductor_int8"]["max_abs_logit_diff"] > 1e-3
@@ -182,6 +186,7 @@ def test_quantized_and_low_precision_artifacts_differ_from_fp32(built) -> None:
     assert built["openvino_fp32"]["max_abs_logit_diff"] < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OPENVINO)
 def test_openvino_variants_compile_what_their_name_says(
     built, cfg, trained, tmp_path, name
@@ -230,6 +235,7 @@ out["b1"], out["b5"] = rt(x[:1]), rt(x)""",
         assert rec["int8_layers"] == 0
 
 
+@pytest.mark.slow
 def test_openvino_throughput_mode_runs_its_own_streams(built, cfg, tmp_path) -> None:
     """The benchmark's throughput mode for an OpenVINO IR: THROUGHPUT hint with the streams
     asked, an AsyncInferQueue; run in a fresh process (see `built`)."""
@@ -273,6 +279,7 @@ def test_openvino_bf16_is_skipped_without_native_bf16(
     assert rec["status"] == "skipped" and "no native bf16" in rec["reason"], rec
 
 
+@pytest.mark.slow
 def test_variants_reload_alone_in_a_fresh_process(built, cfg, trained, tmp_path) -> None:
     model, _ = models.load_trained(trained)
     images, _ = evaluation.images(path(cfg, "prepared"), ["test"], _meta(cfg))
@@ -301,6 +308,7 @@ def test_variants_reload_alone_in_a_fresh_process(built, cfg, trained, tmp_path)
         assert np.abs(fresh - fp32).max() <= bound, name
 
 
+@pytest.mark.slow
 def test_load_artifact_takes_any_artifact_and_imports_only_what_it_needs(
     built, cfg, trained, tmp_path
 ) -> None:
@@ -437,6 +445,7 @@ def test_tensorrt_settings_are_built_without_a_gpu() -> None:
         build_tensorrt.trt_compile_settings("int8", 224, trt, 256)
 
 
+@pytest.mark.slow
 def test_a_variant_that_fails_is_recorded_and_leaves_the_others(built, cfg, tmp_path) -> None:
     # a real failure: ONNX Runtime cannot parse a truncated model
     root = tmp_path / "root"
@@ -541,6 +550,7 @@ def test_bad_inputs_are_clear_errors(cfg, trained, tmp_path) -> None:
         )
 
 
+@pytest.mark.slow
 def test_entry_point_exit_codes(cfg, tmp_path) -> None:
     params = write_params(cfg, tmp_path / "params.yaml")
     res = run_stage("optimize", params, "--variant", "tflite")

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from conftest import copy_export
 
 from oipipe.core import progress
 from oipipe.core.config import compose
@@ -78,7 +79,7 @@ def no_ci(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 @pytest.fixture(scope="module")
-def cfg(prepared, trained, tmp_path_factory):
+def cfg(exported_onnx, prepared, trained, tmp_path_factory):
     """The ONNX export, the record of trt_fp16 (skipped without TensorRT: the benchmark then
     times the two eager baselines alone, the quickest benchmark), and their config."""
     root = tmp_path_factory.mktemp("progress")
@@ -99,7 +100,7 @@ def cfg(prepared, trained, tmp_path_factory):
             *TINY,
         ]
     )
-    export.run(cfg)
+    copy_export(exported_onnx, cfg)
     optimize.run(cfg, "trt_fp16")
     return cfg
 
@@ -115,6 +116,7 @@ def test_quiet_follows_ci_and_the_terminal(no_ci) -> None:
         assert progress.quiet()
 
 
+@pytest.mark.slow
 def test_export_draws_its_bar_on_a_terminal_and_none_under_ci(cfg, no_ci, tmp_path, caplog) -> None:
     # TorchScript alone (the quickest format), into folders of its own
     mine = compose(
@@ -142,6 +144,7 @@ def test_export_draws_its_bar_on_a_terminal_and_none_under_ci(cfg, no_ci, tmp_pa
     assert "torchscript: model.ts" in caplog.text  # the log lines stay
 
 
+@pytest.mark.slow
 def test_an_int8_build_counts_its_calibration_on_a_terminal_only(cfg, no_ci, capfd) -> None:
     with stderr_on_terminal(no_ci) as shown:
         optimize.run(cfg, "onnxruntime_int8")
@@ -154,6 +157,7 @@ def test_an_int8_build_counts_its_calibration_on_a_terminal_only(cfg, no_ci, cap
     assert not re.search(ANY_BAR, capfd.readouterr().err)
 
 
+@pytest.mark.slow
 def test_the_benchmark_bar_names_the_variant_and_batch_being_timed(cfg, no_ci) -> None:
     with stderr_on_terminal(no_ci) as shown:
         table = benchmark.run(cfg)

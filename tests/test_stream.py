@@ -31,14 +31,13 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from oipipe.core.config import PROJECT_ROOT, compose, path
+from oipipe.core.config import PROJECT_ROOT
 from oipipe.core.files import read_csv
 from oipipe.data.datasets import eval_transform
 from oipipe.deploy.runtime import load_artifact
 from oitools import stream_sender as stream_server
 from oitools.stream import client as stream
 from oitools.stream import preprocess, sinks, sources
-from stages import export
 
 REALDATA = PROJECT_ROOT.parent / "shared" / "realdata"
 RTP_CAPS = "application/x-rtp,media=video,encoding-name=H264,payload=96,clock-rate=90000"
@@ -57,22 +56,9 @@ def gst() -> None:
 
 
 @pytest.fixture(scope="module")
-def onnx_model(prepared, trained, tmp_path_factory) -> Path:
-    """The `trained` fixture exported to ONNX alone (the export stage, checked at batch 1)."""
-    root = tmp_path_factory.mktemp("stream-export")
-    cfg = compose(
-        [
-            "data=mirror",
-            f"paths.root={root}",
-            f"paths.prepared={prepared}",
-            f"paths.models={trained.parent}",
-            "tracking.enabled=false",
-            "export.formats=[onnx]",
-            "export.verify_batch_sizes=[1]",
-        ]
-    )
-    export.run(cfg)
-    return path(cfg, "exported") / "model.onnx"
+def onnx_model(exported_onnx) -> Path:
+    """The `trained` fixture exported to ONNX alone (the session's export, read-only)."""
+    return exported_onnx / "artifacts" / "exported" / "model.onnx"
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +171,7 @@ def reference(model: Path, frames_bgr: list[np.ndarray]) -> tuple[list[str], np.
 # --- preprocessing ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_preprocessing_matches_eval_transform_on_real_photos(photos, onnx_model) -> None:
     """Pillow's antialiased bilinear, the crop and the normalisation against torchvision's
     eval_transform: within one grey level everywhere, and the same top-1 from the artifact."""
@@ -207,6 +194,7 @@ def test_preprocessing_matches_eval_transform_on_real_photos(photos, onnx_model)
             np.testing.assert_allclose(a, b, atol=0.02 * np.abs(b).max())
 
 
+@pytest.mark.slow
 def test_the_client_runs_an_onnx_file_without_torchvision(onnx_model, photos) -> None:
     code = (
         "import sys, numpy as np, torch\nfrom oitools.stream import client as stream\n"
@@ -245,6 +233,7 @@ def test_display_transformations() -> None:
 # --- sources ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.gstreamer
 def test_loopback_rtp_h264_from_the_server(gst, onnx_model, tmp_path) -> None:
     """The server's test pattern over RTP/H.264 on 127.0.0.1 to the client: about N colour
@@ -467,6 +456,7 @@ def read_xwd(file: Path) -> np.ndarray:
     return np.stack([channel(m) for m in masks], axis=2)
 
 
+@pytest.mark.slow
 @pytest.mark.gstreamer
 def test_window_under_xvfb_shows_the_annotated_flipped_frame(gst, onnx_model, tmp_path) -> None:
     """A real window on a virtual X server: the screen shows the frame mirrored (the `flip`

@@ -184,6 +184,7 @@ def parallel_sweep(tmp_path_factory: pytest.TempPathFactory, mirror_dir: Path) -
         return Sweep(root, db, out, Counter(srv.requests))
 
 
+@pytest.mark.slow
 def test_parallel_sweep_shares_data_serialises_benchmarks_and_reports_failures(
     parallel_sweep: Sweep,
 ) -> None:
@@ -353,6 +354,7 @@ def close_assistant(page) -> None:
         close.click()
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_mlflow_ui_shows_each_jobs_accuracy_and_throughput(
     parallel_sweep: Sweep, tmp_path: Path

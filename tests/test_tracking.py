@@ -145,6 +145,7 @@ def test_dataset_digest_changes_with_the_split(tmp_path: Path) -> None:
     assert tracking.dataset_digest(tmp_path) != before
 
 
+@pytest.mark.slow
 def test_concurrent_stages_on_a_fresh_sqlite_store(make_cfg, mirror, tmp_path: Path) -> None:
     """4 real `prepare` processes at once on one new SQLite file, 3 times: all succeed, and the
     store holds their 4 runs (without the lock: "table _alembic_tmp_tags already exists")."""

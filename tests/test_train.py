@@ -58,6 +58,7 @@ def train_cfg(prepared, tmp_path):
     return make
 
 
+@pytest.mark.slow
 def test_training_end_to_end_beats_chance_and_writes_everything(
     train_cfg, prepared, tmp_path
 ) -> None:
@@ -189,6 +190,7 @@ def test_each_recipe_freezes_exactly_what_it_should(name: str, n_blocks: int) ->
         train.apply_recipe(model, "partial", n_blocks + 1)
 
 
+@pytest.mark.slow
 def test_linear_probe_keeps_frozen_batchnorm_statistics(train_cfg) -> None:
     cfg = train_cfg("train.recipe=linear_probe", "train.lr=0.01")
     before, _ = models.build("efficientnet_lite0", 3, "bundled")
@@ -240,6 +242,7 @@ train.main()
 """
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_and_matches_an_uninterrupted_run(
     train_cfg, tmp_path, monkeypatch
 ) -> None:
@@ -479,6 +482,7 @@ def test_augmentation_depends_on_seed_and_epoch_not_on_workers(prepared) -> None
     assert not torch.equal(a[0], c[0])
 
 
+@pytest.mark.slow
 def test_early_stopping_after_patience_epochs_without_improvement(train_cfg) -> None:
     # a learning rate this small leaves the val loss exactly where epoch 1 put it
     cfg = train_cfg(
@@ -516,6 +520,7 @@ def test_lp_ft_probes_the_head_then_trains_everything_across_one_schedule() -> N
     assert rates == [pytest.approx(probe)] * 10 + [pytest.approx(tune)] * 10
 
 
+@pytest.mark.slow
 def test_checkpoint_and_early_stopping_follow_the_validation_loss(
     train_cfg, prepared, monkeypatch
 ) -> None:
@@ -577,6 +582,7 @@ def test_checkpoint_and_early_stopping_follow_the_validation_loss(
     assert not tested, f"the test split was evaluated with other weights: {tested}"
 
 
+@pytest.mark.slow
 def test_early_stopping_never_fires_in_the_probe_phase(train_cfg) -> None:
     # rates this small leave the val loss where epoch 1 put it all through the probe
     cfg = train_cfg(
@@ -590,6 +596,7 @@ def test_early_stopping_never_fires_in_the_probe_phase(train_cfg) -> None:
     assert metrics["epochs_run"] == 5  # counting the probe, patience 1 would stop after epoch 2
 
 
+@pytest.mark.slow
 def test_default_recipe_is_at_least_as_good_as_a_linear_probe(train_cfg, tmp_path) -> None:
     # fp32 for both: a timed precision choice could differ between the two runs
     probe = train.run(
