@@ -81,7 +81,7 @@ def run(cfg: DictConfig, variant_name: str) -> dict:
                 f"optimize.{name}.precision": variant.precision,
             }
         )
-        reason = build.missing(variant.requires)
+        reason = build.missing(variant.requires, cfg.optimize.allow_emulated)
         if reason:
             record["reason"] = reason
             log.warning("%s skipped: %s", name, reason)

@@ -17,19 +17,21 @@ from oipipe.core.errors import ConfigError, InputError
 from oipipe.core.files import read_csv
 from oipipe.core.variants import OPTIMIZE_VARIANTS, VARIANTS
 from oipipe.deploy import build, build_tensorrt, build_torch, runtime
-from oipipe.measure import evaluation
+from oipipe.measure import evaluation, machine
 from oipipe.measure.machine import cpu_has_native_bf16
 from oipipe.training import models
 from stages import optimize
 
-# OpenVINO does not emulate bf16: on a CPU without AVX512-BF16 or AMX, openvino_bf16 is skipped
-# (test_openvino_bf16_is_skipped_without_native_bf16); these machines differ, so ask this one.
+# On a CPU without AVX512-BF16 or AMX, openvino_bf16 is skipped (OpenVINO does not emulate bf16)
+# and so are eager_bf16 and inductor_bf16 unless optimize.allow_emulated (their emulation is many
+# times slower than fp32): test_bf16_variants_are_skipped_where_bf16_is_emulated and
+# test_allow_emulated_builds_a_bf16_variant_anyway. These machines differ, so ask this one.
 NATIVE_BF16 = cpu_has_native_bf16()
 OPENVINO = ["openvino_fp32", *(["openvino_bf16"] if NATIVE_BF16 else []), "openvino_int8"]
 CPU_VARIANTS = [
-    "eager_bf16",
+    *(["eager_bf16"] if NATIVE_BF16 else []),
     "inductor_fp32",
-    "inductor_bf16",
+    *(["inductor_bf16"] if NATIVE_BF16 else []),
     "inductor_int8",
     "onnxruntime_fp32",
     "onnxruntime_int8",
@@ -177,7 +179,8 @@ def test_quantized_and_low_precision_artifacts_differ_from_fp32(built) -> None:
     # a variant that silently returned the fp32 model would pass any accuracy bar
     assert built["inductor_int8"]["max_abs_logit_diff"] > 1e-3
     assert built["onnxruntime_int8"]["max_abs_logit_diff"] > 1e-3
-    assert built["eager_bf16"]["max_abs_logit_diff"] > 1e-4
+    if NATIVE_BF16:  # elsewhere: test_allow_emulated_builds_a_bf16_variant_anyway
+        assert built["eager_bf16"]["max_abs_logit_diff"] > 1e-4
     assert built["onnxruntime_fp32"]["max_abs_logit_diff"] < 1e-3
     assert built["onnxruntime_int8"]["size_mb"] < 0.5 * built["onnxruntime_fp32"]["size_mb"]
     assert built["openvino_int8"]["max_abs_logit_diff"] > 1e-3
@@ -277,6 +280,73 @@ def test_openvino_bf16_is_skipped_without_native_bf16(
     )
     rec = optimize.run(cfg, "openvino_bf16")
     assert rec["status"] == "skipped" and "no native bf16" in rec["reason"], rec
+    # OpenVINO cannot emulate it: asking for emulation does not build an fp32 under a bf16 name
+    allowed = compose(
+        base(
+            exported_root,
+            prepared,
+            trained,
+            f"paths.optimized={tmp_path / 'opt'}",
+            f"paths.metrics={tmp_path / 'metrics'}",
+            "optimize.allow_emulated=true",
+        )
+    )
+    rec = optimize.run(allowed, "openvino_bf16")
+    assert rec["status"] == "skipped" and "no native bf16" in rec["reason"], rec
+
+
+@pytest.mark.parametrize("name", ["eager_bf16", "inductor_bf16"])
+def test_bf16_variants_are_skipped_where_bf16_is_emulated(
+    exported_root, prepared, trained, tmp_path, monkeypatch, name
+) -> None:
+    """A CPU without AVX512-BF16 or AMX (this one is told it has neither): skipped before any
+    build, the reason naming the missing flags, the cost measured here and how to build anyway."""
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma", "avx512f", "avx512_vnni"})
+    cfg = compose(
+        base(
+            exported_root,
+            prepared,
+            trained,
+            f"paths.optimized={tmp_path / 'opt'}",
+            f"paths.metrics={tmp_path / 'metrics'}",
+        )
+    )
+    rec = optimize.run(cfg, name)
+    assert rec["status"] == "skipped" and rec["artifact"] is None, rec
+    assert rec["build_seconds"] is None and "top1_pct" not in rec, rec
+    reason = rec["reason"]
+    assert "neither avx512_bf16 nor amx_bf16" in reason, reason
+    slowdown = float(re.search(r"a bf16 convolution ran ([0-9.]+)x slower than fp32", reason)[1])
+    assert slowdown == pytest.approx(machine.bf16_conv_slowdown(), abs=0.05), reason
+    assert "optimize.allow_emulated=true" in reason, reason
+    # with either flag nothing changes: the requirement is met
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert build.missing(VARIANTS[name].requires) is None
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "amx_tile", "amx_bf16"})
+    assert build.missing(VARIANTS[name].requires) is None
+
+
+def test_allow_emulated_builds_a_bf16_variant_anyway(
+    exported_root, prepared, trained, tmp_path, monkeypatch
+) -> None:
+    """Asked for (`optimize.allow_emulated=true`), eager_bf16 is built and judged on a CPU told it
+    has no native bf16, and its record says the bf16 was not native."""
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma"})
+    cfg = compose(
+        base(
+            exported_root,
+            prepared,
+            trained,
+            f"paths.optimized={tmp_path / 'opt'}",
+            f"paths.metrics={tmp_path / 'metrics'}",
+            "optimize.allow_emulated=true",
+        )
+    )
+    rec = optimize.run(cfg, "eager_bf16")
+    assert rec["status"] == "ok", rec
+    assert rec["native_bf16"] is False and rec["precision"] == "bf16", rec
+    assert rec["max_abs_logit_diff"] > 1e-4, rec  # it really ran in bf16
+    assert rec["verdict"] in ("pass", "undecided"), rec
 
 
 @pytest.mark.slow

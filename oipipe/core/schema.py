@@ -256,6 +256,7 @@ class OptimizeConf(Schema):
     eval_batch: PositiveInt
     eval_splits: Annotated[list[Split], Field(min_length=1)]
     accuracy_bars_pct: AccuracyBars
+    allow_emulated: bool
     settings: VariantSettings
     trt: TrtConf
 

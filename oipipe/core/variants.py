@@ -8,8 +8,9 @@ Torch-free (validating a config imports no compiler): loaders and builders are i
   row with its `builder`, and the benchmark, the stream client and `load_artifact` load it with
   its `loader` (`oipipe.deploy.runtime.load_variant`).
 - What a variant `requires` is data, checked in one place (`oipipe.deploy.build.missing`):
-  `cuda`, `torch_tensorrt`, `native_bf16` (AVX512-BF16 or AMX), `package:<module>`. A row whose
-  requirement is missing records `skipped` with the reason instead of failing.
+  `cuda`, `torch_tensorrt`, `native_bf16` (AVX512-BF16 or AMX), `bf16_not_emulated` (the same,
+  waived by `optimize.allow_emulated=true`), `package:<module>`. A row whose requirement is
+  missing records `skipped` with the reason instead of failing.
 - Its quantizer and compiler settings live in conf/optimize (`optimize.settings.<name>`, and
   `optimize.trt` for the two TensorRT rows), so a sweep can change them.
 
@@ -76,6 +77,7 @@ VARIANTS: dict[str, Variant] = {
         "model.pt2",
         "oipipe.deploy.build_torch:eager_bf16",
         RT + "program_runtime",
+        requires=("bf16_not_emulated",),
     ),
     "inductor_fp32": Variant(
         "aot_inductor",
@@ -92,6 +94,7 @@ VARIANTS: dict[str, Variant] = {
         "model.pt2",
         "oipipe.deploy.build_torch:inductor",
         RT + "aoti_runtime",
+        requires=("bf16_not_emulated",),
     ),
     "inductor_int8": Variant(
         "aot_inductor",
@@ -122,8 +125,9 @@ VARIANTS: dict[str, Variant] = {
     ),
     "openvino_fp32": _openvino("fp32", "ir"),
     # OpenVINO does not emulate bf16: without native bf16 its CPU plugin compiles f32 whatever
-    # the hint says, so the row would be fp32 under a bf16 name (unlike eager_bf16 and
-    # inductor_bf16, which really run, emulated, and record native_bf16: false)
+    # the hint says, so the row would be fp32 under a bf16 name. eager_bf16 and inductor_bf16 do
+    # run emulated, many times slower than fp32: skipped there unless optimize.allow_emulated
+    # (`bf16_not_emulated`), and they record native_bf16 when built.
     "openvino_bf16": _openvino("bf16", "ir", "native_bf16"),
     "openvino_int8": _openvino("int8", "nncf_int8", "package:nncf"),
     "eager_fp16_cuda": Variant(

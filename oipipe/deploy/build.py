@@ -20,7 +20,7 @@ from torch import nn
 
 from oipipe.core import progress
 from oipipe.core.variants import Variant, imported
-from oipipe.measure.machine import cpu_has_native_bf16
+from oipipe.measure.machine import bf16_conv_slowdown, cpu_has_native_bf16
 
 log = logging.getLogger("oipipe.deploy.build")
 
@@ -91,17 +91,33 @@ def _native_bf16() -> str | None:
     return None if cpu_has_native_bf16() else "no native bf16 on this CPU (AVX512-BF16 or AMX)"
 
 
+def _bf16_not_emulated() -> str | None:
+    if cpu_has_native_bf16():
+        return None
+    return (
+        "bf16 would be emulated: this CPU has neither avx512_bf16 nor amx_bf16, and a bf16 "
+        f"convolution ran {bf16_conv_slowdown():.1f}x slower than fp32 on it; "
+        "optimize.allow_emulated=true builds and times it anyway"
+    )
+
+
 REQUIREMENTS: dict[str, Callable[[], str | None]] = {
     "cuda": _cuda,
     "torch_tensorrt": _torch_tensorrt,
     "native_bf16": _native_bf16,
+    "bf16_not_emulated": _bf16_not_emulated,
 }
+# Requirements that `optimize.allow_emulated=true` waives: the variant runs without them, slowly.
+EMULABLE = frozenset({"bf16_not_emulated"})
 
 
-def missing(requires: tuple[str, ...]) -> str | None:
+def missing(requires: tuple[str, ...], allow_emulated: bool = False) -> str | None:
     """Why a variant with these requirements cannot be built here (the first missing one), or
-    None. `package:<module>` is a Python package that must be importable."""
+    None. `package:<module>` is a Python package that must be importable; with `allow_emulated`
+    the EMULABLE requirements are not asked."""
     for need in requires:
+        if allow_emulated and need in EMULABLE:
+            continue
         kind, _, module = need.partition(":")
         if kind == "package":
             reason = (

@@ -15,6 +15,7 @@ import importlib.util
 import os
 import platform
 import subprocess
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,38 @@ def cpu_has_native_bf16() -> bool:
     and asks about AMX tiles rather than AMX-BF16): the same flags `machine_info` records, so the
     `native_bf16` a benchmark shows is the one optimize decided by."""
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+@functools.cache  # measured once per process: about half a second where bf16 is emulated
+def bf16_conv_slowdown(rounds: int = 3) -> float:
+    """How many times slower a 3x3 convolution (64 channels, 56 x 56, batch 4, channels_last,
+    one thread) runs in bfloat16 than in float32 on this CPU, best of `rounds` after a warm-up:
+    what a bf16 variant would cost where bf16 is emulated. A convolution, not a matmul: on an
+    AVX2-only EPYC the conv ratio (about 10x) is close to the whole model's (eager bf16 3.6
+    against fp32 26.7 images/s), a 512 x 512 matmul's (about 57x) is not. One thread: the ratio
+    then does not move with another process's load. Imports torch when called."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(4, 64, 56, 56).contiguous(memory_format=torch.channels_last)
+        conv = torch.nn.Conv2d(64, 64, 3, padding=1).eval().to(memory_format=torch.channels_last)
+
+        def best(dtype: torch.dtype) -> float:
+            c, xi = conv.to(dtype), x.to(dtype)
+            with torch.inference_mode():
+                c(xi)
+                times = []
+                for _ in range(rounds):
+                    start = time.perf_counter()
+                    c(xi)
+                    times.append(time.perf_counter() - start)
+            return min(times)
+
+        return best(torch.bfloat16) / best(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def gpu_info() -> tuple[str | None, str | None]:
