@@ -326,6 +326,7 @@ def test_bf16_variants_are_skipped_where_bf16_is_emulated(
     assert build.missing(VARIANTS[name].requires) is None
 
 
+@pytest.mark.slow
 def test_allow_emulated_builds_a_bf16_variant_anyway(
     exported_root, prepared, trained, tmp_path, monkeypatch
 ) -> None:
