@@ -3,11 +3,14 @@ whether its verdicts are right.
 
     python benchmarks/realdata_pipeline.py [--photos ../shared/realdata] [--workdir DIR]
                                            [--out benchmarks/results/realdata_cpu.json]
+                                           [--project CHECKOUT]
 
-Copies the project (its working tree: conf, stages, photos, dvc.yaml) into `--workdir`, composes
+Copies the project (its working tree, or `--project`'s: an older checkout, to time the code before
+a change on the same machine: conf, stages, photos, dvc.yaml) into `--workdir`, composes
 `params.yaml` with `data=realdata data.folder=<photos>` and nothing else changed, runs the real
 `dvc repro` there (download, prepare, train, export, every optimize variant, benchmark, report),
-then trains the linear probe the issue compared against (`train.recipe=linear_probe
+in three timed steps (up to every optimize variant, the benchmark alone, the rest), then trains
+the linear probe the issue compared against (`train.recipe=linear_probe
 train.lr=0.01`) on the same prepared split, and writes to `--out`:
 
 - the machine (CPU model and the flags that decide bf16/int8 kernels);
@@ -15,7 +18,9 @@ train.lr=0.01`) on the same prepared split, and writes to `--out`:
   the precision picked; and the linear probe's test accuracy on the same images;
 - each optimize variant's status, top-1 with interval, paired difference to fp32 with its
   interval, and verdict;
-- the benchmark's baselines (channels_last and NCHW) and the winner at each batch size.
+- the benchmark's baselines (channels_last and NCHW) and the winner at each batch size, its
+  rows (with each row's roofline point where the benchmark measured one) and the peaks;
+- the seconds of each step, the benchmark's on its own.
 
 It exits 1 when the default recipe's test accuracy is below the linear probe's. Run it on a quiet
 machine: the benchmark's figures are throughputs measured minutes apart.
@@ -54,14 +59,14 @@ def sh(*cmd: str, cwd: Path) -> str:
     return out.stdout
 
 
-def copy_project(dst: Path) -> None:
+def copy_project(dst: Path, project: Path = ROOT) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
     for name in ("conf", "stages", "oipipe", "photos"):
-        shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(project / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, dst / name)
+        shutil.copy(project / name, dst / name)
     sh("git", "init", "-q", cwd=dst)
     sh("git", "config", "user.email", "bench@localhost", cwd=dst)
     sh("git", "config", "user.name", "bench", cwd=dst)
@@ -78,6 +83,9 @@ def main() -> int:
     ap.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "realdata")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/oi-pipeline-realdata"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/realdata_cpu.json")
+    ap.add_argument(
+        "--project", type=Path, default=ROOT, help="the checkout to run (default: this)"
+    )
     args = ap.parse_args()
     photos = args.photos.resolve()
     if not photos.is_dir():
@@ -88,15 +96,22 @@ def main() -> int:
     from oipipe.measure.machine import machine_info
 
     work = args.workdir.resolve()
-    copy_project(work)
+    copy_project(work, args.project.resolve())
     write_params(
         work / "params.yaml", ["data=realdata", f"data.folder={photos}"], config_dir=work / "conf"
     )
     sh("git", "add", "-A", cwd=work)
     sh("git", "commit", "-qm", "realdata run", cwd=work)
-    t0 = time.perf_counter()
-    sh("dvc", "repro", cwd=work)
-    pipeline_seconds = time.perf_counter() - t0
+    steps = {}
+    for step, cmd in (
+        ("up_to_optimize", ("dvc", "repro", "optimize")),
+        ("benchmark", ("dvc", "repro", "benchmark")),
+        ("rest", ("dvc", "repro")),
+    ):
+        t0 = time.perf_counter()
+        sh(*cmd, cwd=work)
+        steps[step] = round(time.perf_counter() - t0, 1)
+    pipeline_seconds = sum(steps.values())
     # the issue's comparison: the linear probe at lr 0.01 on the same prepared split
     sh(
         sys.executable,
@@ -162,6 +177,8 @@ def main() -> int:
         "what": "dvc repro, default config with data=realdata, then the linear probe (lr 0.01)",
         "photos": str(photos),
         "pipeline_seconds": round(pipeline_seconds, 1),
+        "step_seconds": steps,
+        "project": str(args.project.resolve()),
         "machine": machine_info(),
         "prepare": {k: v for k, v in load(m / "prepare.json").items() if k.endswith(".images")},
         "train": {k: train.get(k) for k in keep},
@@ -170,6 +187,10 @@ def main() -> int:
         "baselines": baselines,
         "winners": bench["winners"],
         "winners_throughput_mode": bench.get("winners_throughput_mode"),
+        "baseline_per_batch": bench.get("baselines"),
+        "peaks": bench.get("peaks"),
+        "traffic": bench.get("traffic"),
+        "load_before_after": [bench.get("load_before"), bench.get("load_after")],
         "benchmark_rows": {
             k: {
                 c: r.get(c)
@@ -178,8 +199,16 @@ def main() -> int:
                     "throughput",
                     "latency_p99_ms",
                     "speedup",
+                    "speedup_min",
+                    "speedup_max",
+                    "throughput_min",
+                    "throughput_max",
                     "verdict",
                     "top1_pct",
+                    "size_mb",
+                    "gflops_per_s",
+                    "peak_pct",
+                    "intensity_flop_per_byte",
                     "throughput_concurrent",
                     "concurrency",
                     "concurrency_method",

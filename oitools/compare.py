@@ -43,7 +43,7 @@ from oipipe.core.config import path
 from oipipe.core.errors import InputError
 from oipipe.core.files import write_text
 from oipipe.core.tracking import tracking_uri
-from oipipe.measure.pareto import fastest_shippable, mark_frontier, pareto_chart
+from oipipe.measure.pareto import TIE_MARGIN_PCT, fastest_shippable, mark_frontier, pareto_chart
 from oipipe.reporting.document import (
     DASH,
     Block,
@@ -60,7 +60,7 @@ from oipipe.reporting.document import (
 
 log = logging.getLogger("oitools.compare")
 
-BASELINE = "eager_fp32"  # the variant every job's speed-ups divide by (the benchmark's baseline)
+BASELINE = "eager_fp32"  # the baseline of runs logged before each row named its own
 PAGE = 1000  # runs per search request (MLflow's SQL stores serve at most 50000)
 MACHINE_TAGS = ("machine.cpu", "machine.gpu")  # what makes two jobs' throughputs comparable
 
@@ -154,8 +154,11 @@ def child_row(run, legacy: set[str]) -> dict:
         "verdict": t.get("verdict"),
         "error": t.get("error"),
         "throughput": m.get("throughput"),
+        "throughput_min": m.get("throughput_min"),  # absent in runs logged before the tie rule
+        "throughput_max": m.get("throughput_max"),
         "latency_p99_ms": m.get("latency_p99_ms"),
         "speedup": m.get("speedup"),
+        "baseline": t.get("baseline", BASELINE),  # what the speed-up divides by
         "size_mb": m.get("size_mb"),
         "eval_images": _int(m.get("eval_images")),
         **{k: metric(m, k, legacy) for k in ("top1_pct", "top1_ci_low_pct", "top1_ci_high_pct")},
@@ -260,17 +263,25 @@ def ship_text(w: dict | None, batch: int, jobs: dict[str, Job], lead: bool = Tru
     undecided = " (accuracy undecided)" if w.get("verdict") == "undecided" else ""
     sp = w.get("speedup")
     speed = (
-        f", {sp:.2f}× the throughput of its own job's `{BASELINE}` at batch {batch}"
-        if sp is not None and w["variant"] != BASELINE
+        f", {sp:.2f}× the throughput of its own job's `{w['baseline']}` at batch {batch}"
+        if sp is not None and w["variant"] != w["baseline"]
         else ""
     )
     acc = accuracy_text(
         w.get("top1_pct"), w.get("top1_ci_low_pct"), w.get("top1_ci_high_pct"), w.get("eval_images")
     )
     what = f"`{w['variant']}` of job `{job.name}`{undecided}"
+    tie = (
+        "; its speed ties with "
+        + ", ".join(f"`{r['variant']}` of job `{jobs[r['job']].name}`" for r in w["tied"])
+        + f" (their trials overlap, or are within {TIE_MARGIN_PCT:g}%), so it is chosen for "
+        "its verdict, then its top-1, then its size"
+        if w.get("tied")
+        else ""
+    )
     return (f"**Ship {what} at batch {batch}**: " if lead else f"At batch {batch}: {what}, ") + (
         f"{num(w.get('throughput'), 1)} images/s, p99 latency "
-        f"{num(w.get('latency_p99_ms'), 2)} ms, top-1 {acc}{speed}; produced by the "
+        f"{num(w.get('latency_p99_ms'), 2)} ms, top-1 {acc}{speed}{tie}; produced by the "
         f"overrides `{job.overrides}` (model `{job.model}`, "
         f"trained to test accuracy {job.test_text})."
     )
@@ -394,10 +405,13 @@ def run(
         Para(
             f"The runs of {selection} in the MLflow store `{uri}`: one parent run per job, its "
             "benchmark rows as nested runs. The choice is the fastest (job, variant) whose "
-            "accuracy verdict is not `fail` (`undecided` is kept and labelled). Accuracies are "
-            "percentages with their 95% Wilson interval and number of images: the trained "
-            "model's on its test split, the variant's on the benchmark's evaluation images. "
-            f"Speed-ups divide by each job's own `{BASELINE}` at the same batch size, so they "
+            "accuracy verdict is not `fail` (`undecided` is kept and labelled), unless one "
+            "whose speed ties with it (overlapping trials, or within "
+            f"{TIE_MARGIN_PCT:g}%) has a better verdict, then top-1, then a smaller file. "
+            "Accuracies are percentages with their 95% Wilson interval and number of "
+            "images: the trained model's on its test split, the variant's on the "
+            "benchmark's evaluation images. Speed-ups divide by each job's own baseline (the "
+            "faster eager layout) at the same batch size, so they "
             "compare variants within a job; throughput compares across jobs."
             + (
                 f" **The jobs ran on {len(machines)} different machines** ({machine_list}): "

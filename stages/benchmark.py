@@ -1,24 +1,28 @@
 """Stage `benchmark`: throughput, latency and accuracy of every variant, measured to be trusted.
 
-Each variant is timed in its own fresh process (`run_worker` starts `oipipe.measure.worker`:
-one crash loses nothing else, no warm caches or threads are inherited); a row that fails, here or
-in `optimize`, stays in the table with its reason. The timing itself is `oipipe.measure.timing`;
-the winner and the Pareto front `oipipe.measure.pareto`. The protocol, outputs, settings and exit
+Each variant runs in its own fresh process (`WorkerProcess` starts `oipipe.measure.worker`:
+one crash loses nothing else, no warm caches or threads are inherited), all of them loaded
+together and timed in turn, round after round (`oipipe.measure.rounds`), so speed-ups are
+per-round ratios; a row that fails, here or in `optimize`, stays in the table with its reason.
+The timing loop is `oipipe.measure.timing`; the winner and the Pareto front
+`oipipe.measure.pareto`. The protocol, outputs, settings and exit
 codes: docs/stages/benchmark.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import queue
 import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,18 +35,26 @@ from oipipe.core.errors import InputError, error_text
 from oipipe.core.files import write_csv, write_json
 from oipipe.core.tracking import DVC_EXP_TAG, KEY_TAG, stage_run, verdict_code
 from oipipe.deploy.runtime import RECORD
-from oipipe.measure import evaluation, machine
-from oipipe.measure.pareto import PARETO_COLUMNS, fastest_shippable, pareto_chart, pareto_points
+from oipipe.measure import evaluation, machine, roofline, rounds
+from oipipe.measure.pareto import (
+    PARETO_COLUMNS,
+    TIE_MARGIN_PCT,
+    fastest_shippable,
+    pareto_chart,
+    pareto_points,
+)
+from oipipe.measure.rounds import ContenderFailed
+from oipipe.measure.timing import summarise
 from oipipe.measure.worker import (
     BASELINE,
+    MESSAGE,
     NCHW,
-    PROGRESS,
     baseline_device,
     baselines,
     protocol_settings,
     row_summary,
 )
-from oipipe.reporting.plots import benchmark_charts
+from oipipe.reporting.plots import benchmark_charts, roofline_chart
 from oipipe.training import models
 
 log = logging.getLogger("stages.benchmark")
@@ -66,6 +78,9 @@ COLUMNS = [
     "latency_p90_ms",
     "latency_p99_ms",
     "speedup",
+    "speedup_min",
+    "speedup_max",
+    "baseline",
     "top1_pct",
     "top1_ci_low_pct",
     "top1_ci_high_pct",
@@ -77,6 +92,9 @@ COLUMNS = [
     "peak_rss_mb",
     "cuda_max_allocated_mb",
     "gflops_per_s",
+    "intensity_flop_per_byte",
+    "peak_gflops",
+    "peak_pct",
     "iterations",
     "trials",
     "threads",
@@ -123,67 +141,248 @@ def variants_to_measure(cfg: DictConfig) -> tuple[list[str], dict[str, dict]]:
     return [n for n in wanted if records[n]["status"] == "ok"], records
 
 
-def run_worker(cfg: DictConfig, variant: str, work: Path, bar: tqdm | None = None) -> list[dict]:
-    """One variant in a fresh process; rows it did not write (a crash) become failed rows.
-    `bar` follows the worker's progress lines: the batch it is on, a step per finished row."""
-    params = work / "params.yaml"
-    if not params.is_file():  # one config for every worker of this benchmark
-        params.write_text(OmegaConf.to_yaml(cfg))
-    rows_file = work / f"{variant}.jsonl"
-    rows_file.unlink(missing_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        WORKER,
-        "--variant",
-        variant,
-        "--rows",
-        str(rows_file),
-        "--params",
-        str(params),
-    ]
-    with open(work / f"{variant}.stderr", "w+", encoding="utf-8") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-        follower = threading.Thread(target=_follow, args=(proc.stdout, variant, bar), daemon=True)
-        follower.start()
+class WorkerProcess:
+    """One variant's worker process (`oipipe.measure.worker`), loaded and checked on start, then
+    timed on command: a `rounds.Contender`. A worker that dies or takes longer than
+    `benchmark.worker_timeout` for one step fails with its stderr's last lines (fatal: its
+    rows not timed yet fail, the other variants go on)."""
+
+    def __init__(self, cfg: DictConfig, variant: str, work: Path) -> None:
+        self.name, self.timeout = variant, cfg.benchmark.worker_timeout
+        params = work / "params.yaml"
+        if not params.is_file():  # one config for every worker of this benchmark
+            params.write_text(OmegaConf.to_yaml(cfg))
+        cmd = [sys.executable, "-m", WORKER, "--variant", variant, "--params", str(params)]
+        self.err = open(work / f"{variant}.stderr", "w+", encoding="utf-8")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True
+        )
+        self.messages: queue.Queue[dict | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.loaded = self._receive("loaded")
+        self.checks = {int(b): v for b, v in self.loaded["checks"].items()}
+        self.errors = {int(b): e for b, e in self.loaded["errors"].items()}
+
+    def _read(self) -> None:
+        # Reads every line (an unread pipe would stall the worker once full); only ours count.
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            word, _, rest = line.partition(" ")
+            if word == MESSAGE:
+                self.messages.put(json.loads(rest))
+        self.messages.put(None)  # end of output: the worker has exited (or closed stdout)
+
+    def _receive(self, kind: str) -> dict:
         try:
-            proc.wait(timeout=cfg.benchmark.worker_timeout)
-            err.seek(0)
-            why = f"worker exited with code {proc.returncode}: {_tail(err.read())}"
-        except subprocess.TimeoutExpired:
-            why = f"worker timed out after {cfg.benchmark.worker_timeout:.0f} s"
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            # not waited for beyond this: a process the worker spawned may hold the pipe open
-            follower.join(timeout=5)
-    rows = []
-    if rows_file.is_file():
-        rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
-    done = {r["batch"] for r in rows}
-    for batch in protocol_settings(cfg)["batch_sizes"]:
-        if batch not in done:
-            rows.append({"variant": variant, "batch": batch, "status": "failed", "error": why})
-    return rows
+            msg = self.messages.get(timeout=self.timeout)
+        except queue.Empty:
+            self.close()
+            raise ContenderFailed(
+                f"worker timed out after {self.timeout:.0f} s", fatal=True
+            ) from None
+        if msg is None:
+            code = self.proc.wait()
+            self.err.seek(0)
+            raise ContenderFailed(
+                f"worker exited with code {code}: {_tail(self.err.read())}", fatal=True
+            )
+        if msg["type"] == "error":
+            raise ContenderFailed(msg["error"])
+        if msg["type"] != kind:
+            raise ContenderFailed(f"worker answered {msg['type']!r}, expected {kind!r}", True)
+        return msg
 
+    def _send(self, command: dict) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(command) + "\n")
+            self.proc.stdin.flush()
+        except OSError as e:  # it died: _receive says how
+            log.debug("%s: %s", self.name, e)
 
-def _follow(stdout: IO[str], variant: str, bar: tqdm | None) -> None:
-    # Reads every line (an unread pipe would stall the worker once full); only ours count. The
-    # worker writes them before a row's checks and after its timing, so a redraw here never
-    # falls inside a timed call.
-    for line in stdout:
-        word = line.split()
-        if bar is None or len(word) != 3 or word[0] != PROGRESS:
-            continue
-        if word[1] == "start":
-            bar.set_description(f"{variant} b{word[2]}")
-        else:
-            bar.update(1)
+    def takes(self, batch: int) -> bool:
+        return batch in self.checks
+
+    def trial(self, batch: int) -> dict:
+        self._send({"cmd": "trial", "batch": batch})
+        return self._receive("trial")
+
+    def finish(self) -> dict:
+        self._send({"cmd": "finish"})
+        return self._receive("finished")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.err.close()
 
 
 def _tail(text: str, lines: int = 3) -> str:
     return error_text(" | ".join(text.strip().splitlines()[-lines:]))
+
+
+def measure(
+    cfg: DictConfig, variants: list[str], work: Path, bar: tqdm | None = None
+) -> tuple[list[dict], dict]:
+    """Every variant's worker started (one at a time: loading is not timed, and no two load
+    at once), all timed interleaved (`rounds.interleave`), then finished one at a time (their
+    throughput mode). (rows, facts): a row per variant and batch size, failed ones with their
+    reason; the rounds and the machine's load before and after."""
+    protocol = protocol_settings(cfg)
+    sizes = list(protocol["batch_sizes"])
+    workers: dict[str, WorkerProcess] = {}
+    failed: dict[str, str] = {}
+
+    def step(what: str) -> None:
+        if bar is not None:
+            bar.set_description(what)
+            bar.update(1)
+
+    load_before = os.getloadavg()
+    try:
+        for v in variants:
+            log.info("loading %s in a fresh process (checks and warm-up at %s)", v, sizes)
+            try:
+                workers[v] = WorkerProcess(cfg, v, work)
+            except ContenderFailed as e:
+                failed[v] = str(e)
+            step(f"{v} loaded")
+        outcome = rounds.interleave(
+            list(workers.values()),
+            sizes,
+            protocol["trials"],
+            on_trial=lambda name, batch, r: step(f"round {r + 1} b{batch}"),
+        )
+        finished: dict[str, dict] = {}
+        for v, w in workers.items():
+            try:
+                finished[v] = w.finish()
+            except ContenderFailed as e:
+                failed[v] = f"after its trials: {e}"
+            step(f"{v} finished")
+    finally:
+        for w in workers.values():
+            w.close()
+    load_after = os.getloadavg()
+    rows = []
+    for v in variants:
+        for b in sizes:
+            row: dict[str, Any] = {"variant": v, "batch": b}
+            w_or_none = workers.get(v)
+            if w_or_none is None:
+                rows.append({**row, "status": "failed", "error": failed[v]})
+                continue
+            w = w_or_none
+            row.update(device=w.loaded["device"], threads=w.loaded["threads"])
+            error = w.errors.get(b) or outcome.errors.get((v, b))
+            if error is None and v in failed:
+                error = failed[v]
+            if error is not None:
+                rows.append({**row, "status": "failed", "error": error})
+                continue
+            trials = outcome.trials[v, b]
+            done = finished[v]
+            windows = [t["power"] for t in trials if "power" in t]
+            row.update(
+                summarise(
+                    [t["times"] for t in trials],
+                    b,
+                    windows if len(windows) == len(trials) else None,
+                ),
+                status="ok",
+                check_agreement_pct=w.checks[b],
+                peak_rss_mb=done.get("peak_rss_mb"),
+                **done["batches"].get(str(b), {}),
+            )
+            for k in ("cuda_max_allocated_mb", "power_error"):
+                if done.get(k) is not None:
+                    row[k] = done[k]
+            rows.append(row)
+    facts = {
+        "timing": "interleaved: every variant loaded in its own process, one trial of each in "
+        "turn per round, the order rotated each round",
+        "rounds": outcome.rounds,
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in load_after],
+    }
+    return rows, facts
+
+
+def add_roofline(
+    cfg: DictConfig, rows: list[dict], model: torch.nn.Module, input_size: int, flops: float
+) -> tuple[dict, dict]:
+    """Each ok row's roofline columns (`oipipe.measure.roofline.point`), from this machine's
+    peaks measured now (every worker has exited: the machine is as quiet as the rows had it),
+    with the rows' thread count; (peaks, traffic). benchmark.roofline=false: none."""
+    if not cfg.benchmark.roofline:
+        return {}, {}
+    ok = [r for r in rows if r["status"] == "ok"]
+    wanted: dict[str, set[str]] = {}
+    for r in ok:
+        wanted.setdefault(r.get("device") or "cpu", set()).add(str(r.get("precision")))
+    threads = torch.get_num_threads()
+    if cfg.benchmark.threads:
+        torch.set_num_threads(cfg.benchmark.threads)
+    try:
+        log.info("measuring this machine's matmul peaks and copy bandwidth (%s)", sorted(wanted))
+        peaks = roofline.measure_peaks(wanted)
+    finally:
+        torch.set_num_threads(threads)
+    fixed, per_image = roofline.traffic(model, input_size)
+    for r in ok:
+        r.update(roofline.point(r, flops, fixed, per_image, peaks))
+    return peaks, {"fixed_bytes": fixed, "bytes_per_image": per_image, "precision": "fp32"}
+
+
+def choose_baselines(rows: list[dict], sizes: list[int]) -> dict[int, str]:
+    """The baseline at each batch size: the faster of the channels_last and NCHW eager rows
+    there, by the median of their per-round ratio (one of them when the other did not run)."""
+    out = {}
+    for b in sizes:
+        got = {
+            r["variant"]: r
+            for r in rows
+            if r["batch"] == b and r["variant"] in (BASELINE, NCHW) and r["status"] == "ok"
+        }
+        if len(got) == 2:
+            ratio = rounds.ratio_summary(
+                rounds.round_ratios(
+                    got[NCHW]["throughput_rounds"], got[BASELINE]["throughput_rounds"]
+                )
+            )["median"]
+            out[b] = NCHW if ratio > 1 else BASELINE
+        elif got:
+            out[b] = next(iter(got))
+    return out
+
+
+def add_speedups(rows: list[dict], base: dict[int, str]) -> None:
+    """Each ok row's speed-up over its batch's baseline: the median of the per-round ratios
+    (a trial over the baseline's trial of the same round), with their spread; in throughput
+    mode (not interleaved) the ratio of the medians."""
+    by = {(r["variant"], r["batch"]): r for r in rows if r["status"] == "ok"}
+    for r in rows:
+        b = r["batch"]
+        ref = by.get((base.get(b), b))
+        if r["status"] != "ok" or ref is None:
+            continue
+        ratio = rounds.ratio_summary(
+            rounds.round_ratios(r["throughput_rounds"], ref["throughput_rounds"])
+        )
+        r["speedup"] = round(ratio["median"], 3)
+        r["speedup_min"], r["speedup_max"] = round(ratio["min"], 3), round(ratio["max"], 3)
+        r["baseline"] = ref["variant"]
+        if r.get("throughput_concurrent") and ref.get("throughput_concurrent"):
+            r["speedup_concurrent"] = round(
+                r["throughput_concurrent"] / ref["throughput_concurrent"], 3
+            )
 
 
 def run(cfg: DictConfig) -> dict:
@@ -200,26 +399,24 @@ def run(cfg: DictConfig) -> dict:
     baseline_size = (
         sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
     )
-    rows: list[dict] = []
     variants, sizes = [*baselines(cfg), *to_time], len(protocol["batch_sizes"])
     # No clock (tick=None) and a redraw per update only (miniters=1: tqdm's monitor thread then
-    # never redraws): the bar moves between measurements, never while a worker times a call.
+    # never redraws): the bar moves between trials, never while a worker times a call.
     with (
         tempfile.TemporaryDirectory(prefix="benchmark-") as tmp,
         progress.steps(
-            len(variants) * sizes, "benchmark", "row", tick=None, miniters=1, mininterval=0
+            len(variants) * (2 + sizes * protocol["trials"]),
+            "benchmark",
+            "step",
+            tick=None,
+            miniters=1,
+            mininterval=0,
         ) as bar,
     ):
-        for k, variant in enumerate(variants, start=1):
-            log.info(
-                "timing %s at batch sizes %s in a fresh process", variant, protocol["batch_sizes"]
-            )
-            bar.set_description(variant)
-            done = run_worker(cfg, variant, Path(tmp), bar)
-            bar.update(k * sizes - bar.n)  # the rows a crashed worker did not report
-            for r in done:
-                log.info("  %s b%d: %s", variant, r["batch"], row_summary(r))
-            rows += done
+        rows, timing_facts = measure(cfg, variants, Path(tmp), bar)
+        bar.update(bar.total - bar.n)  # the trials of rows that failed before them
+    for r in rows:
+        log.info("  %s b%d: %s", r["variant"], r["batch"], row_summary(r))
     for name, rec in records.items():
         if rec["status"] != "ok":
             rows += [
@@ -232,45 +429,37 @@ def run(cfg: DictConfig) -> dict:
                 for b in protocol["batch_sizes"]
             ]
     rows = [_complete(r, records, baseline_acc, baseline_size, flops) for r in rows]
-    base = {
-        r["batch"]: r["throughput"]
-        for r in rows
-        if r["variant"] == BASELINE and r["status"] == "ok"
-    }
-    for r in rows:
-        if r["status"] == "ok" and r["batch"] in base:
-            r["speedup"] = round(r["throughput"] / base[r["batch"]], 3)
-    base_concurrent = {
-        r["batch"]: r["throughput_concurrent"]
-        for r in rows
-        if r["variant"] == BASELINE and r.get("throughput_concurrent")
-    }
-    for r in rows:
-        if r.get("throughput_concurrent") and r["batch"] in base_concurrent:
-            r["speedup_concurrent"] = round(
-                r["throughput_concurrent"] / base_concurrent[r["batch"]], 3
-            )
-    winners = {str(b): winner(rows, b) for b in protocol["batch_sizes"]}
+    ref = cfg.benchmark.reference_batch
+    ref = ref if ref in protocol["batch_sizes"] else max(protocol["batch_sizes"])
+    chosen = choose_baselines(rows, list(protocol["batch_sizes"]))
+    add_speedups(rows, chosen)
+    peaks, traffic = add_roofline(cfg, rows, model, meta["input_size"], flops)
+    margin = cfg.benchmark.tie_margin_pct
+    winners = {str(b): winner(rows, b, margin_pct=margin) for b in protocol["batch_sizes"]}
     # the same verdict with several requests in flight (benchmark.throughput_mode)
     winners_concurrent = {
-        str(b): winner(rows, b, "throughput_concurrent")
+        str(b): winner(rows, b, "throughput_concurrent", margin)
         for b in protocol["batch_sizes"]
         if b in cfg.benchmark.throughput_mode.batch_sizes
     }
-    ref = cfg.benchmark.reference_batch
-    ref = ref if ref in protocol["batch_sizes"] else max(protocol["batch_sizes"])
     best = winners[str(ref)]
     facts = machine.machine_info()
     table = {
         "protocol": cfg.benchmark.protocol,
         "device": baseline_device(cfg),
         "threads": next((r["threads"] for r in rows if r.get("threads")), None),
-        "baseline": BASELINE,
+        "threads_reason": threads_reason(cfg, rows),
+        # the baseline at the reference batch, and at each batch size (the faster eager layout)
+        "baseline": chosen.get(ref, BASELINE),
+        "baselines": {str(b): v for b, v in chosen.items()},
         "baseline_note": (
-            "eager fp32, channels_last, inference_mode"
+            "eager fp32 under inference_mode, the faster of channels_last (eager_fp32) and "
+            "NCHW (eager_fp32_nchw) at each batch size"
             if baseline_device(cfg) == "cpu"
             else "eager fp32, inference_mode"
         ),
+        "tie_margin_pct": margin,
+        **timing_facts,
         "eval_splits": list(cfg.optimize.eval_splits),
         "eval_images": int(len(labels)),
         "reference_batch": ref,
@@ -280,6 +469,8 @@ def run(cfg: DictConfig) -> dict:
         "winners": winners,
         "winners_throughput_mode": winners_concurrent,
         "gflops_per_image": round(flops / 1e9, 4),
+        "peaks": peaks,
+        "traffic": traffic,
         "machine": facts,
         "rows": {f"{r['variant']}.b{r['batch']}": r for r in rows},
     }
@@ -297,7 +488,13 @@ def run(cfg: DictConfig) -> dict:
         PARETO_COLUMNS,
         [[_csv(p.get(c)) for c in PARETO_COLUMNS] for p in front],
     )
-    pareto_chart(front, ref, BASELINE, plots / "pareto.png")
+    pareto_chart(front, ref, table["baseline"], plots / "pareto.png")
+    roofline_chart(
+        rows,
+        roofline.roofs(peaks),
+        sorted({min(protocol["batch_sizes"]), ref}),
+        plots / "roofline.png",
+    )
     with stage_run(cfg, "benchmark") as tracker:
         tracker.set_tags({f"machine.{k}": str(v) for k, v in facts.items()})
         tracker.log_params(
@@ -321,12 +518,22 @@ def run(cfg: DictConfig) -> dict:
                 "benchmark.best_variant": str(best["variant"]),
                 "benchmark.best_verdict": str(best.get("verdict")),
                 **{f"benchmark.winner.b{b}": str(w["variant"]) for b, w in winners.items()},
+                **{f"benchmark.baseline.b{b}": v for b, v in table["baselines"].items()},
             }
         )
         log_child_runs(tracker, rows, cfg)
+        tracker.log_metrics(
+            {
+                f"peak.{device}.{k}": float(v)
+                for device, got in peaks.items()
+                for k, v in got.items()
+                if isinstance(v, int | float) and k != "threads"
+            }
+        )
         for f in (
             path(cfg, "metrics") / "benchmark.json",
             plots / "pareto.png",
+            plots / "roofline.png",
             plots / "pareto.csv",
         ):
             tracker.log_artifact(f)
@@ -351,9 +558,10 @@ def _winner_line(w: dict) -> str:
         return "none (no variant finished with a verdict other than fail)"
     return (
         f"{w['variant']} ({w['verdict']}), {w['throughput']:.1f} img/s, p99 "
-        f"{w['latency_p99_ms']:.1f} ms, {w['speedup']:.2f}x {BASELINE}, "
+        f"{w['latency_p99_ms']:.1f} ms, {w['speedup']:.2f}x {w.get('baseline')}, "
         f"top-1 {w['top1_pct']:.1f}% [{w['top1_ci_low_pct']:.1f}, "
         f"{w['top1_ci_high_pct']:.1f}] on {w['eval_images']} images"
+        + (f"; its speed ties with {', '.join(w['tied_with'])}" if w.get("tied_with") else "")
     )
 
 
@@ -361,6 +569,7 @@ def _complete(
     row: dict, records: dict, baseline_acc: dict, baseline_size: float, flops: float
 ) -> dict:
     out = {c: row.get(c) for c in COLUMNS}
+    out["throughput_rounds"] = row.get("throughput_rounds")  # benchmark.json only, not the CSV
     if row["variant"] in (BASELINE, NCHW):
         out.update(
             backend="torch_eager",
@@ -400,15 +609,19 @@ def _complete(
 
 WINNER_KEYS = (
     "variant",
+    "baseline",
     "verdict",
     "batch",
     "throughput",
     "latency_p99_ms",
     "speedup",
+    "speedup_min",
+    "speedup_max",
     "top1_pct",
     "top1_ci_low_pct",
     "top1_ci_high_pct",
     "eval_images",
+    "size_mb",
 )
 CONCURRENT_KEYS = (
     "throughput_concurrent",
@@ -418,15 +631,29 @@ CONCURRENT_KEYS = (
 )
 
 
-def winner(rows: list[dict], batch: int, key: str = "throughput") -> dict:
-    """The fastest row at `batch` whose accuracy verdict is not `fail` (an `undecided` one is
-    kept and labelled by its verdict); {"variant": None, "batch": batch} when there is none.
-    `key` throughput_concurrent: fastest in throughput mode, with how that mode ran."""
-    best = fastest_shippable([r for r in rows if r["batch"] == batch], key)
+def winner(
+    rows: list[dict], batch: int, key: str = "throughput", margin_pct: float = TIE_MARGIN_PCT
+) -> dict:
+    """The row to ship at `batch` (`pareto.fastest_shippable`: the fastest whose accuracy verdict
+    is not `fail`, unless rows whose speeds tie with it are better on verdict, accuracy, size);
+    `tied_with` names the rows whose speed tied; {"variant": None, "batch": batch} when there is
+    none. `key` throughput_concurrent: throughput mode, with how that mode ran."""
+    best = fastest_shippable([r for r in rows if r["batch"] == batch], key, margin_pct)
     if best is None:
         return {"variant": None, "batch": batch}
     keys = WINNER_KEYS + (CONCURRENT_KEYS if key == "throughput_concurrent" else ())
-    return {k: best.get(k) for k in keys}
+    return {**{k: best.get(k) for k in keys}, "tied_with": [r["variant"] for r in best["tied"]]}
+
+
+def threads_reason(cfg: DictConfig, rows: list[dict]) -> str:
+    """The intra-op thread count the rows were timed with, and why that one."""
+    threads = next((r["threads"] for r in rows if r.get("threads")), None)
+    if cfg.benchmark.threads:
+        return f"{threads}: benchmark.threads"
+    return (
+        f"{threads}: torch's default, one per core this process may use ("
+        f"{len(os.sched_getaffinity(0))} CPUs in its affinity mask); benchmark.threads sets another"
+    )
 
 
 def _csv(v: Any) -> Any:
@@ -485,10 +712,14 @@ def log_child_runs(tracker, rows: list[dict], cfg: DictConfig) -> None:
                     k: float(r[k])
                     for k in (
                         "throughput",
+                        "throughput_min",
+                        "throughput_max",
                         "latency_p50_ms",
                         "latency_p90_ms",
                         "latency_p99_ms",
                         "speedup",
+                        "speedup_min",
+                        "speedup_max",
                         "top1_pct",
                         "top1_ci_low_pct",
                         "top1_ci_high_pct",
@@ -498,6 +729,8 @@ def log_child_runs(tracker, rows: list[dict], cfg: DictConfig) -> None:
                         "build_seconds",
                         "peak_rss_mb",
                         "gflops_per_s",
+                        "intensity_flop_per_byte",
+                        "peak_pct",
                         "throughput_concurrent",
                         "speedup_concurrent",
                         "concurrency",
@@ -513,6 +746,8 @@ def log_child_runs(tracker, rows: list[dict], cfg: DictConfig) -> None:
                 mlflow.set_tag("error", str(r["error"])[:5000])
             if r.get("concurrency_method"):
                 mlflow.set_tag("concurrency_method", str(r["concurrency_method"])[:5000])
+            if r.get("baseline"):
+                mlflow.set_tag("baseline", r["baseline"])
             if r.get("verdict"):
                 mlflow.set_tag("verdict", r["verdict"])
                 code = verdict_code(r["verdict"])

@@ -49,6 +49,7 @@ BENCHMARK_CHARTS = {  # file under paths.plots: caption
     "pareto.png": "throughput against top-1 (95% intervals) at the reference batch, "
     "the Pareto frontier drawn",
 }
+BASELINE = "eager_fp32"  # the benchmark's channels_last eager row
 BASELINE_NCHW = "eager_fp32_nchw"  # the benchmark's NCHW twin of its channels_last baseline
 
 
@@ -577,16 +578,35 @@ def optimize_section(cfg: DictConfig, records: list[dict]) -> tuple[list[Block],
     }
 
 
-def baseline_name(bench: dict) -> str:
-    """What the speed-ups divide by, in words. The benchmark keeps an NCHW twin of its baseline
-    exactly when the baseline runs channels_last (on CPU); without the twin it is plain NCHW."""
-    baseline = bench.get("baseline") or "eager_fp32"
-    layout = (
-        "channels_last "
-        if any(r.get("variant") == BASELINE_NCHW for r in bench.get("rows", {}).values())
-        else ""
-    )
+def baseline_of(bench: dict, batch: int | None = None) -> str:
+    """The variant the speed-ups at `batch` divide by: the faster eager layout there (older
+    benchmarks name one baseline for every batch size)."""
+    per_batch = bench.get("baselines") or {}
+    return per_batch.get(str(batch)) or bench.get("baseline") or "eager_fp32"
+
+
+def baseline_name(bench: dict, batch: int | None = None) -> str:
+    """What the speed-ups at `batch` divide by, in words: the layout and the variant."""
+    baseline = baseline_of(bench, batch)
+    twin = any(r.get("variant") == BASELINE_NCHW for r in bench.get("rows", {}).values())
+    layout = "NCHW " if baseline == BASELINE_NCHW else "channels_last " if twin else ""
     return f"{layout}eager fp32 (`{baseline}`)"
+
+
+def threads_text(bench: dict) -> str:
+    reason = bench.get("threads_reason")
+    return f"{num(bench.get('threads'))} thread(s)" + (f" ({reason})" if reason else "")
+
+
+def load_text(bench: dict) -> str:
+    """The machine's load averages before and after the timing, when recorded."""
+    before, after = bench.get("load_before"), bench.get("load_after")
+    if not before or not after:
+        return ""
+    return (
+        f" The machine's 1-minute load average was {before[0]:.2f} before the timing and "
+        f"{after[0]:.2f} after."
+    )
 
 
 def winners(bench: dict) -> dict[int, dict]:
@@ -597,7 +617,7 @@ def winners(bench: dict) -> dict[int, dict]:
 def winner_text(w: dict, batch: int, bench: dict, records: dict[str, dict]) -> tuple[str, str]:
     """(what, figures) for the winner at one batch size: `x` (accuracy undecided), and its
     throughput, p99, accuracy and speed-up against the named baseline."""
-    v, baseline = w.get("variant"), bench.get("baseline")
+    v, baseline = w.get("variant"), baseline_of(bench, batch)
     what = f"`{v}`" + (" (accuracy undecided)" if w.get("verdict") == "undecided" else "")
     acc = accuracy_text(
         w.get("top1_pct"), w.get("top1_ci_low_pct"), w.get("top1_ci_high_pct"), w.get("eval_images")
@@ -607,10 +627,20 @@ def winner_text(w: dict, batch: int, bench: dict, records: dict[str, dict]) -> t
         f"{num(w.get('latency_p99_ms'), 2)} ms, top-1 {acc}"
     )
     sp = w.get("speedup")
-    if v == baseline:
-        figures += f"; no variant that holds its accuracy beat the baseline, {baseline_name(bench)}"
+    if v in (baseline, BASELINE, BASELINE_NCHW):
+        figures += (
+            f"; no variant that holds its accuracy beat the baseline, {baseline_name(bench, batch)}"
+        )
     elif sp is not None:
-        figures += f"; {sp:.1f}× the throughput of {baseline_name(bench)} at batch {batch}"
+        figures += f"; {sp:.1f}× the throughput of {baseline_name(bench, batch)} at batch {batch}"
+    if w.get("tied_with"):
+        figures += (
+            "; its speed ties with "
+            + ", ".join(f"`{t}`" for t in w["tied_with"])
+            + " (their per-round speeds are not told apart, or are within "
+            f"{num(bench.get('tie_margin_pct'))}%), so it is chosen for its verdict, then its "
+            "top-1, then its size"
+        )
     if w.get("verdict") == "undecided":
         need = (records.get(str(v)) or {}).get("images_to_decide")
         figures += (
@@ -690,10 +720,18 @@ def benchmark_section(cfg: DictConfig, bench: dict | None) -> tuple[list[Block],
     blocks.append(
         Para(
             f"Protocol `{bench.get('protocol', DASH)}` on "
-            f"{bench.get('device', DASH)} with {num(bench.get('threads'))} thread(s); "
-            f"throughput is the median over trials. The baseline is "
-            f"{baseline_name(bench)} under `torch.inference_mode`, PyTorch's own advice "
-            "for inference; speed-ups divide by it at the same batch size."
+            f"{bench.get('device', DASH)} with {threads_text(bench)}; every variant was "
+            "loaded in its own process and timed in turn, round after round, so a noisy "
+            "minute slows every row of its round; throughput is the median over rounds and "
+            "a speed-up the median of per-round ratios. The baseline at each batch size is "
+            "the faster eager fp32 layout there under `torch.inference_mode`, PyTorch's own "
+            "advice for inference: "
+            + ", ".join(
+                f"batch {b} {baseline_name(bench, int(b))}"
+                for b in sorted((bench.get("baselines") or {}), key=int)
+            )
+            + "."
+            + load_text(bench)
         )
     )
     throughput = {
@@ -702,16 +740,17 @@ def benchmark_section(cfg: DictConfig, bench: dict | None) -> tuple[list[Block],
         if r.get("status") == "ok" and r.get("throughput")
     }
     gains = [
-        f"{throughput[baseline, b] / t:.2f}× at batch {b}"
+        f"{throughput[BASELINE, b] / t:.2f}× at batch {b}"
         for (v, b), t in sorted(throughput.items(), key=lambda kv: kv[0][1])
-        if v == BASELINE_NCHW and (baseline, b) in throughput
+        if v == BASELINE_NCHW and (BASELINE, b) in throughput
     ]
     if gains:
         blocks.append(
             Para(
                 f"`{BASELINE_NCHW}` is the same model in PyTorch's default NCHW "
-                "layout, kept so the difference shows. Throughput of the "
-                "channels_last baseline over NCHW: " + ", ".join(gains) + "."
+                f"layout. Throughput of channels_last (`{BASELINE}`) over NCHW: "
+                + ", ".join(gains)
+                + "."
             )
         )
     wins = winners(bench)
@@ -783,6 +822,9 @@ def benchmark_section(cfg: DictConfig, bench: dict | None) -> tuple[list[Block],
         chart = plots / name
         if chart.is_file():
             blocks.append(Image(chart, caption))
+        if name == "pareto.png":
+            blocks += pareto_table(rows, ref)
+    blocks += roofline_blocks(bench, rows, plots)
     return blocks, {
         "best_variant": best,
         "best_speedup": speedup,
@@ -791,6 +833,118 @@ def benchmark_section(cfg: DictConfig, bench: dict | None) -> tuple[list[Block],
         "reference_batch": ref,
         "rows": len(rows),
     }
+
+
+def pareto_table(rows: list[dict], ref: int | None) -> list[Block]:
+    """The chart's points as a table beside it, fastest first: what the labels say, readable."""
+    points = sorted(
+        (r for r in rows if r.get("batch") == ref and r.get("status") == "ok"),
+        key=lambda r: -(r.get("throughput") or 0),
+    )
+    if not points:
+        return []
+    table = [
+        [
+            str(r.get("variant")),
+            num(r.get("throughput"), 1),
+            accuracy_text(
+                r.get("top1_pct"),
+                r.get("top1_ci_low_pct"),
+                r.get("top1_ci_high_pct"),
+                r.get("eval_images"),
+            ),
+            str(r.get("verdict") or DASH),
+            "yes" if on_frontier(r, points) else "no",
+        ]
+        for r in points
+    ]
+    return [
+        Table(
+            [
+                "variant",
+                f"throughput at batch {ref} (img/s)",
+                "top-1",
+                "verdict",
+                "on the frontier",
+            ],
+            table,
+            numeric={1},
+        )
+    ]
+
+
+def on_frontier(r: dict, points: list[dict]) -> bool:
+    """No other point at least as fast and as accurate, and better in one (pareto's rule)."""
+    t, a = r.get("throughput") or 0, r.get("top1_pct") or 0
+    return not any(
+        (q.get("throughput") or 0) >= t
+        and (q.get("top1_pct") or 0) >= a
+        and ((q.get("throughput") or 0) > t or (q.get("top1_pct") or 0) > a)
+        for q in points
+    )
+
+
+def roofline_blocks(bench: dict, rows: list[dict], plots: Path) -> list[Block]:
+    """How far from the limit: the machine's measured peaks and each row's share of its own."""
+    peaks = bench.get("peaks") or {}
+    if not peaks:
+        return []
+    said = []
+    for device, got in sorted(peaks.items()):
+        parts = [
+            f"{label} {num(got.get(key), 1)}"
+            for key, label in (
+                ("fp32_gflops", "fp32 GFLOP/s"),
+                ("bf16_gflops", "bf16 GFLOP/s"),
+                ("fp16_gflops", "fp16 GFLOP/s"),
+                ("int8_gops", "int8 GOP/s"),
+            )
+            if got.get(key)
+        ]
+        said.append(
+            f"{device}: "
+            + ", ".join(parts)
+            + f", copy bandwidth {num(got.get('bandwidth_gbs'), 1)} GB/s"
+            f" ({num(got.get('threads'))} thread(s), {num(got.get('seconds'), 1)} s to measure)"
+        )
+    blocks: list[Block] = [
+        Heading(3, "How far from the limit"),
+        Para(
+            "This machine's practical peaks, measured after the timing (the best of a second "
+            "of 2048-square matmuls per precision, and of a 512 MiB copy): "
+            + "; ".join(said)
+            + ". Each row's achieved GFLOP/s (the model's FLOPs times its images/s) is a share "
+            "of the peak of its precision; its intensity counts the bytes every op of the fp32 "
+            "graph moves, at the row's element width (an engine that fuses moves less: its "
+            "real point lies further right). Below the bandwidth's slope a row is held by "
+            "memory, under the flat roof by compute."
+        ),
+    ]
+    ok = sorted(
+        (r for r in rows if r.get("status") == "ok" and r.get("intensity_flop_per_byte")),
+        key=lambda r: (r.get("batch") or 0, -(r.get("peak_pct") or 0)),
+    )
+    blocks.append(
+        Table(
+            ["variant", "batch", "precision", "GFLOP/s", "share of peak", "FLOPs per byte"],
+            [
+                [
+                    str(r.get("variant")),
+                    num(r.get("batch")),
+                    str(r.get("precision")),
+                    num(r.get("gflops_per_s"), 1),
+                    f"{num(r.get('peak_pct'), 1)}%" if r.get("peak_pct") is not None else DASH,
+                    num(r.get("intensity_flop_per_byte"), 1),
+                ]
+                for r in ok
+            ],
+            numeric={1, 3, 4, 5},
+        )
+    )
+    chart = plots / "roofline.png"
+    if chart.is_file():
+        blocks.append(Image(chart, "roofline: achieved GFLOP/s against FLOPs per byte"))
+    return blocks
 
 
 def profile_section(cfg: DictConfig, prof: dict | None) -> list[Block]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import copy_export, logits_in_fresh_process, run_stage, write_params
+from omegaconf import OmegaConf
 
 from oipipe.core.config import compose, path
 from oipipe.core.errors import ConfigError, InputError
@@ -27,7 +28,12 @@ from stages import optimize
 # times slower than fp32): test_bf16_variants_are_skipped_where_bf16_is_emulated and
 # test_allow_emulated_builds_a_bf16_variant_anyway. These machines differ, so ask this one.
 NATIVE_BF16 = cpu_has_native_bf16()
-OPENVINO = ["openvino_fp32", *(["openvino_bf16"] if NATIVE_BF16 else []), "openvino_int8"]
+OPENVINO = [
+    "openvino_fp32",
+    *(["openvino_bf16"] if NATIVE_BF16 else []),
+    "openvino_int8",
+    "openvino_qdq_int8",
+]
 CPU_VARIANTS = [
     *(["eager_bf16"] if NATIVE_BF16 else []),
     "inductor_fp32",
@@ -232,7 +238,7 @@ out["b1"], out["b5"] = rt(x[:1]), rt(x)""",
     np.testing.assert_allclose(got["b1"][0], got["b5"][0], rtol=1e-3, atol=1e-3)
     if name == "openvino_fp32":
         np.testing.assert_allclose(got["b5"], fp32, rtol=1e-4, atol=1e-4)
-    if name == "openvino_int8":
+    if name in ("openvino_int8", "openvino_qdq_int8"):
         assert rec["calibration_images"] == 32 and rec["int8_layers"] > 10
     else:
         assert rec["int8_layers"] == 0
@@ -632,3 +638,20 @@ def test_entry_point_exit_codes(cfg, tmp_path) -> None:
     assert res.returncode == 0, res.stderr
     rec = json.loads((path(cfg, "optimized") / "trt_fp16" / "record.json").read_text())
     assert rec["status"] == ("ok" if HAS_TRT else "skipped")
+
+
+def test_openvino_qdq_int8_quantizes_with_onnxruntime_int8s_settings(cfg) -> None:
+    """One block of settings for the one QDQ file both engines run: changing
+    onnxruntime_int8's changes what openvino_qdq_int8 builds with."""
+    changed = OmegaConf.merge(
+        cfg, {"optimize": {"settings": {"onnxruntime_int8": {"per_channel": False}}}}
+    )
+    ctx = build.BuildContext(
+        changed, "openvino_qdq_int8", VARIANTS["openvino_qdq_int8"], None, {}, None, None, None
+    )
+    assert ctx.settings == OmegaConf.to_container(changed.optimize.settings.onnxruntime_int8)
+    assert ctx.settings["per_channel"] is False
+    own = build.BuildContext(
+        cfg, "openvino_int8", VARIANTS["openvino_int8"], None, {}, None, None, None
+    )
+    assert own.settings == OmegaConf.to_container(cfg.optimize.settings.openvino_int8)

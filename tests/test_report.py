@@ -127,7 +127,12 @@ BENCHMARK = {
     "protocol": "default",
     "device": "cpu",
     "threads": 2,
+    "threads_reason": "2: benchmark.threads",
     "baseline": "eager_fp32",
+    "baselines": {"1": "eager_fp32", "32": "eager_fp32"},
+    "load_before": [0.5, 0.4, 0.3],
+    "load_after": [1.25, 0.9, 0.5],
+    "tie_margin_pct": 5,
     "reference_batch": 32,
     "best_variant": "onnxruntime_int8",
     "best_speedup": 11.2,
@@ -593,9 +598,15 @@ def test_report_tables_hold_the_numbers(cfg) -> None:
     # Benchmark: the baseline named, the NCHW row and the channels_last gain, rows with
     # accuracy and verdict, the winners, and every chart (the Pareto one too).
     bench = s["Benchmark"]
-    assert "The baseline is channels_last eager fp32 (`eager_fp32`)" in bench
     assert (
-        "Throughput of the channels_last baseline over NCHW: 1.25× at batch 1, 1.25× at batch 32."
+        "The baseline at each batch size is the faster eager fp32 layout there under "
+        "`torch.inference_mode`, PyTorch's own advice for inference: batch 1 channels_last "
+        "eager fp32 (`eager_fp32`), batch 32 channels_last eager fp32 (`eager_fp32`)."
+    ) in bench
+    assert "with 2 thread(s) (2: benchmark.threads)" in bench
+    assert "load average was 0.50 before the timing and 1.25 after" in bench
+    assert (
+        "Throughput of channels_last (`eager_fp32`) over NCHW: 1.25× at batch 1, 1.25× at batch 32."
     ) in bench
     assert bench_table_row(bench, "eager_fp32_nchw", "32")[3] == "58.0"
     assert bench_table_row(bench, "onnxruntime_int8", "32") == [
@@ -679,6 +690,11 @@ def _baseline_wins(b: dict) -> None:
     }
 
 
+def _tie_and_nchw_baseline(b: dict) -> None:
+    b["baselines"]["32"] = "eager_fp32_nchw"
+    b["winners"]["32"] = {**WINNER_32, "tied_with": ["openvino_int8", "inductor_fp32"]}
+
+
 def _nothing_finished(b: dict) -> None:
     b["winners"]["32"] = {"variant": None}
 
@@ -702,6 +718,14 @@ def _no_winners(b: dict) -> None:
             "**Ship `eager_fp32` at batch 32**: 72.5 images/s, p99 latency 460.02 ms, top-1 91.7% "
             "[64.6, 98.5], n=12; no variant that holds its accuracy beat the baseline, "
             "channels_last eager fp32 (`eager_fp32`).",
+        ),
+        (
+            _tie_and_nchw_baseline,
+            "**Ship `onnxruntime_int8` at batch 32**: 812.3 images/s, p99 latency 44.81 ms, top-1 "
+            "91.7% [64.6, 98.5], n=12; 11.2× the throughput of NCHW eager fp32 "
+            "(`eager_fp32_nchw`) at batch 32; its speed ties with `openvino_int8`, "
+            "`inductor_fp32` (their per-round speeds are not told apart, or are within 5%), so it "
+            "is chosen for its verdict, then its top-1, then its size.",
         ),
         (
             _nothing_finished,

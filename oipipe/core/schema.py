@@ -297,6 +297,8 @@ class BenchmarkConf(Schema):
     min_agreement_pct: Annotated[float, Field(ge=0, le=100)]
     reference_batch: PositiveInt
     worker_timeout: PositiveFloat
+    tie_margin_pct: Annotated[float, Field(ge=0, le=100)]
+    roofline: bool
     throughput_mode: ThroughputModeConf
 
     @model_validator(mode="after")

@@ -54,8 +54,9 @@ class BuildContext:
 
     @property
     def settings(self) -> dict[str, Any]:
-        """The variant's block of conf/optimize (`optimize.settings.<name>`), or {}."""
-        block = (self.cfg.optimize.get("settings") or {}).get(self.name)
+        """The variant's block of conf/optimize (`optimize.settings.<name>`, or the block its
+        row names: openvino_qdq_int8 quantizes as onnxruntime_int8 does), or {}."""
+        block = (self.cfg.optimize.get("settings") or {}).get(self.variant.settings or self.name)
         return cast(dict, OmegaConf.to_container(block)) if block is not None else {}
 
     def export(self, module: nn.Module, example: torch.Tensor | None = None):

@@ -1,6 +1,7 @@
 """Build functions of the OpenVINO variants: the IR of the export stage's ONNX file (compiled
-fp32 or bf16 by the consumer) and NNCF's post-training int8 of it. Each is `(ctx, dst)`, named
-by its variant's row in `oipipe.core.variants`."""
+fp32 or bf16 by the consumer), NNCF's post-training int8 of it, and the IR of ONNX Runtime's QDQ
+int8 file (the other engine-and-file pair: which of the two int8 IRs is faster depends on the
+CPU). Each is `(ctx, dst)`, named by its variant's row in `oipipe.core.variants`."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from oipipe.measure.machine import cpu_has_native_bf16
 log = logging.getLogger("oipipe.deploy.build_openvino")
 
 
-def openvino_ir(ctx: BuildContext) -> Any:
-    """The export stage's ONNX file as an OpenVINO model: batch dynamic, meta.json in rt_info."""
+def openvino_ir(ctx: BuildContext, onnx: Path | None = None) -> Any:
+    """An ONNX file (by default the export stage's) as an OpenVINO model: batch dynamic,
+    meta.json in rt_info."""
     import openvino as ov
 
-    model = ov.convert_model(str(ctx.exported / FORMATS["onnx"].file))
+    model = ov.convert_model(str(onnx or ctx.exported / FORMATS["onnx"].file))
     size = ctx.meta["input_size"]
     model.reshape([-1, 3, size, size])  # dynamic batch, whatever the ONNX file says
     model.set_rt_info(json.dumps(ctx.meta, sort_keys=True), list(OPENVINO_META))
@@ -85,3 +87,20 @@ def nncf_int8(ctx: BuildContext, dst: Path) -> None:
     save_openvino(ctx, quantized, dst, "int8")
     if ctx.notes["int8_layers"] == 0:
         raise BuildFailed("the compiled IR runs no layer in int8: NNCF inserted no quantizer")
+
+
+def qdq_int8(ctx: BuildContext, dst: Path) -> None:
+    """ONNX Runtime's static QDQ int8 file (`build_ort.qdq_int8`, with the settings of
+    `optimize.settings.onnxruntime_int8`: the row says so) converted to an IR: OpenVINO turns
+    each QuantizeLinear/DequantizeLinear pair into a FakeQuantize and runs those layers in
+    int8. The build fails when none runs in int8."""
+    from oipipe.deploy import build_ort
+
+    qdq = dst.with_name("qdq.onnx")
+    build_ort.qdq_int8(ctx, qdq)
+    try:
+        save_openvino(ctx, openvino_ir(ctx, qdq), dst, "int8")
+    finally:
+        qdq.unlink(missing_ok=True)
+    if ctx.notes["int8_layers"] == 0:
+        raise BuildFailed("the compiled IR runs no layer in int8: the QDQ nodes were dropped")

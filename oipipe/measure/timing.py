@@ -74,46 +74,48 @@ def check_outputs(
     return rate
 
 
-def time_runtime(
-    runtime: Runtime,
-    batches: list[torch.Tensor],
-    protocol: DictConfig | dict,
-    power: PowerSource | None = None,
-) -> dict[str, Any]:
-    """Warm up, then `trials` timed trials of single calls; latency in ms per batch. With a
-    `power` source (NVML on a GPU), each trial is also a power window: the row gets the median
-    trial's average power and energy per image."""
-    inputs = [runtime.prepare(x) for x in batches]
-    n, i = len(batches[0]), 0
-    for i in calls(protocol["warmup_iters"], protocol["warmup_seconds"]):
+def warm_up(runtime: Runtime, inputs: list, iters: int, seconds: float) -> None:
+    """Untimed calls through the prepared inputs in turn: at least `iters` and `seconds`."""
+    for i in calls(iters, seconds):
         runtime.call(inputs[i % len(inputs)])
         runtime.sync()
-    latencies: list[float] = []
-    throughputs: list[float] = []
-    sampler = PowerSampler(power) if power is not None else None
-    windows: list[tuple[dict, int]] = []
-    for _ in range(protocol["trials"]):
-        times: list[float] = []
-        with sampler or contextlib.nullcontext():
-            for _ in calls(protocol["min_iters"], protocol["min_seconds"]):
-                x = inputs[(i := i + 1) % len(inputs)]
-                t = time.perf_counter()
-                runtime.call(x)
-                runtime.sync()
-                times.append(time.perf_counter() - t)
-        if sampler is not None:
-            if sampler.result is None:  # __exit__ sets it or raises
-                raise RuntimeError("the power sampler ended its window without a result")
-            windows.append((sampler.result, n * len(times)))
-        latencies += times
-        throughputs.append(n * len(times) / sum(times))
-    lat = np.array(latencies) * 1000
+
+
+def timed_trial(
+    runtime: Runtime, inputs: list, protocol: DictConfig | dict, start: int = 0
+) -> list[float]:
+    """One timed trial: the seconds of each call, at least `min_iters` calls and `min_seconds`,
+    through the prepared inputs in turn from `inputs[start + 1]`."""
+    times: list[float] = []
+    for k in calls(protocol["min_iters"], protocol["min_seconds"]):
+        x = inputs[(start + k + 1) % len(inputs)]
+        t = time.perf_counter()
+        runtime.call(x)
+        runtime.sync()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def summarise(trials: list[list[float]], batch: int, windows: list[dict] | None = None) -> dict:
+    """A row's timing columns from its trials (each a list of per-call seconds): throughput is
+    the median trial's images/s, `throughput_rounds` every trial's in order (the benchmark's
+    rounds: ratios within one round compare); latency in ms per batch over every timed call.
+    `windows`: each trial's power window (`PowerSampler.result`), for power and energy."""
+    throughputs = [batch * len(t) / sum(t) for t in trials]
+    lat = np.array([x for t in trials for x in t]) * 1000
     energy = {}
     if windows:  # the median over trials, as throughput
         energy = {
-            "power_avg_w": float(np.median([r["power_avg_w"] for r, _ in windows])),
-            "energy_per_image_j": float(np.median([energy_per_image(r, k) for r, k in windows])),
-            "power_source": windows[0][0]["power_source"],
+            "power_avg_w": float(np.median([w["power_avg_w"] for w in windows])),
+            "energy_per_image_j": float(
+                np.median(
+                    [
+                        energy_per_image(w, batch * len(t))
+                        for w, t in zip(windows, trials, strict=True)
+                    ]
+                )
+            ),
+            "power_source": windows[0]["power_source"],
         }
     return {
         **energy,
@@ -121,13 +123,39 @@ def time_runtime(
         "throughput_min": float(min(throughputs)),
         "throughput_max": float(max(throughputs)),
         "throughput_std": float(np.std(throughputs)),
+        "throughput_rounds": [float(t) for t in throughputs],
         "latency_p50_ms": float(np.percentile(lat, 50)),
         "latency_mean_ms": float(lat.mean()),
         "latency_p90_ms": float(np.percentile(lat, 90)),
         "latency_p99_ms": float(np.percentile(lat, 99)),
-        "iterations": len(latencies),
+        "iterations": len(lat),
         "trials": len(throughputs),
     }
+
+
+def time_runtime(
+    runtime: Runtime,
+    batches: list[torch.Tensor],
+    protocol: DictConfig | dict,
+    power: PowerSource | None = None,
+) -> dict[str, Any]:
+    """Warm up, then `trials` timed trials of single calls, one after another (the benchmark
+    interleaves its variants' trials instead: `oipipe.measure.rounds`); latency in ms per batch.
+    With a `power` source (NVML on a GPU), each trial is also a power window: the row gets the
+    median trial's average power and energy per image."""
+    inputs = [runtime.prepare(x) for x in batches]
+    warm_up(runtime, inputs, protocol["warmup_iters"], protocol["warmup_seconds"])
+    sampler = PowerSampler(power) if power is not None else None
+    trials: list[list[float]] = []
+    windows: list[dict] = []
+    for _ in range(protocol["trials"]):
+        with sampler or contextlib.nullcontext():
+            trials.append(timed_trial(runtime, inputs, protocol, sum(len(t) for t in trials)))
+        if sampler is not None:
+            if sampler.result is None:  # __exit__ sets it or raises
+                raise RuntimeError("the power sampler ended its window without a result")
+            windows.append(sampler.result)
+    return summarise(trials, len(batches[0]), windows)
 
 
 def rotated_batches(images: torch.Tensor, batch: int, count: int) -> list[torch.Tensor]:

@@ -1,11 +1,14 @@
-"""The benchmark's worker: one variant at every batch size of the protocol, in a fresh process
-of its own (one crash loses nothing else; no variant inherits another's warm caches or threads).
+"""The benchmark's worker: one variant, loaded once, timed on the parent's command.
 
-    python -m oipipe.measure.worker --variant NAME --rows FILE --params PARAMS
+    python -m oipipe.measure.worker --variant NAME --params PARAMS
 
-The benchmark stage starts it once per variant (`stages.benchmark.run_worker`) and follows its
-progress lines on stdout; each finished row is one JSON line appended to FILE. It is internal:
-nothing else needs to run it.
+The benchmark stage starts one per variant (`stages.benchmark.WorkerProcess`), all of them
+alive together, and times them in turn, round after round (`oipipe.measure.rounds`): a fresh
+process per variant (one crash loses nothing else; no variant inherits another's caches or
+threads), timed interleaved with the others (a noisy minute hurts every row alike). It speaks
+JSON lines: commands on stdin (`{"cmd": "trial", "batch": B}`, `{"cmd": "finish"}`), answers on
+stdout after the `MESSAGE` word (other stdout lines, a library's chatter, are ignored). It is
+internal: nothing else needs to run it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import functools
 import json
 import logging
 import resource
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,14 +30,14 @@ from oipipe.core.config import load_params, path
 from oipipe.core.errors import error_text
 from oipipe.deploy.runtime import RECORD, Runtime, load_artifact
 from oipipe.measure import evaluation
-from oipipe.measure.power import PowerReadError, cuda_pci_bus_id, nvml_sampler
+from oipipe.measure.power import cuda_pci_bus_id, nvml_sampler
+from oipipe.measure.rounds import LocalContender
 from oipipe.measure.timing import (
     check_inputs,
     check_outputs,
     rotated_batches,
     time_openvino_async,
     time_processes,
-    time_runtime,
 )
 from oipipe.training import models
 
@@ -41,7 +45,7 @@ log = logging.getLogger("oipipe.measure.worker")
 
 BASELINE = "eager_fp32"  # channels_last on CPU, inference_mode: the best plain PyTorch
 NCHW = "eager_fp32_nchw"  # the same in the default NCHW layout, as its own row (CPU)
-PROGRESS = "benchmark-progress"  # the stdout lines the parent's bar follows
+MESSAGE = "benchmark-msg"  # the first word of the stdout lines the parent reads
 
 
 def protocol_settings(cfg: DictConfig) -> dict:
@@ -81,8 +85,14 @@ def baseline_device(cfg: DictConfig) -> str:
     return cfg.benchmark.device
 
 
-def measure_variant(cfg: DictConfig, variant: str, rows_file: Path) -> None:
-    """The worker: every batch size of the protocol for one variant, a JSON line per row."""
+def say(message: dict[str, Any]) -> None:
+    print(MESSAGE, json.dumps(message), flush=True)
+
+
+def load(cfg: DictConfig, variant: str) -> tuple[LocalContender, dict[str, Any]]:
+    """The variant loaded, checked against fp32 and warmed up at every batch size of the
+    protocol: (its contender, the `loaded` message: device, threads, each batch's agreement
+    with fp32 or why it is not timed there)."""
     if cfg.benchmark.threads:
         torch.set_num_threads(cfg.benchmark.threads)
     protocol = protocol_settings(cfg)
@@ -94,46 +104,72 @@ def measure_variant(cfg: DictConfig, variant: str, rows_file: Path) -> None:
         )
     reference_model, _ = models.load_trained(path(cfg, "checkpoint"))
     images, _ = evaluation.images(path(cfg, "prepared"), cfg.optimize.eval_splits, meta)
+    ok: dict[int, list[torch.Tensor]] = {}
+    checks: dict[str, float] = {}
+    errors: dict[str, str] = {}
     for batch in protocol["batch_sizes"]:
-        print(PROGRESS, "start", batch, flush=True)  # for the parent's bar (see _follow)
-        row: dict[str, Any] = {
-            "variant": variant,
-            "batch": batch,
-            "device": runtime.device,
-            "threads": torch.get_num_threads(),
-        }
         try:
             batches = rotated_batches(images, batch, cfg.benchmark.input_batches)
             check_inputs(batches)
             reference = evaluation.logits(reference_model, batches)
-            row["check_agreement_pct"] = check_outputs(
+            checks[str(batch)] = check_outputs(
                 runtime, batches, reference, cfg.benchmark.min_agreement_pct
             )
-            if runtime.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            try:
-                row.update(time_runtime(runtime, batches, protocol, power))
-            except PowerReadError as e:  # the power figures would be wrong: time without them
-                row["power_error"] = error_text(str(e))
-                row.update(time_runtime(runtime, batches, protocol))
-            if power_note:
-                row["power_error"] = power_note
-            row["status"] = "ok"
-            if batch in cfg.benchmark.throughput_mode.batch_sizes and runtime.device == "cpu":
-                row.update(_throughput_mode(cfg, variant, batches, protocol))
-            if runtime.device == "cuda":
-                row["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            ok[batch] = batches
         except Exception as e:  # noqa: BLE001 - the row records it; the other sizes still run
-            log.exception("%s at batch %d failed", variant, batch)
-            row.update(status="failed", error=error_text(e))
-        # ru_maxrss is KiB on Linux: the process's peak so far (load + every size up to here)
-        row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        with open(rows_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        print(PROGRESS, "done", batch, flush=True)
-        log.info("%s b%d: %s", variant, batch, row_summary(row))
-    if power is not None:
-        power.close()
+            log.exception("%s at batch %d failed its checks", variant, batch)
+            errors[str(batch)] = error_text(e)
+    contender = LocalContender(variant, runtime, ok, protocol, power)
+    contender.power_note = power_note
+    return contender, {
+        "type": "loaded",
+        "device": runtime.device,
+        "threads": torch.get_num_threads(),
+        "checks": checks,
+        "errors": errors,
+    }
+
+
+def finish(cfg: DictConfig, variant: str, contender: LocalContender) -> dict[str, Any]:
+    """The `finished` message: the throughput-mode columns of each timed batch size, the peak
+    memory, and the power note or error."""
+    protocol = protocol_settings(cfg)
+    extras: dict[str, dict] = {}
+    for batch in contender.inputs:
+        extra: dict[str, Any] = {}
+        if batch in cfg.benchmark.throughput_mode.batch_sizes and contender.runtime.device == "cpu":
+            extra.update(_throughput_mode(cfg, variant, contender.raw[batch], protocol))
+        extras[str(batch)] = extra
+    out: dict[str, Any] = {"type": "finished", "batches": extras}
+    if contender.runtime.device == "cuda":
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    # ru_maxrss is KiB on Linux: the process's peak (load, checks, every trial)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    note = contender.power_error or contender.power_note
+    if note:
+        out["power_error"] = error_text(note)
+    return out
+
+
+def serve(cfg: DictConfig, variant: str) -> None:
+    """The worker's life: load and say so, then one answer per command until `finish`."""
+    contender, loaded = load(cfg, variant)
+    say(loaded)
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["cmd"] == "trial":
+            try:
+                say({"type": "trial", **contender.trial(int(command["batch"]))})
+            except Exception as e:  # noqa: BLE001 - this row fails; the others still run
+                log.exception("%s at batch %s failed", variant, command["batch"])
+                say({"type": "error", "error": error_text(e)})
+        elif command["cmd"] == "finish":
+            say(finish(cfg, variant, contender))
+            break
+        else:
+            raise ValueError(f"unknown worker command {command!r}")
+    if contender.power is not None:
+        contender.power.close()
 
 
 def _throughput_mode(
@@ -191,15 +227,14 @@ def row_summary(row: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m oipipe.measure.worker",
-        description="One variant of the benchmark, every batch size "
+        description="One variant of the benchmark, timed on the parent's commands "
         "(started by the benchmark stage; internal).",
     )
     parser.add_argument("--variant", required=True)
-    parser.add_argument("--rows", type=Path, required=True)
     parser.add_argument("--params", type=Path, required=True)
     args = parser.parse_args(argv)
     cli.setup_logging()
-    measure_variant(load_params(args.params), args.variant, args.rows)
+    serve(load_params(args.params), args.variant)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,11 @@ def figure(
 
     The PNG goes to a temp file that replaces `file` only once it is complete: if drawing or
     rendering fails, the previous `file` stays as it was."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)  # a renderer to measure text with (`place_labels`)
     yield fig.subplots(nrows, ncols, **subplots)
     fig.tight_layout()
     with atomic_open(file, "wb") as f:
@@ -101,3 +103,120 @@ def benchmark_charts(rows: list[dict], out: Path) -> None:
                 ax.set_xlabel(unit)
                 if len(keys) > 1:
                     ax.legend(fontsize=7)
+
+
+# Where a label may go around its point, in points (dx, dy, horizontal alignment), in the order
+# tried: right, left, above, below, then further out.
+_OFFSETS = [
+    (5, 3, "left"),
+    (-5, 3, "right"),
+    (5, -9, "left"),
+    (-5, -9, "right"),
+    (0, 8, "center"),
+    (0, -15, "center"),
+    (5, 14, "left"),
+    (-5, 14, "right"),
+    (5, -21, "left"),
+    (-5, -21, "right"),
+    (0, 20, "center"),
+    (0, -27, "center"),
+]
+
+
+def place_labels(
+    ax: Any, points: list[tuple[float, float]], labels: list[str], **text: Any
+) -> list:
+    """Annotate each point with its label where it overlaps no label placed before it and no
+    point (the first free place of `_OFFSETS`; the least overlapping one when none is free).
+    Call it once the axes' scales and limits are final. Returns the annotations."""
+    fig = ax.figure
+    ax.autoscale_view()
+    renderer = fig.canvas.get_renderer()
+    marks = [ax.transData.transform(p) for p in points]
+    placed: list[Any] = []
+    out = []
+    for (x, y), label in zip(points, labels, strict=True):
+        best, best_cost = None, None
+        for dx, dy, ha in _OFFSETS:
+            ann = ax.annotate(
+                label, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, **text
+            )
+            box = ann.get_window_extent(renderer).expanded(1.05, 1.1)
+            cost = sum(_overlap(box, b) for b in placed) + sum(
+                box.width * box.height
+                for mx, my in marks
+                if box.x0 - 3 <= mx <= box.x1 + 3 and box.y0 - 3 <= my <= box.y1 + 3
+            )
+            if best_cost is None or cost < best_cost:
+                if best is not None:
+                    best[0].remove()
+                best, best_cost = (ann, box), cost
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        assert best is not None
+        placed.append(best[1])
+        out.append(best[0])
+    return out
+
+
+def _overlap(a: Any, b: Any) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def roofline_chart(
+    rows: list[dict], roofs: list[tuple[str, float, float]], batches: list[int], file: Path
+) -> None:
+    """Log-log: achieved GFLOP/s against FLOPs per byte, one dot per (variant, batch) in
+    `batches` (hollow at the smallest), under each roof (label, peak GFLOP/s, bandwidth GB/s):
+    the bandwidth's slope up to the peak."""
+    import numpy as np
+
+    ok = [
+        r
+        for r in rows
+        if r["status"] == "ok" and r["batch"] in batches and r.get("intensity_flop_per_byte")
+    ]
+    with figure(file, figsize=(8.5, 5.5)) as ax:
+        xs = [r["intensity_flop_per_byte"] for r in ok] or [1.0]
+        x = np.logspace(np.log10(min(xs) / 4), np.log10(max(xs) * 8), 200)
+        styles = ["-", "--", "-.", ":"]
+        for k, (name, peak, bw) in enumerate(roofs):
+            ax.plot(
+                x,
+                np.minimum(peak, bw * x),
+                styles[k % len(styles)],
+                color="grey",
+                lw=1,
+                label=f"{name} roof: {peak:.0f} GFLOP/s, {bw:.0f} GB/s",
+            )
+        colour = {"fp32": "tab:blue", "bf16": "tab:green", "fp16": "tab:purple", "int8": "tab:red"}
+        small = min(batches)
+        for r in ok:
+            ax.plot(
+                r["intensity_flop_per_byte"],
+                r["gflops_per_s"],
+                "o",
+                color=colour.get(str(r.get("precision")), "black"),
+                mfc="white" if r["batch"] == small and len(batches) > 1 else None,
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("arithmetic intensity (FLOPs per byte, op-by-op traffic at the row's width)")
+        ax.set_ylabel("achieved GFLOP/s")
+        sizes = " and ".join(str(b) for b in batches)
+        ax.set_title(f"roofline at batch {sizes} (hollow: batch {small}); colour: precision")
+        ax.grid(alpha=0.3, which="both")
+        if ok:
+            ax.legend(fontsize=7, loc="lower right")
+            place_labels(
+                ax,
+                [(r["intensity_flop_per_byte"], r["gflops_per_s"]) for r in ok],
+                [f"{r['variant']}@b{r['batch']}" for r in ok],
+                fontsize=6,
+            )
+        else:
+            ax.text(0.5, 0.5, "no row measured", ha="center", transform=ax.transAxes)
