@@ -258,7 +258,9 @@ def measure(
             list(workers.values()),
             sizes,
             protocol["trials"],
-            on_trial=lambda name, batch, r: step(f"round {r + 1} b{batch}"),
+            on_trial=lambda name, batch, r: step(
+                f"round {r + 1}/{protocol['trials']} {name} b{batch}"
+            ),
         )
         finished: dict[str, dict] = {}
         for v, w in workers.items():

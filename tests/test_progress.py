@@ -163,12 +163,14 @@ def test_the_benchmark_bar_names_the_variant_and_batch_being_timed(cfg, no_ci) -
         table = benchmark.run(cfg)
     timed = ["eager_fp32", "eager_fp32_nchw", *(["trt_fp16"] if HAS_TRT else [])]
     assert {r["status"] for k, r in table["rows"].items() if k.split(".")[0] in timed} == {"ok"}
-    rows = 2 * len(timed)  # batch sizes 1 and 2
+    trials = cfg.benchmark.presets[cfg.benchmark.protocol].trials
+    steps = len(timed) * (2 + 2 * trials)  # loaded, a trial per round at b1 and b2, finished
     for variant in timed:
         for b in (1, 2):
-            assert re.search(BAR.format(f"{variant} b{b}") + rf".*\| \d/{rows} ", shown[0]), (
+            what = rf"round \d+/{trials} {variant} b{b}"
+            assert re.search(BAR.format(what) + rf".*\| \d+/{steps} ", shown[0]), (
                 variant,
                 b,
                 shown,
             )
-    assert f"| {rows}/{rows} " in shown[0], shown  # a redraw per row, the last one included
+    assert f"| {steps}/{steps} " in shown[0], shown  # a redraw per step, the last one included
