@@ -241,12 +241,22 @@ class OpenVinoInt8Settings(Schema):
     fast_bias_correction: bool
 
 
+class QatSettings(Schema):
+    """The quantization-aware fine-tune (oipipe/deploy/build_qat.py)."""
+
+    epochs: NonNegativeInt  # 0: the post-training model itself
+    lr: PositiveFloat
+    batch: PositiveInt
+    seed: NonNegativeInt
+
+
 class VariantSettings(Schema):
     """A block per variant with quantizer or compiler settings (the TensorRT pair: `trt`)."""
 
     inductor_int8: InductorInt8Settings
     onnxruntime_int8: OrtInt8Settings
     openvino_int8: OpenVinoInt8Settings
+    openvino_qat_int8: QatSettings
 
 
 class OptimizeConf(Schema):

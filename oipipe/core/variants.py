@@ -138,6 +138,17 @@ VARIANTS: dict[str, Variant] = {
     "openvino_qdq_int8": _openvino(
         "int8", "qdq_int8", "package:onnxruntime", settings="onnxruntime_int8"
     ),
+    # quantization-aware training from openvino_int8's scheme (oipipe/deploy/build_qat.py)
+    "openvino_qat_int8": Variant(
+        "openvino",
+        "int8",
+        "cpu",
+        "model.xml",
+        "oipipe.deploy.build_qat:openvino_qat_int8",
+        RT + "openvino_runtime",
+        {"precision": "int8"},
+        requires=("package:openvino", "package:nncf"),
+    ),
     "eager_fp16_cuda": Variant(
         "torch_eager",
         "fp16",
