@@ -116,16 +116,6 @@ COLUMNS = [
 # --- the stage -------------------------------------------------------------------------------
 
 
-def flops_per_image(model: torch.nn.Module, input_size: int) -> float:
-    """Forward FLOPs of one image (a multiply-add counts 2), counted by PyTorch's FlopCounter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.randn(1, 3, input_size, input_size))
-    return float(counter.get_total_flops())
-
-
 def variants_to_measure(cfg: DictConfig) -> tuple[list[str], dict[str, dict]]:
     """(variants to time, records of every listed variant) in the configured order."""
     wanted = protocol_settings(cfg)["variants"] or list(cfg.optimize.variants)
@@ -318,11 +308,18 @@ def measure(
 
 
 def add_roofline(
-    cfg: DictConfig, rows: list[dict], model: torch.nn.Module, input_size: int, flops: float
+    cfg: DictConfig,
+    rows: list[dict],
+    model: torch.nn.Module,
+    input_size: int,
+    flops: float,
+    records: dict[str, dict] | None = None,
 ) -> tuple[dict, dict]:
     """Each ok row's roofline columns (`oipipe.measure.roofline.point`), from this machine's
     peaks measured now (every worker has exited: the machine is as quiet as the rows had it),
-    with the rows' thread count; (peaks, traffic). benchmark.roofline=false: none."""
+    with the rows' thread count; (peaks, traffic). A row whose record has `model_counts` (a
+    pruned network) is placed by its own FLOPs and bytes. benchmark.roofline=false: none."""
+    records = records or {}
     if not cfg.benchmark.roofline:
         return {}, {}
     ok = [r for r in rows if r["status"] == "ok"]
@@ -339,7 +336,15 @@ def add_roofline(
         torch.set_num_threads(threads)
     fixed, per_image = roofline.traffic(model, input_size)
     for r in ok:
-        r.update(roofline.point(r, flops, fixed, per_image, peaks))
+        own = (records.get(r["variant"]) or {}).get("model_counts")  # a pruned network's own
+        if own:
+            r.update(
+                roofline.point(
+                    r, own["flops_per_image"], own["fixed_bytes"], own["bytes_per_image"], peaks
+                )
+            )
+        else:
+            r.update(roofline.point(r, flops, fixed, per_image, peaks))
     return peaks, {"fixed_bytes": fixed, "bytes_per_image": per_image, "precision": "fp32"}
 
 
@@ -397,7 +402,7 @@ def run(cfg: DictConfig) -> dict:
         evaluation.logits(model, evaluation.batches(images, cfg.optimize.eval_batch))
     )
     baseline_acc = evaluation.top1_with_interval(fp32, labels)
-    flops = flops_per_image(model, meta["input_size"])
+    flops = roofline.flops_per_image(model, meta["input_size"])
     baseline_size = (
         sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
     )
@@ -435,7 +440,7 @@ def run(cfg: DictConfig) -> dict:
     ref = ref if ref in protocol["batch_sizes"] else max(protocol["batch_sizes"])
     chosen = choose_baselines(rows, list(protocol["batch_sizes"]))
     add_speedups(rows, chosen)
-    peaks, traffic = add_roofline(cfg, rows, model, meta["input_size"], flops)
+    peaks, traffic = add_roofline(cfg, rows, model, meta["input_size"], flops, records)
     margin = cfg.benchmark.tie_margin_pct
     winners = {str(b): winner(rows, b, margin_pct=margin) for b in protocol["batch_sizes"]}
     # the same verdict with several requests in flight (benchmark.throughput_mode)
@@ -605,7 +610,9 @@ def _complete(
             }
         )
     if out["status"] == "ok" and out["throughput"] is not None:  # an ok row has its throughput
-        out["gflops_per_s"] = round(flops * out["throughput"] / 1e9, 3)
+        # a variant with its own network (pruned) counts its own FLOPs (its record's counts)
+        own = (records.get(row["variant"]) or {}).get("model_counts") or {}
+        out["gflops_per_s"] = round(own.get("flops_per_image", flops) * out["throughput"] / 1e9, 3)
     return out
 
 

@@ -38,6 +38,9 @@ from oipipe.training import models
 
 log = logging.getLogger("stages.optimize")
 
+# record keys that are no MLflow metrics: texts, and a pruned model's per-layer channel counts
+NOT_METRICS = ("error", "reason", "channels_before", "channels_after")
+
 
 # --- the stage ----------------------------------------------------------------------------------
 
@@ -100,7 +103,7 @@ def run(cfg: DictConfig, variant_name: str) -> dict:
         tracker.log_metrics(
             {
                 name: {
-                    **{k: v for k, v in record.items() if k not in ("error", "reason")},
+                    **{k: v for k, v in record.items() if k not in NOT_METRICS},
                     "verdict_code": verdict_code(record.get("verdict")),
                 }
             }

@@ -510,10 +510,14 @@ def test_report_tables_hold_the_numbers(cfg) -> None:
         "Training",
         "Optimization",
         "Benchmark",
+        "What each compression did",
         "Where the time goes",
         "Machine",
     ]
     assert "**Not run.**" in s["Where the time goes"]  # no profile.json in these inputs
+    # onnxruntime_int8 against its twin onnxruntime_fp32, from these records and rows
+    assert "`onnxruntime_int8` (post-training int8 (QDQ))" in s["What each compression did"]
+    assert "`onnxruntime_fp32`'s speed at batch 32" in s["What each compression did"]
     version = metadata.version("oi-pipeline")
     assert f"Written by oi-pipeline {version} (code commit " in s["Machine"]
     assert out["version"] == version

@@ -241,10 +241,29 @@ class OpenVinoInt8Settings(Schema):
     fast_bias_correction: bool
 
 
+class AccuracyControlSettings(Schema):
+    """NNCF's int8 with an accuracy budget (oipipe/deploy/build_openvino.py)."""
+
+    max_drop_pct: NonNegativeFloat  # top-1 points below fp32 on the validation split
+    max_iterations: PositiveInt  # operations put back to floating point, at most
+
+
 class QatSettings(Schema):
     """The quantization-aware fine-tune (oipipe/deploy/build_qat.py)."""
 
     epochs: NonNegativeInt  # 0: the post-training model itself
+    lr: PositiveFloat
+    batch: PositiveInt
+    seed: NonNegativeInt
+
+
+class PrunedSettings(Schema):
+    """Channel pruning and its fine-tune (oipipe/deploy/build_pruned.py)."""
+
+    ratio: Annotated[float, Field(gt=0, lt=1)]  # of every prunable group's channels
+    importance: Literal["l2", "l1"]
+    round_to: PositiveInt
+    epochs: NonNegativeInt  # 0: the pruned model without fine-tune
     lr: PositiveFloat
     batch: PositiveInt
     seed: NonNegativeInt
@@ -256,7 +275,9 @@ class VariantSettings(Schema):
     inductor_int8: InductorInt8Settings
     onnxruntime_int8: OrtInt8Settings
     openvino_int8: OpenVinoInt8Settings
+    openvino_ac_int8: AccuracyControlSettings
     openvino_qat_int8: QatSettings
+    pruned: PrunedSettings
 
 
 class OptimizeConf(Schema):

@@ -39,20 +39,35 @@ class Variant:
     loader_args: Mapping[str, Any] = field(default_factory=dict)
     requires: tuple[str, ...] = ()
     settings: str | None = None  # whose block of optimize.settings it builds with (None: its own)
+    # a compression of another row (the same engine, uncompressed: the report's compression
+    # table measures it against that `twin`) and what the compression is, in words
+    twin: str | None = None
+    compression: str | None = None
 
 
-def _openvino(precision: str, builder: str, *requires: str, settings: str | None = None) -> Variant:
-    """An OpenVINO IR row: compiled by its loader in the row's own precision."""
+def _openvino(
+    precision: str,
+    builder: str,
+    *requires: str,
+    settings: str | None = None,
+    module: str = "build_openvino",
+    compression: str | None = None,
+) -> Variant:
+    """An OpenVINO IR row: compiled by its loader in the row's own precision; built by
+    `oipipe.deploy.<module>:<builder>` (openvino_<builder> outside build_openvino)."""
+    function = builder if module == "build_openvino" else f"openvino_{builder}"
     return Variant(
         "openvino",
         precision,
         "cpu",
         "model.xml",
-        f"oipipe.deploy.build_openvino:{builder}",
+        f"oipipe.deploy.{module}:{function}",
         RT + "openvino_runtime",
         {"precision": precision},
         requires=("package:openvino", *requires),
         settings=settings,
+        twin="openvino_fp32" if compression else None,
+        compression=compression,
     )
 
 
@@ -106,6 +121,8 @@ VARIANTS: dict[str, Variant] = {
         "oipipe.deploy.build_torch:inductor_int8",
         RT + "aoti_runtime",
         requires=("package:torchao",),
+        twin="inductor_fp32",
+        compression="post-training int8 (PT2E)",
     ),
     "onnxruntime_fp32": Variant(
         "onnxruntime",
@@ -124,6 +141,8 @@ VARIANTS: dict[str, Variant] = {
         "oipipe.deploy.build_ort:qdq_int8",
         RT + "ort_runtime",
         requires=("package:onnxruntime",),
+        twin="onnxruntime_fp32",
+        compression="post-training int8 (QDQ)",
     ),
     "openvino_fp32": _openvino("fp32", "ir"),
     # OpenVINO does not emulate bf16: without native bf16 its CPU plugin compiles f32 whatever
@@ -131,23 +150,59 @@ VARIANTS: dict[str, Variant] = {
     # run emulated, many times slower than fp32: skipped there unless optimize.allow_emulated
     # (`bf16_not_emulated`), and they record native_bf16 when built.
     "openvino_bf16": _openvino("bf16", "ir", "native_bf16"),
-    "openvino_int8": _openvino("int8", "nncf_int8", "package:nncf"),
+    "openvino_int8": _openvino(
+        "int8", "nncf_int8", "package:nncf", compression="post-training int8 (NNCF)"
+    ),
+    # NNCF int8 with an accuracy budget on the validation split (optimize.settings)
+    "openvino_ac_int8": _openvino(
+        "int8",
+        "accuracy_control_int8",
+        "package:nncf",
+        compression="post-training int8 with an accuracy budget (NNCF)",
+    ),
     # OpenVINO running ONNX Runtime's QDQ int8 file (quantized with onnxruntime_int8's
     # settings): on an AVX2-only EPYC it beat the NNCF IR at batch 32 (199 against 171
     # images/s), on an AVX-512 one it lost (1/1.06); the benchmark picks per machine
     "openvino_qdq_int8": _openvino(
-        "int8", "qdq_int8", "package:onnxruntime", settings="onnxruntime_int8"
+        "int8",
+        "qdq_int8",
+        "package:onnxruntime",
+        settings="onnxruntime_int8",
+        compression="post-training int8 (ONNX Runtime's QDQ file)",
     ),
     # quantization-aware training from openvino_int8's scheme (oipipe/deploy/build_qat.py)
-    "openvino_qat_int8": Variant(
-        "openvino",
+    "openvino_qat_int8": _openvino(
         "int8",
-        "cpu",
-        "model.xml",
-        "oipipe.deploy.build_qat:openvino_qat_int8",
-        RT + "openvino_runtime",
-        {"precision": "int8"},
-        requires=("package:openvino", "package:nncf"),
+        "qat_int8",
+        "package:nncf",
+        module="build_qat",
+        compression="quantization-aware training int8",
+    ),
+    # channel pruning (optimize.settings.pruned), fine-tuned, then fp32, post-training int8
+    # (openvino_int8's settings) or QAT int8 (oipipe/deploy/build_pruned.py)
+    "openvino_pruned_fp32": _openvino(
+        "fp32",
+        "pruned_fp32",
+        "package:torch_pruning",
+        module="build_pruned",
+        compression="channel pruning",
+    ),
+    "openvino_pruned_int8": _openvino(
+        "int8",
+        "pruned_int8",
+        "package:torch_pruning",
+        "package:nncf",
+        module="build_pruned",
+        settings="openvino_int8",
+        compression="channel pruning, then post-training int8",
+    ),
+    "openvino_pruned_qat_int8": _openvino(
+        "int8",
+        "pruned_qat_int8",
+        "package:torch_pruning",
+        "package:nncf",
+        module="build_pruned",
+        compression="channel pruning, then quantization-aware training int8",
     ),
     "eager_fp16_cuda": Variant(
         "torch_eager",

@@ -31,6 +31,19 @@ def openvino_ir(ctx: BuildContext, onnx: Path | None = None) -> Any:
     return model
 
 
+def ir_of_module(ctx: BuildContext, module: Any) -> Any:
+    """A torch module (a pruned or fake-quantized model) as an OpenVINO model: traced on the
+    context's example batch, batch dynamic, meta.json in rt_info."""
+    import openvino as ov
+
+    with progress.phase(log, "converting the model to an OpenVINO IR"):
+        model = ov.convert_model(module, example_input=ctx.example)
+    size = ctx.meta["input_size"]
+    model.reshape([-1, 3, size, size])
+    model.set_rt_info(json.dumps(ctx.meta, sort_keys=True), list(OPENVINO_META))
+    return model
+
+
 def save_openvino(ctx: BuildContext, model: Any, dst: Path, precision: str) -> None:
     """Save the IR (fp32 weights: OpenVINO would store them fp16 by default) and record what the
     CPU plugin reports once it is compiled the way every consumer compiles it."""
@@ -67,10 +80,10 @@ def ir(ctx: BuildContext, dst: Path) -> None:
     save_openvino(ctx, openvino_ir(ctx), dst, precision)
 
 
-def nncf_int8(ctx: BuildContext, dst: Path) -> None:
-    """NNCF post-training quantization of the IR, calibrated on the training images, with the
-    settings of `optimize.settings.openvino_int8` (conf/optimize says why those); the record
-    keeps the calibration images and int8 layers."""
+def nncf_int8(ctx: BuildContext, dst: Path, model: Any = None) -> None:
+    """NNCF post-training quantization of the IR (or of `model`, a pruned one's), calibrated on
+    the training images, with the settings of `optimize.settings.openvino_int8` (conf/optimize
+    says why those); the record keeps the calibration images and int8 layers."""
     import nncf
 
     settings = dict(ctx.settings)
@@ -81,7 +94,10 @@ def nncf_int8(ctx: BuildContext, dst: Path) -> None:
     # draws its own progress bars (rich), so no clock of ours beside them.
     log.info("NNCF: collecting statistics on %d batches and correcting biases", len(batches))
     quantized = nncf.quantize(
-        openvino_ir(ctx), nncf.Dataset(batches), subset_size=len(batches), **settings
+        openvino_ir(ctx) if model is None else model,
+        nncf.Dataset(batches),
+        subset_size=len(batches),
+        **settings,
     )
     ctx.notes["nncf_version"] = nncf.__version__
     save_openvino(ctx, quantized, dst, "int8")
@@ -104,3 +120,57 @@ def qdq_int8(ctx: BuildContext, dst: Path) -> None:
         qdq.unlink(missing_ok=True)
     if ctx.notes["int8_layers"] == 0:
         raise BuildFailed("the compiled IR runs no layer in int8: the QDQ nodes were dropped")
+
+
+def accuracy_control_int8(ctx: BuildContext, dst: Path) -> None:
+    """NNCF's post-training int8 with an accuracy budget (`nncf.quantize_with_accuracy_control`):
+    quantized as `openvino_int8` (its settings, the same calibration), then the operations that
+    cost the most top-1 on the validation split are put back to floating point, one per
+    iteration, until the drop from fp32 is at most `max_drop_pct` points or `max_iterations` have
+    run. The validation split alone steers it (never test); the verdict is on val + test as for
+    every variant. The record keeps the FakeQuantize nodes left and the images it validated on."""
+    import nncf
+    import numpy as np
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    from oipipe.core.config import path
+    from oipipe.measure import evaluation
+
+    s = dict(ctx.settings)
+    quantizer = dict(ctx.cfg.optimize.settings["openvino_int8"])
+    batches = [b.numpy() for b in ctx.calibration()]
+    ctx.notes["calibration_images"] = sum(len(b) for b in batches)
+    images, labels = evaluation.images(path(ctx.cfg, "prepared"), ["val"], ctx.meta)
+    items = [(images[i : i + 1].numpy(), int(labels[i])) for i in range(len(labels))]
+    ctx.notes["accuracy_control_images"] = len(items)
+
+    def validate(compiled: Any, data: Any) -> tuple[float, list[float]]:
+        correct = [float(np.argmax(compiled(x)[0][0]) == y) for x, y in data]
+        return float(np.mean(correct)) if correct else 0.0, correct
+
+    log.info(
+        "NNCF with accuracy control: at most %.2f points below fp32 on %d validation images",
+        s["max_drop_pct"],
+        len(items),
+    )
+    quantized = nncf.quantize_with_accuracy_control(
+        openvino_ir(ctx),
+        nncf.Dataset(batches),
+        nncf.Dataset(items, lambda item: item[0]),
+        validate,
+        max_drop=s["max_drop_pct"] / 100,
+        drop_type=nncf.DropType.ABSOLUTE,
+        preset=nncf.QuantizationPreset(quantizer["preset"]),
+        fast_bias_correction=quantizer["fast_bias_correction"],
+        subset_size=len(batches),
+        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+            max_num_iterations=s["max_iterations"]
+        ),
+    )
+    ctx.notes["nncf_version"] = nncf.__version__
+    ctx.notes["fake_quantize_nodes"] = sum(
+        op.get_type_name() == "FakeQuantize" for op in quantized.get_ops()
+    )
+    save_openvino(ctx, quantized, dst, "int8")
+    if ctx.notes["int8_layers"] == 0:
+        raise BuildFailed("the compiled IR runs no layer in int8: every quantizer was reverted")

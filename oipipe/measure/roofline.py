@@ -98,6 +98,27 @@ def measure_peaks(precisions: dict[str, set[str]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def flops_per_image(model: torch.nn.Module, input_size: int) -> float:
+    """Forward FLOPs of one image (a multiply-add counts 2), counted by PyTorch's FlopCounter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(1, 3, input_size, input_size))
+    return float(counter.get_total_flops())
+
+
+def model_counts(model: torch.nn.Module, input_size: int) -> dict[str, float]:
+    """What a variant whose network differs from the trained one (a pruned one) records, so
+    its row's FLOP/s and roofline point count its own network: FLOPs per image and traffic."""
+    fixed, per_image = traffic(model, input_size)
+    return {
+        "flops_per_image": flops_per_image(model, input_size),
+        "fixed_bytes": fixed,
+        "bytes_per_image": per_image,
+    }
+
+
 def traffic(model: torch.nn.Module, input_size: int) -> tuple[float, float]:
     """(bytes per call that do not grow with the batch, bytes per image), fp32, counted op by
     op on one eager call at batch 1 and one at batch 2 (the counts are linear in the batch)."""
