@@ -4,7 +4,7 @@ build: quantization-aware training, channel pruning and both together.
     python benchmarks/compression.py [--workdir /tmp/oi-pipeline-realdata]
                                      [--variants openvino_qat_int8,openvino_pruned_fp32,...]
                                      [--out benchmarks/results/compression_cpu.json]
-                                     [--data realdata] [--no-bench]
+                                     [--data realdata] [--no-bench] [KEY=VALUE ...]
 
 `--workdir` is a folder where the default pipeline has run at least to the optimize stage
 (`benchmarks/realdata_pipeline.py` leaves one: its `data=realdata` config, the photos it names).
@@ -42,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 COMPRESSIONS = (
+    "openvino_ac_int8",
     "openvino_qat_int8",
     "openvino_pruned_fp32",
     "openvino_pruned_int8",
@@ -117,6 +118,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/compression_cpu.json")
     ap.add_argument("--data", default="realdata", help="the data config the workdir ran with")
     ap.add_argument("--no-bench", action="store_true", help="build only, no benchmark")
+    ap.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. optimize.settings.pruned.ratio=0.5"
+    )
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from omegaconf import OmegaConf
@@ -131,11 +135,15 @@ def main() -> int:
     for name in ("conf", "stages", "oipipe"):
         shutil.rmtree(work / name)
         shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    overrides = [f"data={args.data}", f"data.folder={old.data.folder}"]
+    overrides = [f"data={args.data}", f"data.folder={old.data.folder}", *args.overrides]
     write_params(work / "params.yaml", overrides, config_dir=work / "conf")
     cfg = load_params(work / "params.yaml")
-    shutil.rmtree(path(cfg, "cache") / "pruned", ignore_errors=True)  # measure the fine-tune
-    shutil.rmtree(path(cfg, "cache") / "qat", ignore_errors=True)
+
+    def at(key: str) -> Path:  # paths.* are relative to the workdir (paths.root ".")
+        return work / path(cfg, key)
+
+    shutil.rmtree(at("cache") / "pruned", ignore_errors=True)  # measure the fine-tune
+    shutil.rmtree(at("cache") / "qat", ignore_errors=True)
 
     variants = [v for v in args.variants.split(",") if v]
     costs = {}
@@ -144,7 +152,7 @@ def main() -> int:
         wall, rss, _ = measured([*py, "stages.optimize", "--variant", v], work)
         costs[v] = {"wall_seconds": wall, "peak_rss_mib": rss}
     records = {
-        v: json.loads((path(cfg, "metrics") / "optimize" / f"{v}.json").read_text())
+        v: json.loads((at("metrics") / "optimize" / f"{v}.json").read_text())
         for v in (*TIMED, *variants)
     }
 
@@ -165,7 +173,7 @@ def main() -> int:
         cmd = [*py, "stages.benchmark", f"benchmark.presets.default.variants=[{','.join(timed)}]"]
         wall, rss, _ = measured(cmd, work)
         out["benchmark_seconds"] = wall
-        bench = json.loads((path(cfg, "metrics") / "benchmark.json").read_text())
+        bench = json.loads((at("metrics") / "benchmark.json").read_text())
         out["baselines"] = bench.get("baselines")
         out["peaks"] = bench.get("peaks")
     for v in (*TIMED, *variants):
