@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -103,12 +102,12 @@ def measured(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
 
 
 def per_round(a: dict | None, b: dict | None) -> float | None:
+    """a's speed over b's, the median of per-round ratios (the report's own rule)."""
+    from oipipe.reporting.compression import speed_ratio
+
     if not a or not b or a.get("status") != "ok" or b.get("status") != "ok":
         return None
-    ra, rb = a.get("throughput_rounds") or [], b.get("throughput_rounds") or []
-    if ra and len(ra) == len(rb):
-        return round(statistics.median(x / y for x, y in zip(ra, rb, strict=True)), 3)
-    return round(a["throughput"] / b["throughput"], 3)
+    return round(speed_ratio(a, b), 3)
 
 
 def main() -> int:

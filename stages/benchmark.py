@@ -307,6 +307,12 @@ def measure(
     return rows, facts
 
 
+def own_counts(records: dict[str, dict], variant: str) -> dict | None:
+    """A variant's own network's FLOPs and bytes (a pruned one's record has them), or None: it
+    runs the trained model's network."""
+    return (records.get(variant) or {}).get("model_counts")
+
+
 def add_roofline(
     cfg: DictConfig,
     rows: list[dict],
@@ -336,7 +342,7 @@ def add_roofline(
         torch.set_num_threads(threads)
     fixed, per_image = roofline.traffic(model, input_size)
     for r in ok:
-        own = (records.get(r["variant"]) or {}).get("model_counts")  # a pruned network's own
+        own = own_counts(records, r["variant"])
         if own:
             r.update(
                 roofline.point(
@@ -610,8 +616,7 @@ def _complete(
             }
         )
     if out["status"] == "ok" and out["throughput"] is not None:  # an ok row has its throughput
-        # a variant with its own network (pruned) counts its own FLOPs (its record's counts)
-        own = (records.get(row["variant"]) or {}).get("model_counts") or {}
+        own = own_counts(records, row["variant"]) or {}
         out["gflops_per_s"] = round(own.get("flops_per_image", flops) * out["throughput"] / 1e9, 3)
     return out
 

@@ -130,6 +130,19 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     return make
 
 
+def on_trained(root: Path, prepared: Path, trained: Path, *overrides: str) -> list[str]:
+    """Overrides for a run rooted at `root` on the session's prepared mirror and trained
+    checkpoint, tracking off."""
+    return [
+        "data=mirror",
+        f"paths.root={root}",
+        f"paths.prepared={prepared}",
+        f"paths.models={trained.parent}",
+        "tracking.enabled=false",
+        *overrides,
+    ]
+
+
 def write_params(cfg: DictConfig, path: Path) -> Path:
     path.write_text(OmegaConf.to_yaml(cfg))
     return path

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import copy_export, logits_in_fresh_process, run_stage, write_params
+from conftest import copy_export, logits_in_fresh_process, on_trained, run_stage, write_params
 from omegaconf import OmegaConf
 
 from oipipe.core.config import compose, path
@@ -47,16 +47,14 @@ HAS_TRT = build.missing(("torch_tensorrt", "cuda")) is None
 
 
 def base(root: Path, prepared: Path, trained: Path, *overrides: str) -> list[str]:
-    return [
-        "data=mirror",
-        f"paths.root={root}",
-        f"paths.prepared={prepared}",
-        f"paths.models={trained.parent}",
-        "tracking.enabled=false",
+    return on_trained(
+        root,
+        prepared,
+        trained,
         "export.verify_batch_sizes=[1,2]",
         "optimize.calibration_images=32",
         *overrides,
-    ]
+    )
 
 
 @pytest.fixture(scope="module")

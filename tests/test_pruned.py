@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import copy_export, run_stage, write_params
+from conftest import copy_export, on_trained, run_stage, write_params
 
 from oipipe.core.config import compose, path
 
@@ -22,19 +22,17 @@ RATIO = 0.5
 
 def config(root: Path, prepared: Path, trained: Path, *overrides: str):
     return compose(
-        [
-            "data=mirror",
-            f"paths.root={root}",
-            f"paths.prepared={prepared}",
-            f"paths.models={trained.parent}",
-            "tracking.enabled=false",
+        on_trained(
+            root,
+            prepared,
+            trained,
             "optimize.calibration_images=16",
             "optimize.calibration_batch=8",
             f"optimize.settings.pruned.ratio={RATIO}",
             "optimize.settings.pruned.epochs=1",
             "optimize.settings.pruned.batch=8",
             *overrides,
-        ]
+        )
     )
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import copy_export, run_stage, write_params
+from conftest import copy_export, on_trained, run_stage, write_params
 
 from oipipe.core.config import compose, path
 
@@ -40,18 +40,16 @@ out = {}
 
 
 def base(root: Path, prepared: Path, trained: Path, *overrides: str) -> list[str]:
-    return [
-        "data=mirror",
-        f"paths.root={root}",
-        f"paths.prepared={prepared}",
-        f"paths.models={trained.parent}",
-        "tracking.enabled=false",
+    return on_trained(
+        root,
+        prepared,
+        trained,
         "optimize.calibration_images=16",
         "optimize.calibration_batch=8",
         "optimize.settings.openvino_qat_int8.batch=8",
         "optimize.settings.openvino_qat_int8.lr=1e-3",  # tiny model, few steps: moves visibly
         *overrides,
-    ]
+    )
 
 
 def fresh(cfg, tmp: Path, body: str) -> dict:

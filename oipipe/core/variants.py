@@ -54,14 +54,13 @@ def _openvino(
     compression: str | None = None,
 ) -> Variant:
     """An OpenVINO IR row: compiled by its loader in the row's own precision; built by
-    `oipipe.deploy.<module>:<builder>` (openvino_<builder> outside build_openvino)."""
-    function = builder if module == "build_openvino" else f"openvino_{builder}"
+    `oipipe.deploy.<module>:<builder>`."""
     return Variant(
         "openvino",
         precision,
         "cpu",
         "model.xml",
-        f"oipipe.deploy.{module}:{function}",
+        f"oipipe.deploy.{module}:{builder}",
         RT + "openvino_runtime",
         {"precision": precision},
         requires=("package:openvino", *requires),
@@ -173,7 +172,7 @@ VARIANTS: dict[str, Variant] = {
     # quantization-aware training from openvino_int8's scheme (oipipe/deploy/build_qat.py)
     "openvino_qat_int8": _openvino(
         "int8",
-        "qat_int8",
+        "openvino_qat_int8",
         "package:nncf",
         module="build_qat",
         compression="quantization-aware training int8",
@@ -182,14 +181,14 @@ VARIANTS: dict[str, Variant] = {
     # (openvino_int8's settings) or QAT int8 (oipipe/deploy/build_pruned.py)
     "openvino_pruned_fp32": _openvino(
         "fp32",
-        "pruned_fp32",
+        "openvino_pruned_fp32",
         "package:torch_pruning",
         module="build_pruned",
         compression="channel pruning",
     ),
     "openvino_pruned_int8": _openvino(
         "int8",
-        "pruned_int8",
+        "openvino_pruned_int8",
         "package:torch_pruning",
         "package:nncf",
         module="build_pruned",
@@ -198,7 +197,7 @@ VARIANTS: dict[str, Variant] = {
     ),
     "openvino_pruned_qat_int8": _openvino(
         "int8",
-        "pruned_qat_int8",
+        "openvino_pruned_qat_int8",
         "package:torch_pruning",
         "package:nncf",
         module="build_pruned",

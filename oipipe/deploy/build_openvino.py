@@ -24,11 +24,7 @@ def openvino_ir(ctx: BuildContext, onnx: Path | None = None) -> Any:
     meta.json in rt_info."""
     import openvino as ov
 
-    model = ov.convert_model(str(onnx or ctx.exported / FORMATS["onnx"].file))
-    size = ctx.meta["input_size"]
-    model.reshape([-1, 3, size, size])  # dynamic batch, whatever the ONNX file says
-    model.set_rt_info(json.dumps(ctx.meta, sort_keys=True), list(OPENVINO_META))
-    return model
+    return _finished(ctx, ov.convert_model(str(onnx or ctx.exported / FORMATS["onnx"].file)))
 
 
 def ir_of_module(ctx: BuildContext, module: Any) -> Any:
@@ -37,11 +33,30 @@ def ir_of_module(ctx: BuildContext, module: Any) -> Any:
     import openvino as ov
 
     with progress.phase(log, "converting the model to an OpenVINO IR"):
-        model = ov.convert_model(module, example_input=ctx.example)
+        return _finished(ctx, ov.convert_model(module, example_input=ctx.example))
+
+
+def _finished(ctx: BuildContext, model: Any) -> Any:
+    """Batch dynamic (whatever the source said) and meta.json in rt_info."""
     size = ctx.meta["input_size"]
     model.reshape([-1, 3, size, size])
     model.set_rt_info(json.dumps(ctx.meta, sort_keys=True), list(OPENVINO_META))
     return model
+
+
+def nncf_quantizer(ctx: BuildContext, tensors: str = "numpy") -> dict[str, Any]:
+    """`optimize.settings.openvino_int8` as NNCF's keyword arguments, and the calibration batches
+    (counted in the record) as its dataset, numpy arrays for an IR or `tensors="torch"` for a
+    torch model: what every NNCF int8 here starts from."""
+    import nncf
+
+    settings = dict(ctx.cfg.optimize.settings["openvino_int8"])
+    settings["preset"] = nncf.QuantizationPreset(settings["preset"])
+    batches = [b.numpy() if tensors == "numpy" else b for b in ctx.calibration()]
+    ctx.notes["calibration_images"] = sum(len(b) for b in batches)
+    ctx.notes["nncf_version"] = nncf.__version__
+    # one dataset item is one model input (a batch), hence subset_size counts batches
+    return {**settings, "calibration_dataset": nncf.Dataset(batches), "subset_size": len(batches)}
 
 
 def save_openvino(ctx: BuildContext, model: Any, dst: Path, precision: str) -> None:
@@ -86,20 +101,12 @@ def nncf_int8(ctx: BuildContext, dst: Path, model: Any = None) -> None:
     says why those); the record keeps the calibration images and int8 layers."""
     import nncf
 
-    settings = dict(ctx.settings)
-    settings["preset"] = nncf.QuantizationPreset(settings["preset"])
-    batches = [b.numpy() for b in ctx.calibration()]
-    ctx.notes["calibration_images"] = sum(len(b) for b in batches)
-    # one dataset item is one model input (a batch), hence subset_size counts batches. NNCF
-    # draws its own progress bars (rich), so no clock of ours beside them.
-    log.info("NNCF: collecting statistics on %d batches and correcting biases", len(batches))
-    quantized = nncf.quantize(
-        openvino_ir(ctx) if model is None else model,
-        nncf.Dataset(batches),
-        subset_size=len(batches),
-        **settings,
+    quantizer = nncf_quantizer(ctx)
+    # NNCF draws its own progress bars (rich), so no clock of ours beside them.
+    log.info(
+        "NNCF: collecting statistics on %d batches and correcting biases", quantizer["subset_size"]
     )
-    ctx.notes["nncf_version"] = nncf.__version__
+    quantized = nncf.quantize(openvino_ir(ctx) if model is None else model, **quantizer)
     save_openvino(ctx, quantized, dst, "int8")
     if ctx.notes["int8_layers"] == 0:
         raise BuildFailed("the compiled IR runs no layer in int8: NNCF inserted no quantizer")
@@ -137,9 +144,7 @@ def accuracy_control_int8(ctx: BuildContext, dst: Path) -> None:
     from oipipe.measure import evaluation
 
     s = dict(ctx.settings)
-    quantizer = dict(ctx.cfg.optimize.settings["openvino_int8"])
-    batches = [b.numpy() for b in ctx.calibration()]
-    ctx.notes["calibration_images"] = sum(len(b) for b in batches)
+    quantizer = nncf_quantizer(ctx)
     images, labels = evaluation.images(path(ctx.cfg, "prepared"), ["val"], ctx.meta)
     items = [(images[i : i + 1].numpy(), int(labels[i])) for i in range(len(labels))]
     ctx.notes["accuracy_control_images"] = len(items)
@@ -155,19 +160,15 @@ def accuracy_control_int8(ctx: BuildContext, dst: Path) -> None:
     )
     quantized = nncf.quantize_with_accuracy_control(
         openvino_ir(ctx),
-        nncf.Dataset(batches),
-        nncf.Dataset(items, lambda item: item[0]),
-        validate,
+        validation_dataset=nncf.Dataset(items, lambda item: item[0]),
+        validation_fn=validate,
         max_drop=s["max_drop_pct"] / 100,
         drop_type=nncf.DropType.ABSOLUTE,
-        preset=nncf.QuantizationPreset(quantizer["preset"]),
-        fast_bias_correction=quantizer["fast_bias_correction"],
-        subset_size=len(batches),
+        **quantizer,
         advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
             max_num_iterations=s["max_iterations"]
         ),
     )
-    ctx.notes["nncf_version"] = nncf.__version__
     ctx.notes["fake_quantize_nodes"] = sum(
         op.get_type_name() == "FakeQuantize" for op in quantized.get_ops()
     )

@@ -60,68 +60,61 @@ def parameters(model: torch.nn.Module) -> int:
 
 def prune(
     model: torch.nn.Module, example: torch.Tensor, ratio: float, importance: str, round_to: int
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A pruned copy of `model` and the facts before and after (parameters, GFLOPs, channels)."""
+) -> torch.nn.Module:
+    """A pruned copy of `model` (deterministic: the same inputs give the same widths)."""
     import torch_pruning as tp
 
     m = copy.deepcopy(model).eval()
-    x, size = example[:1], example.shape[-1]
-    flops0, params0 = roofline.flops_per_image(m, size), parameters(m)
-    before = channels(m)
-    norm = {"l2": 2, "l1": 1}[importance]
     pruner = tp.pruner.MetaPruner(
         m,
-        x,
-        importance=tp.importance.GroupMagnitudeImportance(p=norm),
+        example[:1],
+        importance=tp.importance.GroupMagnitudeImportance(p={"l2": 2, "l1": 1}[importance]),
         pruning_ratio=ratio,
         ignored_layers=[mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)],
         round_to=round_to,
     )
     pruner.step()
-    params1 = parameters(m)
-    counts = roofline.model_counts(m, size)  # the benchmark's FLOP/s and roofline of its rows
-    after = channels(m)
-    facts = {
-        "pruned_ratio": ratio,
-        "pruned_importance": importance,
-        "params_before": int(params0),
-        "params_after": int(params1),
-        "gflops_before": round(flops0 / 1e9, 4),
+    return m.eval()
+
+
+def describe(before: torch.nn.Module, after: torch.nn.Module, size: int) -> dict[str, Any]:
+    """The record's facts of a pruning: parameters, GFLOPs and channels before and after, and
+    the pruned network's own counts (the benchmark's FLOP/s and roofline of its rows)."""
+    counts = roofline.model_counts(after, size)
+    was, now = channels(before), channels(after)
+    return {
+        "params_before": parameters(before),
+        "params_after": parameters(after),
+        "gflops_before": round(roofline.flops_per_image(before, size) / 1e9, 4),
         "gflops_after": round(counts["flops_per_image"] / 1e9, 4),
         "model_counts": counts,
-        "channels_before": before,
-        "channels_after": after,
-        "pruned_layers": sum(before[k] != after[k] for k in before),
+        "channels_before": was,
+        "channels_after": now,
+        "pruned_layers": sum(was[k] != now[k] for k in was),
     }
-    return m.eval(), facts
 
 
 def pruned_model(ctx: BuildContext) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained model pruned as `optimize.settings.pruned` says and fine-tuned, from the cache
-    when an earlier pruned variant (or an earlier run) made it."""
+    """The trained model pruned as `optimize.settings.pruned` says and fine-tuned, with its
+    facts; both from the cache when an earlier pruned variant (or an earlier run) made them."""
     s = settings(ctx)
     with progress.phase(log, f"pruning {s['ratio']:.0%} of the channels ({s['importance']})"):
-        model, facts = prune(ctx.model, ctx.example, s["ratio"], s["importance"], s["round_to"])
+        model = prune(ctx.model, ctx.example, s["ratio"], s["importance"], s["round_to"])
     work = finetune.work_folder(ctx, SETTINGS, s)
     final = work / "final.pt"
     if final.is_file():
         saved = torch.load(final, weights_only=True)
         model.load_state_dict(saved["model"])
-        facts.update(saved["facts"], pruned_from_cache=True)
         log.info("pruned and fine-tuned model from %s", final)
-    else:
-        tuned = finetune.fit(ctx, model, work, s, "pruned")
-        tuned.pop("pruned_work")
-        facts.update(tuned, pruned_from_cache=False)
-        with atomic_open(final, "wb") as f:
-            torch.save({"model": model.state_dict(), "facts": tuned}, f)
-        (work / "last.pt").unlink(missing_ok=True)  # the epochs are not needed any more
-    return model.eval(), facts
-
-
-def _pruning(ctx: BuildContext) -> dict[str, Any]:
-    """What the pruned model is, for the record and for the QAT work folder's key."""
-    return {k: v for k, v in settings(ctx).items()}
+        return model.eval(), {**saved["facts"], "pruned_from_cache": True}
+    facts = {"pruned_ratio": s["ratio"], "pruned_importance": s["importance"]}
+    facts.update(describe(ctx.model, model, ctx.meta["input_size"]))
+    facts.update(finetune.fit(ctx, model, work, s, "pruned"))
+    facts.pop("pruned_work")
+    with atomic_open(final, "wb") as f:
+        torch.save({"model": model.state_dict(), "facts": facts}, f)
+    (work / "last.pt").unlink(missing_ok=True)  # the epochs are not needed any more
+    return model.eval(), {**facts, "pruned_from_cache": False}
 
 
 def openvino_pruned_fp32(ctx: BuildContext, dst: Path) -> None:
@@ -143,4 +136,4 @@ def openvino_pruned_qat_int8(ctx: BuildContext, dst: Path) -> None:
     """The pruned, fine-tuned model quantized with training, as `openvino_qat_int8` does."""
     model, facts = pruned_model(ctx)
     ctx.notes.update(facts)
-    build_qat.qat_ir(ctx, dst, build_qat.quantize(ctx, model), pruned=_pruning(ctx))
+    build_qat.qat_ir(ctx, dst, build_qat.quantize(ctx, model), pruned=settings(ctx))

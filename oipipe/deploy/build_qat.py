@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from oipipe.core.config import path
 from oipipe.deploy import finetune
 from oipipe.deploy.build import BuildContext, BuildFailed
-from oipipe.deploy.build_openvino import ir_of_module, save_openvino
+from oipipe.deploy.build_openvino import ir_of_module, nncf_quantizer, save_openvino
 from oipipe.measure import evaluation
 from oipipe.measure.intervals import paired_counts, paired_difference
 
@@ -49,16 +49,15 @@ def quantize(ctx: BuildContext, model: torch.nn.Module | None = None) -> torch.n
     `model` (a pruned one): the QAT start."""
     import nncf
 
-    settings = dict(OmegaConf.to_container(ctx.cfg.optimize.settings[QUANTIZER]))  # type: ignore[arg-type]
-    settings["preset"] = nncf.QuantizationPreset(settings["preset"])
+    quantizer = nncf_quantizer(ctx, tensors="torch")
     # NNCF's torch backend has only the fast bias correction ("fast_bias_correction=False is
     # not supported"): the one setting where the QAT start differs from its IR twin
-    settings["fast_bias_correction"] = True
-    ctx.notes["qat_start"] = {k: str(getattr(v, "value", v)) for k, v in settings.items()}
-    batches = list(ctx.calibration())
-    ctx.notes["calibration_images"] = sum(len(b) for b in batches)
+    quantizer["fast_bias_correction"] = True
+    ctx.notes["qat_start"] = {
+        k: str(getattr(v, "value", v)) for k, v in quantizer.items() if k != "calibration_dataset"
+    }
     start = copy.deepcopy(ctx.model if model is None else model).eval()
-    return nncf.quantize(start, nncf.Dataset(batches), subset_size=len(batches), **settings)
+    return nncf.quantize(start, **quantizer)
 
 
 def work_folder(ctx: BuildContext, pruned: dict[str, Any] | None = None) -> Path:

@@ -72,18 +72,19 @@ def fit(
     work.mkdir(parents=True, exist_ok=True)
     last = work / "last.pt"
     optimizer = torch.optim.Adam(model.parameters(), lr=s["lr"])
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "val_losses": [_loss(model, val_images, val_labels, s["batch"])],
-        "best_epoch": 0,
-        "best": copy.deepcopy(model.state_dict()),
-    }
     if last.is_file():
         saved = torch.load(last, weights_only=True)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = {k: saved[k] for k in ("epoch", "val_losses", "best_epoch", "best")}
         log.info("%s fine-tune resumes after epoch %d (%s)", what, state["epoch"], work)
+    else:
+        state = {
+            "epoch": 0,
+            "val_losses": [_loss(model, val_images, val_labels, s["batch"])],
+            "best_epoch": 0,
+            "best": copy.deepcopy(model.state_dict()),
+        }
     model.eval()
     done_now = 0
     while state["epoch"] < s["epochs"] and (stop_after is None or done_now < stop_after):

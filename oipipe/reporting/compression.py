@@ -64,7 +64,7 @@ def bytes_per_image(rec: dict, bench: dict, batch: int) -> float | None:
     return (fixed / batch + per_image) * WIDTH.get(str(rec.get("precision")), 1.0)
 
 
-def params(rec: dict, twin: dict) -> tuple[int | None, int | None]:
+def params(rec: dict) -> tuple[int | None, int | None]:
     """(twin's parameters, the compression's): only a pruned record counts them; a quantized
     network keeps its parameters (stored narrower: the size column shows that)."""
     before = rec.get("params_before")
@@ -83,7 +83,7 @@ def table(records: dict[str, dict], bench: dict) -> list[dict[str, Any]]:
             continue
         flops, _, _ = _counts(rec, bench)
         twin_flops, _, _ = _counts(twin, bench)
-        before, after = params(rec, twin)
+        before, after = params(rec)
         time = {}
         for b in batches:
             mine, theirs = _row(bench, name, b), _row(bench, variant.twin, b)
